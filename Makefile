@@ -1,0 +1,40 @@
+# The README's two commands are `make demo` and `make test`. Each creates (or reuses) the local virtual
+# environment .venv, installs what it needs (torch==2.13.0 when the venv has no torch: the CPU wheel),
+# builds the C++ extension in place, then runs.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.cbkernels-installed
+TRITON_PIN := triton==3.8.0
+
+.PHONY: venv build test demo bench gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0
+	$(VPY) -m pip install "$(TRITON_PIN)" pytest pytest-benchmark hypothesis expecttest \
+	    scikit-learn matplotlib tqdm numpy packaging ninja setuptools wheel
+	CBKERNELS_NO_EXTENSION=1 $(VPY) -m pip install --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Incremental (ninja) build of cbkernels/_C*.so next to the sources.
+build: venv
+	$(VPY) setup.py -q build_ext --inplace
+
+test: build
+	$(VPY) -m pytest -q
+
+demo: build
+	$(VPY) -m cbkernels demo
+
+bench: build
+	$(VPY) -m cbkernels bench --preset inat
+
+# On a lent GPU machine (see tools/gpu_check.sh): build with CUDA, GPU tests, benchmark, sweeps -> $$OUT.
+gpu-check:
+	bash tools/gpu_check.sh
+
+clean:
+	rm -rf build cbkernels/_C*.so

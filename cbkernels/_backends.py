@@ -1,0 +1,116 @@
+"""Which backend runs a call: names, availability, the "auto" choice and the backward strategy.
+
+Backends: "reference" (pure PyTorch, any device and dtype), "cpu" (C++ extension, CPU tensors),
+"cuda" (C++/CUDA extension), "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+CBKERNELS_BACKEND=<name> forces the backend of every backend="auto" call; CBKERNELS_BACKWARD=fused|recompute
+forces the backward strategy of every kernel backend.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+STRATEGIES = ("fused", "recompute")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Backward strategy per backend, chosen by measurement (bench/results/ records the runs that decided):
+# see README "Backward strategies".
+DEFAULT_STRATEGY = {"cpu": "fused", "cuda": "fused", "triton": "fused"}
+# On CUDA tensors "auto" takes the faster GPU backend by measurement (bench/results/); until a device
+# run decides otherwise, Triton first.
+CUDA_PREFERENCE = ("triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("cbkernels.triton.ops")
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when the backend can run on this device, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got a {device.type} tensor"
+        if not _ops.extension_has_kernel("CPU"):
+            return f"the C++ extension cbkernels._C is not built ({_ops._C_IMPORT_ERROR or 'no CPU kernels'})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got a {device.type} tensor"
+        if not _ops.extension_has_kernel("CUDA"):
+            return "cbkernels._C was built without CUDA kernels (see CBKERNELS_BUILD_CUDA in setup.py)"
+        return None
+    if backend == "triton":
+        if device.type == "cpu" and not _triton_interpreted():
+            return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        if device.type not in ("cpu", "cuda"):
+            return f"backend 'triton' does not run on {device.type} tensors"
+        error = _triton_import_error()
+        return None if error is None else f"Triton is not importable ({error})"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def available_backends(device) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]
+
+
+def resolve(backend: str, logits: torch.Tensor) -> str:
+    """The concrete backend for this call; a clear error for unknown or unavailable names."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get("CBKERNELS_BACKEND")
+        if forced:
+            if forced not in BACKENDS[1:]:
+                raise ValueError(f"CBKERNELS_BACKEND must be one of {BACKENDS[1:]}, got {forced!r}")
+            backend = forced
+        else:
+            return _auto(logits)
+    reason = unavailable_reason(backend, logits.device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    if backend != "reference" and logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend {backend!r} takes float32, float16 or bfloat16 logits, got {logits.dtype}; "
+                        "use backend='reference' for float64")
+    return backend
+
+
+def _auto(logits: torch.Tensor) -> str:
+    if logits.dtype not in KERNEL_DTYPES:
+        return "reference"
+    candidates = ("cpu",) if logits.device.type == "cpu" else CUDA_PREFERENCE
+    for name in candidates:
+        if unavailable_reason(name, logits.device) is None:
+            return name
+    return "reference"
+
+
+def strategy(backend: str) -> str:
+    forced = os.environ.get("CBKERNELS_BACKWARD")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"CBKERNELS_BACKWARD must be one of {STRATEGIES}, got {forced!r}")
+        return forced
+    return DEFAULT_STRATEGY[backend]
+
+
+def ops_namespace(backend: str):
+    """torch.ops namespace holding the backend's four ops (docs/op-contract.md)."""
+    return torch.ops.cbkernels_triton if backend == "triton" else torch.ops.cbkernels

@@ -1,0 +1,90 @@
+"""torch.library glue shared by every kernel backend: fake kernels and the autograd formula.
+
+A backend registers the four ops of docs/op-contract.md under its namespace ("cbkernels" for the C++
+extension, "cbkernels_triton" for Triton); register_loss_autograd(namespace) then gives them the same
+backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad) or
+"recompute" (backward recomputes the gradient from the logits). The upstream grad is a device tensor
+throughout: nothing here reads a value on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("sigmoid_focal", "softmax_ce")
+
+_C_IMPORT_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading the library registers the cbkernels:: ops)
+except ImportError as exc:  # the pure-Python install: reference and Triton remain
+    _C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded() -> bool:
+    return _C_IMPORT_ERROR is None
+
+
+def extension_has_kernel(dispatch_key: str) -> bool:
+    """True when the C++ extension registered a kernel for this dispatch key ("CPU" or "CUDA")."""
+    if not extension_loaded():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::sigmoid_focal_forward", dispatch_key)
+
+
+def _fake_forward(logits, target, class_weight, param, ignore_index, with_grad):
+    loss = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
+    return loss, grad
+
+
+def _fake_backward(logits, target, class_weight, grad_loss, param, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def scale_rows(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss[:, None], multiplied in fp32 and rounded once to grad's dtype (one pass)."""
+    out = torch.empty_like(grad)
+    return torch.mul(grad, grad_loss.unsqueeze(1), out=out)
+
+
+def _make_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        logits, target, class_weight, param, ignore_index, with_grad = inputs
+        ctx.with_grad = with_grad
+        ctx.param = param
+        ctx.ignore_index = ignore_index
+        if with_grad:
+            ctx.save_for_backward(output[1])
+        else:
+            ctx.save_for_backward(logits, target, class_weight)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_loss, _grad_of_grad_output):
+        grad_loss = grad_loss.to(torch.float32).contiguous()
+        if ctx.with_grad:
+            (grad,) = ctx.saved_tensors
+            grad_logits = scale_rows(grad, grad_loss)
+        else:
+            logits, target, class_weight = ctx.saved_tensors
+            grad_logits = backward_op(logits, target, class_weight, grad_loss, ctx.param, ctx.ignore_index)
+        return grad_logits, None, None, None, None, None
+
+    return setup_context, backward
+
+
+def register_loss_fakes(namespace: str) -> None:
+    """Fake (meta) kernels for ops defined in C++ (Python-defined ops bring their own)."""
+    for family in FAMILIES:
+        torch.library.register_fake(f"{namespace}::{family}_forward")(_fake_forward)
+        torch.library.register_fake(f"{namespace}::{family}_backward")(_fake_backward)
+
+
+def register_loss_autograd(namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
+    for family in FAMILIES:
+        setup_context, backward = _make_autograd(getattr(ops, f"{family}_backward").default)
+        torch.library.register_autograd(f"{namespace}::{family}_forward", backward, setup_context=setup_context)
+
+
+if extension_loaded():
+    register_loss_fakes("cbkernels")
+    register_loss_autograd("cbkernels")
