@@ -35,6 +35,13 @@ def _valid_and_safe_target(logits: torch.Tensor, target: torch.Tensor, ignore_in
     return valid, safe
 
 
+def _masked_logits(logits, valid):
+    # Ignored rows are replaced by zeros before any math: their NaN or inf must not reach the loss, and
+    # their gradient must be exactly 0 (a where on the output alone would give 0 * NaN = NaN in backward).
+    z = logits.to(_compute_dtype(logits))
+    return torch.where(valid.unsqueeze(1), z, torch.zeros_like(z))
+
+
 def _alpha(class_weight, safe_target, dtype):
     if class_weight is None:
         return None
@@ -43,8 +50,8 @@ def _alpha(class_weight, safe_target, dtype):
 
 def softmax_rows(logits, target, class_weight=None, ignore_index=-100, label_smoothing=0.0):
     """Per-row class-balanced softmax cross entropy, shape (N,), in float32 (float64 for float64 logits)."""
-    z = logits.to(_compute_dtype(logits))
     valid, safe = _valid_and_safe_target(logits, target, ignore_index)
+    z = _masked_logits(logits, valid)
     lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, safe.unsqueeze(1)).squeeze(1)
     rows = lse - (1.0 - label_smoothing) * z_y
@@ -53,7 +60,6 @@ def softmax_rows(logits, target, class_weight=None, ignore_index=-100, label_smo
     alpha = _alpha(class_weight, safe, z.dtype)
     if alpha is not None:
         rows = alpha * rows
-    # where (not a multiply by the mask): an ignored row's NaN or inf must not leak into loss or gradient.
     return torch.where(valid, rows, torch.zeros_like(rows))
 
 
@@ -64,8 +70,8 @@ def sigmoid_focal_rows(logits, target, class_weight=None, gamma=0.0, ignore_inde
     stable for |z| up to the format's range, and autograd through logsigmoid has the exact derivative
     at u = 0 (a hand-written max(u, 0) + log1p(exp(-|u|)) would give 0 there through autograd).
     """
-    z = logits.to(_compute_dtype(logits))
     valid, safe = _valid_and_safe_target(logits, target, ignore_index)
+    z = _masked_logits(logits, valid)
     onehot = F.one_hot(safe, z.shape[1]).to(torch.bool)
     u = torch.where(onehot, z, -z)
     terms = -F.logsigmoid(u)
