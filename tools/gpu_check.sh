@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check (`make gpu-check`) for a lent device machine: builds the extension with CUDA, runs the
+# GPU-marked tests, the benchmark and the launch-configuration sweeps, and leaves everything under $OUT
+# (one archive, gpu_check.tar.gz, plus summary.md: the device tool returns at most 8 files).
+# Each step is time-boxed so the whole run stays well under 8 minutes; a failed step is logged, not fatal.
+# The device machine has no network: missing pure-Python wheels travel in .whl/ (expecttest, for opcheck).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+RES="$OUT/gpu_check"
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+SUMMARY="$OUT/summary.md"
+start=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$RES/$name.log" 2>&1
+  local rc=$?
+  printf '| %s | %s | %ss |\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >>"$SUMMARY"
+  tail -n 25 "$RES/$name.log"
+  return 0
+}
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+  echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo '```'
+  echo
+  echo '| step | exit | time |'
+  echo '| --- | --- | --- |'
+} >"$SUMMARY"
+
+export CBKERNELS_BUILD_CUDA=1 CBKERNELS_CUDA_ARCH="${CBKERNELS_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+step build 200 $PY setup.py build_ext --inplace
+step info 30 $PY -m cbkernels info
+step tests 130 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=60
+step bench_inat 100 $PY -m cbkernels bench --device cuda --preset inat --out "$RES/bench" --budget-s 80
+[ -f bench/sweep_triton.py ] && step sweep_triton 75 $PY bench/sweep_triton.py --out "$RES/sweep_triton.json" --budget-s 60
+[ -f bench/sweep_cuda.py ] && step sweep_cuda 60 $PY bench/sweep_cuda.py --out "$RES/sweep_cuda.json" --budget-s 45
+[ -f bench/bench_linear.py ] && step bench_linear 50 $PY bench/bench_linear.py --device cuda --out "$RES/linear.json" --budget-s 40
+
+echo "total $(( $(date +%s) - start ))s" >>"$SUMMARY"
+tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" gpu_check
+rm -rf "$RES"
+cat "$SUMMARY"
