@@ -1,0 +1,321 @@
+"""Fused linear + class-balanced loss: the (N, C) logits are never materialised (docs/linear.md).
+
+    loss = reduce_i alpha_{y_i} * L(hidden_i @ weight.T + bias, y_i)
+
+The rows are processed in chunks of R rows. For each chunk the logits tile Z = h W^T + b (R, C) is formed
+by one matmul, the backend's fused loss op (docs/op-contract.md) turns it into the per-row losses and
+G = d(sum of the chunk's row losses)/dZ in one pass, and G is folded into the parameter gradients at once:
+    d/dh = G W   (R, H)      d/dW += G^T h   (C, H)      d/db += sum_rows G   (C,)
+so at most one logits tile and one gradient tile are alive at a time. Softmax needs a whole row of classes
+for its normaliser, so chunks are over rows for every loss (one code path).
+
+Upstream gradient. For "mean" and "sum" the loss is a scalar: the gradients are computed in forward as if
+the upstream gradient were 1 (and 1 / valid rows for "mean") and backward multiplies them by the upstream
+device scalar. For "none" the upstream is one value per row and d/dW = sum_i g_i G_i^T h_i does not factor
+through a per-row scale, so forward computes only the losses and backward recomputes each tile (one more
+matmul per chunk) with the op's *_backward, which writes g_i * G_i directly.
+
+Precision: matmuls run in the inputs' dtype (fp32 accumulation inside them); the weight and bias gradients
+accumulate across chunks in fp32 (float64 for float64 inputs). No value is read on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _backends, _checks, reference
+from .modules import LOSS_TYPES
+from .weights import class_balanced_weights
+
+__all__ = ["cb_linear_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The logits and gradient tiles together get at least this many bytes (small C, small H).
+_MIN_TILE_BYTES = 16 * 2**20
+
+
+def auto_chunk_rows(num_rows: int, in_features: int, num_classes: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the logits + gradient tiles get as many bytes as the fp32 weight gradient.
+
+    The (C, H) fp32 weight-gradient accumulator must exist anyway, so tiles of the same size at most double
+    the unavoidable extra memory: 2 * R * C * itemsize = max(4 * C * H, 16 MiB), i.e. R ~ 2H / itemsize
+    (H / 2 rows in fp32, H rows in bf16). Each chunk also re-reads and re-writes the accumulator
+    (8 * C * H bytes against 6 * R * C * H flops of matmul), so R in the hundreds keeps that traffic
+    negligible. Rounded down to a multiple of 16 (matmul tiles), clamped to [1, N].
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = max(4 * num_classes * in_features, _MIN_TILE_BYTES)
+    rows = budget // (2 * num_classes * itemsize)
+    if rows >= 16:
+        rows -= rows % 16
+    return int(min(max(rows, 1), max(num_rows, 1)))
+
+
+class _Plan(NamedTuple):
+    backend: str
+    family: str  # "softmax_ce" or "sigmoid_focal"
+    param: float  # label_smoothing (softmax) or gamma (sigmoid family)
+    ignore_index: int
+    reduction: str
+    rows: int  # rows per chunk
+    needs: tuple  # (hidden, weight, bias) need a gradient
+
+
+def _reference_rows(plan, logits, target, class_weight):
+    if plan.family == "softmax_ce":
+        return reference.softmax_rows(logits, target, class_weight, plan.ignore_index, plan.param)
+    return reference.sigmoid_focal_rows(logits, target, class_weight, plan.param, plan.ignore_index)
+
+
+def _tile_loss(plan, logits, target, class_weight, with_grad):
+    """Per-row losses of one tile and, with with_grad, d(sum of them)/d logits (else None)."""
+    if plan.backend == "reference":
+        if not with_grad:
+            return _reference_rows(plan, logits, target, class_weight), None
+        with torch.enable_grad():
+            z = logits.detach().requires_grad_(True)
+            rows = _reference_rows(plan, z, target, class_weight)
+            (grad,) = torch.autograd.grad(rows.sum(), z)
+        return rows.detach(), grad
+    forward = getattr(_backends.ops_namespace(plan.backend), f"{plan.family}_forward")
+    loss, grad = forward(logits, target, class_weight, plan.param, plan.ignore_index, with_grad)
+    return loss, (grad if with_grad else None)
+
+
+def _tile_scaled_grad(plan, logits, target, class_weight, grad_rows):
+    """grad_rows[i] * d loss_i / d logits_i for one tile (reduction "none" backward)."""
+    if plan.backend == "reference":
+        with torch.enable_grad():
+            z = logits.detach().requires_grad_(True)
+            rows = _reference_rows(plan, z, target, class_weight)
+            (grad,) = torch.autograd.grad(rows, z, grad_rows.to(rows.dtype))
+        return grad
+    backward = getattr(_backends.ops_namespace(plan.backend), f"{plan.family}_backward")
+    return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), plan.param,
+                    plan.ignore_index)
+
+
+class _Accumulator:
+    """Folds gradient tiles into d/dhidden (one block per chunk), d/dweight and d/dbias (fp32 or wider)."""
+
+    def __init__(self, plan, weight):
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        need_h, need_w, need_b = plan.needs
+        self.hidden_blocks = [] if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+
+    def add(self, grad, hidden, weight):
+        if self.hidden_blocks is not None:
+            self.hidden_blocks.append(grad @ weight)
+        if self.weight is not None:
+            if grad.dtype == self.weight.dtype:
+                self.weight.addmm_(grad.t(), hidden)
+            else:  # half inputs: a half matmul (fp32 inside, rounded once per chunk), summed in fp32
+                self.weight.add_(grad.t() @ hidden)
+        if self.bias is not None:
+            self.bias.add_(grad.sum(0, dtype=self.bias.dtype))
+
+    def hidden(self):
+        return None if self.hidden_blocks is None else torch.cat(self.hidden_blocks)
+
+
+def _chunks(plan, num_rows):
+    return [(s, min(s + plan.rows, num_rows)) for s in range(0, num_rows, plan.rows)]
+
+
+def _losses_only(plan, hidden, weight, bias, target, class_weight):
+    rows = [_tile_loss(plan, F.linear(hidden[s:e], weight, bias), target[s:e], class_weight, False)[0]
+            for s, e in _chunks(plan, hidden.shape[0])]
+    return torch.cat(rows) if rows else hidden.new_zeros((0,), dtype=_loss_dtype(hidden))
+
+
+def _loss_dtype(hidden):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _valid_rows(target, ignore_index, dtype):
+    return (target != ignore_index).sum().clamp(min=1).to(dtype)
+
+
+class _LinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, plan):
+        ctx.plan = plan
+        ctx.weight_dtype = weight.dtype
+        if plan.reduction == "none":  # backward recomputes the tiles (see the module docstring)
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight)
+            return _losses_only(plan, hidden, weight, bias, target, class_weight)
+        acc = _Accumulator(plan, weight)
+        total = hidden.new_zeros((), dtype=_loss_dtype(hidden))
+        for s, e in _chunks(plan, hidden.shape[0]):
+            h = hidden[s:e]
+            logits = F.linear(h, weight, bias)
+            rows, grad = _tile_loss(plan, logits, target[s:e], class_weight, True)
+            del logits  # keep one logits tile alive, not two
+            total = total + rows.sum(dtype=total.dtype)
+            acc.add(grad, h, weight)
+            del grad
+        scale = total.new_ones(())
+        if plan.reduction == "mean":
+            scale = scale / _valid_rows(target, plan.ignore_index, total.dtype)
+            total = total * scale
+        ctx.save_for_backward(acc.hidden(), acc.weight, acc.bias, scale)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        if plan.reduction == "none":
+            hidden, weight, bias, target, class_weight = ctx.saved_tensors
+            acc = _Accumulator(plan, weight)
+            for s, e in _chunks(plan, hidden.shape[0]):
+                h = hidden[s:e]
+                grad = _tile_scaled_grad(plan, F.linear(h, weight, bias), target[s:e], class_weight, grad_out[s:e])
+                acc.add(grad, h, weight)
+                del grad
+            grad_hidden, grad_weight, grad_bias = acc.hidden(), acc.weight, acc.bias
+        else:
+            # d loss / d(.) = upstream * scale * (gradients of the summed loss, computed in forward)
+            grad_hidden, grad_weight, grad_bias, scale = ctx.saved_tensors
+            scale = grad_out.to(scale.dtype) * scale
+            grad_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * scale
+            grad_bias = None if grad_bias is None else grad_bias * scale
+        grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _check_tensor(value, name, dims, dtypes, device=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+        shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+
+
+def _check_linear_inputs(hidden, weight, bias, target, class_weight):
+    """Metadata checks only (no host sync); returns class_weight as float32 contiguous or None."""
+    _check_tensor(hidden, "hidden", (None, None), _FLOAT_DTYPES)
+    num_rows, in_features = hidden.shape
+    _check_tensor(weight, "weight", (None, in_features), (hidden.dtype,), hidden.device)
+    num_classes = weight.shape[0]
+    if num_classes < 1:
+        raise ValueError("weight must have at least one class (C >= 1 rows)")
+    if bias is not None:
+        _check_tensor(bias, "bias", (num_classes,), (hidden.dtype,), hidden.device)
+    _check_tensor(target, "target", (num_rows,), _checks.TARGET_DTYPES, hidden.device)
+    if class_weight is None:
+        return None
+    _check_tensor(class_weight, "class_weight", (num_classes,), _FLOAT_DTYPES, hidden.device)
+    if class_weight.requires_grad:
+        raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
+    return class_weight.to(torch.float32).contiguous()
+
+
+def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=0.5,
+                   reduction="mean", ignore_index=-100, label_smoothing=0.0, chunk_size=None, backend="auto"):
+    """Class-balanced loss of the linear classifier hidden @ weight.T + bias, without the (N, C) logits.
+
+    Same value and gradients as cb_softmax_cross_entropy / cb_sigmoid_cross_entropy / cb_focal_loss applied
+    to F.linear(hidden, weight, bias) (reference.py is the spec), for hidden (N, H), weight (C, H),
+    bias (C,) or None, all of one dtype (float32/float16/bfloat16; float64 with backend="reference").
+    loss_type: "softmax" (uses label_smoothing), "sigmoid", or "focal" (uses gamma).
+    chunk_size: rows per chunk; None picks auto_chunk_rows(N, H, C, dtype).
+    Gradients flow to hidden, weight and bias; class_weight gets none.
+    """
+    class_weight = _check_linear_inputs(hidden, weight, bias, target, class_weight)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _checks.check_reduction(reduction)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    if loss_type == "softmax":
+        family, param = "softmax_ce", _checks.check_label_smoothing(label_smoothing)
+    else:
+        family, param = "sigmoid_focal", (_checks.check_gamma(gamma) if loss_type == "focal" else 0.0)
+    num_rows, in_features = hidden.shape
+    if chunk_size is None:
+        chunk_size = auto_chunk_rows(num_rows, in_features, weight.shape[0], hidden.dtype)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    backend = _backends.resolve(backend, hidden)
+    if backend not in ("reference", "cpu"):  # the CPU kernel checks targets itself; reference.py per tile
+        _checks.check_target_range_async(target, weight.shape[0], ignore_index)
+
+    params = (hidden, weight, bias)
+    needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad for p in params)
+    plan = _Plan(backend, family, param, ignore_index, reduction, chunk_size, needs)
+    if not any(needs):
+        rows = _losses_only(plan, hidden, weight, bias, target, class_weight)
+        return reference.reduce_rows(rows, target, ignore_index, reduction)
+    return _LinearLoss.apply(hidden, weight, bias, target, class_weight, plan)
+
+
+class ClassBalancedLinearLoss(torch.nn.Module):
+    """nn.Linear(in_features, C, bias) followed by ClassBalancedLoss, fused: forward(hidden, target) -> loss.
+
+    Owns weight (C, in_features) and bias (C,) initialised as nn.Linear does, and the class-balanced
+    weights from samples_per_class (length C) and beta as the buffer class_weight, so its state_dict
+    has the keys of the unfused pair ("weight", "bias", "class_weight"). For the sigmoid losses the paper
+    initialises the bias to -log(C - 1) (see weights.init_prior_bias_) and excludes it from weight decay.
+    """
+
+    def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=0.5,
+                 reduction="mean", ignore_index=-100, label_smoothing=0.0, empty_classes="error",
+                 chunk_size=None, backend="auto", device=None, dtype=None):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        _checks.check_reduction(reduction)
+        self.in_features = in_features
+        self.loss_type = loss_type
+        self.beta = beta
+        self.gamma = _checks.check_gamma(gamma)
+        self.reduction = reduction
+        self.ignore_index = _checks.check_ignore_index(ignore_index)
+        self.label_smoothing = _checks.check_label_smoothing(label_smoothing)
+        self.chunk_size = chunk_size
+        self.backend = backend
+        class_weight = class_balanced_weights(samples_per_class, beta, empty_classes)
+        num_classes = class_weight.shape[0]
+        factory = dict(device=device, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        self.bias = torch.nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.register_buffer("class_weight", class_weight.to(device))
+        self.reset_parameters()
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def reset_parameters(self):
+        # nn.Linear's initialisation, so the module can replace nn.Linear + loss in existing recipes.
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, hidden, target):
+        return cb_linear_loss(hidden, self.weight, target, self.class_weight, self.bias, self.loss_type, self.gamma,
+                              self.reduction, self.ignore_index, self.label_smoothing, self.chunk_size,
+                              self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"loss_type={self.loss_type!r}, beta={self.beta}, gamma={self.gamma}, "
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}")
