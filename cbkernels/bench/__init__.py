@@ -1,0 +1,109 @@
+"""`python -m cbkernels bench`: every cbkernels backend against its peers, side by side on the same inputs.
+
+    python -m cbkernels bench --preset inat --device cuda --out bench/results/h100-2026-11-27
+
+prints a Markdown table per case and writes table.md, results.json, results.csv and PNG plots to --out.
+The API below (speed_table, format_markdown) is what the demo uses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import presets, report, runner
+from .providers import LOSSES
+from .report import format_markdown
+
+__all__ = ["speed_table", "format_markdown", "main"]
+
+
+def speed_table(shape=(1024, 8142), dtype=torch.float32, device="cpu", losses=("softmax", "sigmoid", "focal"),
+                repeats=5, providers=None) -> list[dict]:
+    """One row per (loss, provider): "ms_median" / "ms_spread" (forward + backward), "speedup_vs_naive",
+    "ok" (checked against the float64 reference and timed), and the rest of runner.run_case's fields.
+    providers: names to run (e.g. ["naive", "cbkernels[cpu,fused]"]), None for all."""
+    device = torch.device(device)
+    warmup = presets.default_repeats(device)[1]
+    n, c = shape
+    rows = []
+    for loss in losses:
+        rows += runner.run_case(loss, n, c, dtype, device, repeats, warmup,
+                                names=None if providers is None else set(providers))
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cbkernels bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--loss", choices=LOSSES + ("all",), default="all")
+    p.add_argument("--dtype", choices=sorted(presets.DTYPES), help="one dtype instead of the preset's")
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), default="inat")
+    p.add_argument("--out", help="output folder (table.md, results.json, results.csv, *.png)")
+    p.add_argument("--repeats", type=int, help="timed runs per measure (default: 30 on GPU, 5 on CPU)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--budget-s", type=float, help="start no new shape once this many seconds have passed")
+    p.add_argument("--providers", help="comma-separated provider names to run (default: all)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = presets.PRESETS[args.preset]
+    dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
+    losses = LOSSES if args.loss == "all" else (args.loss,)
+    repeats, warmup = presets.default_repeats(device)
+    repeats = args.repeats or preset["repeats"] or repeats
+    names = set(args.providers.split(",")) if args.providers else None
+    meta = report.provenance(str(device), argv)
+    meta.update(preset=args.preset, repeats=repeats, warmup=warmup)
+    print(report.provenance_markdown(meta), flush=True)
+
+    rows, skipped, start = [], [], time.perf_counter()
+    for n, c in preset["shapes"]:
+        for dtype in dtypes:
+            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                skipped.append(f"N={n}, C={c}, {str(dtype).replace('torch.', '')}")
+                continue
+            for loss in losses:
+                case_rows = runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
+                                            exclude=preset["exclude"], memory=not args.no_memory)
+                print(format_markdown(case_rows), flush=True)
+                rows += case_rows
+            if args.out:  # after every shape, so a run cut short still leaves its results
+                _write(args.out, meta, rows, skipped)
+    if skipped:
+        print(f"--budget-s {args.budget_s:g} reached: skipped {'; '.join(skipped)}")
+    if args.out:
+        _write(args.out, meta, rows, skipped, plots=True)
+        print(f"wrote {args.out}/: table.md results.json results.csv and plots")
+    return 0
+
+
+def _write(out: str, meta: dict, rows: list[dict], skipped: list[str], plots: bool = False) -> None:
+    os.makedirs(out, exist_ok=True)
+    meta = dict(meta, skipped_by_budget=skipped)
+    table = report.provenance_markdown(meta) + "\n" + format_markdown(rows)
+    if skipped:
+        table += f"\nNot run (time budget): {'; '.join(skipped)}\n"
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(table)
+    report.write_json(os.path.join(out, "results.json"), meta, rows)
+    report.write_csv(os.path.join(out, "results.csv"), meta, rows)
+    if plots:
+        try:
+            from . import plots as plotting
+            plotting.write_all(out, rows, meta)
+        except Exception as exc:  # plots are a convenience: never lose the numbers for them
+            print(f"plots not written: {type(exc).__name__}: {exc}")

@@ -1,0 +1,125 @@
+"""Outputs of a benchmark run: the Markdown table, JSON (rows + provenance) and CSV."""
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import platform
+import sys
+
+import torch
+
+PEER_COLUMNS = (("naive", "vs naive"), ("compiled", "vs compiled"))
+TORCH_PEERS = ("F.cross_entropy", "torchvision-style")
+
+
+def _f(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _case_key(r):
+    return (r["device"], r["dtype"], r["N"], r["C"], r["loss"])
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """One table per case (loss, shape, dtype, device): every provider, its times and its ratios.
+
+    Times are forward + backward unless the column says otherwise; "x" columns are the peer's time over
+    this row's time (> 1: this row is faster); "torch" is F.cross_entropy (softmax) or the
+    torchvision-style focal loss (sigmoid, focal).
+    """
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault(_case_key(r), []).append(r)
+    out = []
+    for (device, dtype, n, c, loss), group in cases.items():
+        head = group[0]
+        gamma = f", gamma {head['gamma']:g}" if loss == "focal" else ""
+        out.append(f"### {loss}{gamma}: N={n}, C={c}, {dtype}, {device} -- copy bandwidth "
+                   f"{head['copy_gbps']:.1f} GB/s, floor {head['floor_ms']:.3f} ms\n")
+        out.append("| provider | fwd ms | bwd ms | fwd+bwd ms (IQR) | GB/s | % copy BW | peak extra MiB "
+                   "| vs naive | vs compiled | vs torch | check |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in group:
+            out.append(_markdown_row(r))
+        out.append("")
+    return "\n".join(out)
+
+
+def _markdown_row(r: dict) -> str:
+    if not r["ok"]:
+        return f"| {r['provider']} | - | - | - | - | - | - | - | - | - | {r['status']}: {r['error']} |"
+    sv = r["speedup_vs"]
+    torch_peer = next((sv[p] for p in TORCH_PEERS if p in sv), None)
+    check = f"ok (loss {r['loss_rel_err']:.0e}, grad {r['grad_rel_err']:.0e})"
+    if r.get("compile_s") is not None:
+        check += f"; compile {r['compile_s']:.1f} s"
+    ratios = " | ".join(_f(v, ".2f") + ("x" if v is not None else "") for v in
+                        (sv.get("naive"), sv.get("compiled"), torch_peer))
+    return (f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['ms_median']:.3f} "
+            f"({r['ms_spread']:.3f}) | {r['gbps']:.1f} | {r['pct_copy']:.0f}% | "
+            f"{_f(r.get('peak_extra_mib'), '.1f')} | {ratios} | {check} |")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str, argv: list[str]) -> dict:
+    import cbkernels
+
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python -m cbkernels bench " + " ".join(argv),
+        "device": device, "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
+        "cbkernels": cbkernels.__version__, "liger_kernel": _version("liger-kernel"),
+        "platform": platform.platform(), "argv0": sys.argv[0],
+    }
+    if torch.device(device).type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+def provenance_markdown(meta: dict) -> str:
+    hw = meta.get("gpu") or f"{meta['cpu']} ({meta['cpu_threads']} threads)"
+    return (f"Device: {hw}. torch {meta['torch']}, triton {meta['triton']}, cbkernels {meta['cbkernels']}, "
+            f"Python {meta['python']}. {meta['date_utc']}. Command: `{meta['command']}`\n")
+
+
+def write_json(path, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=str)
+
+
+CSV_FIELDS = ("loss", "provider", "kind", "device", "dtype", "N", "C", "gamma", "status", "ok", "fwd_ms",
+              "fwd_spread", "bwd_ms", "bwd_spread", "ms_median", "ms_spread", "useful_bytes", "gbps",
+              "copy_gbps", "pct_copy", "floor_ms", "peak_extra_mib", "speedup_vs_naive", "compile_s",
+              "loss_rel_err", "grad_rel_err", "error")
+
+
+def write_csv(path, meta: dict, rows: list[dict]) -> None:
+    peers = sorted({p for r in rows for p in r.get("speedup_vs", {})})
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([f"# {k}={v}" for k, v in meta.items()])
+        writer.writerow(list(CSV_FIELDS) + [f"speedup_vs_{p}" for p in peers])
+        for r in rows:
+            sv = r.get("speedup_vs", {})
+            writer.writerow([r.get(k) for k in CSV_FIELDS] + [sv.get(p) for p in peers])

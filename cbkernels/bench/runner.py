@@ -1,0 +1,131 @@
+"""One benchmark case (loss, N, C, dtype, device): check every provider, then time the ones that agree.
+
+Each provider gets its own copy of the same logits (liger-kernel writes its gradient over its input),
+is checked against reference.py in float64 on exactly those values (loss and gradient, relative error),
+and only then timed: forward (a training forward: graph recorded, fused strategies write the gradient),
+backward alone (the forward run untimed before each), and forward + backward. A provider that raises
+or disagrees gets a row saying so and no timings; the run goes on.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from . import providers as P
+from . import timing
+
+# Relative tolerance of the check (loss: |a - b| / |b|; gradient: max |a - b| / max |b|). Beyond the
+# single rounding of the gradient to the dtype (2^-8 for bf16), peers that compute in half precision
+# (F.cross_entropy, torchvision-style) accumulate a few roundings more; 4e-2 admits those, not a bug.
+CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def useful_bytes(case: P.Case) -> int:
+    """Logits read once + gradient written once + targets + class weights (the floor of any kernel)."""
+    n, c = case.logits.shape
+    return 2 * n * c * case.logits.element_size() + n * case.target.element_size() + c * case.weight.element_size()
+
+
+def _loss_and_grad(fn, x):
+    loss = fn(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss, grad
+
+
+def _rel_errors(loss, grad, ref_loss, ref_grad) -> tuple[float, float]:
+    loss_err = float((loss.double() - ref_loss).abs() / ref_loss.abs().clamp(min=1e-30))
+    grad_err = float((grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp(min=1e-30))
+    return loss_err, grad_err
+
+
+def _reference(case: P.Case):
+    x = case.logits.detach().double().requires_grad_(True)
+    fn = P._naive(P.Case(case.loss, x, case.target, case.weight))
+    loss, grad = _loss_and_grad(fn, x)
+    return loss.detach(), grad
+
+
+def copy_bandwidth_gbps(case: P.Case, repeats: int, warmup: int) -> float:
+    """The device's copy bandwidth here: a clone of a logits-sized tensor (read + write), in GB/s."""
+    x = case.logits
+    device = x.device
+    med, _ = timing.summarize(timing.measure_ms(lambda: x.clone(), device, max(repeats, 5), warmup))
+    return 2 * x.numel() * x.element_size() / (med * 1e-3) / 1e9
+
+
+def run_case(loss: str, n: int, c: int, dtype: torch.dtype, device, repeats: int, warmup: int,
+             names=None, exclude=(), memory: bool = True) -> list[dict]:
+    """Rows for every provider of `loss` (only `names` if given, never those in `exclude`)."""
+    device = torch.device(device)
+    case = P.make_case(loss, n, c, dtype, device)
+    ref_loss, ref_grad = _reference(case)
+    copy_gbps = copy_bandwidth_gbps(case, repeats, warmup)
+    nbytes = useful_bytes(case)
+    base = {"loss": loss, "N": n, "C": c, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+            "useful_bytes": nbytes, "copy_gbps": copy_gbps, "floor_ms": nbytes / (copy_gbps * 1e9) * 1e3,
+            "gamma": case.gamma}
+    rows = []
+    for prov in P.providers_for(loss, device):
+        if (names is not None and prov.name not in names) or prov.name in exclude:
+            continue
+        row = dict(base, provider=prov.name, kind=prov.kind, status="ok", ok=False, error=None)
+        if prov.unavailable:
+            row.update(status="unavailable", error=prov.unavailable)
+        else:
+            with P.environment(prov.env):
+                try:
+                    _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row)
+                except Exception as exc:  # reported in its row; the other providers still run
+                    row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    row["traceback"] = traceback.format_exc(limit=4)
+        rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row):
+    device = case.logits.device
+    fn = prov.build(case)
+    x = case.logits.detach().clone().requires_grad_(True)
+    start = time.perf_counter()
+    loss, grad = _loss_and_grad(fn, x)
+    timing.sync(device)
+    if prov.compiles:
+        row["compile_s"] = time.perf_counter() - start
+    row["loss_rel_err"], row["grad_rel_err"] = _rel_errors(loss.detach(), grad, ref_loss, ref_grad)
+    tol = CHECK_RTOL[case.logits.dtype]
+    if not (row["loss_rel_err"] <= tol and row["grad_rel_err"] <= tol):  # NaN fails too
+        row.update(status="mismatch", error=f"relative error above {tol:g} vs float64 reference")
+        return
+    del loss, grad
+
+    def fwd():
+        return fn(x)
+
+    def bwd(loss):
+        return torch.autograd.grad(loss, x)
+
+    def fwd_bwd():
+        return _loss_and_grad(fn, x)
+
+    for key, run, prepare in (("fwd", fwd, None), ("bwd", bwd, fwd), ("fwd_bwd", fwd_bwd, None)):
+        samples = timing.measure_ms(run, device, repeats, warmup, prepare)
+        row[f"{key}_ms"], row[f"{key}_spread"] = timing.summarize(samples)
+    row["ms_median"], row["ms_spread"] = row["fwd_bwd_ms"], row["fwd_bwd_spread"]
+    row["gbps"] = row["useful_bytes"] / (row["ms_median"] * 1e-3) / 1e9
+    row["pct_copy"] = 100.0 * row["gbps"] / row["copy_gbps"]
+    if memory:
+        peak = timing.peak_extra_bytes(fwd_bwd, device)
+        row["peak_extra_mib"] = None if peak is None else peak / 2**20
+    row["ok"] = True
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs[peer] = peer time / this time (fwd + bwd), for every peer timed in the same case."""
+    peers = {r["provider"]: r["ms_median"] for r in rows if r["kind"] == "peer" and r["ok"]}
+    for r in rows:
+        r["speedup_vs"] = ({p: ms / r["ms_median"] for p, ms in peers.items() if p != r["provider"]}
+                           if r["ok"] else {})
+        r["speedup_vs_naive"] = r["speedup_vs"].get(P.NAIVE)
