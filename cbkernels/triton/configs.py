@@ -1,0 +1,115 @@
+"""Launch configurations of the Triton kernels: a static table, no autotuning at call time.
+
+Autotuning inside forward would benchmark (and synchronise) on the first call of every shape, which
+breaks CUDA-graph capture and makes torch.compile traces depend on timing. Instead `pick` reads this
+table, keyed by loss family, number of classes C and dtype group; bench/sweep_triton.py measures a
+grid of configurations on a GPU and prints replacement rows for TABLE.
+
+How the current rows were chosen (not yet measured on a GPU: rerun the sweep and paste its rows):
+- A program handles rows * block elements per step; aim for 4-32 elements per thread so each thread
+  issues 16-byte vector loads (4 fp32 or 8 bf16/fp16 values) with a few in flight.
+- Small C: several rows per program, so a program still moves a useful amount of data.
+- Sigmoid family: one pass, so a moderate tile (2048-4096 columns) looped over the row is enough.
+- Softmax: when the whole row fits one tile the logits are read once (the row stays in registers),
+  so the single-tile limit is as large as the register file allows at 16 warps (8192 fp32 columns,
+  16384 half-precision columns: 16-32 values per thread); above it, two passes over 4096-8192 tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block: int       # columns per tile (power of two); the launcher uses min(block, next_pow2(C))
+    rows: int        # rows per program (power of two)
+    num_warps: int
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("block", "rows"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"LaunchConfig.num_warps must be a power of two up to 32, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"LaunchConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+FAMILIES = ("sigmoid_focal", "softmax_ce")
+DTYPE_GROUPS = ("fp32", "half")  # half: float16 and bfloat16 (same bytes per element)
+
+# TABLE[family][dtype group]: rows (c_max, config), C ascending; the first row with C <= c_max applies,
+# the last row (c_max None) covers everything larger.
+TABLE = {
+    "sigmoid_focal": {
+        "fp32": [
+            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
+            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
+            (None, LaunchConfig(block=4096, rows=1, num_warps=8)),
+        ],
+        "half": [
+            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
+            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
+            (None, LaunchConfig(block=4096, rows=1, num_warps=8)),
+        ],
+    },
+    "softmax_ce": {
+        "fp32": [
+            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
+            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
+            (8192, LaunchConfig(block=8192, rows=1, num_warps=16)),
+            (None, LaunchConfig(block=8192, rows=1, num_warps=16)),
+        ],
+        "half": [
+            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
+            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
+            (16384, LaunchConfig(block=16384, rows=1, num_warps=16)),
+            (None, LaunchConfig(block=8192, rows=1, num_warps=16)),
+        ],
+    },
+}
+
+# Set by `override`: family -> LaunchConfig applied to every C and dtype of that family.
+_OVERRIDES: dict[str, LaunchConfig] = {}
+
+
+def dtype_group(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def pick(family: str, num_classes: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration for one call (an override if one is active, else the table row)."""
+    if family in _OVERRIDES:
+        return _OVERRIDES[family]
+    for c_max, config in TABLE[family][dtype_group(dtype)]:
+        if c_max is None or num_classes <= c_max:
+            return config
+    raise AssertionError(f"TABLE[{family!r}] has no catch-all row (c_max None)")
+
+
+@contextlib.contextmanager
+def override(config: LaunchConfig, families=FAMILIES):
+    """Use `config` for every call of these families inside the block (the sweep and the tests do).
+
+    Read at call time on the host, so under torch.compile it applies to what is traced inside the block.
+    """
+    families = (families,) if isinstance(families, str) else tuple(families)
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update({family: config for family in families})
+    try:
+        yield config
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)

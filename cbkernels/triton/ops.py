@@ -1,0 +1,138 @@
+"""The four ops of docs/op-contract.md in the "cbkernels_triton" namespace, on the Triton kernels.
+
+torch.library.triton_op makes each a real custom op (same schema as csrc/cbkernels.cpp) whose body
+torch.compile can see through to the kernels (wrap_triton), and registers that body as the fake
+kernel too: it only reads metadata and allocates, and wrap_triton launches nothing under fake tensors.
+cbkernels._ops.register_loss_autograd gives the ops the shared backward.
+
+Importing this module imports triton; cbkernels._backends imports it lazily. No annotation strings
+(no `from __future__ import annotations`): triton_op infers the schema from the real annotations.
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
+from . import configs, kernels
+
+NAMESPACE = "cbkernels_triton"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GAMMA_MODES = {0.0: kernels.GAMMA_ZERO, 0.5: kernels.GAMMA_HALF, 1.0: kernels.GAMMA_ONE, 2.0: kernels.GAMMA_TWO}
+
+
+def _check(op, logits, target, class_weight, grad_loss=None):
+    """Cheap metadata checks (functional.py checked already; direct op calls get clear errors too)."""
+    if logits.dim() != 2 or logits.dtype not in _DTYPES:
+        raise ValueError(f"{op}: logits must be a 2-D float32/float16/bfloat16 tensor, "
+                         f"got {logits.dim()}-D {logits.dtype}")
+    n, c = logits.shape
+    if c < 1:
+        raise ValueError(f"{op}: logits must have at least one class (C >= 1)")
+    if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{op}: Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton "
+                           "is imported; use a CUDA tensor or another backend")
+    if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
+        raise ValueError(f"{op}: target must be an int64/int32 tensor of shape ({n},) on {logits.device}, "
+                         f"got {target.dtype} {tuple(target.shape)} on {target.device}")
+    if class_weight is not None and (class_weight.shape != (c,) or class_weight.dtype != torch.float32
+                                     or class_weight.device != logits.device
+                                     or not class_weight.is_contiguous()):
+        raise ValueError(f"{op}: class_weight must be a contiguous float32 tensor of shape ({c},) on "
+                         f"{logits.device}, got {class_weight.dtype} {tuple(class_weight.shape)}")
+    if grad_loss is not None and (grad_loss.shape != (n,) or grad_loss.dtype != torch.float32
+                                  or grad_loss.device != logits.device or not grad_loss.is_contiguous()):
+        raise ValueError(f"{op}: grad_loss must be a contiguous float32 tensor of shape ({n},) on "
+                         f"{logits.device}, got {grad_loss.dtype} {tuple(grad_loss.shape)}")
+
+
+def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad, param, ignore_index,
+            write_loss, write_grad, **family_constexprs):
+    """One kernel launch on (N, C) logits whose column stride is 1; unused pointers get a dummy tensor."""
+    n, c = logits.shape
+    if n == 0:
+        return
+    config = configs.pick(family, c, logits.dtype)
+    block = min(config.block, triton.next_power_of_2(c))
+    dummy = loss if loss is not None else grad
+    grid = (triton.cdiv(n, config.rows),)
+    wrap_triton(kernel)[grid](
+        logits, target, dummy if class_weight is None else class_weight,
+        dummy if grad_loss is None else grad_loss, dummy if loss is None else loss,
+        dummy if grad is None else grad,
+        n, c, logits.stride(0), param, ignore_index,
+        HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+        SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block,
+        num_warps=config.num_warps, num_stages=config.num_stages, **family_constexprs,
+    )
+
+
+def _row_major(logits, target):
+    # The kernels honour any row stride; a column stride other than 1 costs a copy (op contract).
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits, target.contiguous()
+
+
+def _sigmoid_constexprs(gamma):
+    return {"GAMMA_MODE": _GAMMA_MODES.get(float(gamma), kernels.GAMMA_GENERAL)}
+
+
+def _softmax_constexprs(family, logits, label_smoothing):
+    config = configs.pick(family, logits.shape[1], logits.dtype)
+    return {"HAS_SMOOTHING": label_smoothing != 0.0, "SINGLE_BLOCK": config.block >= logits.shape[1]}
+
+
+def _forward(kernel, family, logits, target, class_weight, param, ignore_index, with_grad, constexprs):
+    logits, target = _row_major(logits, target)
+    n, c = logits.shape
+    loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if with_grad else logits.new_empty((0,))
+    _launch(kernel, family, logits, target, class_weight, None, loss, grad if with_grad else None, param,
+            ignore_index, True, with_grad, **constexprs)
+    return loss, grad
+
+
+def _backward(kernel, family, logits, target, class_weight, grad_loss, param, ignore_index, constexprs):
+    logits, target = _row_major(logits, target)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch(kernel, family, logits, target, class_weight, grad_loss, None, grad, param, ignore_index,
+            False, True, **constexprs)
+    return grad
+
+
+@triton_op(f"{NAMESPACE}::sigmoid_focal_forward", mutates_args=())
+def sigmoid_focal_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                          gamma: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("sigmoid_focal_forward", logits, target, class_weight)
+    return _forward(kernels.sigmoid_focal_kernel, "sigmoid_focal", logits, target, class_weight, gamma,
+                    ignore_index, with_grad, _sigmoid_constexprs(gamma))
+
+
+@triton_op(f"{NAMESPACE}::sigmoid_focal_backward", mutates_args=())
+def sigmoid_focal_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                           grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+    _check("sigmoid_focal_backward", logits, target, class_weight, grad_loss)
+    return _backward(kernels.sigmoid_focal_kernel, "sigmoid_focal", logits, target, class_weight, grad_loss,
+                     gamma, ignore_index, _sigmoid_constexprs(gamma))
+
+
+@triton_op(f"{NAMESPACE}::softmax_ce_forward", mutates_args=())
+def softmax_ce_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                       label_smoothing: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("softmax_ce_forward", logits, target, class_weight)
+    return _forward(kernels.softmax_ce_kernel, "softmax_ce", logits, target, class_weight, label_smoothing,
+                    ignore_index, with_grad, _softmax_constexprs("softmax_ce", logits, label_smoothing))
+
+
+@triton_op(f"{NAMESPACE}::softmax_ce_backward", mutates_args=())
+def softmax_ce_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                        grad_loss: torch.Tensor, label_smoothing: float, ignore_index: int) -> torch.Tensor:
+    _check("softmax_ce_backward", logits, target, class_weight, grad_loss)
+    return _backward(kernels.softmax_ce_kernel, "softmax_ce", logits, target, class_weight, grad_loss,
+                     label_smoothing, ignore_index, _softmax_constexprs("softmax_ce", logits, label_smoothing))
+
+
+_ops.register_loss_autograd(NAMESPACE)
