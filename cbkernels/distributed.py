@@ -1,0 +1,288 @@
+"""Class-parallel class-balanced losses over torch.distributed, for classifier heads sharded by classes.
+
+Each rank of a process group holds the logits (N, C_local) of a contiguous class range
+[class_start, class_start + C_local) of the global C classes (shards may be uneven); the targets (N,)
+and the class weights (C,) are global and identical on every rank. Only per-row statistics cross the
+ranks: O(N) floats per call, never O(N x C); memory per rank stays O(N x C_local).
+
+Softmax (paper-notes section 5, label smoothing eps), per row with z = [z_0 | z_1 | ... ] split by rank:
+    m      = max over ranks of (max_c z_rc)                      all_reduce MAX   (N floats)
+    s      = sum over ranks of sum_c exp(z_rc - m)               \
+    z_y    = the target logit, nonzero only on the owning rank    > one all_reduce SUM of a (2, N) tensor
+    S      = sum over ranks of sum_c z_rc  (only when eps > 0)   /  ((3, N) with label smoothing)
+    loss   = alpha_y * (m + log s - (1 - eps) * z_y - eps / C * S)
+    grad_rc = alpha_y * (exp(z_rc - lse) - (1 - eps) * [c == y] - eps / C)       (local: lse is known)
+Sigmoid family (focal, gamma = 0 is sigmoid CE): the loss is a sum of independent per-class terms, so
+each rank sums its own C_local terms (t_c = +1 only for the target class, i.e. only on the rank owning y)
+and one all_reduce SUM of the (N,) partial rows gives the row loss; the gradient is per element, local.
+
+Why the backward needs no collective: after the forward's all_reduce, the row losses are replicated, and
+everything downstream of them (the reduction, the rest of the objective) is computed identically on
+every rank, so each rank's autograd receives the same upstream gradient d(objective)/d(loss_i). Rank r's
+logits reach loss_i only through its own partial statistics, whose derivative is local given the
+replicated lse (softmax) or nothing at all (sigmoid). The max m is only a shift for stability: lse does
+not depend on it, so it carries no gradient. Differentiable collectives (torch.distributed.nn.functional
+.all_reduce) would be wrong here: their backward all-reduces the upstream gradient as well, which with a
+replicated objective multiplies every logit gradient by the world size. The caller must therefore
+compute the same objective from the returned loss on every rank (the usual case; a rank that used
+only some rows would get gradients only for those rows' dependence on its own shard).
+
+The per-shard math uses torch ops, not the fused kernels: the kernels' op contract computes a whole row
+with the positive class inside it and one lse, which a shard does not have. Logits in float16/bfloat16
+are computed in float32, float64 stays float64 (for tests); the gradient is formed in the compute dtype
+and rounded once to the logits' dtype. Forward keeps only the logits and (N,) statistics; backward
+recomputes exp / sigmoid on the shard (the "recompute" strategy of the op contract).
+No host sync beyond the collectives: every check reads metadata or runs on the device, except the
+optional derivation of class_start (see class_shard_range), which reads the gathered shard sizes once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _checks
+from .reference import reduce_rows
+
+__all__ = ["class_shard_range", "cb_softmax_cross_entropy_parallel", "cb_focal_loss_parallel",
+           "cb_sigmoid_cross_entropy_parallel", "global_class_counts"]
+
+
+def _group(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("cbkernels.distributed needs an initialised process group "
+                           "(torch.distributed.init_process_group)")
+    return dist.group.WORLD if group is None else group
+
+
+def class_shard_range(num_local_classes: int, group=None, device=None) -> tuple[int, int]:
+    """(class_start, num_classes) of this rank's shard, from an all-gather of every rank's C_local.
+
+    Shards are laid out in rank order: rank r owns [sum of C_local of ranks < r, ... + C_local).
+    This reads the gathered sizes on the host (a device sync under NCCL): call it once at setup and
+    pass the result to the losses, which otherwise call it on every step.
+    """
+    group = _group(group)
+    if not isinstance(num_local_classes, int) or isinstance(num_local_classes, bool) or num_local_classes < 1:
+        raise ValueError(f"num_local_classes must be an int >= 1, got {num_local_classes!r}")
+    if device is None:  # NCCL only moves CUDA tensors; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor(num_local_classes, dtype=torch.int64, device=device), group=group)
+    sizes = [int(s) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _resolve_shard(logits, class_weight, class_start, num_classes, group):
+    """The shard's (class_start, C): from the arguments, class_weight's length, or class_shard_range."""
+    local = logits.shape[1]
+    if num_classes is None and class_weight is not None:
+        num_classes = class_weight.shape[0]
+    if class_start is None:
+        class_start, gathered = class_shard_range(local, group, logits.device)
+        if num_classes is not None and num_classes != gathered:
+            raise ValueError(f"the ranks' logits hold {gathered} classes in all but num_classes / class_weight "
+                             f"say {num_classes}")
+        num_classes = gathered
+    if num_classes is None:
+        raise ValueError("num_classes is needed when class_start is given and class_weight is None")
+    for name, value in (("class_start", class_start), ("num_classes", num_classes)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if class_start < 0 or class_start + local > num_classes:
+        raise ValueError(f"class_start={class_start} with {local} local classes does not fit in "
+                         f"num_classes={num_classes}")
+    return class_start, num_classes
+
+
+def _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group):
+    _checks.check_inputs(logits, target, None)  # shapes, dtypes, devices of logits and target
+    _checks.check_reduction(reduction)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    group = _group(group)
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
+            raise ValueError("class_weight must be a 1-D tensor (C,) of the global class weights, or None")
+        if not class_weight.dtype.is_floating_point:
+            raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
+        if class_weight.device != logits.device:
+            raise ValueError(f"class_weight is on {class_weight.device} but logits are on {logits.device}")
+        if class_weight.requires_grad:
+            raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
+    class_start, num_classes = _resolve_shard(logits, class_weight, class_start, num_classes, group)
+    if class_weight is not None and class_weight.shape[0] != num_classes:
+        raise ValueError(f"class_weight must have shape (C,) = ({num_classes},), got {tuple(class_weight.shape)}")
+    # Targets are global: a device-side check against the global C (raises at once on CPU tensors,
+    # before any collective, so every rank raises alike: the targets are identical on every rank).
+    _checks.check_target_range_async(target, num_classes, ignore_index)
+    return class_start, num_classes, ignore_index, group
+
+
+def _row_setup(logits, target, class_weight, class_start, num_classes, ignore_index):
+    """Compute-dtype logits, valid-row mask, the local column of each row's target (owned rows), alpha_y."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype)
+    valid = target != ignore_index
+    local = target.long() - class_start
+    owned = valid & (local >= 0) & (local < logits.shape[1])
+    local = torch.where(owned, local, torch.zeros_like(local))  # a safe index for rows owned elsewhere
+    if class_weight is None:
+        alpha = torch.ones(target.shape, dtype=dtype, device=logits.device)
+    else:
+        # Clamped index: on CUDA a bad target is reported by the asynchronous assert, never read out of bounds.
+        alpha = class_weight.to(dtype).gather(0, target.long().clamp(0, num_classes - 1))
+    return z, valid, owned, local, alpha
+
+
+class _SoftmaxParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, class_start, num_classes, eps, ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
+                                                        ignore_index)
+        m = z.max(dim=1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z_y = torch.where(owned, z.gather(1, local.unsqueeze(1)).squeeze(1), torch.zeros_like(m))
+        parts = [torch.exp(z - m.unsqueeze(1)).sum(dim=1), z_y]
+        if eps:
+            parts.append(z.sum(dim=1))
+        stats = torch.stack(parts)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        lse = m + torch.log(stats[0])
+        rows = lse - (1.0 - eps) * stats[1]
+        if eps:
+            rows = rows - (eps / num_classes) * stats[2]
+        # where, not a multiply by the mask: an ignored row's NaN or inf must not leak into the loss.
+        rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
+        ctx.save_for_backward(logits, lse, alpha, valid, owned, local)
+        ctx.eps, ctx.num_classes = eps, num_classes
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        logits, lse, alpha, valid, owned, local = ctx.saved_tensors
+        eps = ctx.eps
+        z = logits.to(lse.dtype)
+        # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
+        # dtype (paper-notes: subtract the one-hot before any rounding to half precision).
+        grad = torch.exp(z - lse.unsqueeze(1))
+        if eps:
+            grad = grad - eps / ctx.num_classes
+        onehot = torch.where(owned, torch.full_like(lse, 1.0 - eps), torch.zeros_like(lse))
+        grad = grad.scatter_add(1, local.unsqueeze(1), -onehot.unsqueeze(1))
+        scale = alpha * grad_rows.to(lse.dtype)
+        grad = torch.where(valid.unsqueeze(1), grad * scale.unsqueeze(1), torch.zeros_like(grad))
+        return grad.to(logits.dtype), None, None, None, None, None, None, None
+
+
+class _FocalParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, class_start, num_classes, gamma, ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
+                                                        ignore_index)
+        u = _signed(z, owned, local)
+        # term = (1 - p)^gamma * -log p with p = sigmoid(u): logsigmoid keeps both factors stable for any |u|.
+        terms = -torch.nn.functional.logsigmoid(u)
+        if gamma:
+            terms = terms * torch.exp(gamma * torch.nn.functional.logsigmoid(-u))
+        rows = terms.sum(dim=1)
+        dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
+        rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
+        ctx.save_for_backward(logits, alpha, valid, owned, local)
+        ctx.gamma = gamma
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        logits, alpha, valid, owned, local = ctx.saved_tensors
+        gamma = ctx.gamma
+        z = logits.to(alpha.dtype)
+        u = _signed(z, owned, local)
+        # d term / du = (1 - p)^gamma * (gamma * p * log p - q), q = 1 - p = sigmoid(-u) taken directly
+        # (never 1 - p, which cancels); d term / dz = t * d term / du.
+        q = torch.sigmoid(-u)
+        dterm = -q
+        if gamma:
+            log_p = torch.nn.functional.logsigmoid(u)
+            dterm = torch.exp(gamma * torch.nn.functional.logsigmoid(-u)) * (gamma * torch.sigmoid(u) * log_p - q)
+        grad = _signed(dterm, owned, local)  # multiplying by t is the same sign flip as u = t * z
+        scale = alpha * grad_rows.to(alpha.dtype)
+        grad = torch.where(valid.unsqueeze(1), grad * scale.unsqueeze(1), torch.zeros_like(grad))
+        return grad.to(logits.dtype), None, None, None, None, None, None, None
+
+
+def _signed(x, owned, local):
+    """t * x with t = +1 at the row's target column (only where this rank owns it), -1 elsewhere."""
+    positive = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    positive.scatter_(1, local.unsqueeze(1), owned.unsqueeze(1))
+    return torch.where(positive, x, -x)
+
+
+def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
+                                      label_smoothing=0.0, *, class_start=None, num_classes=None, group=None):
+    """Class-balanced softmax cross entropy with the classes sharded across the ranks of `group`.
+
+    logits: this rank's (N, C_local) slice of the global (N, C) logits, classes [class_start, class_start +
+    C_local). target (N,) and class_weight (C,) or None: global, the same on every rank. class_start and
+    num_classes default to class_shard_range (one extra all-gather and a host read per call: pass them).
+    Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
+    ("mean" divides by the number of non-ignored rows); the gradient flows to the local logits only.
+    """
+    class_start, num_classes, ignore_index, group = _check_inputs(
+        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
+    eps = _checks.check_label_smoothing(label_smoothing)
+    rows = _SoftmaxParallel.apply(logits, target, class_weight, class_start, num_classes, eps, ignore_index, group)
+    return reduce_rows(rows, target, ignore_index, reduction)
+
+
+def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
+                           *, class_start=None, num_classes=None, group=None):
+    """Class-balanced sigmoid focal loss with the classes sharded across the ranks of `group`.
+
+    Arguments as cb_softmax_cross_entropy_parallel; gamma >= 0 (0 is sigmoid cross entropy). The value is
+    that of cbkernels.cb_focal_loss on the gathered logits, on every rank.
+    """
+    class_start, num_classes, ignore_index, group = _check_inputs(
+        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
+    gamma = _checks.check_gamma(gamma)
+    rows = _FocalParallel.apply(logits, target, class_weight, class_start, num_classes, gamma, ignore_index,
+                                group)
+    return reduce_rows(rows, target, ignore_index, reduction)
+
+
+def cb_sigmoid_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
+                                      *, class_start=None, num_classes=None, group=None):
+    """Class-balanced sigmoid cross entropy, class-parallel: the focal loss with gamma = 0."""
+    return cb_focal_loss_parallel(logits, target, class_weight, 0.0, reduction, ignore_index,
+                                  class_start=class_start, num_classes=num_classes, group=group)
+
+
+def global_class_counts(labels, num_classes, *, ignore_index=None, group=None):
+    """Per-class sample counts (C,) int64 over every rank of a data-parallel group.
+
+    Each rank passes the labels of its own part of the training set; the per-rank histograms are summed
+    with one all_reduce, so class_balanced_weights(counts) is the same on every rank and matches the
+    whole dataset (per-rank or per-batch counts would not). Labels equal to ignore_index are skipped; any
+    other label outside [0, num_classes) raises (device-side check). The histogram always has exactly
+    num_classes bins (a scatter_add, not bincount, whose length depends on the data), so the collective
+    sees the same shape on every rank even for bad input.
+    """
+    group = _group(group)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError("labels must be a 1-D tensor of class indices")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if ignore_index is not None:
+        ignore_index = _checks.check_ignore_index(ignore_index)
+    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    torch._assert_async((in_range | ~valid).all(),
+                        "labels hold a class index outside [0, num_classes) that is not ignore_index")
+    keep = valid & in_range
+    safe = torch.where(keep, labels.long(), torch.zeros_like(labels, dtype=torch.int64))
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(0, safe, keep.long())
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return counts

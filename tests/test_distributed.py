@@ -1,0 +1,182 @@
+"""Class-parallel losses (cbkernels.distributed) on gloo with 2 and 3 processes on loopback.
+
+Every rank builds the same global inputs from one fresh seed, keeps its column slice of the logits and
+compares the class-parallel loss and the gradient of its slice with the single-process reference
+(cbkernels.reference) on the gathered float64 logits. Processes are spawned once per world size and run
+every case; the gloo timeout and a join deadline turn a hang into a failure instead of a stuck CI job.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cbkernels import class_balanced_weights, reference
+from cbkernels import distributed as cbd
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
+JOIN_DEADLINE_S = 90  # spawn + import torch on 2 busy cores takes a few seconds per process
+IGNORE = -100
+# Shard layouts over C classes: uneven (C not divisible by the world size) and lopsided (a 1-class shard).
+LAYOUTS = {2: ([6, 5], [1, 10], [20, 17]), 3: ([4, 4, 3], [1, 7, 3], [13, 12, 12])}
+# Tolerances against the float64 reference: float64 shards differ only by summation order; float32 and
+# bfloat16 inputs are computed in float32 and the gradient is rounded once to the input dtype.
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-5, 4 * 2.0**-8)}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_inputs(seed, n, c, *, ignore_frac, weighted, target_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, c, (n,), generator=g)
+    if n >= 2:  # the first and last class (first and last shard) always appear
+        target[0], target[-1] = 0, c - 1
+    ignored = torch.rand(n, generator=g) < ignore_frac
+    target = torch.where(ignored, torch.full_like(target, IGNORE), target).to(target_dtype)
+    weight = torch.rand(c, generator=g) * 2 + 0.1 if weighted else None
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+    return logits, target, weight, upstream
+
+
+def _call(loss, logits, target, weight, reduction, param, parallel, **shard):
+    if loss == "softmax":
+        fn = cbd.cb_softmax_cross_entropy_parallel if parallel else reference.cb_softmax_cross_entropy
+        return fn(logits, target, weight, reduction, IGNORE, param, **shard)
+    if loss == "sigmoid":
+        fn = cbd.cb_sigmoid_cross_entropy_parallel if parallel else reference.cb_sigmoid_cross_entropy
+        return fn(logits, target, weight, reduction, IGNORE, **shard)
+    fn = cbd.cb_focal_loss_parallel if parallel else reference.cb_focal_loss
+    return fn(logits, target, weight, param, reduction, IGNORE, **shard)
+
+
+def _loss_and_grad(loss, logits, target, weight, reduction, param, upstream, parallel, **shard):
+    x = logits.detach().clone().requires_grad_(True)
+    out = _call(loss, x, target, weight, reduction, param, parallel, **shard)
+    (gx,) = torch.autograd.grad(out, x, upstream if reduction == "none" else upstream[0])
+    return out.detach(), gx
+
+
+def _check_case(rank, seed, loss, param, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
+                ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64):
+    c = sum(layout)
+    start = sum(layout[:rank])
+    logits, target, weight, upstream = _global_inputs(seed, n, c, ignore_frac=ignore_frac, weighted=weighted,
+                                                      target_dtype=target_dtype)
+    logits = logits.to(dtype)  # the reference sees exactly these values, upcast to float64
+    shard = {"class_start": start, "num_classes": c} if explicit_shard else {}
+    local = logits[:, start:start + layout[rank]]
+    got_loss, got_grad = _loss_and_grad(loss, local, target, weight, reduction, param, upstream, True, **shard)
+    ref_loss, ref_grad = _loss_and_grad(loss, logits.double(), target, weight, reduction, param, upstream, False)
+    ref_grad = ref_grad[:, start:start + layout[rank]]
+    loss_rtol, grad_rtol = TOL[dtype]
+    where = f"seed={seed} rank={rank} loss={loss} param={param} reduction={reduction} layout={layout} dtype={dtype}"
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got_loss.dtype == expected_dtype, where
+    assert got_grad.dtype == dtype and got_grad.shape == local.shape, where
+    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=loss_rtol, atol=loss_rtol * ref_loss.abs().max().item() + 1e-12,
+                               msg=lambda m: f"loss: {where}\n{m}")
+    atol = grad_rtol * ref_grad.abs().max().item() + 1e-15
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=grad_rtol, atol=atol,
+                               msg=lambda m: f"grad: {where}\n{m}")
+
+
+def _all_cases(rank, world, seed):
+    layouts = LAYOUTS[world]
+    k = 0
+    for loss, params in (("softmax", (0.0, 0.1)), ("focal", (0.5, 2.0)), ("sigmoid", (0.0,))):
+        for param in params:
+            for reduction in ("none", "sum", "mean"):
+                for layout in layouts:
+                    k += 1  # vary the secondary options across cases instead of multiplying them
+                    _check_case(rank, seed + k, loss, param, reduction, layout, weighted=k % 2 == 0,
+                                explicit_shard=k % 3 != 0, target_dtype=torch.int32 if k % 4 == 0 else torch.int64)
+    for loss, param in (("softmax", 0.1), ("focal", 0.5)):
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_case(rank, seed + 100, loss, param, "mean", layouts[0], dtype=dtype)
+        _check_case(rank, seed + 101, loss, param, "mean", layouts[0], ignore_frac=1.0)  # every row ignored: 0
+        _check_case(rank, seed + 102, loss, param, "none", layouts[1], n=1, ignore_frac=0.0)
+
+
+def _check_errors(rank, world):
+    layout = LAYOUTS[world][0]
+    c, start = sum(layout), sum(LAYOUTS[world][0][:rank])
+    local = torch.randn(4, layout[rank], dtype=torch.float64)
+    target = torch.tensor([0, 1, c - 1, IGNORE])
+    with pytest.raises(ValueError, match="class_weight"):  # the local slice of the weights instead of all C
+        cbd.cb_softmax_cross_entropy_parallel(local, target, torch.ones(layout[rank]), class_start=start,
+                                              num_classes=c)
+    with pytest.raises(ValueError, match="all but num_classes"):  # derived layout disagrees with class_weight
+        cbd.cb_focal_loss_parallel(local, target, torch.ones(c + 1))
+    with pytest.raises(RuntimeError, match="outside"):
+        cbd.cb_sigmoid_cross_entropy_parallel(local, torch.tensor([0, 1, c, IGNORE]), class_start=start,
+                                              num_classes=c)
+    with pytest.raises(ValueError, match="class_start"):
+        cbd.cb_softmax_cross_entropy_parallel(local, target, class_start=c - 1, num_classes=c)
+    with pytest.raises(ValueError, match="num_classes"):
+        cbd.cb_softmax_cross_entropy_parallel(local, target, class_start=start)
+    with pytest.raises(ValueError, match="reduction"):
+        cbd.cb_focal_loss_parallel(local, target, reduction="avg", class_start=start, num_classes=c)
+    assert cbd.class_shard_range(layout[rank]) == (start, c)
+
+
+def _check_counts(rank, world, seed):
+    num_classes = 9
+    per_rank = []
+    for r in range(world):  # every rank can rebuild every rank's labels, hence the whole-dataset histogram
+        g = torch.Generator().manual_seed(seed + 1000 + r)
+        labels = torch.randint(0, num_classes, (50 + 7 * r,), generator=g)
+        labels[torch.rand(labels.shape, generator=g) < 0.1] = IGNORE
+        per_rank.append(labels)
+    everything = torch.cat(per_rank)
+    expected = torch.bincount(everything[everything != IGNORE], minlength=num_classes)
+    counts = cbd.global_class_counts(per_rank[rank], num_classes, ignore_index=IGNORE)
+    assert torch.equal(counts, expected), f"seed={seed} rank={rank}: {counts} != {expected}"
+    assert torch.equal(class_balanced_weights(counts, 0.99), class_balanced_weights(expected, 0.99))
+    with pytest.raises(RuntimeError, match="outside"):
+        cbd.global_class_counts(torch.tensor([0, num_classes]), num_classes)
+
+
+def _worker(rank, world, port, seed):
+    torch.set_num_threads(1)  # 2-3 processes share two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        _all_cases(rank, world, seed)
+        _check_errors(rank, world)
+        _check_counts(rank, world, seed)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_class_parallel_matches_reference(world):
+    seed = int(torch.randint(0, 2**30, ()).item())
+    context = mp.start_processes(_worker, args=(world, _free_port(), seed), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + JOIN_DEADLINE_S
+    # join raises ProcessRaisedException (with the failing rank's traceback) and stops the others.
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            pytest.fail(f"class-parallel workers (world={world}, seed={seed}) still running after {JOIN_DEADLINE_S} s")
+
+
+def test_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cbd.cb_softmax_cross_entropy_parallel(torch.randn(2, 3), torch.tensor([0, 1]), class_start=0, num_classes=3)
