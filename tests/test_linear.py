@@ -1,0 +1,335 @@
+"""cb_linear_loss / ClassBalancedLinearLoss against the unfused path: F.linear then reference.py in float64.
+
+Every comparison draws fresh random inputs (a seed from the global generator, printed on failure through
+the test id's values), includes ignored rows and targets at 0 and C-1, and uses a random upstream gradient
+(not 1), so a wrong scale, a dropped chunk or a mis-ordered accumulation shows up.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cbkernels
+from cbkernels import _backends, reference
+from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
+
+LOSS_TYPES = ("softmax", "sigmoid", "focal")
+REDUCTIONS = ("mean", "sum", "none")
+GAMMA, SMOOTHING = 0.7, 0.1
+# Tolerance relative to the largest reference value of each compared tensor. float64 end to end: only
+# summation order differs. float32: fp32 matmuls and kernels vs float64 math (~1e-6 relative per value,
+# sums of up to N*C terms). Half: the logits tile is rounded to the dtype once (2^-8 for bf16), then fp32.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 8e-3, torch.bfloat16: 3e-2}
+
+
+def _inputs(n, h, c, dtype, *, bias=True, ignore_index=-100, seed=None):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())) if seed is None else seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(c, h, generator=g, dtype=torch.float64) / h**0.5 * 2).to(dtype)
+    b = (torch.randn(c, generator=g, dtype=torch.float64)).to(dtype) if bias else None
+    target = torch.randint(0, c, (n,), generator=g)
+    target[0], target[-1] = 0, c - 1
+    ignored = torch.rand(n, generator=g) < 0.2
+    ignored[0] = ignored[-1] = False
+    target = torch.where(ignored, torch.full_like(target, ignore_index), target)
+    class_weight = torch.rand(c, generator=g) * 2 + 0.1
+    return hidden, weight, b, target, class_weight
+
+
+def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, ignore_index=-100):
+    logits = F.linear(hidden, weight, bias)
+    if loss_type == "softmax":
+        return reference.cb_softmax_cross_entropy(logits, target, class_weight, reduction, ignore_index, SMOOTHING)
+    gamma = GAMMA if loss_type == "focal" else 0.0
+    return reference.cb_focal_loss(logits, target, class_weight, gamma, reduction, ignore_index)
+
+
+def _value_and_grads(fn, params, upstream):
+    leaves = [p.detach().clone().requires_grad_(True) if p is not None else None for p in params]
+    out = fn(*leaves)
+    wrt = [p for p in leaves if p is not None]
+    grads = torch.autograd.grad(out, wrt, upstream.to(out.dtype).reshape(out.shape))
+    return out.detach(), grads
+
+
+def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, c=37, bias=True, chunk_size=None,
+                           ignore_index=-100):
+    hidden, weight, b, target, cw = _inputs(n, h, c, dtype, bias=bias, ignore_index=ignore_index)
+    upstream = torch.randn(n if reduction == "none" else 1, dtype=torch.float64) * 1.7
+
+    def fused(x, w, bb):
+        return cb_linear_loss(x, w, target, cw, bb, loss_type, GAMMA, reduction, ignore_index, SMOOTHING,
+                              chunk_size, backend)
+
+    def unfused(x, w, bb):
+        return _unfused(loss_type, x, w, bb, target, cw.double(), reduction, ignore_index)
+
+    out, grads = _value_and_grads(fused, (hidden, weight, b), upstream)
+    ref, ref_grads = _value_and_grads(unfused, tuple(None if p is None else p.double() for p in (hidden, weight, b)),
+                                      upstream)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.shape == ref.shape
+    names = ("hidden", "weight", "bias")
+    for name, grad, param in zip(names, grads, (hidden, weight, b)):
+        assert grad.dtype == param.dtype and grad.shape == param.shape, name
+    tol = TOL[dtype]
+    for name, got, want in [("loss", out, ref), *zip(names, grads, ref_grads)]:
+        scale = float(want.abs().max()) if want.numel() else 1.0
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale + 1e-30,
+                                   msg=lambda m, name=name: f"{backend} {loss_type} {reduction} {name}: {m}")
+    ignored = target == ignore_index
+    assert (grads[0][ignored] == 0).all(), "ignored rows must get exactly zero hidden gradient"
+
+
+# --- the spec path (backend="reference", float64) ---------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [7, 16, None])  # 7 and 16 do / do not divide N = 32 resp. 29
+def test_reference_backend_matches_unfused(loss_type, reduction, bias, chunk_size):
+    n = 32 if chunk_size == 16 else 29
+    assert_matches_unfused("reference", loss_type, reduction, torch.float64, n=n, bias=bias, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_reference_backend_low_precision(dtype, loss_type):
+    assert_matches_unfused("reference", loss_type, "mean", dtype, chunk_size=8)
+
+
+def test_other_ignore_index_and_int32_target():
+    assert_matches_unfused("reference", "focal", "sum", torch.float64, chunk_size=5, ignore_index=3)
+    hidden, weight, b, target, cw = _inputs(9, 4, 6, torch.float64)
+    a = cb_linear_loss(hidden, weight, target.int(), cw, b, "softmax", backend="reference", chunk_size=4)
+    torch.testing.assert_close(a, cb_linear_loss(hidden, weight, target, cw, b, "softmax", backend="reference"))
+
+
+# --- the kernel-op glue, on a Python model of docs/op-contract.md (runs without any built backend) ---
+
+class _ContractOps:
+    """The four ops of docs/op-contract.md written with reference.py: tests linear.py's use of the contract
+    (with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
+
+    @staticmethod
+    def _rows(family, z, target, cw, param, ii):
+        if family == "softmax_ce":
+            return reference.softmax_rows(z, target, cw, ii, param)
+        return reference.sigmoid_focal_rows(z, target, cw, param, ii)
+
+    def __getattr__(self, name):
+        family, kind = name.rsplit("_", 1)
+
+        def forward(logits, target, cw, param, ii, with_grad):
+            z = logits.detach().requires_grad_(True)
+            with torch.enable_grad():
+                rows = self._rows(family, z, target, cw, param, ii)
+                grad = torch.autograd.grad(rows.sum(), z)[0] if with_grad else logits.new_empty((0,))
+            return rows.detach().float(), grad
+
+        def backward(logits, target, cw, grad_loss, param, ii):
+            assert grad_loss.dtype == torch.float32 and grad_loss.is_contiguous()
+            z = logits.detach().requires_grad_(True)
+            with torch.enable_grad():
+                rows = self._rows(family, z, target, cw, param, ii)
+                return torch.autograd.grad(rows, z, grad_loss.to(rows.dtype))[0]
+
+        return forward if kind == "forward" else backward
+
+
+@pytest.fixture
+def contract_backend(monkeypatch):
+    monkeypatch.setattr(_backends, "resolve", lambda backend, tensor: "contract")
+    monkeypatch.setattr(_backends, "ops_namespace", lambda backend: _ContractOps())
+    return "contract"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kernel_glue_matches_unfused(contract_backend, loss_type, reduction):
+    assert_matches_unfused(contract_backend, loss_type, reduction, torch.float32, chunk_size=6)
+
+
+# --- real kernel backends ----------------------------------------------------------------------------
+
+def _skip_unless(backend):
+    reason = _backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backend_matches_unfused(loss_type, reduction, dtype):
+    _skip_unless("cpu")
+    assert_matches_unfused("cpu", loss_type, reduction, dtype, n=45, c=70, chunk_size=16)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_backend_matches_unfused(loss_type, reduction):
+    _skip_unless("triton")  # on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
+    assert_matches_unfused("triton", loss_type, reduction, torch.float32, n=10, h=4, c=9, chunk_size=4)
+
+
+def test_compile_fullgraph_cpu_backend():
+    _skip_unless("cpu")
+    hidden, weight, b, target, cw = _inputs(20, 8, 11, torch.float32)
+
+    def f(x, w, bb):
+        return cb_linear_loss(x, w, target, cw, bb, "focal", chunk_size=8, backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    upstream = torch.tensor(0.7)
+    out, grads = _value_and_grads(compiled, (hidden, weight, b), upstream)
+    ref, ref_grads = _value_and_grads(f, (hidden, weight, b), upstream)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+# --- behaviour ---------------------------------------------------------------------------------------
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_n_by_c_tensor(reduction):
+    n, h, c, rows = 64, 4, 50, 8
+    hidden, weight, b, target, cw = _inputs(n, h, c, torch.float64)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with _LargestTensor() as mode:
+        out = cb_linear_loss(hidden, weight, target, cw, b, "softmax", reduction=reduction, chunk_size=rows,
+                             backend="reference")
+        out.sum().backward()
+    assert mode.largest == rows * c, f"largest tensor has {mode.largest} elements, a tile has {rows * c}"
+
+
+def test_all_rows_ignored_mean_is_zero():
+    hidden, weight, b, target, cw = _inputs(6, 4, 5, torch.float64)
+    target = torch.full_like(target, -100)
+    weight.requires_grad_(True)
+    out = cb_linear_loss(hidden, weight, target, cw, b, "focal", backend="reference", chunk_size=4)
+    out.backward()
+    assert out.item() == 0.0 and (weight.grad == 0).all()
+
+
+def test_partial_requires_grad_and_no_grad():
+    hidden, weight, b, target, cw = _inputs(11, 4, 7, torch.float64)
+    weight.requires_grad_(True)  # frozen features and bias
+    out = cb_linear_loss(hidden, weight, target, cw, b, "sigmoid", backend="reference", chunk_size=3)
+    (gw,) = torch.autograd.grad(out, weight)
+    w2 = weight.detach().clone().requires_grad_(True)
+    ref = _unfused("sigmoid", hidden, w2, b, target, cw.double(), "mean")
+    torch.testing.assert_close(gw, torch.autograd.grad(ref, w2)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(cb_linear_loss(hidden, weight, target, cw, b, "sigmoid", backend="reference"),
+                                   ref.detach())
+
+
+def test_backward_twice_with_retain_graph():
+    hidden, weight, b, target, cw = _inputs(10, 4, 6, torch.float64)
+    weight.requires_grad_(True)
+    out = cb_linear_loss(hidden, weight, target, cw, b, "focal", backend="reference", chunk_size=4) * 3.0
+    first = torch.autograd.grad(out, weight, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(out, weight)[0], first)
+
+
+def test_auto_chunk_rows_rule():
+    # Tiles get max(4*C*H, 16 MiB) bytes: H/2 rows in fp32, H rows in bf16 (docs/linear.md).
+    assert auto_chunk_rows(4096, 512, 32768, torch.float32) == 256
+    assert auto_chunk_rows(8192, 2048, 131072, torch.bfloat16) == 2048
+    assert auto_chunk_rows(100, 512, 32768, torch.float32) == 100  # never more than N
+    assert auto_chunk_rows(10**6, 1, 10**8, torch.float32) == 1  # tiles never below one row
+    assert auto_chunk_rows(10**6, 8, 10**7, torch.float32) == 4  # H / 2 rows whatever C
+    assert auto_chunk_rows(10**6, 8, 10, torch.float32) % 16 == 0
+
+
+# --- the module ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_matches_linear_plus_loss(loss_type, bias):
+    counts = [50, 20, 9, 4, 1, 30, 7]
+    kw = dict(loss_type=loss_type, beta=0.99, gamma=GAMMA, label_smoothing=SMOOTHING)
+    fused = ClassBalancedLinearLoss(6, counts, bias=bias, chunk_size=5, backend="reference", dtype=torch.float64,
+                                    **kw)
+    linear = torch.nn.Linear(6, len(counts), bias=bias, dtype=torch.float64)
+    loss = cbkernels.ClassBalancedLoss(counts, backend="reference", **kw)
+    linear.load_state_dict({k: v for k, v in fused.state_dict().items() if k != "class_weight"})
+    assert set(fused.state_dict()) == {"weight", "class_weight"} | ({"bias"} if bias else set())
+    torch.testing.assert_close(fused.class_weight, loss.class_weight)
+    assert [name for name, _ in fused.named_parameters()] == ["weight"] + (["bias"] if bias else [])
+
+    hidden, _, _, target, _ = _inputs(13, 6, len(counts), torch.float64)
+    fused(hidden, target).mul(1.3).backward()
+    loss(linear(hidden), target).mul(1.3).backward()
+    torch.testing.assert_close(fused.weight.grad, linear.weight.grad)
+    if bias:
+        torch.testing.assert_close(fused.bias.grad, linear.bias.grad)
+
+
+def test_module_init_like_linear():
+    torch.manual_seed(3)
+    a = ClassBalancedLinearLoss(16, [5] * 9)
+    torch.manual_seed(3)
+    b = torch.nn.Linear(16, 9)
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+def _call(**over):
+    hidden, weight, b, target, cw = _inputs(5, 4, 6, torch.float32)
+    kw = dict(hidden=hidden, weight=weight, target=target, class_weight=cw, bias=b, backend="reference")
+    kw.update(over)
+    return cb_linear_loss(**kw)
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(hidden=torch.zeros(5)), ValueError, "hidden must have shape"),
+    (dict(hidden=[[0.0]]), TypeError, "hidden must be a torch.Tensor"),
+    (dict(weight=torch.zeros(6, 3)), ValueError, r"weight must have shape \(\?, 4\)"),
+    (dict(weight=torch.zeros(6, 4, dtype=torch.float64)), TypeError, "weight must have dtype"),
+    (dict(weight=torch.zeros(0, 4)), ValueError, "weight must have at least one class"),
+    (dict(bias=torch.zeros(5)), ValueError, r"bias must have shape \(6,\)"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, r"target must have shape \(5,\)"),
+    (dict(target=torch.zeros(5)), TypeError, "target must have dtype"),
+    (dict(class_weight=torch.ones(5)), ValueError, r"class_weight must have shape \(6,\)"),
+    (dict(class_weight=torch.ones(6, requires_grad=True)), ValueError, "class_weight must not require grad"),
+    (dict(loss_type="hinge"), ValueError, "loss_type must be one of"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(gamma=-1.0), ValueError, "gamma must be"),
+    (dict(backend="tpu"), ValueError, "backend must be one of"),
+    (dict(target=torch.tensor([0, 1, 2, 6, 1])), RuntimeError, "outside"),
+])
+def test_bad_input_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        _call(**over)
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="loss_type"):
+        ClassBalancedLinearLoss(4, [1, 2], loss_type="hinge")
+    with pytest.raises(ValueError, match="in_features"):
+        ClassBalancedLinearLoss(0, [1, 2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ClassBalancedLinearLoss(4, [1, 2], chunk_size=-3)
+    with pytest.raises(ValueError, match="0 samples"):
+        ClassBalancedLinearLoss(4, [1, 0])
