@@ -5,6 +5,11 @@ torch.compile can see through to the kernels (wrap_triton), and registers that b
 kernel too: it only reads metadata and allocates, and wrap_triton launches nothing under fake tensors.
 cbkernels._ops.register_loss_autograd gives the ops the shared backward.
 
+Under TRITON_INTERPRET=1 (CPU tests) the ops are plain opaque custom ops instead: wrap_triton then
+hands back the interpreted kernel itself, which torch.compile cannot trace into, so a triton_op's
+decomposition would lose the launch. The body, which launches nothing on fake tensors, is the fake kernel
+either way.
+
 Importing this module imports triton; cbkernels._backends imports it lazily. No annotation strings
 (no `from __future__ import annotations`): triton_op infers the schema from the real annotations.
 """
@@ -13,12 +18,14 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
 from . import configs, kernels
 
 NAMESPACE = "cbkernels_triton"
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GAMMA_MODES = {0.0: kernels.GAMMA_ZERO, 0.5: kernels.GAMMA_HALF, 1.0: kernels.GAMMA_ONE, 2.0: kernels.GAMMA_TWO}
 
@@ -52,7 +59,7 @@ def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad,
             write_loss, write_grad, **family_constexprs):
     """One kernel launch on (N, C) logits whose column stride is 1; unused pointers get a dummy tensor."""
     n, c = logits.shape
-    if n == 0:
+    if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
     config = configs.pick(family, c, logits.dtype)
     block = min(config.block, triton.next_power_of_2(c))
@@ -74,6 +81,17 @@ def _row_major(logits, target):
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return logits, target.contiguous()
+
+
+def _define(name):
+    """Registers the decorated function as the op `name` (see the module docstring for the two ways)."""
+    def register(fn):
+        if not _INTERPRETED:
+            return triton_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op = custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
 
 
 def _sigmoid_constexprs(gamma):
@@ -103,7 +121,7 @@ def _backward(kernel, family, logits, target, class_weight, grad_loss, param, ig
     return grad
 
 
-@triton_op(f"{NAMESPACE}::sigmoid_focal_forward", mutates_args=())
+@_define("sigmoid_focal_forward")
 def sigmoid_focal_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                           gamma: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("sigmoid_focal_forward", logits, target, class_weight)
@@ -111,7 +129,7 @@ def sigmoid_focal_forward(logits: torch.Tensor, target: torch.Tensor, class_weig
                     ignore_index, with_grad, _sigmoid_constexprs(gamma))
 
 
-@triton_op(f"{NAMESPACE}::sigmoid_focal_backward", mutates_args=())
+@_define("sigmoid_focal_backward")
 def sigmoid_focal_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                            grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
     _check("sigmoid_focal_backward", logits, target, class_weight, grad_loss)
@@ -119,7 +137,7 @@ def sigmoid_focal_backward(logits: torch.Tensor, target: torch.Tensor, class_wei
                      gamma, ignore_index, _sigmoid_constexprs(gamma))
 
 
-@triton_op(f"{NAMESPACE}::softmax_ce_forward", mutates_args=())
+@_define("softmax_ce_forward")
 def softmax_ce_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                        label_smoothing: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("softmax_ce_forward", logits, target, class_weight)
@@ -127,7 +145,7 @@ def softmax_ce_forward(logits: torch.Tensor, target: torch.Tensor, class_weight:
                     ignore_index, with_grad, _softmax_constexprs("softmax_ce", logits, label_smoothing))
 
 
-@triton_op(f"{NAMESPACE}::softmax_ce_backward", mutates_args=())
+@_define("softmax_ce_backward")
 def softmax_ce_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                         grad_loss: torch.Tensor, label_smoothing: float, ignore_index: int) -> torch.Tensor:
     _check("softmax_ce_backward", logits, target, class_weight, grad_loss)
