@@ -1,0 +1,359 @@
+// Bodies of the fused CPU loss kernels (docs/op-contract.md, paper-notes.md section 5).
+//
+// Included once by each per-ISA translation unit (loss_kernels.cpp, loss_kernels_avx2.cpp,
+// loss_kernels_avx512.cpp); CPU_CAPABILITY names the variant, so the entry points and ATen's
+// Vectorized<float> both land in a namespace of that name and the three copies never collide.
+// Vectorized<float> maps exp / log1p to Sleef's vector functions (1 ulp, IEEE NaN and inf behaviour),
+// which -ffast-math auto-vectorisation would not give.
+//
+// Work split: ops.cpp checks everything, validates the targets, allocates and runs at::parallel_for over
+// rows; the functions here process a range of rows, one row at a time, the row's C logits in vectors.
+// All arithmetic is fp32; per-row sums are accumulated in fp32 vectors over blocks of kBlock elements
+// and the block sums in double, so a 70001-class row loses no more than a 1024-class one.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "loss_args.h"
+
+namespace cbkernels::cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kBlock = 1024;  // elements per fp32 partial sum (a multiple of every kLanes)
+
+// ---- loads and stores in the logits' type, math in fp32 ---------------------------------------------
+
+template <typename T>
+inline Vec load_vec(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// The last n < kLanes elements of a row; lanes >= n read as 0.
+template <typename T>
+inline Vec load_vec_tail(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    float buf[kLanes] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void store_vec(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kLanes);
+  }
+}
+
+template <typename T>
+inline void store_vec_tail(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    float buf[kLanes];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);  // round to nearest even, as the vector path
+  }
+}
+
+inline double sum_lanes(const Vec& v) {
+  float buf[kLanes];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t i = 0; i < kLanes; ++i) s += buf[i];
+  return s;
+}
+
+// ---- one row's context -----------------------------------------------------------------------------
+
+template <typename Index>
+inline int64_t target_at(const LossArgs& a, int64_t row) {
+  return static_cast<int64_t>(static_cast<const Index*>(a.target)[row]);
+}
+
+inline int64_t row_target(const LossArgs& a, int64_t row) {
+  return a.target_is_int64 ? target_at<int64_t>(a, row) : target_at<int32_t>(a, row);
+}
+
+// Writes the outputs of an ignored row: loss 0, gradient exactly 0 whatever its logits or upstream grad.
+template <typename T>
+inline void write_ignored_row(const LossArgs& a, int64_t row) {
+  if (a.loss != nullptr) a.loss[row] = 0.0f;
+  if (a.grad != nullptr) {
+    T* g = static_cast<T*>(a.grad) + row * a.num_classes;
+    std::memset(static_cast<void*>(g), 0, sizeof(T) * static_cast<size_t>(a.num_classes));  // +0.0 in all three types
+  }
+}
+
+// ---- sigmoid family ------------------------------------------------------------------------------------
+// Per element, t = +1 for the target column and -1 elsewhere, u = t * z, e = exp(-|u|), l = log1p(e):
+//   -log p = softplus(-u) = max(-u, 0) + l          (the one log)
+//   p = 1/(1+e), q = e/(1+e) for u >= 0, swapped for u < 0   (q = 1 - p without the cancellation)
+//   modulator (1-p)^gamma: 1, sqrt(q), q, q*q for gamma = 0, 0.5, 1, 2; exp(-gamma * softplus(u)) otherwise
+//   term = mod * softplus(-u)
+//   dterm/du = mod * (gamma * p * log p - q) = -mod * (q + gamma * p * softplus(-u));  dterm/dz = t * dterm/du
+// Derivation of dterm/du: d/du[-log p] = -(1 - p) = -q and d/du[q^gamma] = -gamma * q^gamma * p, so
+// d/du[q^gamma * (-log p)] = -gamma q^gamma p (-log p) - q^gamma q. No 1/q appears: no singularity at q = 0
+// for gamma < 1 (the pow form's derivative has one). With |z| = 1e4: e = 0, l = 0, every quantity finite.
+// NaN: |u| is NaN, so e, l and everything after are NaN (at::vec::maximum propagates NaN as well).
+
+enum class Modulator { kOne, kSqrt, kLinear, kSquare, kPow };
+
+template <Modulator kMod>
+inline void focal_terms(const Vec& z, const Vec& t, const Vec& gamma, Vec& term, Vec& dterm_dz) {
+  const Vec zero(0.0f), one(1.0f);
+  const Vec u = z * t;
+  const Vec e = u.abs().neg().exp();
+  const Vec l = e.log1p();
+  const Vec sp_neg = at::vec::maximum(u.neg(), zero) + l;  // -log p
+  const Vec r = one / (one + e);
+  const Vec er = e * r;
+  const Vec u_nonneg = u >= zero;
+  const Vec q = Vec::blendv(r, er, u_nonneg);  // blendv(a, b, mask) = mask ? b : a
+  Vec dterm_du;
+  if constexpr (kMod == Modulator::kOne) {
+    term = sp_neg;
+    dterm_du = q.neg();
+  } else {
+    const Vec p = Vec::blendv(er, r, u_nonneg);
+    Vec mod;
+    if constexpr (kMod == Modulator::kSqrt) {
+      mod = q.sqrt();
+    } else if constexpr (kMod == Modulator::kLinear) {
+      mod = q;
+    } else if constexpr (kMod == Modulator::kSquare) {
+      mod = q * q;
+    } else {
+      const Vec sp_pos = at::vec::maximum(u, zero) + l;  // -log q
+      mod = (gamma * sp_pos).neg().exp();
+    }
+    term = mod * sp_neg;
+    dterm_du = (mod * at::vec::fmadd(gamma * p, sp_neg, q)).neg();
+  }
+  dterm_dz = dterm_du * t;
+}
+
+// Loss (kLoss) and/or gradient (kGrad) of one row. alpha scales the loss; gscale the gradient
+// (alpha in the forward op, alpha * grad_loss[row] in the backward op).
+template <typename T, Modulator kMod, bool kLoss, bool kGrad>
+inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, float alpha, float gscale, float* loss) {
+  const Vec gamma(gamma_f), scale(gscale), zero(0.0f), one(1.0f), minus_one(-1.0f);
+  // The target's vector gets t = +1 in the target's lane; every other vector has t = -1 throughout.
+  const int64_t y_base = y - y % kLanes;
+  const Vec t_y = Vec::blendv(minus_one, one, Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(y - y_base)));
+  const int64_t full = C - C % kLanes;
+  double total = 0.0;
+  Vec term, dz;
+  for (int64_t block = 0; block < full; block += kBlock) {
+    const int64_t block_end = std::min(block + kBlock, full);
+    Vec acc(0.0f);
+    for (int64_t c = block; c < block_end; c += kLanes) {
+      focal_terms<kMod>(load_vec(z + c), c == y_base ? t_y : minus_one, gamma, term, dz);
+      if constexpr (kLoss) acc = acc + term;
+      if constexpr (kGrad) store_vec(g + c, dz * scale);
+    }
+    if constexpr (kLoss) total += sum_lanes(acc);
+  }
+  if (full < C) {
+    const int64_t n = C - full;
+    focal_terms<kMod>(load_vec_tail(z + full, n), full == y_base ? t_y : minus_one, gamma, term, dz);
+    if constexpr (kLoss) total += sum_lanes(Vec::set(zero, term, n));  // lanes >= n hold term(0) != 0
+    if constexpr (kGrad) store_vec_tail(g + full, dz * scale, n);
+  }
+  if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * total);
+}
+
+template <typename T, Modulator kMod, bool kLoss, bool kGrad>
+void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  const T* logits = static_cast<const T*>(a.logits);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t y = row_target(a, row);
+    if (y == a.ignore_index) {
+      write_ignored_row<T>(a, row);
+      continue;
+    }
+    const float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
+    const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
+    T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
+    focal_row<T, kMod, kLoss, kGrad>(logits + row * a.row_stride, g, a.num_classes, y, a.param, alpha, gscale,
+                                     kLoss ? a.loss + row : nullptr);
+  }
+}
+
+template <typename T, Modulator kMod>
+void focal_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
+  if (a.loss != nullptr && a.grad != nullptr) {
+    focal_rows<T, kMod, true, true>(a, begin, end);
+  } else if (a.loss != nullptr) {
+    focal_rows<T, kMod, true, false>(a, begin, end);
+  } else {
+    focal_rows<T, kMod, false, true>(a, begin, end);
+  }
+}
+
+template <typename T>
+void focal_rows_for_gamma(const LossArgs& a, int64_t begin, int64_t end) {
+  const float gamma = a.param;
+  if (gamma == 0.0f) {
+    focal_rows_for_outputs<T, Modulator::kOne>(a, begin, end);
+  } else if (gamma == 0.5f) {
+    focal_rows_for_outputs<T, Modulator::kSqrt>(a, begin, end);
+  } else if (gamma == 1.0f) {
+    focal_rows_for_outputs<T, Modulator::kLinear>(a, begin, end);
+  } else if (gamma == 2.0f) {
+    focal_rows_for_outputs<T, Modulator::kSquare>(a, begin, end);
+  } else {
+    focal_rows_for_outputs<T, Modulator::kPow>(a, begin, end);
+  }
+}
+
+// ---- softmax cross entropy -----------------------------------------------------------------------------
+// Pass 1 (one read of the row from memory): online log-sum-exp over blocks of kBlock elements. Each block
+// is scanned for its maximum, then re-read from L1 to add exp(z - m) under the running maximum m; when
+// a block raises m, the running sum is rescaled once by exp(m_old - m_new) (one exp per element overall,
+// not the two of a per-element online update). The sum of z for label smoothing rides along.
+//   lse = m + log s,  loss = alpha * (lse - (1 - eps) z_y - eps/C sum_c z_c)
+// Pass 2 (gradient): g_c = gscale * (exp((z_c - m) - log s) - eps/C), then the target column is rewritten as
+//   g_y = gscale * (p_y - (1 - eps) - eps/C) = gscale * (expm1(z_y - lse) + eps (1 - 1/C)),
+// formed before any rounding to the logits' type: with p_y near 1, p_y - 1 keeps its digits.
+// (z - m) - log s rather than z - lse: for |z| ~ 1e4 an fp32 lse has an ulp of 1e-3, which would move every
+// probability by 0.1%; z - m is exact near the maximum and log s lies in [0, log C].
+// NaN in the row makes s NaN, hence lse, the loss and every gradient entry NaN; the maximum also
+// propagates NaN (at::vec::maximum, and the scalar comparison below keeps a NaN maximum).
+
+template <typename T>
+inline float block_max(const T* z, int64_t begin, int64_t end, int64_t tail) {
+  const Vec minus_inf(-std::numeric_limits<float>::infinity());
+  Vec m = minus_inf;
+  for (int64_t c = begin; c < end; c += kLanes) m = at::vec::maximum(m, load_vec(z + c));
+  if (tail > 0) m = at::vec::maximum(m, Vec::set(minus_inf, load_vec_tail(z + end, tail), tail));
+  float buf[kLanes];
+  m.store(buf);
+  float out = buf[0];
+  for (int64_t i = 1; i < kLanes; ++i) out = (buf[i] > out || std::isnan(buf[i])) ? buf[i] : out;
+  return out;
+}
+
+template <typename T, bool kLoss, bool kGrad>
+inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float alpha, float gscale, float* loss) {
+  const bool smoothing = kLoss && eps != 0.0f;
+  const int64_t full = C - C % kLanes;
+  float m = 0.0f;
+  double s = 0.0, sum_z = 0.0;
+  for (int64_t block = 0; block < C; block += kBlock) {
+    const int64_t block_end = std::min(block + kBlock, full);  // full vectors of this block
+    const int64_t tail = block + kBlock >= C ? C - full : 0;   // the row's last partial vector, if here
+    const float bm = block_max(z, block, block_end, tail);
+    if (block == 0) {
+      m = bm;
+    } else if (bm > m || std::isnan(bm)) {
+      s *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
+      m = bm;
+    }
+    const Vec vm(m);
+    Vec acc(0.0f), acc_z(0.0f);
+    for (int64_t c = block; c < block_end; c += kLanes) {
+      const Vec zc = load_vec(z + c);
+      acc = acc + (zc - vm).exp();
+      if (smoothing) acc_z = acc_z + zc;
+    }
+    if (tail > 0) {
+      const Vec zc = load_vec_tail(z + block_end, tail);  // lanes >= tail read 0: masked out of the exp sum
+      acc = acc + Vec::set(Vec(0.0f), (zc - vm).exp(), tail);
+      if (smoothing) acc_z = acc_z + zc;
+    }
+    s += sum_lanes(acc);
+    if (smoothing) sum_z += sum_lanes(acc_z);
+  }
+  const double log_s = std::log(s);
+  const double z_y = static_cast<double>(static_cast<float>(z[y]));
+  const double shifted_y = (z_y - m) - log_s;  // z_y - lse
+  if constexpr (kLoss) {
+    const double e = eps;
+    const double rows = -shifted_y + e * z_y - (e / static_cast<double>(C)) * sum_z;  // lse - (1-e) z_y - e/C sum z
+    *loss = static_cast<float>(static_cast<double>(alpha) * rows);
+  }
+  if constexpr (kGrad) {
+    const Vec vm(m), vlog_s(static_cast<float>(log_s)), scale(gscale);
+    const Vec shift(-gscale * (eps / static_cast<float>(C)));
+    for (int64_t c = 0; c < full; c += kLanes) {
+      store_vec(g + c, at::vec::fmadd(((load_vec(z + c) - vm) - vlog_s).exp(), scale, shift));
+    }
+    if (full < C) {
+      const int64_t n = C - full;
+      store_vec_tail(g + full, at::vec::fmadd(((load_vec_tail(z + full, n) - vm) - vlog_s).exp(), scale, shift), n);
+    }
+    const double e = eps;
+    const double g_y = static_cast<double>(gscale) * (std::expm1(shifted_y) + e * (1.0 - 1.0 / static_cast<double>(C)));
+    g[y] = static_cast<T>(static_cast<float>(g_y));
+  }
+}
+
+template <typename T, bool kLoss, bool kGrad>
+void softmax_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  const T* logits = static_cast<const T*>(a.logits);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t y = row_target(a, row);
+    if (y == a.ignore_index) {
+      write_ignored_row<T>(a, row);
+      continue;
+    }
+    const float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
+    const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
+    T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
+    softmax_row<T, kLoss, kGrad>(logits + row * a.row_stride, g, a.num_classes, y, a.param, alpha, gscale,
+                                 kLoss ? a.loss + row : nullptr);
+  }
+}
+
+template <typename T>
+void softmax_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
+  if (a.loss != nullptr && a.grad != nullptr) {
+    softmax_rows<T, true, true>(a, begin, end);
+  } else if (a.loss != nullptr) {
+    softmax_rows<T, true, false>(a, begin, end);
+  } else {
+    softmax_rows<T, false, true>(a, begin, end);
+  }
+}
+
+// ---- entry points of this ISA variant (declared in loss_args.h) ----------------------------------------
+
+void sigmoid_focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  switch (a.logits_type) {
+    case LogitsType::kFloat: return focal_rows_for_gamma<float>(a, begin, end);
+    case LogitsType::kBFloat16: return focal_rows_for_gamma<c10::BFloat16>(a, begin, end);
+    case LogitsType::kHalf: return focal_rows_for_gamma<c10::Half>(a, begin, end);
+  }
+}
+
+void softmax_ce_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  switch (a.logits_type) {
+    case LogitsType::kFloat: return softmax_rows_for_outputs<float>(a, begin, end);
+    case LogitsType::kBFloat16: return softmax_rows_for_outputs<c10::BFloat16>(a, begin, end);
+    case LogitsType::kHalf: return softmax_rows_for_outputs<c10::Half>(a, begin, end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cbkernels::cpu
