@@ -1,0 +1,513 @@
+// Device code of the CUDA backend: the sigmoid-family and softmax kernels of docs/op-contract.md.
+// No torch header: launch.cu instantiates these on raw pointers, so nvcc compiles them anywhere.
+//
+// Layout. A block runs rows_per_block rows; each row has tpr = blockDim.x / rows_per_block threads (a
+// multiple of 32, so a warp never straddles two rows) that stride over the row's columns. Any C works:
+// the threads loop over the row, and a row is split into
+//   head: the first elements up to the first VEC-element (vector-aligned) boundary, one per thread,
+//   body: aligned vectors of VEC elements (16-byte loads and stores by default),
+//   tail: the last < VEC elements, one per thread.
+// Each row finds its own head from its address, because a row of C = 8142 bf16 (16284 bytes) starts at
+// a different offset modulo 16 than the row before it. The gradient row is written with the logits row's
+// split, which is right only when both rows have the same address modulo the vector size: the launcher
+// (launch.cu) checks that once per call and otherwise picks a narrower vector.
+//
+// Every thread of a block reaches every barrier: rows that are ignored, have a bad target or lie past
+// the last row take part in the reductions with no columns, and only then write their constant rows.
+//
+// Arithmetic is fp32 whatever the storage type, each result is rounded once when stored, and indices into
+// the (n, c) arrays are int64 (n * c exceeds 2^31 on large problems).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "launch.h"
+
+namespace cbkernels_cuda {
+namespace device {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / 32;
+// The cached softmax keeps this many elements of its row per thread in registers: a row of up to
+// 16 * tpr columns is read from memory once.
+constexpr int kCachedElemsPerThread = 16;
+
+// ---- storage types: what the arrays hold (bits) and the conversions to and from fp32 -------------------
+// Half types travel as their 16-bit patterns so that vector unions stay trivial types.
+struct F32 {
+  using bits = float;
+  static __device__ __forceinline__ float load(bits b) { return b; }
+  static __device__ __forceinline__ bits store(float v) { return v; }
+};
+struct F16 {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float load(bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ bits store(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+struct BF16 {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float load(bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ bits store(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <int Bytes> struct RawWord;
+template <> struct RawWord<16> { using type = uint4; };
+template <> struct RawWord<8> { using type = uint2; };
+template <> struct RawWord<4> { using type = unsigned int; };
+template <> struct RawWord<2> { using type = unsigned short; };
+
+// VEC elements moved as one machine word (ld/st.global.v4.u32 for 16 bytes).
+template <typename E, int VEC>
+union Pack {
+  typename RawWord<VEC * sizeof(typename E::bits)>::type raw;
+  typename E::bits v[VEC];
+};
+
+template <typename E, int VEC>
+__device__ __forceinline__ void load_vec(const typename E::bits* p, float (&z)[VEC]) {
+  using Raw = typename RawWord<VEC * sizeof(typename E::bits)>::type;
+  Pack<E, VEC> pack;
+  pack.raw = *reinterpret_cast<const Raw*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) z[j] = E::load(pack.v[j]);
+}
+
+template <typename E, int VEC>
+__device__ __forceinline__ void store_vec(typename E::bits* p, const float (&g)[VEC]) {
+  using Raw = typename RawWord<VEC * sizeof(typename E::bits)>::type;
+  Pack<E, VEC> pack;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pack.v[j] = E::store(g[j]);
+  *reinterpret_cast<Raw*>(p) = pack.raw;
+}
+
+// ---- the row split: head | aligned body | tail ---------------------------------------------------------
+struct Span {
+  int64_t head;        // elements before the first aligned vector (< VEC)
+  int64_t nvec;        // aligned vectors
+  int64_t tail_start;  // first element after the body; tail = [tail_start, len), < VEC elements
+  int64_t len;         // columns processed (0 for rows that compute nothing)
+};
+
+template <int VEC, typename Bits>
+__device__ __forceinline__ Span split_row(const Bits* x, int64_t len) {
+  Span s;
+  s.len = len;
+  if (VEC == 1) {
+    s.head = 0;
+    s.nvec = len;
+    s.tail_start = len;
+    return s;
+  }
+  // Tensors are element-aligned, so the misalignment is a whole number of elements.
+  constexpr uintptr_t kBytes = VEC * sizeof(Bits);
+  const uintptr_t past = reinterpret_cast<uintptr_t>(x) % kBytes;
+  const int64_t head = past == 0 ? 0 : static_cast<int64_t>((kBytes - past) / sizeof(Bits));
+  s.head = head < len ? head : len;
+  s.nvec = (len - s.head) / VEC;
+  s.tail_start = s.head + s.nvec * VEC;
+  return s;
+}
+
+// Calls f(col, z, out) on every chunk of the row: z holds the fp32 values of columns col .. col+K-1
+// (K = VEC for body vectors, 1 for head and tail elements); with Write, out is stored to g at the same
+// columns, rounded once. f is a generic lambda: it is instantiated for K = 1 and K = VEC.
+template <typename E, int VEC, bool Write, typename F>
+__device__ __forceinline__ void visit_row(const typename E::bits* x, typename E::bits* g, const Span& s, int tid,
+                                          int tpr, F& f) {
+  // At most VEC - 1 <= 7 head and tail elements: one per thread, tpr >= 32.
+  if (tid < s.head) {
+    const float z[1] = {E::load(x[tid])};
+    float out[1];
+    f(static_cast<int64_t>(tid), z, out);
+    if (Write) g[tid] = E::store(out[0]);
+  }
+  auto body = [&](int64_t v) {
+    const int64_t col = s.head + v * VEC;
+    float z[VEC];
+    load_vec<E, VEC>(x + col, z);
+    float out[VEC];
+    f(col, z, out);
+    if (Write) store_vec<E, VEC>(g + col, out);
+  };
+  if constexpr (VEC == 1) {
+    // The one-element fallback (rows that cannot share a vector alignment): unrolling it only buys
+    // register spills under the 64-register cap of 1024-thread blocks.
+#pragma unroll 1
+    for (int64_t v = tid; v < s.nvec; v += tpr) body(v);
+  } else {
+    for (int64_t v = tid; v < s.nvec; v += tpr) body(v);
+  }
+  if (tid < s.len - s.tail_start) {
+    const int64_t col = s.tail_start + tid;
+    const float z[1] = {E::load(x[col])};
+    float out[1];
+    f(col, z, out);
+    if (Write) g[col] = E::store(out[0]);
+  }
+}
+
+// Number of elements of the array a generic lambda's parameter refers to (a type trait, so usable
+// in device code without --expt-relaxed-constexpr).
+template <typename Array>
+struct ExtentOf : std::integral_constant<int, static_cast<int>(std::extent<std::remove_cv_t<std::remove_reference_t<Array>>>::value)> {};
+
+// ---- the row's target, weight and fate --------------------------------------------------------------------
+enum RowKind : int { kCompute = 0, kIgnored = 1, kBadTarget = 2, kNoRow = 3 };
+
+struct Row {
+  int kind;
+  int64_t y;
+  float alpha;  // class_weight[y] (1 without weights)
+  float coef;   // alpha * upstream grad of the row (1 in forward): the gradient's row factor
+};
+
+__device__ __forceinline__ Row row_state(const RowArgs& a, int64_t row) {
+  Row r{kNoRow, 0, 0.f, 0.f};
+  if (row >= a.n) return r;
+  const int64_t y = a.target_int64 ? static_cast<const int64_t*>(a.target)[row]
+                                   : static_cast<int64_t>(static_cast<const int32_t*>(a.target)[row]);
+  if (y == a.ignore_index) {
+    r.kind = kIgnored;
+    return r;
+  }
+  if (y < 0 || y >= a.c) {  // never used as an index: NaN row (functional.py also asserts on the device)
+    r.kind = kBadTarget;
+    return r;
+  }
+  r.kind = kCompute;
+  r.y = y;
+  r.alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.f;
+  r.coef = r.alpha * (a.grad_scale != nullptr ? a.grad_scale[row] : 1.f);
+  return r;
+}
+
+// The loss written for a row that computed `value` (alpha_y already applied); 0 ignored, NaN bad target.
+__device__ __forceinline__ float row_loss(const Row& r, float value) {
+  return r.kind == kCompute ? value : (r.kind == kIgnored ? 0.f : CUDART_NAN_F);
+}
+
+// Gradient rows of ignored (0) and bad-target (NaN) rows.
+template <typename E>
+__device__ __forceinline__ void fill_row(typename E::bits* g, int64_t c, float value, int tid, int tpr) {
+  const typename E::bits b = E::store(value);
+  for (int64_t col = tid; col < c; col += tpr) g[col] = b;
+}
+
+// ---- reductions over a row's threads -----------------------------------------------------------------
+// Warp shuffles, then (tpr > 32) one shared-memory slot per warp; every thread of the row then sums its
+// row's warp slots in the same order, so all of them hold the same value. Called by every thread of
+// the block (tpr is uniform over the block, so the branch on it is too).
+
+__device__ __forceinline__ float group_sum(float v, int tpr, int group) {
+  __shared__ float partial[kMaxWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (tpr == 32) return v;
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const int warps = tpr >> 5, first = group * warps;
+  float r = partial[first];
+  for (int i = 1; i < warps; ++i) r += partial[first + i];
+  __syncthreads();  // the slots are free again for the next reduction
+  return r;
+}
+
+// max that keeps NaN from either side (fmaxf(NaN, x) == x would hide a NaN logit).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || isnan(a)) ? a : b; }
+
+// Shift for exp(z - shift): the running max, or 0 while it is -inf (exp(-inf - -inf) would be NaN; with
+// shift 0 the -inf elements contribute exp(-inf) = 0).
+__device__ __forceinline__ float lse_shift(float m) { return m == -CUDART_INF_F ? 0.f : m; }
+
+// Online log-sum-exp state of a set of logits: m = max, s = sum exp(z - lse_shift(m)), sz = sum z.
+struct Lse {
+  float m, s, sz;
+};
+
+__device__ __forceinline__ Lse lse_merge(const Lse& a, const Lse& b) {
+  const float m = nan_max(a.m, b.m);
+  const float shift = lse_shift(m);
+  return {m, a.s * expf(a.m - shift) + b.s * expf(b.m - shift), a.sz + b.sz};
+}
+
+__device__ __forceinline__ Lse group_lse(Lse v, int tpr, int group) {
+  __shared__ float pm[kMaxWarps], ps[kMaxWarps], pz[kMaxWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const Lse o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset),
+                __shfl_xor_sync(0xffffffffu, v.sz, offset)};
+    v = lse_merge(v, o);
+  }
+  if (tpr == 32) return v;
+  if ((threadIdx.x & 31) == 0) {
+    const int w = threadIdx.x >> 5;
+    pm[w] = v.m;
+    ps[w] = v.s;
+    pz[w] = v.sz;
+  }
+  __syncthreads();
+  const int warps = tpr >> 5, first = group * warps;
+  Lse r{pm[first], ps[first], pz[first]};
+  for (int i = 1; i < warps; ++i) r = lse_merge(r, Lse{pm[first + i], ps[first + i], pz[first + i]});
+  __syncthreads();
+  return r;
+}
+
+// ---- where a thread sits ------------------------------------------------------------------------------
+struct Place {
+  int group;    // row slot within the block
+  int tid;      // thread within the row, 0 .. tpr-1
+  int64_t row;  // global row index
+};
+
+__device__ __forceinline__ Place place(int tpr) {
+  Place p;
+  p.group = static_cast<int>(threadIdx.x) / tpr;
+  p.tid = static_cast<int>(threadIdx.x) - p.group * tpr;
+  p.row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + p.group;
+  return p;
+}
+
+// ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
+enum GammaKind : int { kGamma0, kGammaHalf, kGamma1, kGamma2, kGammaAny };
+
+// One element (paper-notes.md section 5): t = +1 on the target column, else -1; u = t z; e = exp(-|u|).
+//   -log p = max(-u, 0) + log1p(e),  log(1-p) = -(max(u, 0) + log1p(e))
+//   p, q = 1 - p from e without cancellation: u >= 0: p = 1/(1+e), q = e/(1+e); else swapped
+//   mod = (1-p)^gamma, term = mod * (-log p), dterm/du = mod * (gamma p log p - q), dterm/dz = t dterm/du
+// One exp, one log1p and one reciprocal per element (plus one exp for a general gamma).
+// max(+-u, 0) are selects, not fmaxf, so that no NaN is dropped (a NaN u reaches every output via e).
+template <int G>
+__device__ __forceinline__ void focal_element(float z, bool positive, float gamma, float& term, float& dz) {
+  const float u = positive ? z : -z;
+  const float e = expf(-fabsf(u));
+  const float l1pe = log1pf(e);
+  const float nlogp = (u < 0.f ? -u : 0.f) + l1pe;
+  const float r = 1.f / (1.f + e);
+  const bool nonneg = u >= 0.f;
+  const float p = nonneg ? r : e * r;
+  const float q = nonneg ? e * r : r;
+  float ddu;
+  if (G == kGamma0) {
+    term = nlogp;
+    ddu = -q;
+  } else {
+    float mod, g;
+    if (G == kGammaHalf) {
+      mod = sqrtf(q);
+      g = 0.5f;
+    } else if (G == kGamma1) {
+      mod = q;
+      g = 1.f;
+    } else if (G == kGamma2) {
+      mod = q * q;
+      g = 2.f;
+    } else {
+      mod = expf(-gamma * ((u > 0.f ? u : 0.f) + l1pe));
+      g = gamma;
+    }
+    term = mod * nlogp;
+    ddu = mod * (-g * p * nlogp - q);
+  }
+  dz = positive ? ddu : -ddu;
+}
+
+// Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read.
+template <typename E, int VEC, int G, bool Write>
+__global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(RowArgs a, float gamma, int tpr) {
+  using B = typename E::bits;
+  const Place at = place(tpr);
+  const Row r = row_state(a, at.row);
+  const int64_t row = r.kind == kNoRow ? 0 : at.row;
+  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
+  B* g = Write ? static_cast<B*>(a.grad) + row * a.c : nullptr;
+
+  float acc = 0.f;
+  auto element = [&](int64_t col, const auto& z, auto& out) {
+    constexpr int K = ExtentOf<decltype(z)>::value;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      float term, dz;
+      focal_element<G>(z[j], col + j == r.y, gamma, term, dz);
+      acc += term;
+      out[j] = r.coef * dz;
+    }
+  };
+  visit_row<E, VEC, Write>(x, g, split_row<VEC>(x, r.kind == kCompute ? a.c : 0), at.tid, tpr, element);
+
+  if (a.loss != nullptr) {
+    const float total = group_sum(acc, tpr, at.group);
+    if (at.tid == 0 && r.kind != kNoRow) a.loss[at.row] = row_loss(r, r.alpha * total);
+  }
+  if (Write && (r.kind == kIgnored || r.kind == kBadTarget))
+    fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+}
+
+// ---- softmax cross entropy with label smoothing eps ------------------------------------------------------
+// With m = max z, s = sum exp(z - m), lse = m + log s:
+//   loss = alpha (lse - (1 - eps) z_y - eps/C sum z) = alpha (log s + (1 - eps)(m - z_y) + eps (m - mean z))
+//   grad = coef (exp(z - m) / s - (1 - eps)[c == y] - eps/C)
+// The second loss form keeps m - z_y exact-ish (one rounding) instead of subtracting two large numbers, and
+// exp(z - m) / s avoids rounding lse (|m| ulp) inside the exponent. The eps term is skipped when eps == 0
+// (eps * sum z would be 0 * inf = NaN for an infinite logit the reference never multiplies).
+__device__ __forceinline__ float softmax_row_loss(const Lse& t, float z_y, float eps, int64_t c) {
+  float v = logf(t.s) + (1.f - eps) * (t.m - z_y);
+  if (eps != 0.f) v += eps * (t.m - t.sz / static_cast<float>(c));
+  return v;
+}
+
+// The target distribution at a column: (1 - eps) [c == y] + eps / C.
+struct Smoothing {
+  float on, off;
+};
+
+__device__ __forceinline__ Smoothing smoothing(float eps, int64_t c) {
+  const float off = eps / static_cast<float>(c);
+  return {(1.f - eps) + off, off};
+}
+
+// Rows of any length: pass 1 reads the row into the online (m, s, sum z); pass 2 (Write) reads it again
+// to write the gradient (a long row's second read mostly hits L2).
+template <typename E, int VEC, bool Write>
+__global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(RowArgs a, float eps, int tpr) {
+  using B = typename E::bits;
+  const Place at = place(tpr);
+  const Row r = row_state(a, at.row);
+  const int64_t row = r.kind == kNoRow ? 0 : at.row;
+  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
+  B* g = Write ? static_cast<B*>(a.grad) + row * a.c : nullptr;
+  const Span span = split_row<VEC>(x, r.kind == kCompute ? a.c : 0);
+
+  Lse acc{-CUDART_INF_F, 0.f, 0.f};
+  auto accumulate = [&](int64_t, const auto& z, auto&) {
+    constexpr int K = ExtentOf<decltype(z)>::value;
+    float cm = z[0];
+#pragma unroll
+    for (int j = 1; j < K; ++j) cm = nan_max(cm, z[j]);
+    const float m = nan_max(acc.m, cm);
+    const float shift = lse_shift(m);
+    // Rescale only when the max moved (NaN != NaN, so a NaN max also rescales, to NaN).
+    float s = m == acc.m ? acc.s : acc.s * expf(acc.m - shift);
+    float sz = acc.sz;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      s += expf(z[j] - shift);
+      sz += z[j];
+    }
+    acc = Lse{m, s, sz};
+  };
+  visit_row<E, VEC, false>(x, nullptr, span, at.tid, tpr, accumulate);
+  const Lse t = group_lse(acc, tpr, at.group);
+
+  if (a.loss != nullptr && at.tid == 0 && r.kind != kNoRow) {
+    const float z_y = r.kind == kCompute ? E::load(x[r.y]) : 0.f;
+    a.loss[at.row] = row_loss(r, r.alpha * softmax_row_loss(t, z_y, eps, a.c));
+  }
+  if (Write) {
+    if (r.kind == kCompute) {
+      const float inv_s = 1.f / t.s;
+      const Smoothing target = smoothing(eps, a.c);
+      auto gradient = [&](int64_t col, const auto& z, auto& out) {
+        constexpr int K = ExtentOf<decltype(z)>::value;
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+          out[j] = r.coef * (expf(z[j] - t.m) * inv_s - (col + j == r.y ? target.on : target.off));
+      };
+      visit_row<E, VEC, true>(x, g, span, at.tid, tpr, gradient);
+    } else if (r.kind != kNoRow) {
+      fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+    }
+  }
+}
+
+// Rows of at most kCachedElemsPerThread * tpr columns, gradient always written: the row is loaded once
+// into registers (all loads issued before any use), reduced, and the gradient computed from the
+// registers. Thread tid holds body vectors tid, tid + tpr, ... and at most one head and one tail element.
+// Only for 16-byte vectors: with narrower accesses the 16 cached elements need more addresses than the
+// 64 registers of a 1024-thread block hold (ptxas spills), and such calls take the streaming kernel.
+constexpr int kCachedVecBytes = 16;
+
+template <typename E, int VEC>
+__global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(RowArgs a, float eps, int tpr) {
+  static_assert(VEC * sizeof(typename E::bits) == kCachedVecBytes, "the cached softmax uses 16-byte vectors");
+  constexpr int KV = kCachedElemsPerThread / VEC;
+  using B = typename E::bits;
+  const Place at = place(tpr);
+  const Row r = row_state(a, at.row);
+  const int64_t row = r.kind == kNoRow ? 0 : at.row;
+  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
+  B* g = static_cast<B*>(a.grad) + row * a.c;
+  const Span span = split_row<VEC>(x, r.kind == kCompute ? a.c : 0);
+
+  // Absent slots hold -inf: they leave the max alone and add exp(-inf) = 0 to s; sum z skips them.
+  const bool has_head = at.tid < span.head;
+  const bool has_tail = at.tid < span.len - span.tail_start;
+  const float zh = has_head ? E::load(x[at.tid]) : -CUDART_INF_F;
+  const float zt = has_tail ? E::load(x[span.tail_start + at.tid]) : -CUDART_INF_F;
+  float z[KV][VEC];
+#pragma unroll
+  for (int k = 0; k < KV; ++k) {
+    const int64_t v = at.tid + static_cast<int64_t>(k) * tpr;
+    if (v < span.nvec) {
+      load_vec<E, VEC>(x + span.head + v * VEC, z[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) z[k][j] = -CUDART_INF_F;
+    }
+  }
+
+  float m = nan_max(zh, zt);
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = nan_max(m, z[k][j]);
+  const float shift = lse_shift(m);
+  float s = expf(zh - shift) + expf(zt - shift);
+  float sz = (has_head ? zh : 0.f) + (has_tail ? zt : 0.f);
+#pragma unroll
+  for (int k = 0; k < KV; ++k) {
+    const bool present = at.tid + static_cast<int64_t>(k) * tpr < span.nvec;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      s += expf(z[k][j] - shift);
+      sz += present ? z[k][j] : 0.f;
+    }
+  }
+  const Lse t = group_lse(Lse{m, s, sz}, tpr, at.group);
+
+  if (a.loss != nullptr && at.tid == 0 && r.kind != kNoRow) {
+    const float z_y = r.kind == kCompute ? E::load(x[r.y]) : 0.f;
+    a.loss[at.row] = row_loss(r, r.alpha * softmax_row_loss(t, z_y, eps, a.c));
+  }
+  if (r.kind == kCompute) {
+    const float inv_s = 1.f / t.s;
+    const Smoothing target = smoothing(eps, a.c);
+    auto grad_at = [&](float zc, int64_t col) {
+      return r.coef * (expf(zc - t.m) * inv_s - (col == r.y ? target.on : target.off));
+    };
+    if (has_head) g[at.tid] = E::store(grad_at(zh, at.tid));
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int64_t v = at.tid + static_cast<int64_t>(k) * tpr;
+      if (v < span.nvec) {
+        const int64_t col = span.head + v * VEC;
+        float out[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = grad_at(z[k][j], col + j);
+        store_vec<E, VEC>(g + col, out);
+      }
+    }
+    if (has_tail) g[span.tail_start + at.tid] = E::store(grad_at(zt, span.tail_start + at.tid));
+  } else if (r.kind != kNoRow) {
+    fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+  }
+}
+
+}  // namespace device
+}  // namespace cbkernels_cuda
