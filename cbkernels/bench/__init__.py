@@ -58,9 +58,18 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if args.threads:
-        torch.set_num_threads(args.threads)
     preset = presets.PRESETS[args.preset]
+    threads = args.threads or preset["threads"]
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, argv, device, preset)
+    finally:  # main() may run inside another program (the tests): leave its thread count as it was
+        torch.set_num_threads(saved_threads)
+
+
+def _run(args, argv, device, preset) -> int:
     dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
     losses = LOSSES if args.loss == "all" else (args.loss,)
     repeats, warmup = presets.default_repeats(device)
@@ -70,33 +79,41 @@ def main(argv=None) -> int:
     meta.update(preset=args.preset, repeats=repeats, warmup=warmup)
     print(report.provenance_markdown(meta), flush=True)
 
-    rows, skipped, start = [], [], time.perf_counter()
+    rows, skipped, failed, start = [], [], [], time.perf_counter()
     for n, c in preset["shapes"]:
         for dtype in dtypes:
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                 skipped.append(f"N={n}, C={c}, {str(dtype).replace('torch.', '')}")
                 continue
             for loss in losses:
-                case_rows = runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
-                                            exclude=preset["exclude"], memory=not args.no_memory)
+                try:
+                    case_rows = runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
+                                                exclude=preset["exclude"], memory=not args.no_memory)
+                except Exception as exc:  # e.g. out of memory for the inputs: report, go on to the next case
+                    failed.append(f"{loss} N={n}, C={c}, {dtype}: {type(exc).__name__}: {exc}".splitlines()[0])
+                    print(f"case failed: {failed[-1]}", flush=True)
+                    continue
                 print(format_markdown(case_rows), flush=True)
                 rows += case_rows
             if args.out:  # after every shape, so a run cut short still leaves its results
-                _write(args.out, meta, rows, skipped)
+                _write(args.out, meta, rows, skipped, failed)
     if skipped:
         print(f"--budget-s {args.budget_s:g} reached: skipped {'; '.join(skipped)}")
     if args.out:
-        _write(args.out, meta, rows, skipped, plots=True)
+        _write(args.out, meta, rows, skipped, failed, plots=True)
         print(f"wrote {args.out}/: table.md results.json results.csv and plots")
     return 0
 
 
-def _write(out: str, meta: dict, rows: list[dict], skipped: list[str], plots: bool = False) -> None:
+def _write(out: str, meta: dict, rows: list[dict], skipped: list[str], failed: list[str],
+           plots: bool = False) -> None:
     os.makedirs(out, exist_ok=True)
-    meta = dict(meta, skipped_by_budget=skipped)
+    meta = dict(meta, skipped_by_budget=skipped, failed_cases=failed)
     table = report.provenance_markdown(meta) + "\n" + format_markdown(rows)
     if skipped:
         table += f"\nNot run (time budget): {'; '.join(skipped)}\n"
+    if failed:
+        table += "\nFailed cases:\n" + "".join(f"- {f}\n" for f in failed)
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(table)
     report.write_json(os.path.join(out, "results.json"), meta, rows)

@@ -8,14 +8,15 @@ SWEEP_ELEMENTS = 2**24
 SWEEP_CLASSES = (1000, 2048, 4096, 8142, 16384, 32768, 65536, 131072, 262144)
 
 PRESETS = {
-    # CI: small, CPU, seconds; compiling (tens of seconds a shape on a small CPU) is left out.
+    # CI: small, CPU, seconds; compiling (tens of seconds a shape on a small CPU) is left out. One thread:
+    # these shapes gain nothing from more, and OpenMP barriers on a busy CI machine cost milliseconds.
     "quick": {"shapes": [(64, 1000), (32, 4099)], "dtypes": [torch.float32], "exclude": ("compiled",),
-              "repeats": 3},
+              "repeats": 3, "threads": 1},
     # iNaturalist 2018: 8,142 classes, batch 1024 as in the paper, and a larger batch.
     "inat": {"shapes": [(1024, 8142), (8192, 8142)], "dtypes": [torch.float32, torch.bfloat16], "exclude": (),
-             "repeats": None},
+             "repeats": None, "threads": None},
     "sweep": {"shapes": [(max(SWEEP_ELEMENTS // c, 1), c) for c in SWEEP_CLASSES], "dtypes": [torch.float32],
-              "exclude": (), "repeats": None},
+              "exclude": (), "repeats": None, "threads": None},
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

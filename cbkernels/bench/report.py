@@ -115,11 +115,14 @@ CSV_FIELDS = ("loss", "provider", "kind", "device", "dtype", "N", "C", "gamma", 
 
 
 def write_csv(path, meta: dict, rows: list[dict]) -> None:
-    peers = sorted({p for r in rows for p in r.get("speedup_vs", {})})
+    """One row per (case, provider), each carrying the run's provenance columns."""
+    peers = sorted({p for r in rows for p in r.get("speedup_vs", {})} - {"naive"})
+    hw = meta.get("gpu") or meta.get("cpu")
+    prov = {"device_name": hw, "torch": meta["torch"], "triton": meta["triton"], "cbkernels": meta["cbkernels"],
+            "date_utc": meta["date_utc"], "command": meta["command"]}
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([f"# {k}={v}" for k, v in meta.items()])
-        writer.writerow(list(CSV_FIELDS) + [f"speedup_vs_{p}" for p in peers])
+        writer.writerow(list(CSV_FIELDS) + [f"speedup_vs_{p}" for p in peers] + list(prov))
         for r in rows:
             sv = r.get("speedup_vs", {})
-            writer.writerow([r.get(k) for k in CSV_FIELDS] + [sv.get(p) for p in peers])
+            writer.writerow([r.get(k) for k in CSV_FIELDS] + [sv.get(p) for p in peers] + list(prov.values()))

@@ -59,6 +59,8 @@ def run_case(loss: str, n: int, c: int, dtype: torch.dtype, device, repeats: int
              names=None, exclude=(), memory: bool = True) -> list[dict]:
     """Rows for every provider of `loss` (only `names` if given, never those in `exclude`)."""
     device = torch.device(device)
+    if memory and device.type == "cpu":
+        timing.prepare_cpu_memory_probe()
     case = P.make_case(loss, n, c, dtype, device)
     ref_loss, ref_grad = _reference(case)
     copy_gbps = copy_bandwidth_gbps(case, repeats, warmup)

@@ -87,6 +87,7 @@ _cpu_probe_ready: bool | None = None
 
 
 def _cpu_probe() -> bool:
+    """Pins the mmap threshold (once); call it before the runs to be measured allocate anything."""
     global _cpu_probe_ready
     if _cpu_probe_ready is None:
         try:
@@ -96,6 +97,9 @@ def _cpu_probe() -> bool:
         except OSError:
             _cpu_probe_ready = False
     return _cpu_probe_ready
+
+
+prepare_cpu_memory_probe = _cpu_probe
 
 
 def _clear_peak() -> None:

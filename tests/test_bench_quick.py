@@ -1,0 +1,94 @@
+"""The `bench` command end to end on the quick preset, and the runner's handling of bad providers."""
+import csv
+import json
+
+import pytest
+import torch
+
+from cbkernels import bench
+from cbkernels.bench import presets, providers, runner
+
+OUTPUTS = ("table.md", "results.json", "results.csv", "time.png", "bandwidth.png", "memory.png")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    assert bench.main(["--preset", "quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_preset_writes_every_output(quick_run):
+    for name in OUTPUTS:
+        assert (quick_run / name).stat().st_size > 0, name
+    meta = json.loads((quick_run / "results.json").read_text())["meta"]
+    for key in ("date_utc", "command", "device", "cpu", "torch", "triton", "cbkernels"):
+        assert meta[key], key
+    assert meta["command"].endswith(f"--preset quick --out {quick_run}")
+
+
+def test_quick_preset_checks_and_times_every_provider(quick_run):
+    rows = json.loads((quick_run / "results.json").read_text())["rows"]
+    preset = presets.PRESETS["quick"]
+    expected_cases = {(loss, n, c) for loss in providers.LOSSES for n, c in preset["shapes"]}
+    assert {(r["loss"], r["N"], r["C"]) for r in rows} == expected_cases
+    for loss, n, c in expected_cases:
+        got = [r["provider"] for r in rows if (r["loss"], r["N"], r["C"]) == (loss, n, c)]
+        want = [p.name for p in providers.providers_for(loss, "cpu") if p.name not in preset["exclude"]]
+        assert got == want
+    for r in rows:
+        if r["status"] == "unavailable":
+            continue
+        # fp32 on CPU: every provider, peers included, must agree with the float64 reference
+        assert r["status"] == "ok" and r["ok"], (r["provider"], r["error"])
+        assert r["loss_rel_err"] <= 1e-4 and r["grad_rel_err"] <= 1e-4
+        assert r["ms_median"] > 0 and r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+        assert r["peak_extra_mib"] is not None and r["peak_extra_mib"] >= 0
+        if r["provider"] != providers.NAIVE:
+            assert r["speedup_vs_naive"] > 0
+    table = (quick_run / "table.md").read_text()
+    assert all(f"| {r['provider']} |" in table for r in rows)
+    with open(quick_run / "results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == len(rows)
+
+
+def _fake_provider(name, build):
+    return providers.Provider(name, "peer", build)
+
+
+def test_a_disagreeing_or_failing_provider_is_reported_not_timed(monkeypatch):
+    real = providers.providers_for
+
+    def wrong(case):
+        fn = providers._naive(case)
+        return lambda x: 1.01 * fn(x)
+
+    def broken(case):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(providers, "providers_for", lambda loss, device: real(loss, device) + [
+        _fake_provider("wrong", wrong), _fake_provider("broken", broken)])
+    rows = runner.run_case("focal", 8, 33, torch.float32, "cpu", repeats=1, warmup=0, memory=False)
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["wrong"]["status"] == "mismatch" and not by_name["wrong"]["ok"]
+    assert by_name["wrong"]["loss_rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert "fwd_ms" not in by_name["wrong"] and by_name["wrong"]["speedup_vs"] == {}
+    assert by_name["broken"]["status"] == "error" and "no kernel for this shape" in by_name["broken"]["error"]
+    assert by_name[providers.NAIVE]["ok"]
+    assert "wrong" not in by_name[providers.NAIVE]["speedup_vs"]  # a failed peer is no yardstick
+
+
+def test_speed_table_api():
+    rows = bench.speed_table(shape=(16, 100), losses=("softmax",), repeats=2, providers=["naive", "F.cross_entropy"])
+    assert [r["provider"] for r in rows] == ["naive", "F.cross_entropy"]
+    for r in rows:
+        assert {"loss", "provider", "ms_median", "ms_spread", "speedup_vs_naive", "ok"} <= r.keys()
+        assert r["loss"] == "softmax" and r["ok"]
+    assert rows[0]["speedup_vs_naive"] is None and rows[1]["speedup_vs_naive"] > 0
+    md = bench.format_markdown(rows)
+    assert "| naive |" in md and "| F.cross_entropy |" in md and "N=16, C=100" in md
+
+
+def test_useful_bytes_counts_logits_twice_plus_targets_and_weights():
+    case = providers.make_case("softmax", 3, 5, torch.bfloat16, "cpu")
+    assert runner.useful_bytes(case) == 2 * 3 * 5 * 2 + 3 * 8 + 5 * 4
