@@ -1,0 +1,411 @@
+"""The Triton backend against reference.py (float64), loss and gradient.
+
+Here (no GPU) the kernels run on CPU tensors under TRITON_INTERPRET=1, set by conftest.py before triton
+is imported; the interpreter is slow, so shapes are tiny, and a forced small tile (SMALL) makes C span
+several tiles, with C not a multiple of the tile and the row count not a multiple of the rows per
+program. Tests marked gpu repeat the checks at real sizes on a CUDA device (`make gpu-check`) and add
+opcheck, torch.compile and CUDA-graph checks of the triton_op registration.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cbkernels
+from backend_cases import assert_matches_reference, make_inputs
+from cbkernels import _backends
+
+pytestmark = pytest.mark.triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not INTERPRETED:
+    pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (conftest.py sets it without a GPU)",
+                allow_module_level=True)
+triton_ops = pytest.importorskip("cbkernels.triton.ops", reason="triton is not importable")
+from cbkernels.triton import configs  # noqa: E402  (after the importorskip)
+
+SMALL = configs.LaunchConfig(block=16, rows=2, num_warps=1)  # C = 33 -> 3 tiles, last one partial
+LOSSES = {"softmax": "softmax_ce", "focal": "sigmoid_focal"}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+STRATEGIES = ["fused", "recompute"]
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("CBKERNELS_BACKWARD", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["small_tiles", "table"])
+def tiles(request):
+    """Every case twice: tiles forced small (multi-tile loops, two-pass softmax) and the static table
+    (one tile per row at these C: the single-read softmax path)."""
+    if request.param == "table":
+        yield None
+    else:
+        with configs.override(SMALL):
+            yield SMALL
+
+
+def check(loss, n, c, dtype=torch.float32, *, param=0.0, reduction="mean", upstream_scale=None, **inputs):
+    logits, target, weight = make_inputs(n, c, dtype, DEVICE, **inputs)
+    assert_matches_reference("triton", loss, logits, target, weight, reduction=reduction, param=param,
+                             ignore_index=inputs.get("ignore_index", -100), upstream_scale=upstream_scale)
+
+
+# ---------------------------------------------------------------- against the reference (CPU + GPU)
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 7), (5, 33)])
+def test_matches_reference(loss, dtype, n, c, strategy, tiles):
+    param = 0.5 if loss == "focal" else 0.0
+    check(loss, n, c, dtype, param=param, reduction="none")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.7])
+def test_focal_gamma(gamma, strategy, tiles):
+    # each of the four specialised modulators and the general pow
+    check("focal", 5, 33, param=gamma, reduction="mean")
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_softmax_label_smoothing(eps, strategy, tiles):
+    # (C = 1 is left out here: its smoothed loss is identically 0, where a relative tolerance means nothing)
+    check("softmax", 5, 33, param=eps, reduction="sum")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reductions_and_upstream_grad(loss, reduction, strategy):
+    # a large upstream gradient: the per-row scale must reach every element of the row
+    with configs.override(SMALL):
+        check(loss, 5, 33, param=2.0 if loss == "focal" else 0.1, reduction=reduction, upstream_scale=1e3)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_logits(loss, dtype, strategy):
+    # |z| ~ 1e4: exp(-|u|) underflows, softplus is linear, probabilities are exactly 0 or 1
+    with configs.override(SMALL):
+        check(loss, 5, 33, dtype, param=3.7 if loss == "focal" else 0.1, scale=1e4, reduction="none")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_noncontiguous_int32_unweighted_other_ignore_index(loss, strategy):
+    with configs.override(SMALL):
+        check(loss, 5, 33, param=1.0 if loss == "focal" else 0.0, noncontiguous=True,
+              target_dtype=torch.int32, weighted=False, ignore_index=3, ignore_frac=0.4)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_row_stride_honoured_without_copy(loss):
+    """A row slice of a wider tensor (row stride != C, column stride 1) is read in place."""
+    wide = torch.randn(4, 40, device=DEVICE) * 3
+    logits = wide[:, 3:36]
+    target = torch.tensor([0, 32, 5, 17], device=DEVICE)
+    assert logits.stride() == (40, 1)
+    op = getattr(torch.ops.cbkernels_triton, f"{LOSSES[loss]}_forward")
+    param = 2.0 if loss == "focal" else 0.1
+    loss_rows, grad = op(logits, target, None, param, -100, True)
+    ref_loss, ref_grad = op(logits.contiguous(), target, None, param, -100, True)
+    assert torch.equal(loss_rows, ref_loss) and torch.equal(grad, ref_grad)
+
+
+# ---------------------------------------------------------------- the op contract directly
+
+def _op(loss, kind):
+    return getattr(torch.ops.cbkernels_triton, f"{LOSSES[loss]}_{kind}")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_forward_without_grad_and_backward_agree(loss):
+    """with_grad=False gives the same loss and an empty (0,) gradient; backward = grad_loss * forward grad."""
+    logits, target, weight = make_inputs(5, 33, torch.float32, DEVICE)
+    param = 3.7 if loss == "focal" else 0.1
+    with configs.override(SMALL):
+        loss_a, grad = _op(loss, "forward")(logits, target, weight, param, -100, True)
+        loss_b, empty = _op(loss, "forward")(logits, target, weight, param, -100, False)
+        grad_loss = torch.randn(5, device=DEVICE)
+        scaled = _op(loss, "backward")(logits, target, weight, grad_loss, param, -100)
+    assert torch.equal(loss_a, loss_b)
+    assert empty.shape == (0,) and empty.dtype == logits.dtype
+    torch.testing.assert_close(scaled, grad * grad_loss[:, None], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nan_logits_give_nan_rows_and_ignored_rows_stay_zero(loss):
+    """NaN in a row -> NaN loss, NaN gradient where the NaN sits (softmax: the whole row, every entry
+    depends on it); other rows unaffected; an ignored row gives 0 whatever its logits hold.
+    Row 1's NaN sits in a later tile than its max (a max-reduction that drops NaN must not hide it)."""
+    logits, target, weight = make_inputs(5, 33, torch.float32, DEVICE, ignore_frac=0.0)
+    target[3] = -100
+    logits[1, 20] = float("nan")
+    logits[1, 2] = 50.0
+    logits[3, 4] = float("nan")
+    logits[3, 5] = float("inf")
+    param = 2.0 if loss == "focal" else 0.1
+    for config in (SMALL, configs.LaunchConfig(block=64, rows=1, num_warps=1)):  # multi-tile and one-tile
+        with configs.override(config):
+            rows, grad = _op(loss, "forward")(logits, target, weight, param, -100, True)
+            back = _op(loss, "backward")(logits, target, weight, torch.ones(5, device=DEVICE), param, -100)
+        for g in (grad, back):
+            assert torch.isnan(g[1, 20])
+            if loss == "softmax":
+                assert torch.isnan(g[1]).all(), "softmax: every gradient entry of the NaN row is NaN"
+            assert (g[3] == 0).all(), "ignored row with NaN/inf logits: gradient exactly 0"
+            assert torch.isfinite(g[[0, 2, 4]]).all()
+        assert torch.isnan(rows[1]) and rows[3] == 0 and torch.isfinite(rows[[0, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_out_of_range_target_gives_nan_row_without_reading_out_of_bounds(loss):
+    """A target outside [0, C) that is not ignore_index: that row's loss and gradient are NaN
+    (GPU convention of the op contract; the interpreter would raise on an out-of-bounds read)."""
+    logits, target, weight = make_inputs(4, 33, torch.float32, DEVICE, ignore_frac=0.0)
+    target[1] = 33
+    target[2] = -7
+    param = 0.5 if loss == "focal" else 0.0
+    with configs.override(SMALL):
+        rows, grad = _op(loss, "forward")(logits, target, weight, param, -100, True)
+    assert torch.isnan(rows[1:3]).all() and torch.isnan(grad[1:3]).all()
+    assert torch.isfinite(rows[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_all_rows_ignored_and_empty_batch(loss, strategy):
+    logits = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    target = torch.full((3,), -100, device=DEVICE)
+    out = cbkernels.cb_focal_loss(logits, target, backend="triton") if loss == "focal" else \
+        cbkernels.cb_softmax_cross_entropy(logits, target, backend="triton")
+    out.backward()
+    assert out.item() == 0 and (logits.grad == 0).all()
+    rows, grad = _op(loss, "forward")(torch.empty(0, 5, device=DEVICE), torch.empty(0, dtype=torch.long,
+                                                                                  device=DEVICE), None, 0.0, -100, True)
+    assert rows.shape == (0,) and grad.shape == (0, 5)
+
+
+def test_bad_op_arguments_name_the_argument():
+    logits, target, weight = make_inputs(3, 7, torch.float32, DEVICE)
+    fwd = torch.ops.cbkernels_triton.sigmoid_focal_forward
+    bwd = torch.ops.cbkernels_triton.softmax_ce_backward
+    with pytest.raises(ValueError, match="logits must be a 2-D"):
+        fwd(logits.double(), target, weight, 0.0, -100, True)
+    with pytest.raises(ValueError, match="target must be"):
+        fwd(logits, target[:2], weight, 0.0, -100, True)
+    with pytest.raises(ValueError, match="class_weight must be"):
+        fwd(logits, target, weight.double(), 0.0, -100, True)
+    with pytest.raises(ValueError, match="grad_loss must be"):
+        bwd(logits, target, weight, torch.ones(3, dtype=torch.float64, device=DEVICE), 0.0, -100)
+
+
+def test_schemas_match_the_op_contract():
+    # triton_op infers the schema from the annotations, and an `int` annotation becomes SymInt (so a
+    # dynamic ignore_index traces); otherwise the schemas are the C++ ones of csrc/cbkernels.cpp.
+    expected = {
+        "sigmoid_focal_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
+                                 "SymInt ignore_index, bool with_grad) -> (Tensor, Tensor)",
+        "sigmoid_focal_backward": "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
+                                  "float gamma, SymInt ignore_index) -> Tensor",
+        "softmax_ce_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, "
+                              "SymInt ignore_index, bool with_grad) -> (Tensor, Tensor)",
+        "softmax_ce_backward": "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
+                               "float label_smoothing, SymInt ignore_index) -> Tensor",
+    }
+    for name, signature in expected.items():
+        schema = str(getattr(torch.ops.cbkernels_triton, name).default._schema)
+        assert schema == f"cbkernels_triton::{name}{signature}", schema
+
+
+def _op_cases(n, c, dtype):
+    logits, target, weight = make_inputs(n, c, dtype, DEVICE)
+    grad_loss = torch.randn(n, device=DEVICE)
+    ops = torch.ops.cbkernels_triton
+    return [
+        (ops.sigmoid_focal_forward, (logits, target, weight, 0.5, -100, True)),
+        (ops.sigmoid_focal_forward, (logits.clone().requires_grad_(), target, None, 3.7, -100, False)),
+        (ops.sigmoid_focal_backward, (logits, target, weight, grad_loss, 2.0, -100)),
+        (ops.softmax_ce_forward, (logits, target, weight, 0.1, -100, True)),
+        (ops.softmax_ce_forward, (logits.clone().requires_grad_(), target, weight, 0.0, -100, False)),
+        (ops.softmax_ce_backward, (logits, target, weight, grad_loss, 0.1, -100)),
+    ]
+
+
+def test_opcheck():
+    """Schema, fake kernel, autograd registration and AOT dispatch of the four ops."""
+    for op, args in _op_cases(3, 7, torch.float32):
+        torch.library.opcheck(op, args)
+
+
+def _all_losses(x, t, w):
+    return (cbkernels.cb_focal_loss(x, t, w, gamma=0.5, backend="triton")
+            + cbkernels.cb_softmax_cross_entropy(x, t, w, label_smoothing=0.1, backend="triton")
+            + cbkernels.cb_sigmoid_cross_entropy(x, t, w, reduction="sum", backend="triton"))
+
+
+def _compiled_matches_eager(compile_backend, n, c, dtype):
+    torch._dynamo.reset()
+    logits, target, weight = make_inputs(n, c, dtype, DEVICE)
+    compiled = torch.compile(_all_losses, fullgraph=True, backend=compile_backend)
+    x_eager = logits.clone().requires_grad_(True)
+    x_comp = logits.clone().requires_grad_(True)
+    _all_losses(x_eager, target, weight).backward()
+    out = compiled(x_comp, target, weight)
+    out.backward()
+    torch.testing.assert_close(out, _all_losses(logits, target, weight), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_cpu(strategy):
+    """Dynamo + AOT autograd trace the public functions without a graph break (the ops are opaque here)."""
+    _compiled_matches_eager("aot_eager", 3, 7, torch.float32)
+
+
+def test_backend_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, cbkernels, sys\n"
+            "import cbkernels.triton\n"
+            "assert 'triton' not in sys.modules, 'cbkernels.triton must not import triton'\n"
+            "try:\n"
+            "    cbkernels.cb_focal_loss(torch.randn(2, 3), torch.tensor([0, 1]), backend='triton')\n"
+            "except RuntimeError as exc:\n"
+            "    assert 'TRITON_INTERPRET=1' in str(exc), exc\n"
+            "    print('clear error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "clear error" in result.stdout, result.stderr
+
+
+def test_config_table_and_override():
+    for family in configs.FAMILIES:
+        for dtype in DTYPES:
+            for c in (1, 33, 8142, 262147):
+                assert isinstance(configs.pick(family, c, dtype), configs.LaunchConfig)
+    before = configs.pick("softmax_ce", 8142, torch.float32)
+    with configs.override(SMALL, "softmax_ce"):
+        assert configs.pick("softmax_ce", 8142, torch.float32) == SMALL
+        assert configs.pick("sigmoid_focal", 8142, torch.float32) != SMALL
+    assert configs.pick("softmax_ce", 8142, torch.float32) == before
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        configs.LaunchConfig(block=24, rows=1, num_warps=4)
+    with pytest.raises(ValueError, match="family must be one of"):
+        with configs.override(SMALL, "hinge"):
+            pass
+
+
+def test_sweep_dry_run(tmp_path):
+    """bench/sweep_triton.py's code paths on tiny shapes under the interpreter."""
+    if DEVICE != "cpu":
+        pytest.skip("the dry run is the CPU stand-in for the GPU sweep")
+    out = tmp_path / "sweep.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "bench", "sweep_triton.py"), "--dry-run",
+                             "--out", str(out), "--budget-s", "60"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+    report = json.loads(out.read_text())
+    assert report["shapes"] and all(entry["best"] is not None for entry in report["shapes"])
+    assert "TABLE" in result.stdout  # the paste-ready configs.py rows
+
+
+# ---------------------------------------------------------------- GPU only (make gpu-check)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", [(1024, 8142), (4, 262147), (64, 1000), (37, 3)])
+def test_gpu_matches_reference(loss, dtype, n, c, strategy):
+    check(loss, n, c, dtype, param=0.5 if loss == "focal" else 0.1, reduction="mean")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.7])
+def test_gpu_focal_gamma(gamma, strategy):
+    check("focal", 256, 8142, torch.bfloat16, param=gamma, reduction="none", scale=8.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gpu_extreme_logits_and_nan_rows(loss):
+    check(loss, 64, 8142, torch.float32, param=2.0 if loss == "focal" else 0.0, scale=1e4, reduction="none")
+    logits, target, weight = make_inputs(8, 70000, torch.float32, DEVICE, ignore_frac=0.0)
+    logits[2, 69999] = float("nan")
+    rows, grad = _op(loss, "forward")(logits, target, weight, 2.0 if loss == "focal" else 0.1, -100, True)
+    assert torch.isnan(rows[2]) and torch.isnan(grad[2]).all()
+    assert torch.isfinite(rows[[0, 1, 3]]).all() and torch.isfinite(grad[[0, 1, 3]]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    for op, args in _op_cases(64, 1000, torch.bfloat16):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_torch_compile_fullgraph_inductor(dtype, strategy):
+    # bf16 kernels round the gradient once either way; eager and compiled run the same kernels
+    _compiled_matches_eager("inductor", 64, 1000, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gpu_cuda_graph_replay_equals_eager(loss, strategy):
+    logits, target, weight = make_inputs(128, 8142, torch.bfloat16, DEVICE)
+    fn = (lambda x: cbkernels.cb_focal_loss(x, target, weight, gamma=0.5, backend="triton")) if loss == "focal" \
+        else (lambda x: cbkernels.cb_softmax_cross_entropy(x, target, weight, label_smoothing=0.1, backend="triton"))
+    static_x = logits.clone().requires_grad_(True)
+
+    def step():
+        out = fn(static_x)
+        (grad,) = torch.autograd.grad(out, static_x)
+        return out, grad
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up (compiles the kernels) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_grad = step()
+    fresh = (torch.randn_like(logits, dtype=torch.float32) * 3).to(logits.dtype)
+    with torch.no_grad():
+        static_x.copy_(fresh)
+    graph.replay()
+    x = fresh.clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x)
+    assert math.isfinite(out.item())
+    torch.testing.assert_close(static_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(static_grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N * C > 2^31 elements in the gradient (bf16: 4.3 GB each for logits and gradient)."""
+    n, c = 16400, 131072  # 2.15e9 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * c * 2:
+        pytest.skip(f"needs {3 * n * c * 2 / 2**30:.1f} GiB free on the GPU")
+    logits = torch.zeros(n, c, dtype=torch.bfloat16, device="cuda")
+    target = torch.zeros(n, dtype=torch.long, device="cuda")
+    target[-1] = c - 1
+    logits[-1, c - 1] = 5.0
+    rows, grad = torch.ops.cbkernels_triton.softmax_ce_forward(logits, target, None, 0.0, -100, True)
+    expected_last = math.log(c - 1 + math.exp(5.0)) - 5.0
+    assert abs(rows[-1].item() - expected_last) < 1e-4
+    assert abs(rows[0].item() - math.log(c)) < 1e-4
+    assert grad[-1, c - 1].float().item() < 0 < grad[-1, 0].float().item()
+    del grad
+    rows_f, _ = torch.ops.cbkernels_triton.sigmoid_focal_forward(logits, target, None, 0.0, -100, False)
+    # row 0: C terms of softplus(0) = log 2; last row: C - 1 of them plus softplus(-5) for its true class
+    torch.testing.assert_close(rows_f[[0, -1]].double().cpu(), torch.tensor(
+        [c * math.log(2.0), (c - 1) * math.log(2.0) + math.log1p(math.exp(-5.0))], dtype=torch.float64),
+        rtol=2e-5, atol=0)
