@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
     p.add_argument("--budget-s", type=float, help="start no new shape once this many seconds have passed")
     p.add_argument("--providers", help="comma-separated provider names to run (default: all)")
+    p.add_argument("--exclude", help="comma-separated provider names to leave out (e.g. compiled)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     return p
 
@@ -75,6 +76,7 @@ def _run(args, argv, device, preset) -> int:
     repeats, warmup = presets.default_repeats(device)
     repeats = args.repeats or preset["repeats"] or repeats
     names = set(args.providers.split(",")) if args.providers else None
+    exclude = set(preset["exclude"]) | (set(args.exclude.split(",")) if args.exclude else set())
     meta = report.provenance(str(device), argv)
     meta.update(preset=args.preset, repeats=repeats, warmup=warmup)
     print(report.provenance_markdown(meta), flush=True)
@@ -88,7 +90,7 @@ def _run(args, argv, device, preset) -> int:
             for loss in losses:
                 try:
                     case_rows = runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
-                                                exclude=preset["exclude"], memory=not args.no_memory)
+                                                exclude=exclude, memory=not args.no_memory)
                 except Exception as exc:  # e.g. out of memory for the inputs: report, go on to the next case
                     failed.append(f"{loss} N={n}, C={c}, {dtype}: {type(exc).__name__}: {exc}".splitlines()[0])
                     print(f"case failed: {failed[-1]}", flush=True)
