@@ -1,0 +1,294 @@
+"""Sweep the Triton kernels' launch configurations on a GPU; record the best per shape as JSON.
+
+    python bench/sweep_triton.py --out $OUT/sweep_triton.json [--budget-s 150]
+    TRITON_INTERPRET=1 python bench/sweep_triton.py --dry-run --out /tmp/sweep.json   (CPU: code paths only)
+
+For each (family, N, C, dtype), in priority order (the (8192, 8142) speed-target shapes first):
+  1. the float64 reference loss and gradient (reference.py) once;
+  2. every configuration of the grid that makes sense for C: checked against the reference first (a
+     wrong configuration is recorded and never timed), then forward + backward timed with the "fused"
+     strategy (forward writes the gradient, backward scales it by the upstream grad);
+  3. the best configuration timed again with the "recompute" strategy (forward loss only, backward
+     recomputes), and the static table's configuration timed with both, for comparison.
+Timing: triton.testing.do_bench (median over repetitions, L2 flushed before each). Useful bytes per
+fwd+bwd = logits read once + gradient written once + targets + class weights; the device's copy
+bandwidth (a clone of a 1 GiB tensor: bytes read + written) is measured in the same run, and each
+result is reported as GB/s and % of it. The sweep stops itself after --budget-s seconds (what is done
+so far is written, with "complete": false). At the end it prints a short table and, ready to paste
+into cbkernels/triton/configs.py, the TABLE rows it recommends.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cbkernels import _ops, reference  # noqa: E402
+from cbkernels.triton import configs  # noqa: E402
+
+# (family, N, C, dtype): the issue's speed target first, then iNat batch 1024, then the class sweep at
+# N * C ~ 64M elements.
+GPU_SHAPES = [
+    ("sigmoid_focal", 8192, 8142, torch.bfloat16), ("softmax_ce", 8192, 8142, torch.bfloat16),
+    ("sigmoid_focal", 8192, 8142, torch.float32), ("softmax_ce", 8192, 8142, torch.float32),
+    ("sigmoid_focal", 1024, 8142, torch.bfloat16), ("softmax_ce", 1024, 8142, torch.bfloat16),
+] + [(family, max(1, 2**26 // c), c, torch.bfloat16)
+     for c in (262144, 131072, 32768, 1000) for family in ("sigmoid_focal", "softmax_ce")]
+DRY_SHAPES = [("sigmoid_focal", 5, 33, torch.float32), ("softmax_ce", 3, 70, torch.bfloat16)]
+PARAM = {"sigmoid_focal": 0.5, "softmax_ce": 0.1}  # the paper's focal gamma; a typical smoothing
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def config_grid(c, dry_run, first=None):
+    """Configurations worth trying for C columns, most promising first (`first`, then about 16 values
+    per thread). Tiles wider than next_pow2(C) would duplicate the single-tile one (the launcher clips
+    them), several rows per program only pays when a row is one tile, and software pipelining
+    (num_stages 2) only applies to the loop over tiles."""
+    if dry_run:
+        return [configs.LaunchConfig(block=16, rows=1, num_warps=1), configs.LaunchConfig(block=128, rows=2, num_warps=1)]
+    c_pow2 = 1 << (c - 1).bit_length()
+    grid = []
+    for block in sorted({min(b, c_pow2) for b in (1024, 2048, 4096, 8192, 16384, 32768)}):
+        single_tile = block >= c_pow2
+        for rows in ((1, 2, 4, 8) if single_tile else (1,)):
+            for num_warps in (4, 8, 16, 32):
+                per_thread = block * rows // (32 * num_warps)
+                if block * rows > 32768 or not 4 <= per_thread <= 64:
+                    continue
+                for num_stages in ((1,) if single_tile else (1, 2)):
+                    grid.append(configs.LaunchConfig(block=block, rows=rows, num_warps=num_warps,
+                                                     num_stages=num_stages))
+
+    def promise(config):
+        per_thread = config.block * config.rows // (32 * config.num_warps)
+        return (config != first, abs(per_thread.bit_length() - 5), config.num_stages, -config.block)
+
+    return sorted(grid, key=promise)
+
+
+def make_case(n, c, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(n * 131 + c)
+    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
+    target = torch.randint(0, c, (n,), generator=g)
+    target[::17] = -100  # some ignored rows
+    weight = (torch.rand(c, generator=g) * 2 + 0.1).to(device)
+    grad_loss = torch.randn(n, generator=g).to(device)
+    return logits, target.to(device), weight, grad_loss
+
+
+def reference_rows_and_grad(family, logits, target, weight):
+    x = logits.detach().double().requires_grad_(True)
+    rows_fn = reference.sigmoid_focal_rows if family == "sigmoid_focal" else reference.softmax_rows
+    if family == "sigmoid_focal":
+        rows = rows_fn(x, target, weight.double(), PARAM[family], -100)
+    else:
+        rows = rows_fn(x, target, weight.double(), -100, PARAM[family])
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    return rows.detach(), grad
+
+
+def strategies(family, logits, target, weight, grad_loss):
+    ops = torch.ops.cbkernels_triton
+    fwd, bwd = getattr(ops, f"{family}_forward"), getattr(ops, f"{family}_backward")
+    param = PARAM[family]
+
+    def fused():
+        loss, grad = fwd(logits, target, weight, param, -100, True)
+        return loss, _ops.scale_rows(grad, grad_loss)
+
+    def recompute():
+        loss, _ = fwd(logits, target, weight, param, -100, False)
+        return loss, bwd(logits, target, weight, grad_loss, param, -100)
+
+    return {"fused": fused, "recompute": recompute}
+
+
+def check(result, ref_rows, ref_grad, grad_loss, dtype):
+    """None when (loss, scaled grad) match the float64 reference, else what differs."""
+    loss, grad = result
+    scale = float(ref_rows.abs().max())
+    if not torch.allclose(loss.double(), ref_rows, rtol=2e-5, atol=1e-6 * scale):
+        return f"loss differs by {float((loss.double() - ref_rows).abs().max()):.3g}"
+    want = ref_grad * grad_loss.double()[:, None]
+    rtol = GRAD_RTOL[dtype]
+    if not torch.allclose(grad.double(), want, rtol=rtol, atol=rtol * float(want.abs().max())):
+        return f"grad differs by {float((grad.double() - want).abs().max()):.3g}"
+    return None
+
+
+def timer(dry_run):
+    if not dry_run:
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+    def cpu_median_ms(fn, reps=1):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    return cpu_median_ms
+
+
+def copy_bandwidth_gbps(device, time_ms, dry_run):
+    nbytes = 2**20 if dry_run else 2**30
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x))
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+def useful_bytes(n, c, dtype):
+    return 2 * n * c * dtype.itemsize + n * 8 + c * 4
+
+
+def as_dict(config):
+    return None if config is None else {"block": config.block, "rows": config.rows,
+                                        "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, deadline, dry_run):
+    """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
+    logits, target, weight, grad_loss = make_case(n, c, dtype, device)
+    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight)
+    runs = strategies(family, logits, target, weight, grad_loss)
+    entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""),
+             "useful_bytes": useful_bytes(n, c, dtype), "configs": [], "best": None}
+
+    def measure(config, strategy):
+        with configs.override(config, family):
+            error = check(runs[strategy](), ref_rows, ref_grad, grad_loss, dtype)
+            if error is not None:
+                return {"error": error}
+            return {"ms": time_ms(runs[strategy])}
+
+    def record(result):
+        if "ms" in result:
+            gbps = entry["useful_bytes"] / result["ms"] / 1e6
+            result.update(gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1))
+        return result
+
+    table = configs.pick(family, c, dtype)
+    entry["table"] = {"config": as_dict(table),
+                      **{s: record(measure(table, s)) for s in ("fused", "recompute")}}
+    best, best_ms = None, float("inf")
+    for config in config_grid(c, dry_run, first=table):
+        if time.monotonic() > deadline:
+            entry["stopped_by_budget"] = True
+            break
+        try:
+            result = record(measure(config, "fused"))
+        except Exception as exc:  # e.g. out of shared memory / registers for this tile: record, go on
+            result = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        entry["configs"].append({"config": as_dict(config), "fused": result})
+        if "ms" in result and result["ms"] < best_ms:
+            best, best_ms = config, result["ms"]
+    if best is not None:
+        fused = record({"ms": best_ms})
+        recompute = record(measure(best, "recompute"))
+        faster = "recompute" if recompute.get("ms", float("inf")) < best_ms else "fused"
+        entry["best"] = {"config": as_dict(best), "fused": fused, "recompute": recompute, "faster": faster,
+                         "pct_copy": (recompute if faster == "recompute" else fused)["pct_copy"]}
+    return entry
+
+
+def paste_ready_table(shapes):
+    """configs.py TABLE rows from the best configuration measured per (family, dtype group, C)."""
+    by_key = {}
+    for entry in shapes:
+        if entry["best"] is None:
+            continue
+        group = configs.dtype_group(getattr(torch, entry["dtype"]))
+        by_key.setdefault((entry["family"], group), {})[entry["c"]] = entry["best"]["config"]
+    lines = ["# measured by bench/sweep_triton.py; paste into TABLE in cbkernels/triton/configs.py"]
+    for (family, group), per_c in sorted(by_key.items()):
+        lines.append(f'TABLE["{family}"]["{group}"] = [')
+        cs = sorted(per_c)
+        for i, c in enumerate(cs):
+            cfg = per_c[c]
+            c_max = "None" if i == len(cs) - 1 else str(1 << (c - 1).bit_length())
+            lines.append(f"    ({c_max}, LaunchConfig(block={cfg['block']}, rows={cfg['rows']}, "
+                         f"num_warps={cfg['num_warps']}, num_stages={cfg['num_stages']})),")
+        lines.append("]")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop after this many seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes and grid on the CPU under TRITON_INTERPRET=1 (exercises the code)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
+        device, shapes = "cpu", DRY_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA device (or --dry-run with TRITON_INTERPRET=1)")
+        device, shapes = "cuda", GPU_SHAPES
+    import triton  # after the TRITON_INTERPRET check: the variable must be set before this import
+
+    import cbkernels.triton.ops  # noqa: F401  (registers torch.ops.cbkernels_triton)
+
+    time_ms = timer(args.dry_run)
+    copy_gbps = copy_bandwidth_gbps(device, time_ms, args.dry_run)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "dry_run": args.dry_run, "budget_s": args.budget_s, "copy_gbps": round(copy_gbps, 1),
+        "timing": "triton.testing.do_bench median, L2 flushed" if not args.dry_run else "CPU perf_counter",
+        "useful_bytes": "logits read once + gradient written once + targets (int64) + class weights (fp32)",
+        "shapes": [], "complete": True,
+    }
+    for i, (family, n, c, dtype) in enumerate(shapes):
+        now = time.monotonic()
+        if now > deadline:
+            report["complete"] = False
+            break
+        # each remaining shape gets an equal share of the remaining time (the first ones come first)
+        shape_deadline = now + (deadline - now) / (len(shapes) - i)
+        entry = sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, shape_deadline, args.dry_run)
+        report["complete"] &= not entry.get("stopped_by_budget", False)
+        report["shapes"].append(entry)
+        with open(args.out, "w") as f:  # rewritten after every shape: a killed run keeps what it measured
+            json.dump(report, f, indent=1)
+    report["elapsed_s"] = round(time.monotonic() - start, 1)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s on {report['device']}; {report['elapsed_s']} s; "
+          f"complete: {report['complete']}")
+    print(f"{'family':14} {'N':>6} {'C':>7} {'dtype':9} {'best (block,rows,warps,stages)':32} "
+          f"{'fused ms':>9} {'recomp ms':>9} {'% copy':>7} {'table %':>7}")
+    for e in report["shapes"]:
+        b = e["best"]
+        table_pct = max((e["table"][s].get("pct_copy", 0) for s in ("fused", "recompute")), default=0)
+        if b is None:
+            print(f"{e['family']:14} {e['n']:6} {e['c']:7} {e['dtype']:9} no valid configuration")
+            continue
+        cfg = b["config"]
+        print(f"{e['family']:14} {e['n']:6} {e['c']:7} {e['dtype']:9} "
+              f"{str((cfg['block'], cfg['rows'], cfg['num_warps'], cfg['num_stages'])):32} "
+              f"{b['fused']['ms']:9.4f} {b['recompute'].get('ms', float('nan')):9.4f} {b['pct_copy']:7.1f} "
+              f"{table_pct:7.1f}")
+    print(paste_ready_table(report["shapes"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
