@@ -52,11 +52,19 @@ def softmax_rows(logits, target, class_weight=None, ignore_index=-100, label_smo
     """Per-row class-balanced softmax cross entropy, shape (N,), in float32 (float64 for float64 logits)."""
     valid, safe = _valid_and_safe_target(logits, target, ignore_index)
     z = _masked_logits(logits, valid)
-    lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, safe.unsqueeze(1)).squeeze(1)
-    rows = lse - (1.0 - label_smoothing) * z_y
+    if z.shape[1] == 1:
+        rows = torch.zeros_like(z_y) * z_y  # lse(z) == z_y: a single class costs nothing (keeps NaN as NaN)
+    else:
+        # lse(z) - z_y = softplus(lse_{c != y}(z_c) - z_y): the same value, but autograd's true-class gradient
+        # is then -sigmoid(lse_rest - z_y) = -(1 - p_y) with full relative precision. Through lse(z) it would be
+        # p_y - 1, which rounds to 0 in float32 once 1 - p_y < 6e-8 (a confident prediction, margin ~17).
+        onehot = F.one_hot(safe, z.shape[1]).to(torch.bool)
+        lse_rest = torch.logsumexp(z.masked_fill(onehot, float("-inf")), dim=1)
+        rows = F.softplus(lse_rest - z_y)
     if label_smoothing:
-        rows = rows - label_smoothing * z.mean(dim=1)
+        # (1 - eps) CE(onehot) + eps CE(uniform) = (lse - z_y) + eps * (z_y - mean(z))
+        rows = rows + label_smoothing * (z_y - z.mean(dim=1))
     alpha = _alpha(class_weight, safe, z.dtype)
     if alpha is not None:
         rows = alpha * rows
