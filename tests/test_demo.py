@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 
+from cbkernels import available_backends
 from cbkernels.demo import data, main, report, speed
 from cbkernels.demo.train import LossConfig
 from cbkernels.weights import long_tail_counts
@@ -96,9 +97,16 @@ def test_verdict_follows_the_numbers():
 
 
 def test_speed_table_comes_from_the_bench_package(monkeypatch):
-    # The demo's real shape is iNaturalist's (1024 x 8142); a small one keeps this test fast.
+    # The demo's real shape is iNaturalist's (1024 x 8142); a small one keeps this test fast, and compiling
+    # is left out as --quick does.
     monkeypatch.setattr(speed, "INAT_SHAPE", (64, 100))
-    table = speed.speed_markdown("cpu", repeats=1)
+    names = speed.provider_names("cpu", compiled=False, peers=False)
+    kernels = [f"cbkernels[{b},{s}]" for b in available_backends("cpu") if b in ("cpu", "cuda")
+               for s in ("fused", "recompute")]
+    assert set(names) == {"naive", *kernels}
+    assert "compiled" in speed.provider_names("cpu", compiled=True, peers=False)
+    table = speed.speed_markdown("cpu", repeats=1, compiled=False)
     for loss in ("softmax", "sigmoid", "focal"):
-        assert loss in table
-    assert "naive" in table
+        assert f"### {loss}" in table
+    for name in names:
+        assert f"| {name} |" in table

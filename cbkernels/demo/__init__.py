@@ -22,9 +22,9 @@ from .train import TrainSettings, search_space, train_and_evaluate
 
 # Presets: --quick keeps CI under a minute, the default under three minutes on two CPU cores.
 PRESETS = {
-    "quick": {"seeds": 2, "steps": 100, "speed_repeats": 3},
-    "default": {"seeds": 5, "steps": 200, "speed_repeats": 5},
-    "full": {"seeds": 10, "steps": 400, "speed_repeats": 10},
+    "quick": {"seeds": 2, "steps": 100, "speed_repeats": 3, "compiled": False, "peers": False},
+    "default": {"seeds": 5, "steps": 200, "speed_repeats": 3, "compiled": True, "peers": False},
+    "full": {"seeds": 10, "steps": 400, "speed_repeats": 10, "compiled": True, "peers": True},
 }
 
 
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     if not args.no_speed:
         speed_start = time.perf_counter()
         print(f"Speed: loss + gradient, logits {INAT_SHAPE[0]} x {INAT_SHAPE[1]} float32 on {device} "
-              f"({torch.get_num_threads()} threads)")
-        speed = speed_markdown(device, preset["speed_repeats"])
+              f"({torch.get_num_threads()} threads){'' if preset['compiled'] else '; torch.compile left out (--quick)'}")
+        speed = speed_markdown(device, preset["speed_repeats"], preset["compiled"], preset["peers"])
         print(speed + f"\n(speed table: {time.perf_counter() - speed_start:.0f} s)\n")
 
     wall = time.perf_counter() - start

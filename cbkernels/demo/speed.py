@@ -1,14 +1,35 @@
-"""The demo's speed table: loss + gradient at iNaturalist 2018 scale, from the benchmark package."""
+"""The demo's speed table: loss + gradient at iNaturalist 2018 scale, from the benchmark package.
+
+Which providers run is a matter of time on a small CPU: every cbkernels backend (each backward strategy)
+and naive autograd always; torch.compile of the naive loss unless --quick (compiling takes tens of
+seconds per loss on two cores); the other peers (F.cross_entropy, a torchvision-style focal loss,
+liger-kernel) with --full.
+"""
 from __future__ import annotations
 
 import torch
 
 INAT_SHAPE = (1024, 8142)  # batch 1024, 8,142 classes (iNaturalist 2018, the paper's largest run)
+LOSSES = ("softmax", "sigmoid", "focal")
 
 
-def speed_markdown(device, repeats: int, providers=None) -> str:
+def provider_names(device, compiled: bool, peers: bool) -> list[str] | None:
+    """Names to pass to speed_table (None: every provider)."""
+    from ..bench.providers import COMPILED, NAIVE, providers_for
+
+    if peers:
+        return None
+    names = {p.name for loss in LOSSES for p in providers_for(loss, device) if p.kind == "cbkernels"}
+    names.add(NAIVE)
+    if compiled:
+        names.add(COMPILED)
+    return sorted(names)
+
+
+def speed_markdown(device, repeats: int, compiled: bool = True, peers: bool = False) -> str:
     from ..bench import format_markdown, speed_table
 
-    rows = speed_table(shape=INAT_SHAPE, dtype=torch.float32, device=str(device),
-                       losses=("softmax", "sigmoid", "focal"), repeats=repeats, providers=providers)
+    device = torch.device(device)
+    rows = speed_table(shape=INAT_SHAPE, dtype=torch.float32, device=str(device), losses=LOSSES,
+                       repeats=repeats, providers=provider_names(device, compiled, peers))
     return format_markdown(rows)
