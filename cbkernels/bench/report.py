@@ -10,9 +10,6 @@ import sys
 
 import torch
 
-PEER_COLUMNS = (("naive", "vs naive"), ("compiled", "vs compiled"))
-TORCH_PEERS = ("F.cross_entropy", "torchvision-style")
-
 
 def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
@@ -25,9 +22,9 @@ def _case_key(r):
 def format_markdown(rows: list[dict]) -> str:
     """One table per case (loss, shape, dtype, device): every provider, its times and its ratios.
 
-    Times are forward + backward unless the column says otherwise; "x" columns are the peer's time over
-    this row's time (> 1: this row is faster); "torch" is F.cross_entropy (softmax) or the
-    torchvision-style focal loss (sigmoid, focal).
+    Times are forward + backward unless the column says otherwise, medians with their spread (the
+    interquartile range; max - min under 4 repeats) in brackets; "vs X" is X's time over this row's
+    time (> 1: this row is faster), one column per peer timed in the case.
     """
     cases: dict = {}
     for r in rows:
@@ -35,31 +32,29 @@ def format_markdown(rows: list[dict]) -> str:
     out = []
     for (device, dtype, n, c, loss), group in cases.items():
         head = group[0]
+        peers = [r["provider"] for r in group if r["kind"] == "peer" and r["ok"]]
         gamma = f", gamma {head['gamma']:g}" if loss == "focal" else ""
         out.append(f"### {loss}{gamma}: N={n}, C={c}, {dtype}, {device} -- copy bandwidth "
                    f"{head['copy_gbps']:.1f} GB/s, floor {head['floor_ms']:.3f} ms\n")
-        out.append("| provider | fwd ms | bwd ms | fwd+bwd ms (IQR) | GB/s | % copy BW | peak extra MiB "
-                   "| vs naive | vs compiled | vs torch | check |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in group:
-            out.append(_markdown_row(r))
+        out.append("| provider | fwd ms | bwd ms | fwd+bwd ms (spread) | GB/s | % copy BW | peak extra MiB | "
+                   + "".join(f"vs {p} | " for p in peers) + "check |")
+        out.append("|---|" + "---:|" * (6 + len(peers)) + "---|")
+        out.extend(_markdown_row(r, peers) for r in group)
         out.append("")
     return "\n".join(out)
 
 
-def _markdown_row(r: dict) -> str:
+def _markdown_row(r: dict, peers: list[str]) -> str:
     if not r["ok"]:
-        return f"| {r['provider']} | - | - | - | - | - | - | - | - | - | {r['status']}: {r['error']} |"
-    sv = r["speedup_vs"]
-    torch_peer = next((sv[p] for p in TORCH_PEERS if p in sv), None)
+        return f"| {r['provider']} |" + " - |" * (6 + len(peers)) + f" {r['status']}: {r['error']} |"
     check = f"ok (loss {r['loss_rel_err']:.0e}, grad {r['grad_rel_err']:.0e})"
     if r.get("compile_s") is not None:
         check += f"; compile {r['compile_s']:.1f} s"
-    ratios = " | ".join(_f(v, ".2f") + ("x" if v is not None else "") for v in
-                        (sv.get("naive"), sv.get("compiled"), torch_peer))
+    ratios = "".join(f"{_f(r['speedup_vs'].get(p), '.2f')}{'x' if p in r['speedup_vs'] else ''} | "
+                     for p in peers)
     return (f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['ms_median']:.3f} "
             f"({r['ms_spread']:.3f}) | {r['gbps']:.1f} | {r['pct_copy']:.0f}% | "
-            f"{_f(r.get('peak_extra_mib'), '.1f')} | {ratios} | {check} |")
+            f"{_f(r.get('peak_extra_mib'), '.1f')} | {ratios}{check} |")
 
 
 def _version(dist: str) -> str | None:
