@@ -24,14 +24,16 @@ replicated lse (softmax) or nothing at all (sigmoid). The max m is only a shift 
 not depend on it, so it carries no gradient. Differentiable collectives (torch.distributed.nn.functional
 .all_reduce) would be wrong here: their backward all-reduces the upstream gradient as well, which with a
 replicated objective multiplies every logit gradient by the world size. The caller must therefore
-compute the same objective from the returned loss on every rank (the usual case; a rank that used
-only some rows would get gradients only for those rows' dependence on its own shard).
+compute the same objective from the returned loss on every rank (the usual case: the loss is the same
+value everywhere); ranks that built different objectives from it would get gradients of none of them.
 
 The per-shard math uses torch ops, not the fused kernels: the kernels' op contract computes a whole row
 with the positive class inside it and one lse, which a shard does not have. Logits in float16/bfloat16
 are computed in float32, float64 stays float64 (for tests); the gradient is formed in the compute dtype
-and rounded once to the logits' dtype. Forward keeps only the logits and (N,) statistics; backward
-recomputes exp / sigmoid on the shard (the "recompute" strategy of the op contract).
+and rounded once to the logits' dtype. Backward strategy: "fused" (the project's CPU default): forward
+forms d loss_i / d z of its shard from the intermediates it already has, and backward only scales row i
+by the upstream gradient. That holds one (N, C_local) tensor from forward to backward; recomputing
+instead would repeat every transcendental of the shard.
 No host sync beyond the collectives: every check reads metadata or runs on the device, except the
 optional derivation of class_start (see class_shard_range), which reads the gathered shard sizes once.
 """
@@ -140,10 +142,11 @@ class _SoftmaxParallel(torch.autograd.Function):
     def forward(ctx, logits, target, class_weight, class_start, num_classes, eps, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
                                                         ignore_index)
-        m = z.max(dim=1).values
+        m = z.amax(dim=1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         z_y = torch.where(owned, z.gather(1, local.unsqueeze(1)).squeeze(1), torch.zeros_like(m))
-        parts = [torch.exp(z - m.unsqueeze(1)).sum(dim=1), z_y]
+        ex = (z - m.unsqueeze(1)).exp_()
+        parts = [ex.sum(dim=1), z_y]
         if eps:
             parts.append(z.sum(dim=1))
         stats = torch.stack(parts)
@@ -154,25 +157,23 @@ class _SoftmaxParallel(torch.autograd.Function):
             rows = rows - (eps / num_classes) * stats[2]
         # where, not a multiply by the mask: an ignored row's NaN or inf must not leak into the loss.
         rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
-        ctx.save_for_backward(logits, lse, alpha, valid, owned, local)
-        ctx.eps, ctx.num_classes = eps, num_classes
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
+            # dtype (paper-notes: subtract the one-hot before any rounding to half precision), in place on ex.
+            grad = ex.mul_(torch.reciprocal(stats[0]).unsqueeze(1))
+            if eps:
+                grad.sub_(eps / num_classes)
+            onehot = torch.where(owned, torch.full_like(m, eps - 1.0), torch.zeros_like(m))
+            grad.scatter_add_(1, local.unsqueeze(1), onehot.unsqueeze(1))
+            grad = _scale_valid_rows_(grad, alpha, valid)
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        logits, lse, alpha, valid, owned, local = ctx.saved_tensors
-        eps = ctx.eps
-        z = logits.to(lse.dtype)
-        # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
-        # dtype (paper-notes: subtract the one-hot before any rounding to half precision).
-        grad = torch.exp(z - lse.unsqueeze(1))
-        if eps:
-            grad = grad - eps / ctx.num_classes
-        onehot = torch.where(owned, torch.full_like(lse, 1.0 - eps), torch.zeros_like(lse))
-        grad = grad.scatter_add(1, local.unsqueeze(1), -onehot.unsqueeze(1))
-        scale = alpha * grad_rows.to(lse.dtype)
-        grad = torch.where(valid.unsqueeze(1), grad * scale.unsqueeze(1), torch.zeros_like(grad))
-        return grad.to(logits.dtype), None, None, None, None, None, None, None
+        return _scaled_grad(ctx, grad_rows), None, None, None, None, None, None, None
 
 
 class _FocalParallel(torch.autograd.Function):
@@ -180,42 +181,59 @@ class _FocalParallel(torch.autograd.Function):
     def forward(ctx, logits, target, class_weight, class_start, num_classes, gamma, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
                                                         ignore_index)
-        u = _signed(z, owned, local)
-        # term = (1 - p)^gamma * -log p with p = sigmoid(u): logsigmoid keeps both factors stable for any |u|.
-        terms = -torch.nn.functional.logsigmoid(u)
-        if gamma:
-            terms = terms * torch.exp(gamma * torch.nn.functional.logsigmoid(-u))
-        rows = terms.sum(dim=1)
+        # The op contract's stable forms, with u = t * z and e = exp(-|u|) shared by everything below:
+        #   -log p = softplus(-u) = max(-u, 0) + log1p(e),  (1 - p)^gamma = exp(-gamma * softplus(u)).
+        u = _times_t(z, owned, local)
+        e = u.abs().neg_().exp_()
+        l1pe = torch.log1p(e)
+        neg_log_p = u.neg().clamp_min_(0).add_(l1pe)
+        mod = u.clamp_min(0).add_(l1pe).mul_(-gamma).exp_() if gamma else None
+        rows = (neg_log_p * mod if gamma else neg_log_p).sum(dim=1)
         dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
         rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
-        ctx.save_for_backward(logits, alpha, valid, owned, local)
-        ctx.gamma = gamma
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # d term / du = (1 - p)^gamma * (gamma * p * log p - q), with p and q = 1 - p both taken from e
+            # (u >= 0: p = 1/(1+e), q = e/(1+e); else swapped), never as 1 - p, which cancels.
+            inv = e.add(1).reciprocal_()  # 1 / (1 + e)
+            e_inv = e.mul_(inv)  # e / (1 + e), in place: e is not needed after this
+            positive_u = u >= 0
+            q = torch.where(positive_u, e_inv, inv)
+            if gamma:
+                p = torch.where(positive_u, inv, e_inv)
+                dterm = p.mul_(neg_log_p).mul_(-gamma).sub_(q).mul_(mod)
+            else:
+                dterm = q.neg_()
+            grad = _scale_valid_rows_(_times_t(dterm, owned, local), alpha, valid)
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        logits, alpha, valid, owned, local = ctx.saved_tensors
-        gamma = ctx.gamma
-        z = logits.to(alpha.dtype)
-        u = _signed(z, owned, local)
-        # d term / du = (1 - p)^gamma * (gamma * p * log p - q), q = 1 - p = sigmoid(-u) taken directly
-        # (never 1 - p, which cancels); d term / dz = t * d term / du.
-        q = torch.sigmoid(-u)
-        dterm = -q
-        if gamma:
-            log_p = torch.nn.functional.logsigmoid(u)
-            dterm = torch.exp(gamma * torch.nn.functional.logsigmoid(-u)) * (gamma * torch.sigmoid(u) * log_p - q)
-        grad = _signed(dterm, owned, local)  # multiplying by t is the same sign flip as u = t * z
-        scale = alpha * grad_rows.to(alpha.dtype)
-        grad = torch.where(valid.unsqueeze(1), grad * scale.unsqueeze(1), torch.zeros_like(grad))
-        return grad.to(logits.dtype), None, None, None, None, None, None, None
+        return _scaled_grad(ctx, grad_rows), None, None, None, None, None, None, None
 
 
-def _signed(x, owned, local):
-    """t * x with t = +1 at the row's target column (only where this rank owns it), -1 elsewhere."""
-    positive = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    positive.scatter_(1, local.unsqueeze(1), owned.unsqueeze(1))
-    return torch.where(positive, x, -x)
+def _times_t(x, owned, local):
+    """t * x with t = +1 at the row's target column (only where this rank owns it), -1 elsewhere.
+
+    One negated copy, then the owned rows' target entries are put back (an (N,) scatter, not a mask).
+    """
+    out = x.neg()
+    index = local.unsqueeze(1)
+    out.scatter_(1, index, torch.where(owned.unsqueeze(1), x.gather(1, index), out.gather(1, index)))
+    return out
+
+
+def _scale_valid_rows_(grad, alpha, valid):
+    """grad * alpha_y per row, in place, and exactly 0 on ignored rows (masked_fill: their NaNs do not leak)."""
+    return grad.mul_(alpha.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)
+
+
+def _scaled_grad(ctx, grad_rows):
+    """The "fused" strategy: forward formed d loss_i / d z; backward scales row i by the upstream gradient."""
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_rows.to(grad.dtype).unsqueeze(1)).to(ctx.logits_dtype)
 
 
 def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
