@@ -119,7 +119,8 @@ def sigmoid_focal_kernel(
     if SCALE_GRAD:
         coef = alpha * tl.load(grad_loss_ptr + rows)
     in_row = logits_ptr + rows[:, None] * stride_n
-    out_row = grad_ptr + rows[:, None] * C
+    if WRITE_GRAD:  # (unused pointers are None: only touch them under their flag)
+        out_row = grad_ptr + rows[:, None] * C
     cols0 = tl.arange(0, BLOCK)
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(0, C, BLOCK):
@@ -158,7 +159,6 @@ def softmax_ce_kernel(
     rows = tl.minimum(rows, N - 1)  # padding rows recompute row N-1 (stores are masked): loads need no row mask
     y, valid, alpha = _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
     in_row = logits_ptr + rows[:, None] * stride_n
-    out_row = grad_ptr + rows[:, None] * C
     cols0 = tl.arange(0, BLOCK)
     sum_z = tl.zeros([ROWS], dtype=tl.float32)
     if SINGLE_BLOCK:  # BLOCK >= C: the row stays in registers between the lse and the gradient
@@ -192,6 +192,7 @@ def softmax_ce_kernel(
         tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
 
     if WRITE_GRAD:
+        out_row = grad_ptr + rows[:, None] * C
         coef = alpha
         if SCALE_GRAD:
             coef = alpha * tl.load(grad_loss_ptr + rows)

@@ -57,18 +57,19 @@ def _check(op, logits, target, class_weight, grad_loss=None):
 
 def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad, param, ignore_index,
             write_loss, write_grad, **family_constexprs):
-    """One kernel launch on (N, C) logits whose column stride is 1; unused pointers get a dummy tensor."""
+    """One kernel launch on (N, C) logits whose column stride is 1.
+
+    Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
+    its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
+    must not see an output tensor twice."""
     n, c = logits.shape
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
     config = configs.pick(family, c, logits.dtype)
     block = min(config.block, triton.next_power_of_2(c))
-    dummy = loss if loss is not None else grad
     grid = (triton.cdiv(n, config.rows),)
     wrap_triton(kernel)[grid](
-        logits, target, dummy if class_weight is None else class_weight,
-        dummy if grad_loss is None else grad_loss, dummy if loss is None else loss,
-        dummy if grad is None else grad,
+        logits, target, class_weight, grad_loss, loss, grad,
         n, c, logits.stride(0), param, ignore_index,
         HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
         SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block,
