@@ -232,14 +232,17 @@ void focal_rows_for_gamma(const LossArgs& a, int64_t begin, int64_t end) {
 // is scanned for its maximum, then re-read from L1 to add exp(z - m) under the running maximum m; when
 // a block raises m, the running sum is rescaled once by exp(m_old - m_new) (one exp per element overall,
 // not the two of a per-element online update). The sum of z for label smoothing rides along.
+// The target's own term is left out of the vector sum: s_rest = sum_{c != y} exp(z_c - m), and
+// s = s_rest + exp(z_y - m) in double. Then 1 - p_y = s_rest / s keeps its digits when p_y is near 1
+// (added to an fp32 lane holding exp(0) = 1, terms below 6e-8 would vanish and p_y - 1 with them).
 //   lse = m + log s,  loss = alpha * (lse - (1 - eps) z_y - eps/C sum_c z_c)
 // Pass 2 (gradient): g_c = gscale * (exp((z_c - m) - log s) - eps/C), then the target column is rewritten as
-//   g_y = gscale * (p_y - (1 - eps) - eps/C) = gscale * (expm1(z_y - lse) + eps (1 - 1/C)),
-// formed before any rounding to the logits' type: with p_y near 1, p_y - 1 keeps its digits.
+//   g_y = gscale * (p_y - (1 - eps) - eps/C) = gscale * (eps (1 - 1/C) - s_rest / s),
+// formed before any rounding to the logits' type.
 // (z - m) - log s rather than z - lse: for |z| ~ 1e4 an fp32 lse has an ulp of 1e-3, which would move every
 // probability by 0.1%; z - m is exact near the maximum and log s lies in [0, log C].
 // NaN in the row makes s NaN, hence lse, the loss and every gradient entry NaN; the maximum also
-// propagates NaN (at::vec::maximum, and the scalar comparison below keeps a NaN maximum).
+// propagates NaN (at::vec::maximum, and the scalar comparisons below keep a NaN maximum).
 
 template <typename T>
 inline float block_max(const T* z, int64_t begin, int64_t end, int64_t tail) {
@@ -258,8 +261,11 @@ template <typename T, bool kLoss, bool kGrad>
 inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float alpha, float gscale, float* loss) {
   const bool smoothing = kLoss && eps != 0.0f;
   const int64_t full = C - C % kLanes;
+  const int64_t y_base = y - y % kLanes;
+  const Vec zero(0.0f);
+  const Vec y_lane = Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(y - y_base));
   float m = 0.0f;
-  double s = 0.0, sum_z = 0.0;
+  double s_rest = 0.0, sum_z = 0.0;
   for (int64_t block = 0; block < C; block += kBlock) {
     const int64_t block_end = std::min(block + kBlock, full);  // full vectors of this block
     const int64_t tail = block + kBlock >= C ? C - full : 0;   // the row's last partial vector, if here
@@ -267,30 +273,33 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
     if (block == 0) {
       m = bm;
     } else if (bm > m || std::isnan(bm)) {
-      s *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
+      s_rest *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
       m = bm;
     }
     const Vec vm(m);
     Vec acc(0.0f), acc_z(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
       const Vec zc = load_vec(z + c);
-      acc = acc + (zc - vm).exp();
+      const Vec ez = (zc - vm).exp();
+      acc = acc + (c == y_base ? Vec::blendv(ez, zero, y_lane) : ez);
       if (smoothing) acc_z = acc_z + zc;
     }
     if (tail > 0) {
       const Vec zc = load_vec_tail(z + block_end, tail);  // lanes >= tail read 0: masked out of the exp sum
-      acc = acc + Vec::set(Vec(0.0f), (zc - vm).exp(), tail);
+      const Vec ez = Vec::set(zero, (zc - vm).exp(), tail);
+      acc = acc + (block_end == y_base ? Vec::blendv(ez, zero, y_lane) : ez);
       if (smoothing) acc_z = acc_z + zc;
     }
-    s += sum_lanes(acc);
+    s_rest += sum_lanes(acc);
     if (smoothing) sum_z += sum_lanes(acc_z);
   }
-  const double log_s = std::log(s);
   const double z_y = static_cast<double>(static_cast<float>(z[y]));
-  const double shifted_y = (z_y - m) - log_s;  // z_y - lse
+  const double s = s_rest + std::exp(z_y - m);
+  const double log_s = std::log(s);
   if constexpr (kLoss) {
     const double e = eps;
-    const double rows = -shifted_y + e * z_y - (e / static_cast<double>(C)) * sum_z;  // lse - (1-e) z_y - e/C sum z
+    // lse - (1 - e) z_y - e/C sum z, with lse - z_y = log s - (z_y - m)
+    const double rows = log_s - (z_y - m) + e * z_y - (e / static_cast<double>(C)) * sum_z;
     *loss = static_cast<float>(static_cast<double>(alpha) * rows);
   }
   if constexpr (kGrad) {
@@ -304,7 +313,7 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
       store_vec_tail(g + full, at::vec::fmadd(((load_vec_tail(z + full, n) - vm) - vlog_s).exp(), scale, shift), n);
     }
     const double e = eps;
-    const double g_y = static_cast<double>(gscale) * (std::expm1(shifted_y) + e * (1.0 - 1.0 / static_cast<double>(C)));
+    const double g_y = static_cast<double>(gscale) * (e * (1.0 - 1.0 / static_cast<double>(C)) - s_rest / s);
     g[y] = static_cast<T>(static_cast<float>(g_y));
   }
 }
