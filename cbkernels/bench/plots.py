@@ -5,6 +5,7 @@ dtype. The x axis is the number of classes C when the run varies it (the sweep),
 """
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -21,6 +22,12 @@ PLOTS = (  # file, row field, y label, log y
     ("memory.png", "peak_extra_mib", "peak extra memory, MiB", True),
 )
 _STYLES = ("-", "--", ":", "-.")
+
+
+def _minor_label(value, _pos) -> str:
+    # label the 2s and 5s of each decade: enough to read values off, never crowded
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
 
 
 def write_all(out: str, rows: list[dict], meta: dict) -> list[str]:
@@ -52,9 +59,8 @@ def write_all(out: str, rows: list[dict], meta: dict) -> list[str]:
             ax.xaxis.set_minor_locator(ticker.NullLocator())
             if logy:
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-                # minor labels only where the axis spans little more than a decade (else they collide)
-                ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
                 ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_title(loss + (" (gamma 0.5)" if loss == "focal" else ""))
             ax.set_xlabel("number of classes C" if xkey == "C" else "batch N (rows)")
