@@ -96,15 +96,17 @@ def _torch_cross_entropy(case: Case):
 
 def _torchvision_style(case: Case):
     # torchvision.ops.sigmoid_focal_loss: p = sigmoid(x), ce = BCE-with-logits, p_t, ce * (1 - p_t)^gamma,
-    # in the logits' dtype as torchvision computes it; then alpha_y per row, summed over classes.
+    # in the logits' dtype as torchvision computes it; then alpha_y per row, summed over classes. For
+    # gamma = 0 (sigmoid CE) it is plain BCE-with-logits, as a user would write it.
     target, weight, gamma = case.target, case.weight, case.gamma
     valid = _valid_rows(target)
 
     def loss(x):
         onehot = F.one_hot(target, x.shape[1]).to(x.dtype)
-        p = torch.sigmoid(x)
-        ce = F.binary_cross_entropy_with_logits(x, onehot, reduction="none")
-        terms = ce if gamma == 0 else ce * ((1 - (p * onehot + (1 - p) * (1 - onehot))) ** gamma)
+        terms = F.binary_cross_entropy_with_logits(x, onehot, reduction="none")
+        if gamma != 0:
+            p = torch.sigmoid(x)
+            terms = terms * ((1 - (p * onehot + (1 - p) * (1 - onehot))) ** gamma)
         return (terms.sum(dim=1) * weight[target]).sum() / valid
     return loss
 
