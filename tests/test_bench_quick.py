@@ -92,3 +92,12 @@ def test_speed_table_api():
 def test_useful_bytes_counts_logits_twice_plus_targets_and_weights():
     case = providers.make_case("softmax", 3, 5, torch.bfloat16, "cpu")
     assert runner.useful_bytes(case) == 2 * 3 * 5 * 2 + 3 * 8 + 5 * 4
+
+
+def test_render_rewrites_table_and_plots_from_json(quick_run, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "results.json").write_text((quick_run / "results.json").read_text())
+    assert bench.main(["--render", str(out)]) == 0
+    assert (out / "table.md").read_text().split("\n", 1)[1] == (quick_run / "table.md").read_text().split("\n", 1)[1]
+    assert (out / "time.png").stat().st_size > 0

@@ -8,6 +8,7 @@ The API below (speed_table, format_markdown) is what the demo uses.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, help="start no new shape once this many seconds have passed")
     p.add_argument("--providers", help="comma-separated provider names to run (default: all)")
     p.add_argument("--exclude", help="comma-separated provider names to leave out (e.g. compiled)")
+    p.add_argument("--render", metavar="DIR", help="only rewrite DIR's table.md and plots from its results.json")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     return p
 
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if args.render:
+        return _render(args.render)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -107,11 +111,22 @@ def _run(args, argv, device, preset) -> int:
     return 0
 
 
+def _render(out: str) -> int:
+    """Table and plots again from a run's results.json (e.g. after a change to the report's layout)."""
+    with open(os.path.join(out, "results.json")) as fh:
+        data = json.load(fh)
+    meta = data["meta"]
+    _write(out, meta, data["rows"], meta.get("skipped_by_budget", []), meta.get("failed_cases", []), plots=True)
+    print(f"rewrote {out}/ from its results.json")
+    return 0
+
+
 def _write(out: str, meta: dict, rows: list[dict], skipped: list[str], failed: list[str],
            plots: bool = False) -> None:
     os.makedirs(out, exist_ok=True)
     meta = dict(meta, skipped_by_budget=skipped, failed_cases=failed)
-    table = report.provenance_markdown(meta) + "\n" + format_markdown(rows)
+    table = (report.provenance_markdown(meta) + "\n## Summary (forward + backward)\n\n"
+             + report.summary_markdown(rows) + "\n## Every provider\n\n" + format_markdown(rows))
     if skipped:
         table += f"\nNot run (time budget): {'; '.join(skipped)}\n"
     if failed:

@@ -57,6 +57,38 @@ def _markdown_row(r: dict, peers: list[str]) -> str:
             f"{_f(r.get('peak_extra_mib'), '.1f')} | {ratios}{check} |")
 
 
+# In the summary the plain-PyTorch peer of each family shares one column.
+_SUMMARY_COLUMN = {"F.cross_entropy": "torch", "torchvision-style": "torch"}
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """One line per case: the fastest cbkernels provider against every peer (forward + backward ms).
+
+    "torch" is F.cross_entropy * alpha_y for softmax and the torchvision-style loss for sigmoid / focal.
+    """
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault(_case_key(r), []).append(r)
+    cols = list(dict.fromkeys(_SUMMARY_COLUMN.get(r["provider"], r["provider"])
+                              for r in rows if r["kind"] == "peer" and r["ok"]))
+    out = ["| loss | N x C | dtype | fastest cbkernels | ms | % copy BW | peak MiB | "
+           + "".join(f"{p} ms | " for p in cols) + " | ".join(f"vs {p}" for p in cols) + " |",
+           "|---|---|---|---|" + "---:|" * (3 + 2 * len(cols))]
+    for (_device, dtype, n, c, loss), group in cases.items():
+        ours = [r for r in group if r["kind"] == "cbkernels" and r["ok"]]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["ms_median"])
+        times = {_SUMMARY_COLUMN.get(r["provider"], r["provider"]): r["ms_median"]
+                 for r in group if r["kind"] == "peer" and r["ok"]}
+        ratios = {col: ms / best["ms_median"] for col, ms in times.items()}
+        out.append((f"| {loss} | {n} x {c} | {dtype} | {best['provider']} | {best['ms_median']:.3f} | "
+                    f"{best['pct_copy']:.0f}% | {_f(best.get('peak_extra_mib'), '.1f')} | "
+                    + "".join(f"{_f(times.get(p), '.3f')} | " for p in cols)
+                    + "".join(f"{_f(ratios.get(p), '.2f')}{'x' if p in ratios else ''} | " for p in cols)).rstrip())
+    return "\n".join(out) + "\n"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
