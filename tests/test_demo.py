@@ -92,7 +92,7 @@ def test_verdict_follows_the_numbers():
     line = report.verdict(100, rows)
     assert "helps softmax (+5.0 pts)" in line
     assert "hurts sigmoid (-1.0 pts)" in line
-    assert "no clear effect on focal (+0.3 pts)" in line
+    assert "has no clear effect on focal (+0.3 pts)" in line
     assert report.tail_classes(counts) == [9, 8, 7]
 
 

@@ -84,11 +84,16 @@ def _wins(gain: torch.Tensor) -> str:
 def verdict(imbalance_factor, rows: list[Row]) -> str:
     """One line from the numbers: class balancing 'helps' a loss when it is better on every seed,
     'hurts' when worse on every seed, otherwise the effect is not clear at this number of seeds."""
-    groups = {"helps": [], "hurts": [], "no clear effect on": []}
+    groups = {"helps": [], "hurts": [], "has no clear effect on": []}
     for r in rows:
         if r.gain is None:
             continue
-        key = "helps" if bool((r.gain > 0).all()) else "hurts" if bool((r.gain < 0).all()) else "no clear effect on"
+        if bool((r.gain > 0).all()):
+            key = "helps"
+        elif bool((r.gain < 0).all()):
+            key = "hurts"
+        else:
+            key = "has no clear effect on"
         groups[key].append(f"{r.config.loss} ({100 * float(r.gain.mean()):+.1f} pts)")
     parts = [f"{key} {', '.join(items)}" for key, items in groups.items() if items]
     seeds = rows[0].balanced.numel()
