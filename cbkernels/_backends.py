@@ -21,7 +21,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Backward strategy per backend, chosen by measurement (bench/results/ records the runs that decided):
 # see README "Backward strategies".
-DEFAULT_STRATEGY = {"cpu": "fused", "cuda": "fused", "triton": "fused"}
+DEFAULT_STRATEGY = {"cpu": "recompute", "cuda": "fused", "triton": "fused"}
 # On CUDA tensors "auto" takes the faster GPU backend by measurement (bench/results/); until a device
 # run decides otherwise, Triton first.
 CUDA_PREFERENCE = ("triton", "cuda")
