@@ -77,6 +77,27 @@ def run_training(splits, factors, seeds, settings, device):
     return out
 
 
+def summarise(per_factor, out: Path, show_grid: bool):
+    """Markdown tables with their verdicts, and the numbers behind them; every grid goes to out/grid-if*.md."""
+    sections, summary = [], {}
+    for factor, (results, counts) in per_factor.items():
+        rows = report.rows_for(results, counts)
+        line = report.verdict(factor, rows)
+        title = f"### Imbalance factor {factor:g} (training images per class: {counts})"
+        sections.append(f"{title}\n\n{report.markdown_table(rows)}\n\n{line}")
+        if show_grid:
+            sections.append(f"All configurations, imbalance factor {factor:g}:\n\n{report.grid_table(results)}")
+        (out / f"grid-if{factor:g}.md").write_text(report.grid_table(results) + "\n")
+        summary[f"{factor:g}"] = {
+            "counts": counts,
+            "rows": [{"loss": r.config.loss, "balanced": r.config.balanced, "gamma": r.config.gamma,
+                      "beta": r.config.beta, "test_balanced_acc": r.balanced.tolist(),
+                      "test_tail_acc": r.tail.tolist()} for r in rows],
+            "verdict": line,
+        }
+    return "\n\n".join(sections), summary
+
+
 def main(argv=None) -> int:
     args = parse_args([] if argv is None else argv)
     preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
@@ -99,23 +120,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     train_seconds = time.perf_counter() - start
 
-    sections, summary = [], {}
-    for factor, (results, counts) in per_factor.items():
-        rows = report.rows_for(results, counts)
-        line = report.verdict(factor, rows)
-        title = f"### Imbalance factor {factor:g} (training images per class: {counts})"
-        sections.append(f"{title}\n\n{report.markdown_table(rows)}\n\n{line}")
-        if args.full:
-            sections.append(f"All configurations, imbalance factor {factor:g}:\n\n{report.grid_table(results)}")
-        (args.out / f"grid-if{factor:g}.md").write_text(report.grid_table(results) + "\n")
-        summary[f"{factor:g}"] = {
-            "counts": counts,
-            "rows": [{"loss": r.config.loss, "balanced": r.config.balanced, "gamma": r.config.gamma,
-                      "beta": r.config.beta, "test_balanced_acc": r.balanced.tolist(),
-                      "test_tail_acc": r.tail.tolist()} for r in rows],
-            "verdict": line,
-        }
-    tables = "\n\n".join(sections)
+    tables, summary = summarise(per_factor, args.out, show_grid=args.full)
     print("\n" + tables + "\n")
     figure = args.out / "demo-digits.png"
     save_figure(per_factor, figure)
