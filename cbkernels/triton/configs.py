@@ -5,14 +5,17 @@ breaks CUDA-graph capture and makes torch.compile traces depend on timing. Inste
 table, keyed by loss family, number of classes C and dtype group; bench/sweep_triton.py measures a
 grid of configurations on a GPU and prints replacement rows for TABLE.
 
-How the current rows were chosen (not yet measured on a GPU: rerun the sweep and paste its rows):
-- A program handles rows * block elements per step; aim for 4-32 elements per thread so each thread
-  issues 16-byte vector loads (4 fp32 or 8 bf16/fp16 values) with a few in flight.
+How the current rows were chosen: NOT yet timed on a GPU (rerun the sweep there and paste its rows).
+They come from compiling the kernels for sm_90 on a CPU machine (triton.compile + ptxas -v, no GPU
+needed) and reading register counts, spills and vector widths:
+- A program handles rows * block elements per tile; 8-16 values per thread keep each thread on
+  16-byte vector accesses (4 fp32 or 8 bf16/fp16 values) with a couple in flight, at 40-80 registers,
+  i.e. 2-4 resident blocks per SM. 16 values per thread in the sigmoid kernel cost ~150 registers.
 - Small C: several rows per program, so a program still moves a useful amount of data.
-- Sigmoid family: one pass, so a moderate tile (2048-4096 columns) looped over the row is enough.
-- Softmax: when the whole row fits one tile the logits are read once (the row stays in registers),
-  so the single-tile limit is as large as the register file allows at 16 warps (8192 fp32 columns,
-  16384 half-precision columns: 16-32 values per thread); above it, two passes over 4096-8192 tiles.
+- Sigmoid family: one pass, so a 2048-column tile looped over the row is enough.
+- Softmax: when the whole row fits one tile the logits are read once (the row stays in registers):
+  8192 fp32 columns at 16 warps (64 registers, no spill), 16384 half columns at 32 warps (54
+  registers); 16384 fp32 columns spill. Above that, two passes over 4096-column tiles.
 """
 from __future__ import annotations
 
@@ -49,31 +52,29 @@ TABLE = {
     "sigmoid_focal": {
         "fp32": [
             (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
-            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
-            (None, LaunchConfig(block=4096, rows=1, num_warps=8)),
+            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+            (None, LaunchConfig(block=2048, rows=1, num_warps=8)),
         ],
         "half": [
             (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
-            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
-            (None, LaunchConfig(block=4096, rows=1, num_warps=8)),
+            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+            (None, LaunchConfig(block=2048, rows=1, num_warps=8)),
         ],
     },
     "softmax_ce": {
         "fp32": [
             (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
-            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
+            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
             (8192, LaunchConfig(block=8192, rows=1, num_warps=16)),
-            (None, LaunchConfig(block=8192, rows=1, num_warps=16)),
+            (None, LaunchConfig(block=4096, rows=1, num_warps=16)),
         ],
         "half": [
             (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=8, num_warps=4)),
-            (2048, LaunchConfig(block=2048, rows=2, num_warps=8)),
-            (16384, LaunchConfig(block=16384, rows=1, num_warps=16)),
-            (None, LaunchConfig(block=8192, rows=1, num_warps=16)),
+            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+            (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
+            (16384, LaunchConfig(block=16384, rows=1, num_warps=32)),
+            (None, LaunchConfig(block=4096, rows=1, num_warps=16)),
         ],
     },
 }

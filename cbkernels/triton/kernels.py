@@ -1,12 +1,22 @@
 """Triton kernels of the op contract (docs/op-contract.md): CB sigmoid/focal and CB softmax CE.
 
 Each program owns ROWS rows and walks their columns in tiles of BLOCK, so any C from 1 up works with a
-fixed register budget. One launch gives the per-row loss and/or the gradient:
+fixed register budget. The logits and the gradient are contiguous (N, C), so row i is the flat range
+[a, b) = [i C, i C + C), and a row of C = 8142 classes starts on a 16-byte boundary only every few
+rows. Triton emits 16-byte vector loads/stores only for tiles it can prove aligned and whose mask is
+constant over each vector, so every row is split (VEC = 16 bytes of elements):
+    head [a, a_up)  |  body [a_up, b_dn): full aligned vectors, BLOCK-wide tiles  |  tail [b_dn, b)
+a_up = a rounded up and b_dn = b rounded down to a multiple of VEC (head or tail may be empty; a row
+shorter than a vector has head only). The body's index base and mask bound are multiples of VEC, so
+its loads and stores vectorise; the head and tail (< VEC elements each) form one 2*VEC-lane edge
+tile with exact element masks. No access ever leaves the row.
+
+One launch gives the per-row loss and/or the gradient:
     forward, with_grad=True    WRITE_LOSS, WRITE_GRAD               grad = alpha_y * d loss_i / dz
     forward, with_grad=False   WRITE_LOSS                           no gradient written
     backward ("recompute")     WRITE_GRAD, SCALE_GRAD               grad = grad_loss[i] * alpha_y * d loss_i / dz
-Math in fp32 whatever the logits' dtype; the gradient is rounded once, when stored. Row offsets are
-int64 (row * stride overflows int32 once N * C > 2^31); column offsets stay int32 (C < 2^31).
+Math in fp32 whatever the logits' dtype; the gradient is rounded once, when stored. Offsets are int64
+(the row index is int64 before it is multiplied by C: i * C overflows int32 once N * C > 2^31).
 
 Target handling, per row: target == ignore_index -> loss 0 and gradient 0, whatever the logits hold
 (tl.where, never a multiply by 0, so NaN/inf logits of ignored rows do not leak). A target outside
@@ -102,13 +112,47 @@ def _focal_elementwise(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
     return term, tl.where(is_y, dterm_du, -dterm_du)
 
 
+
+@triton.jit
+def _row_ranges(rows, C, VEC: tl.constexpr):
+    """Flat [a, b) of each row and the aligned body bounds a_up <= b_dn (multiples of VEC, by construction)."""
+    a = rows * C
+    b = a + C
+    a_up = (a + (VEC - 1)) // VEC * VEC
+    b_dn = b // VEC * VEC
+    return a, b, a_up, b_dn
+
+
+@triton.jit
+def _edge_tile(a, b, a_up, b_dn, VEC: tl.constexpr):
+    """Flat indices and mask of the head (lanes < VEC) and tail (lanes >= VEC) of each row."""
+    lane = tl.arange(0, 2 * VEC)[None, :]
+    is_head = lane < VEC
+    idx = tl.where(is_head, a[:, None] + lane, b_dn[:, None] + (lane - VEC))
+    mask = tl.where(is_head, (idx < a_up[:, None]) & (idx < b[:, None]),
+                    (idx >= a_up[:, None]) & (idx < b[:, None]))
+    return idx, mask
+
+
+@triton.jit
+def _focal_tile(logits_ptr, grad_ptr, idx, mask, store_mask, a, y, valid, coef, gamma,
+                GAMMA_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    """Loads one tile, writes its gradient (WRITE_GRAD) and returns its per-element terms (0 off-mask)."""
+    z = tl.load(logits_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    term, dz = _focal_elementwise(z, (idx - a[:, None]) == y[:, None], gamma, GAMMA_MODE)
+    if WRITE_GRAD:
+        g = tl.where(valid[:, None], coef[:, None] * dz, 0.0)
+        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
+    return tl.where(mask, term, 0.0)
+
+
 @triton.jit
 def sigmoid_focal_kernel(
     logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-    N, C, stride_n, gamma, ignore_index,
+    N, C, gamma, ignore_index,
     HAS_WEIGHT: tl.constexpr, GAMMA_MODE: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     """loss_i = alpha_y sum_c term_c; grad_ic = (grad_loss_i) alpha_y t_c dterm/du. Logits read once."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -118,73 +162,93 @@ def sigmoid_focal_kernel(
     coef = alpha
     if SCALE_GRAD:
         coef = alpha * tl.load(grad_loss_ptr + rows)
-    in_row = logits_ptr + rows[:, None] * stride_n
-    if WRITE_GRAD:  # (unused pointers are None: only touch them under their flag)
-        out_row = grad_ptr + rows[:, None] * C
-    cols0 = tl.arange(0, BLOCK)
+    a, b, a_up, b_dn = _row_ranges(rows, C, VEC)
+    cols0 = tl.arange(0, BLOCK)[None, :]
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for start in range(0, C, BLOCK):
-        cols = start + cols0
-        mask = cols[None, :] < C
-        z = tl.load(in_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        term, dz = _focal_elementwise(z, cols[None, :] == y[:, None], gamma, GAMMA_MODE)
-        if WRITE_LOSS:
-            acc += tl.where(mask, term, 0.0)
-        if WRITE_GRAD:
-            g = tl.where(valid[:, None], coef[:, None] * dz, 0.0)
-            tl.store(out_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & mask)
+    for start in range(0, C, BLOCK):  # body: b_dn - a_up <= C
+        idx = a_up[:, None] + start + cols0
+        mask = idx < b_dn[:, None]
+        acc += _focal_tile(logits_ptr, grad_ptr, idx, mask, mask & row_mask[:, None], a, y, valid, coef,
+                           gamma, GAMMA_MODE, WRITE_GRAD)
+    idx, mask = _edge_tile(a, b, a_up, b_dn, VEC)
+    edge = _focal_tile(logits_ptr, grad_ptr, idx, mask, mask & row_mask[:, None], a, y, valid, coef,
+                       gamma, GAMMA_MODE, WRITE_GRAD)
     if WRITE_LOSS:
-        loss = tl.where(valid, alpha * tl.sum(acc, axis=1), 0.0)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        total = tl.sum(acc, axis=1) + tl.sum(edge, axis=1)
+        tl.store(loss_ptr + rows, tl.where(valid, alpha * total, 0.0), mask=row_mask)
+
+
+# Running max of the online log-sum-exp starts at the lowest finite float, not -inf: a tile with no
+# element of a row (its masked lanes load -inf) then leaves (m, s) as they are, with no -inf - -inf.
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _lse_update(m, s, z):
+    """(m, s) with s = sum exp(z - m) extended by tile z (masked lanes -inf)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _softmax_grad_store(grad_ptr, z, idx, store_mask, a, y, valid, coef, lse, on_target, off_target):
+    """Stores coef * (softmax - on_target [c == y] - off_target) of one tile (masked lanes store nothing)."""
+    prob = tl.exp(z - lse[:, None])
+    g = prob - tl.where((idx - a[:, None]) == y[:, None], on_target, 0.0) - off_target
+    g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
+    tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
 def softmax_ce_kernel(
     logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-    N, C, stride_n, eps, ignore_index,
+    N, C, eps, ignore_index,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     """loss_i = alpha_y (lse - (1-eps) z_y - eps/C sum_c z_c);
     grad_ic = (grad_loss_i) alpha_y (softmax_c - (1-eps) [c == y] - eps/C), formed in fp32.
 
-    Log-sum-exp online over column tiles: m = running max, s = sum exp(z - m), rescaled by exp(m - m_new)
-    when the max grows. m starts at -inf; every real row's first tile holds at least one real logit, so
-    m is finite after it and exp(-inf - m) = 0 (no -inf - -inf). Masked lanes load -inf: exp gives 0.
+    Log-sum-exp online over the tiles (body tiles, then the edge tile): m = running max,
+    s = sum exp(z - m), rescaled by exp(m - m_new) when the max grows. SINGLE_BLOCK (BLOCK >= C): the
+    body is one tile and it stays in registers with the edge tile, so the logits are read once.
     NaN: if a max-reduction drops a NaN, exp(NaN - m) still makes s (hence lse, loss, grad) NaN.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < N
     rows = tl.minimum(rows, N - 1)  # padding rows recompute row N-1 (stores are masked): loads need no row mask
     y, valid, alpha = _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
-    in_row = logits_ptr + rows[:, None] * stride_n
-    cols0 = tl.arange(0, BLOCK)
+    a, b, a_up, b_dn = _row_ranges(rows, C, VEC)
+    cols0 = tl.arange(0, BLOCK)[None, :]
+    e_idx, e_mask = _edge_tile(a, b, a_up, b_dn, VEC)
+    z_e = tl.load(logits_ptr + e_idx, mask=e_mask, other=float("-inf")).to(tl.float32)
+    m = tl.full([ROWS], _LOWEST, tl.float32)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    m, s = _lse_update(m, s, z_e)
     sum_z = tl.zeros([ROWS], dtype=tl.float32)
-    if SINGLE_BLOCK:  # BLOCK >= C: the row stays in registers between the lse and the gradient
-        mask = cols0[None, :] < C
-        z_tile = tl.load(in_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.max(z_tile, axis=1)
-        ez = tl.exp(z_tile - m[:, None])
-        s = tl.sum(ez, axis=1)
+    if HAS_SMOOTHING:
+        sum_z = tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
+    if SINGLE_BLOCK:  # the body is one tile: keep it (and the edge) in registers for the gradient
+        b_idx = a_up[:, None] + cols0
+        b_mask = b_idx < b_dn[:, None]
+        z_b = tl.load(logits_ptr + b_idx, mask=b_mask, other=float("-inf")).to(tl.float32)
+        m, s = _lse_update(m, s, z_b)
         if HAS_SMOOTHING:
-            sum_z = tl.sum(tl.where(mask, z_tile, 0.0), axis=1)
+            sum_z += tl.sum(tl.where(b_mask, z_b, 0.0), axis=1)
     else:
-        m = tl.full([ROWS], float("-inf"), tl.float32)
-        s = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, C, BLOCK):
-            cols = start + cols0
-            mask = cols[None, :] < C
-            z = tl.load(in_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m = m_new
+            b_idx = a_up[:, None] + start + cols0
+            b_mask = b_idx < b_dn[:, None]
+            z = tl.load(logits_ptr + b_idx, mask=b_mask, other=float("-inf")).to(tl.float32)
+            m, s = _lse_update(m, s, z)
             if HAS_SMOOTHING:
-                sum_z += tl.sum(tl.where(mask, z, 0.0), axis=1)
+                sum_z += tl.sum(tl.where(b_mask, z, 0.0), axis=1)
     lse = m + tl.log(s)
 
     if WRITE_LOSS:
-        z_y = tl.load(logits_ptr + rows * stride_n + y, mask=valid, other=0.0).to(tl.float32)
+        z_y = tl.load(logits_ptr + a + y, mask=valid, other=0.0).to(tl.float32)
         # lse - (1-eps) z_y - eps mean(z), grouped so that each bracket is exactly 0 when C == 1
         row_loss = lse - z_y
         if HAS_SMOOTHING:
@@ -192,7 +256,6 @@ def softmax_ce_kernel(
         tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
 
     if WRITE_GRAD:
-        out_row = grad_ptr + rows[:, None] * C
         coef = alpha
         if SCALE_GRAD:
             coef = alpha * tl.load(grad_loss_ptr + rows)
@@ -203,16 +266,14 @@ def softmax_ce_kernel(
             on_target = 1.0
             off_target = 0.0
         if SINGLE_BLOCK:
-            prob = ez * (1.0 / s)[:, None]
-            g = prob - tl.where(cols0[None, :] == y[:, None], on_target, 0.0) - off_target
-            g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
-            tl.store(out_row + cols0[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & mask)
+            _softmax_grad_store(grad_ptr, z_b, b_idx, b_mask & row_mask[:, None], a, y, valid, coef, lse,
+                                on_target, off_target)
         else:
             for start in range(0, C, BLOCK):
-                cols = start + cols0
-                mask = cols[None, :] < C
-                z = tl.load(in_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                prob = tl.exp(z - lse[:, None])
-                g = prob - tl.where(cols[None, :] == y[:, None], on_target, 0.0) - off_target
-                g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
-                tl.store(out_row + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & mask)
+                b_idx = a_up[:, None] + start + cols0
+                b_mask = b_idx < b_dn[:, None]
+                z = tl.load(logits_ptr + b_idx, mask=b_mask, other=0.0).to(tl.float32)
+                _softmax_grad_store(grad_ptr, z, b_idx, b_mask & row_mask[:, None], a, y, valid, coef, lse,
+                                    on_target, off_target)
+        _softmax_grad_store(grad_ptr, z_e, e_idx, e_mask & row_mask[:, None], a, y, valid, coef, lse,
+                            on_target, off_target)

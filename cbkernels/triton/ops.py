@@ -57,7 +57,7 @@ def _check(op, logits, target, class_weight, grad_loss=None):
 
 def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad, param, ignore_index,
             write_loss, write_grad, **family_constexprs):
-    """One kernel launch on (N, C) logits whose column stride is 1.
+    """One kernel launch on contiguous (N, C) logits.
 
     Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
@@ -70,18 +70,17 @@ def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad,
     grid = (triton.cdiv(n, config.rows),)
     wrap_triton(kernel)[grid](
         logits, target, class_weight, grad_loss, loss, grad,
-        n, c, logits.stride(0), param, ignore_index,
+        n, c, param, ignore_index,
         HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-        SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block,
+        SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(),
         num_warps=config.num_warps, num_stages=config.num_stages, **family_constexprs,
     )
 
 
 def _row_major(logits, target):
-    # The kernels honour any row stride; a column stride other than 1 costs a copy (op contract).
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    return logits, target.contiguous()
+    # The kernels index rows as flat ranges i*C..i*C+C of a contiguous tensor, shared by the logits and
+    # the gradient (so both are split at the same vector boundaries); other strides cost a copy (op contract).
+    return logits.contiguous(), target.contiguous()
 
 
 def _define(name):
