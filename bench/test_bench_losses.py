@@ -40,18 +40,18 @@ def test_forward_backward(benchmark, loss, n, c, dtype, prov):
     benchmark.group = f"{loss} N={n} C={c} {str(dtype)[6:]} {DEVICE.type}"
     benchmark.extra_info.update(EXTRA_INFO, provider=prov.name, loss=loss, N=n, C=c, dtype=str(dtype)[6:])
     case = P.make_case(loss, n, c, dtype, DEVICE)
-    ref_loss, ref_grad = runner._reference(case)
+    ref_loss, ref_grad = runner.reference_loss_and_grad(case)
     with P.environment(prov.env):
         fn = prov.build(case)
         x = case.logits.detach().clone().requires_grad_(True)
-        loss_val, grad = runner._loss_and_grad(fn, x)  # compiles here for torch.compile: not timed
-        loss_err, grad_err = runner._rel_errors(loss_val.detach(), grad, ref_loss, ref_grad)
+        loss_val, grad = runner.loss_and_grad(fn, x)  # compiles here for torch.compile: not timed
+        loss_err, grad_err = runner.rel_errors(loss_val.detach(), grad, ref_loss, ref_grad)
         tol = runner.CHECK_RTOL[dtype]
         assert loss_err <= tol and grad_err <= tol, f"{prov.name}: loss {loss_err:.1e}, grad {grad_err:.1e}"
         benchmark.extra_info.update(loss_rel_err=loss_err, grad_rel_err=grad_err)
 
         def step():  # synchronised so pytest-benchmark's host timer sees the device's work
-            out = runner._loss_and_grad(fn, x)
+            out = runner.loss_and_grad(fn, x)
             timing.sync(DEVICE)
             return out
 

@@ -60,7 +60,7 @@ def test_a_disagreeing_or_failing_provider_is_reported_not_timed(monkeypatch):
     real = providers.providers_for
 
     def wrong(case):
-        fn = providers._naive(case)
+        fn = providers.naive(case)
         return lambda x: 1.01 * fn(x)
 
     def broken(case):
@@ -99,5 +99,5 @@ def test_render_rewrites_table_and_plots_from_json(quick_run, tmp_path):
     out.mkdir()
     (out / "results.json").write_text((quick_run / "results.json").read_text())
     assert bench.main(["--render", str(out)]) == 0
-    assert (out / "table.md").read_text().split("\n", 1)[1] == (quick_run / "table.md").read_text().split("\n", 1)[1]
+    assert (out / "table.md").read_text() == (quick_run / "table.md").read_text()
     assert (out / "time.png").stat().st_size > 0

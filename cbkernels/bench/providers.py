@@ -65,7 +65,7 @@ def _valid_rows(target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     return (target != ignore_index).sum().clamp(min=1)
 
 
-def _naive(case: Case):
+def naive(case: Case):
     target, weight, gamma = case.target, case.weight, case.gamma
     if case.loss == "softmax":
         return lambda x: reference.cb_softmax_cross_entropy(x, target, weight)
@@ -76,7 +76,7 @@ def _compiled(case: Case):
     # A fresh dynamo cache per case: the same code object is compiled once per shape and dtype, and the
     # recompile limit would otherwise silently fall back to eager after a few shapes of a sweep.
     torch._dynamo.reset()
-    return torch.compile(_naive(case), dynamic=False)
+    return torch.compile(naive(case), dynamic=False)
 
 
 def _kernel(backend: str):
@@ -147,7 +147,7 @@ def providers_for(loss: str, device) -> list[Provider]:
         for strategy in _backends.STRATEGIES:
             out.append(Provider(f"cbkernels[{backend},{strategy}]", "cbkernels", _kernel(backend),
                                 env={"CBKERNELS_BACKWARD": strategy}))
-    out.append(Provider(NAIVE, "peer", _naive))
+    out.append(Provider(NAIVE, "peer", naive))
     out.append(Provider(COMPILED, "peer", _compiled, compiles=True))
     if loss == "softmax":
         out.append(Provider("F.cross_entropy", "peer", _torch_cross_entropy))

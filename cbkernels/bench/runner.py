@@ -28,22 +28,22 @@ def useful_bytes(case: P.Case) -> int:
     return 2 * n * c * case.logits.element_size() + n * case.target.element_size() + c * case.weight.element_size()
 
 
-def _loss_and_grad(fn, x):
+def loss_and_grad(fn, x):
     loss = fn(x)
     (grad,) = torch.autograd.grad(loss, x)
     return loss, grad
 
 
-def _rel_errors(loss, grad, ref_loss, ref_grad) -> tuple[float, float]:
+def rel_errors(loss, grad, ref_loss, ref_grad) -> tuple[float, float]:
     loss_err = float((loss.double() - ref_loss).abs() / ref_loss.abs().clamp(min=1e-30))
     grad_err = float((grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp(min=1e-30))
     return loss_err, grad_err
 
 
-def _reference(case: P.Case):
+def reference_loss_and_grad(case: P.Case):
     x = case.logits.detach().double().requires_grad_(True)
-    fn = P._naive(P.Case(case.loss, x, case.target, case.weight))
-    loss, grad = _loss_and_grad(fn, x)
+    fn = P.naive(P.Case(case.loss, x, case.target, case.weight))
+    loss, grad = loss_and_grad(fn, x)
     return loss.detach(), grad
 
 
@@ -62,7 +62,7 @@ def run_case(loss: str, n: int, c: int, dtype: torch.dtype, device, repeats: int
     if memory and device.type == "cpu":
         timing.prepare_cpu_memory_probe()
     case = P.make_case(loss, n, c, dtype, device)
-    ref_loss, ref_grad = _reference(case)
+    ref_loss, ref_grad = reference_loss_and_grad(case)
     copy_gbps = copy_bandwidth_gbps(case, repeats, warmup)
     nbytes = useful_bytes(case)
     base = {"loss": loss, "N": n, "C": c, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
@@ -92,11 +92,11 @@ def _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row):
     fn = prov.build(case)
     x = case.logits.detach().clone().requires_grad_(True)
     start = time.perf_counter()
-    loss, grad = _loss_and_grad(fn, x)
+    loss, grad = loss_and_grad(fn, x)
     timing.sync(device)
     if prov.compiles:
         row["compile_s"] = time.perf_counter() - start
-    row["loss_rel_err"], row["grad_rel_err"] = _rel_errors(loss.detach(), grad, ref_loss, ref_grad)
+    row["loss_rel_err"], row["grad_rel_err"] = rel_errors(loss.detach(), grad, ref_loss, ref_grad)
     tol = CHECK_RTOL[case.logits.dtype]
     if not (row["loss_rel_err"] <= tol and row["grad_rel_err"] <= tol):  # NaN fails too
         row.update(status="mismatch", error=f"relative error above {tol:g} vs float64 reference")
@@ -110,7 +110,7 @@ def _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row):
         return torch.autograd.grad(loss, x)
 
     def fwd_bwd():
-        return _loss_and_grad(fn, x)
+        return loss_and_grad(fn, x)
 
     for key, run, prepare in (("fwd", fwd, None), ("bwd", bwd, fwd), ("fwd_bwd", fwd_bwd, None)):
         samples = timing.measure_ms(run, device, repeats, warmup, prepare)
