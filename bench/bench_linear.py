@@ -10,7 +10,9 @@ Variants (each in its own subprocess, so peaks do not mix and a crash or OOM of 
 Peak extra memory: CPU, the child's peak RSS (resource.getrusage ru_maxrss) minus the baseline child's, which
 imports the same modules and builds the same inputs; CUDA, torch.cuda.max_memory_allocated() minus the bytes
 allocated once the inputs exist. Both include the parameter gradients (.grad), the same for every variant.
-Time: median of --repeats forward + backward steps after one warm-up step (the step that measured memory).
+Time: median of --repeats forward + backward steps after one warm-up step (the step that measured memory),
+as wall-clock ms and, for a shared CPU machine where the wall clock mostly measures the neighbours, as the
+process's CPU time (time.process_time, summed over its threads).
 
   python bench/bench_linear.py                                  # CPU, (4096, 512, 32768) fp32
   python bench/bench_linear.py --device cuda --out FILE.json    # GPU, (8192, 2048, 131072) bf16
@@ -101,13 +103,14 @@ def _child(args):
         peak_extra = (torch.cuda.max_memory_allocated() - base) / MiB
     else:
         peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB  # absolute; parent subtracts
-    times = []
+    times, cpu_times = [], []
     started = time.perf_counter()
     while len(times) < args.repeats and (not times or time.perf_counter() - started < args.time_cap):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times.append((time.perf_counter() - t0) * 1e3)
-    print(json.dumps({"peak_mib": peak_extra, "ms": times, "backend": backend}))
+        cpu_times.append((time.process_time() - c0) * 1e3)
+    print(json.dumps({"peak_mib": peak_extra, "ms": times, "cpu_ms": cpu_times, "backend": backend}))
 
 
 # --- parent: runs every variant, time-boxed -----------------------------------------------------------
@@ -126,8 +129,9 @@ def _run_variant(args, variant, loss, timeout):
         reason = "out of memory" if any("out of memory" in s.lower() for s in tail) else "failed"
         return {"error": f"{reason} (exit {proc.returncode}): {' | '.join(tail)}"}
     result = json.loads(lines[-1])
-    ms = result.pop("ms")
-    result.update(ms_median=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), repeats=len(ms))
+    ms, cpu_ms = result.pop("ms"), result.pop("cpu_ms")
+    result.update(ms_median=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), repeats=len(ms),
+                  cpu_ms_median=statistics.median(cpu_ms))
     return result
 
 
@@ -142,22 +146,26 @@ def _summary(results, loss):
         out["fused_mem_vs_naive"] = rows["fused"]["peak_extra_mib"] / rows["naive"]["peak_extra_mib"]
     if ok("fused") and ok("unfused"):
         out["fused_time_vs_unfused"] = rows["fused"]["ms_median"] / rows["unfused"]["ms_median"]
+        out["fused_cpu_time_vs_unfused"] = rows["fused"]["cpu_ms_median"] / rows["unfused"]["cpu_ms_median"]
         out["fused_mem_vs_unfused"] = rows["fused"]["peak_extra_mib"] / rows["unfused"]["peak_extra_mib"]
     if ok("fused") and ok("torch_lce"):
         out["fused_time_vs_torch_lce"] = rows["fused"]["ms_median"] / rows["torch_lce"]["ms_median"]
+        out["fused_cpu_time_vs_torch_lce"] = rows["fused"]["cpu_ms_median"] / rows["torch_lce"]["cpu_ms_median"]
         out["fused_mem_vs_torch_lce"] = rows["fused"]["peak_extra_mib"] / rows["torch_lce"]["peak_extra_mib"]
     return out
 
 
 def _markdown(report):
-    lines = ["| loss | variant | backend | ms median (min-max, reps) | peak extra MiB |", "|---|---|---|---|---|"]
+    lines = ["| loss | variant | backend | wall ms median (min-max, reps) | process CPU ms median | peak extra MiB |",
+             "|---|---|---|---|---|---|"]
     for loss, rows in report["results"].items():
         for name, r in rows.items():
             if "ms_median" in r:
                 lines.append(f"| {loss} | {name} | {r['backend']} | {r['ms_median']:.0f} ({r['ms_min']:.0f}-"
-                             f"{r['ms_max']:.0f}, {r['repeats']}) | {r['peak_extra_mib']:.0f} |")
+                             f"{r['ms_max']:.0f}, {r['repeats']}) | {r['cpu_ms_median']:.0f} | "
+                             f"{r['peak_extra_mib']:.0f} |")
             else:
-                lines.append(f"| {loss} | {name} | - | {r.get('error') or r.get('skipped')} | - |")
+                lines.append(f"| {loss} | {name} | - | {r.get('error') or r.get('skipped')} | - | - |")
     for loss, s in report["summary"].items():
         lines.append(f"\n{loss}: " + ", ".join(f"{k} = {v:.3f}" for k, v in s.items()))
     return "\n".join(lines)
