@@ -256,8 +256,11 @@ def _compiled_matches_eager(compile_backend, n, c, dtype):
     _all_losses(x_eager, target, weight).backward()
     out = compiled(x_comp, target, weight)
     out.backward()
-    torch.testing.assert_close(out, _all_losses(logits, target, weight), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, _all_losses(logits, target, weight), rtol=1e-5, atol=1e-6)
+    # The three losses' gradients are summed into x.grad in the logits' dtype; compiled code may add them
+    # in another order or in fp32 before one rounding: allow a couple of roundings of that dtype.
+    rtol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-8
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=rtol, atol=rtol * float(x_eager.grad.abs().max()))
 
 
 def test_torch_compile_fullgraph_cpu(strategy, monkeypatch):
@@ -390,8 +393,14 @@ def test_gpu_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_torch_compile_fullgraph_inductor(dtype, strategy):
-    # bf16 kernels round the gradient once either way; eager and compiled run the same kernels
+@pytest.mark.parametrize("backend_choice", ["as_is", "frozen"])
+def test_gpu_torch_compile_fullgraph_inductor(dtype, backend_choice, strategy, monkeypatch):
+    """Inductor sees through the triton_ops to the kernels. "as_is" is the public path end to end;
+    "frozen" fixes _backends._triton_import_error's answer (see the CPU test), so a failure of "as_is"
+    alone points at backend resolution rather than at the ops."""
+    if backend_choice == "frozen":
+        answer = _backends._triton_import_error()
+        monkeypatch.setattr(_backends, "_triton_import_error", lambda: answer)
     _compiled_matches_eager("inductor", 64, 1000, dtype)
 
 

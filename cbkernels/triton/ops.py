@@ -63,11 +63,10 @@ def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad,
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
     must not see an output tensor twice."""
     n, c = logits.shape
+    config, block = _plan(family, logits)
+    grid = (triton.cdiv(n, config.rows),)
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
-    config = configs.pick(family, c, logits.dtype)
-    block = min(config.block, triton.next_power_of_2(c))
-    grid = (triton.cdiv(n, config.rows),)
     wrap_triton(kernel)[grid](
         logits, target, class_weight, grad_loss, loss, grad,
         n, c, param, ignore_index,
@@ -75,6 +74,14 @@ def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad,
         SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(),
         num_warps=config.num_warps, num_stages=config.num_stages, **family_constexprs,
     )
+
+
+def _plan(family, logits):
+    """(LaunchConfig, tile width) for these logits. The choice depends on C, so C is made a static int
+    here (under torch.compile with dynamic shapes that is a guard on C; N stays symbolic)."""
+    c = int(logits.shape[1])
+    config = configs.pick(family, c, logits.dtype)
+    return config, min(config.block, 1 << (c - 1).bit_length())
 
 
 def _row_major(logits, target):
@@ -99,8 +106,8 @@ def _sigmoid_constexprs(gamma):
 
 
 def _softmax_constexprs(family, logits, label_smoothing):
-    config = configs.pick(family, logits.shape[1], logits.dtype)
-    return {"HAS_SMOOTHING": label_smoothing != 0.0, "SINGLE_BLOCK": config.block >= logits.shape[1]}
+    _config, block = _plan(family, logits)
+    return {"HAS_SMOOTHING": label_smoothing != 0.0, "SINGLE_BLOCK": block >= int(logits.shape[1])}
 
 
 def _forward(kernel, family, logits, target, class_weight, param, ignore_index, with_grad, constexprs):
