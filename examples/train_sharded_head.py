@@ -52,8 +52,10 @@ def shard_sizes(num_classes: int, world: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def count_all_reduce_bytes(record: list):
-    """Appends numel * element_size of every tensor passed to dist.all_reduce inside the block.
+def count_all_reduce(record: list):
+    """Appends (bytes, seconds) for every dist.all_reduce inside the block: numel * element_size of the
+    tensor, and the wall time of the call (on CPU/gloo it returns when the reduction is done, so the time
+    includes waiting for the slowest rank to arrive).
 
     cbkernels.distributed looks dist.all_reduce up at call time, so wrapping the module attribute sees
     exactly the tensors the losses communicate.
@@ -61,8 +63,10 @@ def count_all_reduce_bytes(record: list):
     original = dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
-        record.append(tensor.numel() * tensor.element_size())
-        return original(tensor, *args, **kwargs)
+        start = time.perf_counter()
+        result = original(tensor, *args, **kwargs)
+        record.append((tensor.numel() * tensor.element_size(), time.perf_counter() - start))
+        return result
 
     dist.all_reduce = counting
     try:
@@ -111,13 +115,13 @@ def main():
     loss_fn = LOSSES[args.loss]
     extra = {"gamma": args.gamma} if args.loss == "focal" else {}
 
-    times, losses, step_bytes = [], [], []
+    times, losses, step_bytes, comm_times = [], [], [], []
     for step in range(args.warmup + args.steps):
         features, target = batch(labels, prototypes, args.batch, generator)
         record = []
         dist.barrier()  # start every rank's step together, so the time includes waiting for the slowest
         start = time.perf_counter()
-        with count_all_reduce_bytes(record):
+        with count_all_reduce(record):
             loss = loss_fn(head(features), target, weight, class_start=class_start, num_classes=num_classes,
                            **extra)
             optimizer.zero_grad(set_to_none=True)
@@ -127,7 +131,8 @@ def main():
         if step >= args.warmup:
             times.append(elapsed)
             losses.append(loss.item())
-            step_bytes.append(sum(record))
+            step_bytes.append(sum(b for b, _ in record))
+            comm_times.append(sum(t for _, t in record))
 
     # The slowest rank's median step time is the step time of the group.
     median = torch.tensor(statistics.median(times), dtype=torch.float64)
@@ -139,6 +144,8 @@ def main():
         print(f"loss: first {losses[0]:.4f} last {losses[-1]:.4f}")
         print(f"step time: median {median.item() * 1e3:.1f} ms (slowest rank); rank 0 min "
               f"{min(times) * 1e3:.1f} max {max(times) * 1e3:.1f} ms over {len(times)} steps")
+        print(f"time inside all_reduce (rank 0, includes waiting for other ranks): median "
+              f"{statistics.median(comm_times) * 1e3:.2f} ms per step")
         print(f"all-reduce payload per rank per step: {step_bytes[0]} bytes "
               f"({step_bytes[0] / args.batch:.0f} bytes per row) vs {dense} bytes to gather the (N, C) fp32 logits")
     dist.destroy_process_group()
