@@ -105,6 +105,7 @@ class _Accumulator:
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         need_h, need_w, need_b = plan.needs
         self.hidden_blocks = [] if need_h else None
+        self.empty_hidden = weight.new_zeros((0, weight.shape[1]))  # N = 0: torch.cat needs one block
         self.weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
 
@@ -120,7 +121,9 @@ class _Accumulator:
             self.bias.add_(grad.sum(0, dtype=self.bias.dtype))
 
     def hidden(self):
-        return None if self.hidden_blocks is None else torch.cat(self.hidden_blocks)
+        if self.hidden_blocks is None:
+            return None
+        return torch.cat(self.hidden_blocks or [self.empty_hidden])
 
 
 def _chunks(plan, num_rows):

@@ -337,3 +337,14 @@ def test_module_bad_arguments():
         ClassBalancedLinearLoss(4, [1, 2], chunk_size=-3)
     with pytest.raises(ValueError, match="0 samples"):
         ClassBalancedLinearLoss(4, [1, 0])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(reduction):
+    hidden, weight, b, target, cw = _inputs(3, 4, 5, torch.float64)
+    hidden, target = hidden[:0].requires_grad_(True), target[:0]
+    weight.requires_grad_(True)
+    out = cb_linear_loss(hidden, weight, target, cw, b, "softmax", reduction=reduction, backend="reference")
+    assert out.shape == ((0,) if reduction == "none" else ())
+    gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
+    assert gh.shape == (0, 4) and (gw == 0).all()
