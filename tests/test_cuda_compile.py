@@ -1,6 +1,8 @@
-"""CI gate for the CUDA backend on machines without a GPU: tools/check_cuda_compile.sh compiles
+"""The CUDA backend's checks that need no GPU (CI): tools/check_cuda_compile.sh compiles
 csrc/cuda/launch.cu with nvcc for sm_80 and sm_90 (any warning or register spill fails) and syntax-checks
-csrc/cuda/bindings.cpp against the installed torch's headers. About a minute of CPU on 2 cores."""
+csrc/cuda/bindings.cpp against the installed torch's headers (about a minute of CPU on 2 cores); and the
+host-side parts of bench/sweep_cuda.py (configuration grid, arguments, JSON report, summary table)."""
+import json
 import os
 import shutil
 import subprocess
@@ -28,3 +30,54 @@ def test_cuda_sources_compile_without_warnings_or_spills(tmp_path):
         # Every kernel family is instantiated (a dispatch typo would silently drop one).
         for kernel in ("sigmoid_focal_kernel", "softmax_stream_kernel", "softmax_cached_kernel"):
             assert kernel in report, f"{kernel} missing from the sm_{sm} build"
+
+
+sys.path.insert(0, str(ROOT / "bench"))
+import sweep_cuda  # noqa: E402
+
+
+def test_sweep_config_grid_matches_the_launcher_rules():
+    for family in ("sigmoid_focal", "softmax_ce"):
+        for c in (7, 1000, 8142, 70001, 262144):
+            grid = sweep_cuda.config_grid(family, c)
+            assert grid and len(set(grid)) == len(grid)
+            for config in grid:  # the rules of config_error in csrc/cuda/launch.cu
+                tpr = config.threads // config.rows
+                assert config.threads % config.rows == 0 and tpr % 32 == 0 and 32 <= config.threads <= 1024
+                assert config.vec in (16, 8, 1) and config.cache in (0, 1)
+            assert grid[0].threads // grid[0].rows == sweep_cuda.default_tpr(c)
+    assert sweep_cuda.default_tpr(8142) == 512 and sweep_cuda.default_tpr(1) == 32
+    assert sweep_cuda.default_tpr(10**6) == 1024
+    assert sweep_cuda.Config(512, 2, 8, 0).env() == "threads=512,rows=2,vec=8,cache=0"
+
+
+def test_sweep_config_env_is_restored(monkeypatch):
+    monkeypatch.setenv(sweep_cuda.ENV, "threads=64")
+    with sweep_cuda.ConfigEnv(sweep_cuda.Config(128, 1)):
+        assert os.environ[sweep_cuda.ENV] == "threads=128,rows=1,vec=16,cache=1"
+    with sweep_cuda.ConfigEnv(None):
+        assert sweep_cuda.ENV not in os.environ
+    assert os.environ[sweep_cuda.ENV] == "threads=64"
+
+
+def test_sweep_arguments_report_and_table(tmp_path):
+    args = sweep_cuda.parse_args(["--out", str(tmp_path / "s.json")])
+    assert args.budget_s == 120.0
+    with pytest.raises(SystemExit):
+        sweep_cuda.parse_args(["--out", "x.json", "--budget-s", "0"])
+    with pytest.raises(SystemExit):
+        sweep_cuda.parse_args([])
+    rates = sweep_cuda.with_rates({"ms": 2.0}, 4 * 10**9, 1000.0)
+    assert rates == {"ms": 2.0, "gbps": 2000.0, "pct_copy": 200.0}
+    assert sweep_cuda.useful_bytes(2, 3, __import__("torch").bfloat16) == 2 * 2 * 3 * 2 + 16 + 12
+    entry = {"family": "softmax_ce", "n": 8192, "c": 8142, "dtype": "bfloat16",
+             "default": {"fused": {"ms": 1.0, "pct_copy": 80.0}, "recompute": {"error": "x"}},
+             "best": {"config": {"threads": 512, "rows": 1, "vec": 16, "cache": 1},
+                      "fused": {"ms": 0.5, "gbps": 1500.0, "pct_copy": 90.0}, "recompute": {"ms": 0.6},
+                      "faster": "fused", "pct_copy": 90.0}}
+    report = {"device": "test", "copy_gbps": 1666.0, "complete": False, "shapes": [entry]}
+    path = tmp_path / "s.json"
+    sweep_cuda.write_report(report, str(path))
+    assert json.loads(path.read_text()) == report
+    lines = sweep_cuda.summary_lines(report)
+    assert "threads=512,rows=1,vec=16,cache=1" in lines[-1] and "90.0" in lines[-1] and "80.0" in lines[-1]

@@ -1,0 +1,316 @@
+"""Sweep the CUDA kernels' launch configurations on a GPU; record the best per shape as JSON.
+
+    python bench/sweep_cuda.py --out $OUT/sweep_cuda.json [--budget-s 120]
+
+A configuration is (threads per block, rows per block, vector width in bytes, cached softmax rows), passed
+to the extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
+default_config in csrc/cuda/launch.cu). For each (family, N, C, dtype), the (8192, 8142) speed-target
+shapes first, then a class sweep at N * C ~ 64M elements:
+  1. the float64 reference (reference.py, on the GPU) loss and gradient once;
+  2. the default configuration, then the grid in order of promise: each checked against the reference
+     first (a wrong configuration is recorded and never timed), then forward + backward timed with the
+     "fused" strategy (forward writes the gradient, backward scales it by the upstream grad);
+  3. the best configuration timed again with "recompute" (forward loss only, backward recomputes).
+Timing: triton.testing.do_bench (median, L2 flushed before each repetition), or CUDA events with an
+explicit L2 flush where Triton is missing. Useful bytes per fwd+bwd = logits read once + gradient written
+once + targets + class weights; the copy bandwidth (1 GiB clone, read + write) is measured in the same run
+and each result is reported as GB/s and % of it. The sweep stops itself after --budget-s seconds and
+writes what it measured ("complete": false); the JSON is rewritten after every shape.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ENV = "CBKERNELS_CUDA_CONFIG"
+GPU_SHAPES = [
+    ("sigmoid_focal", 8192, 8142, torch.bfloat16), ("softmax_ce", 8192, 8142, torch.bfloat16),
+    ("sigmoid_focal", 8192, 8142, torch.float32), ("softmax_ce", 8192, 8142, torch.float32),
+] + [(family, max(1, 2**26 // c), c, torch.bfloat16)
+     for c in (1000, 32768, 262144) for family in ("sigmoid_focal", "softmax_ce")]
+PARAM = {"sigmoid_focal": 0.5, "softmax_ce": 0.1}  # the paper's focal gamma; a typical smoothing
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+@dataclass(frozen=True)
+class Config:
+    threads: int       # per block
+    rows: int          # per block
+    vec: int = 16      # bytes per vector access (16, 8) or 1 (one element)
+    cache: int = 1     # softmax: keep rows that fit in registers (read once)
+
+    def env(self) -> str:
+        return f"threads={self.threads},rows={self.rows},vec={self.vec},cache={self.cache}"
+
+
+def default_tpr(c: int) -> int:
+    """Threads per row of launch.cu's default_config (at most 16 elements per thread, 32 .. 1024)."""
+    tpr = 32
+    while tpr < 1024 and tpr * 16 < c:
+        tpr *= 2
+    return tpr
+
+
+def config_grid(family: str, c: int) -> list[Config]:
+    """Configurations worth trying for rows of C, most promising first: threads per row around the
+    default's (about 16 elements per thread), several rows per block only where a row needs few threads,
+    16- then 8-byte vectors, and for the softmax the streaming (two-read) variant of each."""
+    tpr0 = default_tpr(c)
+    tprs = sorted({t for t in (tpr0 // 4, tpr0 // 2, tpr0, tpr0 * 2) if 32 <= t <= 1024},
+                  key=lambda t: (abs((t // tpr0).bit_length() - (tpr0 // t).bit_length()), -t))
+    grid = []
+    for vec in (16, 8):
+        for tpr in tprs:
+            for rows in (1, 2, 4, 8):
+                threads = tpr * rows
+                if threads > 1024 or (rows > 1 and threads > 512) or (rows > 1 and tpr > 256):
+                    continue
+                for cache in ((1, 0) if family == "softmax_ce" else (1,)):
+                    if cache and family == "softmax_ce" and c > 16 * tpr:
+                        continue  # would run the streaming kernel anyway: a duplicate
+                    grid.append(Config(threads, rows, vec, cache))
+    return grid
+
+
+def make_case(n, c, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(n * 131 + c)
+    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
+    target = torch.randint(0, c, (n,), generator=g)
+    target[::17] = -100  # some ignored rows
+    weight = (torch.rand(c, generator=g) * 2 + 0.1).to(device)
+    grad_loss = torch.randn(n, generator=g).to(device)
+    return logits, target.to(device), weight, grad_loss
+
+
+def reference_rows_and_grad(family, logits, target, weight, grad_loss):
+    """float64 reference loss rows and upstream-scaled gradient, on the logits' device."""
+    from cbkernels import reference
+
+    x = logits.detach().double().requires_grad_(True)
+    if family == "sigmoid_focal":
+        rows = reference.sigmoid_focal_rows(x, target, weight.double(), PARAM[family], -100)
+    else:
+        rows = reference.softmax_rows(x, target, weight.double(), -100, PARAM[family])
+    (grad,) = torch.autograd.grad(rows, x, grad_loss.double())
+    return rows.detach(), grad
+
+
+def strategies(family, logits, target, weight, grad_loss):
+    from cbkernels import _ops
+
+    fwd = getattr(torch.ops.cbkernels, f"{family}_forward")
+    bwd = getattr(torch.ops.cbkernels, f"{family}_backward")
+    param = PARAM[family]
+
+    def fused():
+        loss, grad = fwd(logits, target, weight, param, -100, True)
+        return loss, _ops.scale_rows(grad, grad_loss)
+
+    def recompute():
+        loss, _ = fwd(logits, target, weight, param, -100, False)
+        return loss, bwd(logits, target, weight, grad_loss, param, -100)
+
+    return {"fused": fused, "recompute": recompute}
+
+
+def mismatch(result, ref_rows, ref_grad, dtype):
+    """None when (loss, scaled grad) match the float64 reference, else what differs."""
+    loss, grad = result
+    scale = float(ref_rows.abs().max())
+    if not torch.allclose(loss.double(), ref_rows, rtol=2e-5, atol=1e-6 * scale):
+        return f"loss differs by {float((loss.double() - ref_rows).abs().max()):.3g}"
+    rtol = GRAD_RTOL[dtype]
+    if not torch.allclose(grad.double(), ref_grad, rtol=rtol, atol=rtol * float(ref_grad.abs().max())):
+        return f"grad differs by {float((grad.double() - ref_grad).abs().max()):.3g}"
+    return None
+
+
+def gpu_timer():
+    """Median milliseconds of fn() with L2 flushed before each run."""
+    try:
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    except ImportError:
+        pass
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def events_median_ms(fn, reps=30):
+        fn()
+        times = []
+        for _ in range(reps):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    return events_median_ms
+
+
+def copy_bandwidth_gbps(time_ms, nbytes=2**30):
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * nbytes / time_ms(lambda: y.copy_(x)) / 1e6  # read + write
+
+
+def useful_bytes(n, c, dtype):
+    return 2 * n * c * dtype.itemsize + n * 8 + c * 4
+
+
+def with_rates(result, nbytes, copy_gbps):
+    if "ms" in result:
+        gbps = nbytes / result["ms"] / 1e6
+        result.update(gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1))
+    return result
+
+
+class ConfigEnv:
+    """Sets CBKERNELS_CUDA_CONFIG for a block (None: the default table) and restores it after."""
+
+    def __init__(self, config: Config | None):
+        self.value = None if config is None else config.env()
+
+    def __enter__(self):
+        self.saved = os.environ.get(ENV)
+        if self.value is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = self.saved
+
+
+def sweep_shape(family, n, c, dtype, time_ms, copy_gbps, deadline):
+    """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
+    logits, target, weight, grad_loss = make_case(n, c, dtype, "cuda")
+    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight, grad_loss)
+    runs = strategies(family, logits, target, weight, grad_loss)
+    nbytes = useful_bytes(n, c, dtype)
+    entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""), "useful_bytes": nbytes,
+             "configs": [], "best": None}
+
+    def measure(config, strategy):
+        with ConfigEnv(config):
+            try:
+                error = mismatch(runs[strategy](), ref_rows, ref_grad, dtype)
+                result = {"error": error} if error else {"ms": time_ms(runs[strategy])}
+            except RuntimeError as exc:  # e.g. a configuration the launcher rejects: record, go on
+                result = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return with_rates(result, nbytes, copy_gbps)
+
+    entry["default"] = {s: measure(None, s) for s in ("fused", "recompute")}
+    del ref_rows  # keep the float64 gradient only as long as needed
+    best, best_ms = None, entry["default"]["fused"].get("ms", float("inf"))
+    for config in config_grid(family, c):
+        if time.monotonic() > deadline:
+            entry["stopped_by_budget"] = True
+            break
+        result = measure(config, "fused")
+        entry["configs"].append({"config": asdict(config), "fused": result})
+        if result.get("ms", float("inf")) < best_ms:
+            best, best_ms = config, result["ms"]
+    if best is None:  # nothing beat the default table
+        entry["best"] = {"config": "default", **entry["default"]}
+    else:
+        entry["best"] = {"config": asdict(best), "fused": with_rates({"ms": best_ms}, nbytes, copy_gbps),
+                         "recompute": measure(best, "recompute")}
+    b = entry["best"]
+    b["faster"] = min(("fused", "recompute"), key=lambda s: b[s].get("ms", float("inf")))
+    b["pct_copy"] = b[b["faster"]].get("pct_copy")
+    return entry
+
+
+def write_report(report, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)  # a run killed mid-write keeps the previous complete file
+
+
+def summary_lines(report):
+    lines = [f"copy bandwidth {report['copy_gbps']:.0f} GB/s on {report['device']}; "
+             f"{report.get('elapsed_s', '?')} s; complete: {report['complete']}",
+             f"{'family':14} {'N':>6} {'C':>7} {'dtype':9} {'best config':32} {'fused ms':>9} {'recomp ms':>9} "
+             f"{'GB/s':>7} {'% copy':>7} {'default %':>9}"]
+    for e in report["shapes"]:
+        b = e["best"]
+        cfg = b["config"] if b["config"] == "default" else Config(**b["config"]).env()
+        default_pct = max((e["default"][s].get("pct_copy") or 0 for s in ("fused", "recompute")), default=0)
+        fast = b[b["faster"]]
+        lines.append(f"{e['family']:14} {e['n']:6} {e['c']:7} {e['dtype']:9} {cfg:32} "
+                     f"{b['fused'].get('ms', float('nan')):9.4f} {b['recompute'].get('ms', float('nan')):9.4f} "
+                     f"{fast.get('gbps', float('nan')):7.0f} {fast.get('pct_copy') or float('nan'):7.1f} "
+                     f"{default_pct:9.1f}")
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="stop after this many seconds")
+    args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error("--budget-s must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    if not torch.cuda.is_available():
+        print("sweep_cuda: needs a CUDA device", file=sys.stderr)
+        return 2
+    from cbkernels import _ops
+
+    if not _ops.extension_has_kernel("CUDA"):
+        print("sweep_cuda: cbkernels._C has no CUDA kernels (build with CBKERNELS_BUILD_CUDA=1)", file=sys.stderr)
+        return 2
+    time_ms = gpu_timer()
+    copy_gbps = copy_bandwidth_gbps(time_ms)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda},
+        "budget_s": args.budget_s, "copy_gbps": round(copy_gbps, 1),
+        "timing": "median, L2 flushed (triton.testing.do_bench, else CUDA events)",
+        "useful_bytes": "logits read once + gradient written once + targets (int64) + class weights (fp32)",
+        "shapes": [], "complete": True,
+    }
+    for i, (family, n, c, dtype) in enumerate(GPU_SHAPES):
+        now = time.monotonic()
+        if now > deadline:
+            report["complete"] = False
+            break
+        shape_deadline = now + (deadline - now) / (len(GPU_SHAPES) - i)  # equal shares of what is left
+        entry = sweep_shape(family, n, c, dtype, time_ms, copy_gbps, shape_deadline)
+        report["complete"] &= not entry.get("stopped_by_budget", False)
+        report["shapes"].append(entry)
+        torch.cuda.empty_cache()
+        write_report(report, args.out)
+    report["elapsed_s"] = round(time.monotonic() - start, 1)
+    write_report(report, args.out)
+    print("\n".join(summary_lines(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

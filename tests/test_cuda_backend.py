@@ -1,0 +1,335 @@
+"""The C++/CUDA backend (csrc/cuda/) against reference.py (float64), loss and gradient. GPU only.
+
+Launch configurations are forced through CBKERNELS_CUDA_CONFIG (read per call by bindings.cpp) so the small
+shapes also run the paths the default table reserves for large rows: the streaming softmax (two reads),
+several rows per block, 8-byte and one-element accesses. Misaligned and row-strided logits exercise the
+per-row vector head/tail split and the fall-back to narrower vectors when logits and gradient rows cannot
+share an alignment. Bad targets are fed to the ops directly: the public functions also raise a device-side
+assert for them, which would end the process's CUDA context.
+"""
+import math
+
+import pytest
+import torch
+
+import cbkernels
+from backend_cases import assert_matches_reference, make_inputs
+from cbkernels import _ops
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+LOSSES = {"softmax": "softmax_ce", "focal": "sigmoid_focal"}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# None: the default table (cached softmax, 16-byte vectors at these sizes). The others: two-pass softmax
+# with small rows per block; three 32-thread rows per block with 8-byte vectors; one element per access.
+CONFIGS = [None, "threads=64,rows=2,cache=0", "threads=96,rows=3,vec=8", "threads=32,rows=1,vec=1"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not _ops.extension_has_kernel("CUDA"):
+        pytest.fail("cbkernels._C has no CUDA kernels on a CUDA machine: build with CBKERNELS_BUILD_CUDA=1")
+
+
+@pytest.fixture(params=["fused", "recompute"])
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("CBKERNELS_BACKWARD", request.param)
+    return request.param
+
+
+@pytest.fixture(params=CONFIGS, ids=lambda c: c or "default")
+def launch(request, monkeypatch):
+    if request.param is None:
+        monkeypatch.delenv("CBKERNELS_CUDA_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", request.param)
+    return request.param
+
+
+def check(loss, n, c, dtype=torch.float32, *, param=0.0, reduction="mean", upstream_scale=None, **inputs):
+    logits, target, weight = make_inputs(n, c, dtype, DEVICE, **inputs)
+    assert_matches_reference("cuda", loss, logits, target, weight, reduction=reduction, param=param,
+                             ignore_index=inputs.get("ignore_index", -100), upstream_scale=upstream_scale)
+
+
+def _op(loss, kind):
+    return getattr(torch.ops.cbkernels, f"{LOSSES[loss]}_{kind}")
+
+
+# ---------------------------------------------------------------- against the reference
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 7), (37, 1000)])
+def test_matches_reference(loss, dtype, n, c, strategy, launch):
+    check(loss, n, c, dtype, param=0.5 if loss == "focal" else 0.0, reduction="none")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.7])
+def test_focal_gamma(gamma, strategy):
+    # the four specialised modulators and the general exp form
+    check("focal", 64, 333, param=gamma, reduction="mean")
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+@pytest.mark.parametrize("config", [None, "threads=64,rows=1,cache=0"], ids=["cached", "stream"])
+def test_softmax_label_smoothing(eps, config, strategy, monkeypatch):
+    if config:
+        monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", config)
+    check("softmax", 64, 333, param=eps, reduction="sum")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reductions_and_upstream_grad(loss, reduction, strategy):
+    check(loss, 50, 129, param=2.0 if loss == "focal" else 0.1, reduction=reduction, upstream_scale=1e3)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_logits(loss, dtype, strategy, launch):
+    # |z| ~ 1e4: exp(-|u|) underflows, softplus is linear, probabilities are exactly 0 or 1
+    check(loss, 9, 300, dtype, param=3.7 if loss == "focal" else 0.1, scale=1e4, reduction="none")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("n,c,dtype", [(1024, 8142, torch.bfloat16), (1024, 8142, torch.float32),
+                                       (5, 70001, torch.float32), (2, 262147, torch.bfloat16)], ids=str)
+def test_large_shapes(loss, n, c, dtype, monkeypatch):
+    # iNaturalist's C (rows not a multiple of 16 bytes: every row starts at another alignment), C > 65536
+    # (streaming softmax), C > 2^18 (1024 threads, many vectors per thread)
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute" if n < 10 else "fused")
+    check(loss, n, c, dtype, param=0.5 if loss == "focal" else 0.1, reduction="mean")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_noncontiguous_int32_unweighted_other_ignore_index(loss, strategy):
+    check(loss, 17, 33, param=1.0 if loss == "focal" else 0.0, noncontiguous=True,
+          target_dtype=torch.int32, weighted=False, ignore_index=3, ignore_frac=0.4)
+
+
+def _misaligned(n, c, dtype, offset):
+    """(n, c) logits starting `offset` elements into their storage (not 16-byte aligned)."""
+    logits, target, weight = make_inputs(n, c, dtype, DEVICE)
+    flat = torch.empty(n * c + offset, dtype=dtype, device=DEVICE)
+    shifted = flat[offset:].view(n, c)
+    shifted.copy_(logits)
+    assert shifted.data_ptr() % 16 != 0
+    return shifted, target, weight
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [1, 2])
+def test_misaligned_logits(loss, dtype, offset, strategy, launch):
+    logits, target, weight = _misaligned(33, 1003, dtype, offset)
+    assert_matches_reference("cuda", loss, logits, target, weight, reduction="none",
+                             param=2.0 if loss == "focal" else 0.1)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_strided_logits_are_read_in_place(loss, dtype, strategy):
+    """A column slice of a wider tensor (row stride != C) is read without a copy, its rows aligned
+    differently from the gradient's; results still match."""
+    wide = (torch.randn(40, 1010, device=DEVICE) * 3).to(dtype)
+    logits = wide[:, 3:1006]
+    _, target, weight = make_inputs(40, 1003, dtype, DEVICE)
+    assert logits.stride() == (1010, 1)
+    assert_matches_reference("cuda", loss, logits, target, weight, reduction="none",
+                             param=0.5 if loss == "focal" else 0.1)
+
+
+# ---------------------------------------------------------------- the op contract directly
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_forward_without_grad_and_backward_agree(loss, launch):
+    logits, target, weight = make_inputs(37, 1000, torch.float32, DEVICE)
+    param = 3.7 if loss == "focal" else 0.1
+    loss_a, grad = _op(loss, "forward")(logits, target, weight, param, -100, True)
+    loss_b, empty = _op(loss, "forward")(logits, target, weight, param, -100, False)
+    grad_loss = torch.randn(37, device=DEVICE)
+    scaled = _op(loss, "backward")(logits, target, weight, grad_loss, param, -100)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)  # one or two passes: summation order
+    assert empty.shape == (0,) and empty.dtype == logits.dtype
+    torch.testing.assert_close(scaled, grad * grad_loss[:, None], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nan_logits_bad_targets_and_ignored_rows(loss, launch):
+    """NaN in a row -> NaN loss, NaN gradient where the reference has it (softmax: the whole row);
+    a target outside [0, C) -> NaN loss and gradient row, no out-of-bounds read; an ignored row -> 0
+    whatever its logits hold. Row 1's NaN sits after its max, in a later vector than the max."""
+    logits, target, weight = make_inputs(6, 1000, torch.float32, DEVICE, ignore_frac=0.0)
+    target[3] = -100
+    logits[1, 700] = float("nan")
+    logits[1, 2] = 50.0
+    logits[3, 4] = float("nan")
+    logits[3, 5] = float("inf")
+    target[4] = 1000
+    target[5] = -7
+    param = 2.0 if loss == "focal" else 0.1
+    rows, grad = _op(loss, "forward")(logits, target, weight, param, -100, True)
+    back = _op(loss, "backward")(logits, target, weight, torch.ones(6, device=DEVICE), param, -100)
+    for g in (grad, back):
+        assert torch.isnan(g[1, 700])
+        if loss == "softmax":
+            assert torch.isnan(g[1]).all(), "softmax: every gradient entry of the NaN row is NaN"
+        else:
+            assert torch.isnan(g[1]).sum() == 1, "sigmoid family: only the NaN element's gradient"
+        assert (g[3] == 0).all(), "ignored row with NaN/inf logits: gradient exactly 0"
+        assert torch.isnan(g[4:6]).all(), "out-of-range target: NaN gradient row"
+        assert torch.isfinite(g[[0, 2]]).all()
+    assert torch.isnan(rows[[1, 4, 5]]).all() and rows[3] == 0 and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_all_rows_ignored_and_empty_batch(loss, strategy):
+    logits = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    target = torch.full((3,), -100, device=DEVICE)
+    out = cbkernels.cb_focal_loss(logits, target, backend="cuda") if loss == "focal" else \
+        cbkernels.cb_softmax_cross_entropy(logits, target, backend="cuda")
+    out.backward()
+    assert out.item() == 0 and (logits.grad == 0).all()
+    empty_target = torch.empty(0, dtype=torch.long, device=DEVICE)
+    rows, grad = _op(loss, "forward")(torch.empty(0, 5, device=DEVICE), empty_target, None, 0.0, -100, True)
+    assert rows.shape == (0,) and grad.shape == (0, 5)
+    back = _op(loss, "backward")(torch.empty(0, 5, device=DEVICE), empty_target, None,
+                                 torch.empty(0, device=DEVICE), 0.0, -100)
+    assert back.shape == (0, 5)
+
+
+def test_bad_arguments_name_the_argument(monkeypatch):
+    logits, target, weight = make_inputs(3, 7, torch.float32, DEVICE)
+    fwd = torch.ops.cbkernels.sigmoid_focal_forward
+    bwd = torch.ops.cbkernels.softmax_ce_backward
+    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
+        fwd(logits.double(), target, weight, 0.0, -100, True)
+    with pytest.raises(RuntimeError, match="target must have shape"):
+        fwd(logits, target[:2], weight, 0.0, -100, True)
+    with pytest.raises(RuntimeError, match="class_weight must be float32"):
+        fwd(logits, target, weight.double(), 0.0, -100, True)
+    with pytest.raises(RuntimeError, match="target must be on the logits' device"):
+        fwd(logits, target.cpu(), weight, 0.0, -100, True)
+    with pytest.raises(RuntimeError, match="gamma must be a finite number"):
+        fwd(logits, target, weight, -1.0, -100, True)
+    with pytest.raises(RuntimeError, match="grad_loss must have shape"):
+        bwd(logits, target, weight, torch.ones(2, device=DEVICE), 0.0, -100)
+    with pytest.raises(RuntimeError, match="label_smoothing must be in"):
+        bwd(logits, target, weight, torch.ones(3, device=DEVICE), 1.5, -100)
+    monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", "threads=48")
+    with pytest.raises(RuntimeError, match="threads per block must be a multiple of 32"):
+        fwd(logits, target, weight, 0.0, -100, True)
+    monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", "blocks=4")
+    with pytest.raises(RuntimeError, match="CBKERNELS_CUDA_CONFIG keys are"):
+        fwd(logits, target, weight, 0.0, -100, True)
+
+
+def test_opcheck():
+    """Schema, fake kernel, autograd registration and AOT dispatch of the four ops."""
+    logits, target, weight = make_inputs(64, 1000, torch.bfloat16, DEVICE)
+    grad_loss = torch.randn(64, device=DEVICE)
+    ops = torch.ops.cbkernels
+    cases = [
+        (ops.sigmoid_focal_forward, (logits, target, weight, 0.5, -100, True)),
+        (ops.sigmoid_focal_forward, (logits.clone().requires_grad_(), target, None, 3.7, -100, False)),
+        (ops.sigmoid_focal_backward, (logits, target, weight, grad_loss, 2.0, -100)),
+        (ops.softmax_ce_forward, (logits, target, weight, 0.1, -100, True)),
+        (ops.softmax_ce_forward, (logits.clone().requires_grad_(), target, weight, 0.0, -100, False)),
+        (ops.softmax_ce_backward, (logits, target, weight, grad_loss, 0.1, -100)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def _all_losses(x, t, w):
+    return (cbkernels.cb_focal_loss(x, t, w, gamma=0.5, backend="cuda")
+            + cbkernels.cb_softmax_cross_entropy(x, t, w, label_smoothing=0.1, backend="cuda")
+            + cbkernels.cb_sigmoid_cross_entropy(x, t, w, reduction="sum", backend="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_compile_fullgraph(dtype, strategy):
+    torch._dynamo.reset()
+    logits, target, weight = make_inputs(64, 1000, dtype, DEVICE)
+    compiled = torch.compile(_all_losses, fullgraph=True)
+    x_eager = logits.clone().requires_grad_(True)
+    x_comp = logits.clone().requires_grad_(True)
+    eager = _all_losses(x_eager, target, weight)
+    eager.backward()
+    out = compiled(x_comp, target, weight)
+    out.backward()
+    # the same kernels run either way; only the torch ops around them may be fused differently
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_graph_replay_equals_eager(loss, strategy):
+    logits, target, weight = make_inputs(128, 8142, torch.bfloat16, DEVICE)
+    fn = (lambda x: cbkernels.cb_focal_loss(x, target, weight, gamma=0.5, backend="cuda")) if loss == "focal" \
+        else (lambda x: cbkernels.cb_softmax_cross_entropy(x, target, weight, label_smoothing=0.1, backend="cuda"))
+    static_x = logits.clone().requires_grad_(True)
+
+    def step():
+        out = fn(static_x)
+        (grad,) = torch.autograd.grad(out, static_x)
+        return out, grad
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_grad = step()
+    fresh = (torch.randn_like(logits, dtype=torch.float32) * 3).to(logits.dtype)
+    with torch.no_grad():
+        static_x.copy_(fresh)
+    graph.replay()
+    x = fresh.clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x)
+    assert math.isfinite(out.item())
+    torch.testing.assert_close(static_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(static_grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_no_host_sync_in_forward_and_backward(loss, strategy):
+    logits, target, weight = make_inputs(64, 1000, torch.bfloat16, DEVICE)
+    x = logits.clone().requires_grad_(True)
+    fn = cbkernels.cb_focal_loss if loss == "focal" else cbkernels.cb_softmax_cross_entropy
+    fn(x, target, weight, backend="cuda").backward()  # first call outside: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fn(x, target, weight, backend="cuda")
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).item()
+
+
+def test_int64_offsets():
+    """N * C > 2^31 elements (bf16: 4.3 GB each for logits and gradient): row offsets need int64."""
+    n, c = 16400, 131072
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * c * 2:
+        pytest.skip(f"needs {3 * n * c * 2 / 2**30:.1f} GiB free on the GPU")
+    logits = torch.zeros(n, c, dtype=torch.bfloat16, device=DEVICE)
+    target = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    target[-1] = c - 1
+    logits[-1, c - 1] = 5.0
+    rows, grad = torch.ops.cbkernels.softmax_ce_forward(logits, target, None, 0.0, -100, True)
+    assert abs(rows[-1].item() - (math.log(c - 1 + math.exp(5.0)) - 5.0)) < 1e-4
+    assert abs(rows[0].item() - math.log(c)) < 1e-4
+    assert grad[-1, c - 1].float().item() < 0 < grad[-1, 0].float().item()
+    del grad
+    rows_f, _ = torch.ops.cbkernels.sigmoid_focal_forward(logits, target, None, 0.0, -100, False)
+    torch.testing.assert_close(rows_f[[0, -1]].double().cpu(), torch.tensor(
+        [c * math.log(2.0), (c - 1) * math.log(2.0) + math.log1p(math.exp(-5.0))], dtype=torch.float64),
+        rtol=2e-5, atol=0)
