@@ -99,7 +99,8 @@ def _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row):
     row["loss_rel_err"], row["grad_rel_err"] = rel_errors(loss.detach(), grad, ref_loss, ref_grad)
     tol = CHECK_RTOL[case.logits.dtype]
     if not (row["loss_rel_err"] <= tol and row["grad_rel_err"] <= tol):  # NaN fails too
-        row.update(status="mismatch", error=f"relative error above {tol:g} vs float64 reference")
+        row.update(status="mismatch", error=f"relative error vs float64 reference: loss {row['loss_rel_err']:.1e}, "
+                                            f"grad {row['grad_rel_err']:.1e} (tolerance {tol:g})")
         return
     del loss, grad
 
