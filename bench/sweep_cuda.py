@@ -217,7 +217,6 @@ def sweep_shape(family, n, c, dtype, time_ms, copy_gbps, deadline):
         return with_rates(result, nbytes, copy_gbps)
 
     entry["default"] = {s: measure(None, s) for s in ("fused", "recompute")}
-    del ref_rows  # keep the float64 gradient only as long as needed
     best, best_ms = None, entry["default"]["fused"].get("ms", float("inf"))
     for config in config_grid(family, c):
         if time.monotonic() > deadline:
