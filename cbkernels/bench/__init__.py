@@ -34,6 +34,7 @@ def speed_table(shape=(1024, 8142), dtype=torch.float32, device="cpu", losses=("
     for loss in losses:
         rows += runner.run_case(loss, n, c, dtype, device, repeats, warmup,
                                 names=None if providers is None else set(providers))
+    runner.add_cpu_memory(rows)
     return rows
 
 
@@ -91,18 +92,21 @@ def _run(args, argv, device, preset) -> int:
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                 skipped.append(f"N={n}, C={c}, {str(dtype).replace('torch.', '')}")
                 continue
+            shape_rows = []
             for loss in losses:
                 try:
-                    case_rows = runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
-                                                exclude=exclude, memory=not args.no_memory)
+                    shape_rows += runner.run_case(loss, n, c, dtype, device, repeats, warmup, names=names,
+                                                  exclude=exclude, memory=not args.no_memory)
                 except Exception as exc:  # e.g. out of memory for the inputs: report, go on to the next case
                     failed.append(f"{loss} N={n}, C={c}, {dtype}: {type(exc).__name__}: {exc}".splitlines()[0])
                     print(f"case failed: {failed[-1]}", flush=True)
-                    continue
-                print(format_markdown(case_rows), flush=True)
-                rows += case_rows
+            print(format_markdown(shape_rows), flush=True)
+            rows += shape_rows
             if args.out:  # after every shape, so a run cut short still leaves its results
                 _write(args.out, meta, rows, skipped, failed)
+    if not args.no_memory:  # CPU: one child process for every case (cpu_memory.py); GPU: already done
+        runner.add_cpu_memory(rows)
+    print("## Summary (forward + backward)\n\n" + report.summary_markdown(rows), flush=True)
     if skipped:
         print(f"--budget-s {args.budget_s:g} reached: skipped {'; '.join(skipped)}")
     if args.out:

@@ -13,8 +13,8 @@ import traceback
 
 import torch
 
+from . import cpu_memory, timing
 from . import providers as P
-from . import timing
 
 # Relative tolerance of the check (loss: |a - b| / |b|; gradient: max |a - b| / max |b|). Beyond the
 # single rounding of the gradient to the dtype (2^-8 for bf16), peers that compute in half precision
@@ -57,10 +57,11 @@ def copy_bandwidth_gbps(case: P.Case, repeats: int, warmup: int) -> float:
 
 def run_case(loss: str, n: int, c: int, dtype: torch.dtype, device, repeats: int, warmup: int,
              names=None, exclude=(), memory: bool = True) -> list[dict]:
-    """Rows for every provider of `loss` (only `names` if given, never those in `exclude`)."""
+    """Rows for every provider of `loss` (only `names` if given, never those in `exclude`).
+
+    Peak memory is measured here on GPUs; on the CPU call add_cpu_memory(rows) afterwards (one child
+    process for many cases, see cpu_memory.py)."""
     device = torch.device(device)
-    if memory and device.type == "cpu":
-        timing.prepare_cpu_memory_probe()
     case = P.make_case(loss, n, c, dtype, device)
     ref_loss, ref_grad = reference_loss_and_grad(case)
     copy_gbps = copy_bandwidth_gbps(case, repeats, warmup)
@@ -119,10 +120,17 @@ def _measure(prov, case, ref_loss, ref_grad, repeats, warmup, memory, row):
     row["ms_median"], row["ms_spread"] = row["fwd_bwd_ms"], row["fwd_bwd_spread"]
     row["gbps"] = row["useful_bytes"] / (row["ms_median"] * 1e-3) / 1e9
     row["pct_copy"] = 100.0 * row["gbps"] / row["copy_gbps"]
-    if memory:
-        peak = timing.peak_extra_bytes(fwd_bwd, device)
-        row["peak_extra_mib"] = None if peak is None else peak / 2**20
+    if memory and device.type == "cuda":
+        row["peak_extra_mib"] = timing.cuda_peak_extra_bytes(fwd_bwd, device) / 2**20
     row["ok"] = True
+
+
+def add_cpu_memory(rows: list[dict]) -> None:
+    """Fills peak_extra_mib of the timed CPU rows that lack it, all in one child process."""
+    todo = [r for r in rows if r["ok"] and r["device"] == "cpu" and r.get("peak_extra_mib") is None]
+    specs = [{k: r[k] for k in ("loss", "N", "C", "dtype", "provider")} for r in todo]
+    for r, mib in zip(todo, cpu_memory.measure(specs, torch.get_num_threads())):
+        r["peak_extra_mib"] = mib
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -7,7 +7,6 @@ tensors are larger than the last-level cache anyway, and a flush would cost more
 """
 from __future__ import annotations
 
-import ctypes
 import statistics
 import time
 from typing import Callable
@@ -62,65 +61,13 @@ def _cuda_ms(run, device, repeats, prepare):
     return [start.elapsed_time(end) for start, end in events]
 
 
-def peak_extra_bytes(run: Callable, device: torch.device) -> int | None:
-    """Peak memory allocated by one run(), above what was allocated before it (its result included)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = run()
-        torch.cuda.synchronize(device)
-        del result
-        return torch.cuda.max_memory_allocated(device) - base
-    return _cpu_peak_extra_bytes(run)
-
-
-# CPU: the kernel's high-water mark of resident memory (VmHWM), reset before the run by writing "5" to
-# /proc/self/clear_refs (Linux >= 4.0). It counts every byte any code touched, the C++ extension's and
-# compiled code's included, at no cost to the run, unlike the profiler's memory events (which attribute
-# allocations to ops in nested, net amounts) or a subprocess per run (seconds of import each). It is only
-# exact if freed tensors go back to the OS: glibc's dynamic mmap threshold would otherwise keep large
-# freed blocks resident and reuse them unseen, so the threshold is pinned to 128 KiB (mallopt), which
-# makes every tensor buffer larger than that an mmap of its own, unmapped when freed.
-_M_MMAP_THRESHOLD = -3
-_cpu_probe_ready: bool | None = None
-
-
-def _cpu_probe() -> bool:
-    """Pins the mmap threshold (once); call it before the runs to be measured allocate anything."""
-    global _cpu_probe_ready
-    if _cpu_probe_ready is None:
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-            _clear_peak()
-            _cpu_probe_ready = _status_bytes("VmHWM:") is not None
-        except OSError:
-            _cpu_probe_ready = False
-    return _cpu_probe_ready
-
-
-prepare_cpu_memory_probe = _cpu_probe
-
-
-def _clear_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _status_bytes(key: str) -> int | None:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _cpu_peak_extra_bytes(run: Callable) -> int | None:
-    if not _cpu_probe():
-        return None
-    _clear_peak()
-    base = _status_bytes("VmRSS:")
+def cuda_peak_extra_bytes(run: Callable, device: torch.device) -> int:
+    """Peak memory allocated by one run(), above what was allocated before it (its result included).
+    (CPU: cpu_memory.py, in a child process.)"""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     result = run()
-    peak = _status_bytes("VmHWM:")
+    torch.cuda.synchronize(device)
     del result
-    return max(peak - base, 0)
+    return torch.cuda.max_memory_allocated(device) - base
