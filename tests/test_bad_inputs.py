@@ -259,6 +259,18 @@ def test_raw_ops_reject_bad_arguments(family, op):
 
 @needs_cpu_ops
 @pytest.mark.parametrize("op", ["forward", "backward"])
+def test_raw_ops_reject_bad_scalars(op, monkeypatch):
+    bad = {"sigmoid_focal": ("gamma", [-0.5, math.nan, math.inf]),
+           "softmax_ce": ("label_smoothing", [-0.1, 1.5, math.nan])}
+    for family, (name, values) in bad.items():
+        for value in values:
+            monkeypatch.setitem(FAMILIES, family, value)
+            with pytest.raises(RuntimeError, match=name):
+                _call_raw(family, op, _raw_args())
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("op", ["forward", "backward"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_raw_ops_strided_inputs_are_read_correctly_or_refused(family, op):
     # The contract allows any logits strides; class_weight and grad_loss are promised contiguous by
