@@ -95,6 +95,21 @@ def test_extreme_logits(loss, dtype, strategy):
         check(loss, 5, 33, dtype, param=3.7 if loss == "focal" else 0.1, scale=1e4, reduction="none")
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_softmax_confident_true_class_gradient_survives(eps, tiles):
+    """p_y within fp32's epsilon of 1: the true-class gradient -(1 - p_y) ~ -32 e^-30 must not round to 0
+    (it is formed from the sum over the other classes, not as p_y - 1), in fp32 and after bf16 rounding."""
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.zeros(3, 33, dtype=dtype, device=DEVICE)
+        logits[0, 0] = logits[1, 32] = logits[2, 17] = 30.0
+        target = torch.tensor([0, 32, 17], device=DEVICE)
+        weight = torch.linspace(0.5, 2.0, 33, device=DEVICE)
+        assert_matches_reference("triton", "softmax", logits, target, weight, reduction="none", param=eps)
+        _, grad = _op("softmax", "forward")(logits, target, weight, eps, -100, True)
+        if eps == 0.0:
+            assert (grad[[0, 1, 2], [0, 32, 17]] < 0).all()
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_noncontiguous_int32_unweighted_other_ignore_index(loss, strategy):
     with configs.override(SMALL):

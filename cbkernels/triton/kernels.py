@@ -56,6 +56,12 @@ def _log1p_unit(e):
 
 
 @triton.jit
+def _log1p_pos(x):
+    """log1p(x) for x >= 0: the arithmetic series on [0, 1], log(1 + x) above (no cancellation there)."""
+    return tl.where(x <= 1.0, _log1p_unit(tl.minimum(x, 1.0)), tl.log(1.0 + x))
+
+
+@triton.jit
 def _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.constexpr,
                ROWS: tl.constexpr):
     """Per row: the class index to use as an address (always in [0, C)), validity, and alpha_y.
@@ -184,18 +190,27 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def _lse_update(m, s, z):
-    """(m, s) with s = sum exp(z - m) extended by tile z (masked lanes -inf)."""
+def _lse_update(m, s, s_ny, z, is_y):
+    """(m, s, s_ny) extended by tile z (masked lanes -inf): s = sum exp(z - m) over the row so far,
+    s_ny the same sum without the target class (see _softmax_grad_store for why it is kept apart)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-    return m_new, s
+    rescale = tl.exp(m - m_new)
+    ez = tl.exp(z - m_new[:, None])
+    s = s * rescale + tl.sum(ez, axis=1)
+    s_ny = s_ny * rescale + tl.sum(tl.where(is_y, 0.0, ez), axis=1)
+    return m_new, s, s_ny
 
 
 @triton.jit
-def _softmax_grad_store(grad_ptr, z, idx, store_mask, a, y, valid, coef, lse, on_target, off_target):
-    """Stores coef * (softmax - on_target [c == y] - off_target) of one tile (masked lanes store nothing)."""
-    prob = tl.exp(z - lse[:, None])
-    g = prob - tl.where((idx - a[:, None]) == y[:, None], on_target, 0.0) - off_target
+def _softmax_grad_store(grad_ptr, z, idx, store_mask, a, y, valid, coef, lse, g_y, off_target):
+    """Stores coef * (softmax - off_target) off the target and coef * g_y on it (masked lanes store nothing).
+
+    On the target, p_y - 1 = -(sum over c != y of exp(z_c - m)) / s = -s_ny / s: formed from the sum
+    without the target, it keeps its relative precision when p_y is within fp32's epsilon of 1 (a
+    confident prediction), where exp(z_y - lse) - 1 would round to 0 and lose the true-class gradient.
+    """
+    is_y = (idx - a[:, None]) == y[:, None]
+    g = tl.where(is_y, g_y[:, None], tl.exp(z - lse[:, None]) - off_target)
     g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
     tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
 
@@ -226,7 +241,7 @@ def softmax_ce_kernel(
     z_e = tl.load(logits_ptr + e_idx, mask=e_mask, other=float("-inf")).to(tl.float32)
     m = tl.full([ROWS], _LOWEST, tl.float32)
     s = tl.zeros([ROWS], dtype=tl.float32)
-    m, s = _lse_update(m, s, z_e)
+    m, s, s_ny = _lse_update(m, s, s, z_e, (e_idx - a[:, None]) == y[:, None])
     sum_z = tl.zeros([ROWS], dtype=tl.float32)
     if HAS_SMOOTHING:
         sum_z = tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
@@ -234,7 +249,7 @@ def softmax_ce_kernel(
         b_idx = a_up[:, None] + cols0
         b_mask = b_idx < b_dn[:, None]
         z_b = tl.load(logits_ptr + b_idx, mask=b_mask, other=float("-inf")).to(tl.float32)
-        m, s = _lse_update(m, s, z_b)
+        m, s, s_ny = _lse_update(m, s, s_ny, z_b, (b_idx - a[:, None]) == y[:, None])
         if HAS_SMOOTHING:
             sum_z += tl.sum(tl.where(b_mask, z_b, 0.0), axis=1)
     else:
@@ -242,15 +257,18 @@ def softmax_ce_kernel(
             b_idx = a_up[:, None] + start + cols0
             b_mask = b_idx < b_dn[:, None]
             z = tl.load(logits_ptr + b_idx, mask=b_mask, other=float("-inf")).to(tl.float32)
-            m, s = _lse_update(m, s, z)
+            m, s, s_ny = _lse_update(m, s, s_ny, z, (b_idx - a[:, None]) == y[:, None])
             if HAS_SMOOTHING:
                 sum_z += tl.sum(tl.where(b_mask, z, 0.0), axis=1)
     lse = m + tl.log(s)
 
     if WRITE_LOSS:
         z_y = tl.load(logits_ptr + a + y, mask=valid, other=0.0).to(tl.float32)
-        # lse - (1-eps) z_y - eps mean(z), grouped so that each bracket is exactly 0 when C == 1
-        row_loss = lse - z_y
+        # lse - z_y = (m - z_y) + log s. When the target holds the max (z_y == m), s = 1 + s_ny and
+        # log1p(s_ny) keeps the loss's relative precision for a confident prediction (log s would round
+        # to 0 once s_ny < 2^-24). Then lse - (1-eps) z_y - eps mean(z), grouped so that each bracket
+        # is exactly 0 when C == 1.
+        row_loss = (m - z_y) + tl.where(z_y == m, _log1p_pos(s_ny), tl.log(s))
         if HAS_SMOOTHING:
             row_loss += eps * (z_y - sum_z / C)
         tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
@@ -259,21 +277,22 @@ def softmax_ce_kernel(
         coef = alpha
         if SCALE_GRAD:
             coef = alpha * tl.load(grad_loss_ptr + rows)
+        # on the target: p_y - (1 - eps) - eps/C = -s_ny/s + eps (1 - 1/C); elsewhere p_c - eps/C
+        g_y = -s_ny / s
         if HAS_SMOOTHING:
-            on_target = 1.0 - eps
+            g_y += eps * (1.0 - 1.0 / C)
             off_target = eps / C
         else:
-            on_target = 1.0
             off_target = 0.0
         if SINGLE_BLOCK:
-            _softmax_grad_store(grad_ptr, z_b, b_idx, b_mask & row_mask[:, None], a, y, valid, coef, lse,
-                                on_target, off_target)
+            _softmax_grad_store(grad_ptr, z_b, b_idx, b_mask & row_mask[:, None], a, y, valid, coef, lse, g_y,
+                                off_target)
         else:
             for start in range(0, C, BLOCK):
                 b_idx = a_up[:, None] + start + cols0
                 b_mask = b_idx < b_dn[:, None]
                 z = tl.load(logits_ptr + b_idx, mask=b_mask, other=0.0).to(tl.float32)
                 _softmax_grad_store(grad_ptr, z, b_idx, b_mask & row_mask[:, None], a, y, valid, coef, lse,
-                                    on_target, off_target)
-        _softmax_grad_store(grad_ptr, z_e, e_idx, e_mask & row_mask[:, None], a, y, valid, coef, lse,
-                            on_target, off_target)
+                                    g_y, off_target)
+        _softmax_grad_store(grad_ptr, z_e, e_idx, e_mask & row_mask[:, None], a, y, valid, coef, lse, g_y,
+                            off_target)
