@@ -8,7 +8,6 @@ every case; the gloo timeout and a join deadline turn a hang into a failure inst
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 
@@ -87,7 +86,8 @@ def _check_case(rank, seed, loss, param, reduction, layout, *, dtype=torch.float
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got_loss.dtype == expected_dtype, where
     assert got_grad.dtype == dtype and got_grad.shape == local.shape, where
-    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=loss_rtol, atol=loss_rtol * ref_loss.abs().max().item() + 1e-12,
+    loss_atol = loss_rtol * ref_loss.abs().max().item() + 1e-12
+    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=loss_rtol, atol=loss_atol,
                                msg=lambda m: f"loss: {where}\n{m}")
     atol = 1e-30 if elementwise else grad_rtol * ref_grad.abs().max().item() + 1e-15
     torch.testing.assert_close(got_grad.double(), ref_grad, rtol=grad_rtol, atol=atol,
