@@ -242,7 +242,8 @@ def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reducti
 
     logits: this rank's (N, C_local) slice of the global (N, C) logits, classes [class_start, class_start +
     C_local). target (N,) and class_weight (C,) or None: global, the same on every rank. class_start and
-    num_classes default to class_shard_range (one extra all-gather and a host read per call: pass them).
+    num_classes default to class_shard_range (one extra all-gather and a host read per call: pass them);
+    explicit class_start values must tile [0, C) over the ranks (only this rank's range is checked).
     Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
     ("mean" divides by the number of non-ignored rows); the gradient flows to the local logits only.
     """
