@@ -43,13 +43,13 @@ fi
 } >"$SUMMARY"
 
 export CBKERNELS_BUILD_CUDA=1 CBKERNELS_CUDA_ARCH="${CBKERNELS_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-step build 200 $PY setup.py build_ext --inplace
-step info 30 $PY -m cbkernels info
-step tests 130 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=60
-step bench_inat 100 $PY -m cbkernels bench --device cuda --preset inat --out "$RES/bench" --budget-s 80
-[ -f bench/sweep_triton.py ] && step sweep_triton 75 $PY bench/sweep_triton.py --out "$RES/sweep_triton.json" --budget-s 60
-[ -f bench/sweep_cuda.py ] && step sweep_cuda 60 $PY bench/sweep_cuda.py --out "$RES/sweep_cuda.json" --budget-s 45
-[ -f bench/bench_linear.py ] && step bench_linear 50 $PY bench/bench_linear.py --device cuda --out "$RES/linear.json" --budget-s 40
+step build 180 $PY setup.py build_ext --inplace
+step info 20 $PY -m cbkernels info
+step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=60
+step bench_inat 90 $PY -m cbkernels bench --device cuda --preset inat --out "$RES/bench" --budget-s 70
+[ -f bench/sweep_triton.py ] && step sweep_triton 60 $PY bench/sweep_triton.py --out "$RES/sweep_triton.json" --budget-s 50
+[ -f bench/sweep_cuda.py ] && step sweep_cuda 50 $PY bench/sweep_cuda.py --out "$RES/sweep_cuda.json" --budget-s 40
+[ -f bench/bench_linear.py ] && step bench_linear 40 $PY bench/bench_linear.py --device cuda --out "$RES/linear.json" --budget-s 30
 
 echo "total $(( $(date +%s) - start ))s" >>"$SUMMARY"
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" gpu_check
