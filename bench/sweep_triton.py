@@ -16,6 +16,12 @@ bandwidth (a clone of a 1 GiB tensor: bytes read + written) is measured in the s
 result is reported as GB/s and % of it. The sweep stops itself after --budget-s seconds (what is done
 so far is written, with "complete": false). At the end it prints a short table and, ready to paste
 into cbkernels/triton/configs.py, the TABLE rows it recommends.
+
+Ceiling of "% of copy" (a copy moves exactly the useful bytes: one read + one write of N x C): the
+fused strategy moves the N x C bytes 4 times (forward: read logits, write grad; backward: read grad,
+write scaled grad), so it tops out at 50%; recompute moves them 3 times (forward: read; backward: read,
+write), so 67%. Only a forward that already writes the final gradient (upstream grad known in forward)
+could approach 100%.
 """
 import argparse
 import datetime
