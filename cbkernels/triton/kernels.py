@@ -25,7 +25,8 @@ and gradient are NaN (functional.py also asserts on the device).
 
 Bytes (the speed target): the sigmoid family reads each logit once and writes each gradient once;
 softmax reads the row once when it fits one tile (SINGLE_BLOCK: the tile stays in registers between
-the log-sum-exp and the gradient) and twice otherwise (the second read mostly hits L2).
+the log-sum-exp and the gradient) and twice otherwise (the second read comes from L2 only while the
+rows in flight fit in it: at C = 262144 they do not, so large-C softmax moves 1.5x the useful bytes).
 """
 import triton
 import triton.language as tl

@@ -1,6 +1,7 @@
 """The four ops of docs/op-contract.md in the "cbkernels_triton" namespace, on the Triton kernels.
 
-torch.library.triton_op makes each a real custom op (same schema as csrc/cbkernels.cpp) whose body
+torch.library.triton_op makes each a real custom op (the schema of csrc/cbkernels.cpp, except that the
+schema inferred from an `int` annotation reads SymInt) whose body
 torch.compile can see through to the kernels (wrap_triton), and registers that body as the fake
 kernel too: it only reads metadata and allocates, and wrap_triton launches nothing under fake tensors.
 cbkernels._ops.register_loss_autograd gives the ops the shared backward.
