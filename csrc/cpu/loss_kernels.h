@@ -31,6 +31,17 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kBlock = 1024;  // elements per fp32 partial sum (a multiple of every kLanes)
 
+// Software prefetch, `ahead` elements past p. The hardware streamer stops at 4 KiB page boundaries and
+// idles while a loop computes on data already in L1; on rows too big for the caches the loops below
+// then wait for DRAM once per page (measured ~3x slower per element at (1024, 8142) than at (128, 8142)).
+// A prefetch per vector keeps the next lines in flight during the exp/log1p work. Prefetching past the end
+// of the tensor is harmless: prefetches never fault.
+template <typename T>
+inline void prefetch(const T* p, int64_t ahead) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p + ahead), 0, 3);
+}
+constexpr int64_t kPrefetchAhead = 512;  // elements: 2 KiB of fp32, 32 lines in flight
+
 // ---- loads and stores in the logits' type, math in fp32 ---------------------------------------------
 
 template <typename T>
@@ -168,6 +179,7 @@ inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, flo
     const int64_t block_end = std::min(block + kBlock, full);
     Vec acc(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
+      prefetch(z + c, kPrefetchAhead);
       focal_terms<kMod>(load_vec(z + c), c == y_base ? t_y : minus_one, gamma, term, dz);
       if constexpr (kLoss) acc = acc + term;
       if constexpr (kGrad) store_vec(g + c, dz * scale);
@@ -279,6 +291,7 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
     const Vec vm(m);
     Vec acc(0.0f), acc_z(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
+      prefetch(z + c, kBlock);  // the next block, while this one is in L1
       const Vec zc = load_vec(z + c);
       const Vec ez = (zc - vm).exp();
       acc = acc + (c == y_base ? Vec::blendv(ez, zero, y_lane) : ez);
@@ -306,6 +319,7 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
     const Vec vm(m), vlog_s(static_cast<float>(log_s)), scale(gscale);
     const Vec shift(-gscale * (eps / static_cast<float>(C)));
     for (int64_t c = 0; c < full; c += kLanes) {
+      prefetch(z + c, kPrefetchAhead);
       store_vec(g + c, at::vec::fmadd(((load_vec(z + c) - vm) - vlog_s).exp(), scale, shift));
     }
     if (full < C) {
