@@ -47,6 +47,24 @@ def launch(request, monkeypatch):
     return request.param
 
 
+# Launch configurations crossed with backward strategies: each configuration once, each strategy on
+# the default configuration and on others (the strategy changes which kernels run: forward with the
+# gradient, or forward without it plus the backward op), without the full product.
+LAUNCH_STRATEGY = [(None, "fused"), (None, "recompute"), (CONFIGS[1], "recompute"), (CONFIGS[2], "fused"),
+                   (CONFIGS[3], "recompute")]
+
+
+@pytest.fixture(params=LAUNCH_STRATEGY, ids=lambda p: f"{p[0] or 'default'}-{p[1]}")
+def launch_strategy(request, monkeypatch):
+    config, strategy_name = request.param
+    if config is None:
+        monkeypatch.delenv("CBKERNELS_CUDA_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", config)
+    monkeypatch.setenv("CBKERNELS_BACKWARD", strategy_name)
+    return request.param
+
+
 def check(loss, n, c, dtype=torch.float32, *, param=0.0, reduction="mean", upstream_scale=None, **inputs):
     logits, target, weight = make_inputs(n, c, dtype, DEVICE, **inputs)
     assert_matches_reference("cuda", loss, logits, target, weight, reduction=reduction, param=param,
@@ -85,7 +103,7 @@ def check_ops_in_place(loss, logits, target, weight, param):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c", [(1, 1), (3, 7), (37, 1000)])
-def test_matches_reference(loss, dtype, n, c, strategy, launch):
+def test_matches_reference(loss, dtype, n, c, launch_strategy):
     # (1, 1) with logits ~ N(0, 1), not N(0, 9): a lone focal gradient of a confident logit (z > 7) is
     # below float16's normal range, where its rounding exceeds any relative tolerance
     check(loss, n, c, dtype, param=0.5 if loss == "focal" else 0.0, reduction="none",
@@ -114,7 +132,7 @@ def test_reductions_and_upstream_grad(loss, reduction, strategy):
 
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_extreme_logits(loss, dtype, strategy, launch):
+def test_extreme_logits(loss, dtype, launch_strategy):
     # |z| ~ 1e4: exp(-|u|) underflows, softplus is linear, probabilities are exactly 0 or 1
     check(loss, 9, 300, dtype, param=3.7 if loss == "focal" else 0.1, scale=1e4, reduction="none")
 
@@ -273,12 +291,15 @@ def _all_losses(x, t, w):
             + cbkernels.cb_sigmoid_cross_entropy(x, t, w, reduction="sum", backend="cuda"))
 
 
-@pytest.mark.parametrize("dtype,strategy_name", [(torch.float32, "fused"), (torch.bfloat16, "recompute")], ids=str)
-def test_torch_compile_fullgraph(dtype, strategy_name, monkeypatch):
+@pytest.mark.parametrize("dtype,strategy_name,compiler", [(torch.float32, "fused", "aot_eager"),
+                                                           (torch.bfloat16, "recompute", "inductor")], ids=str)
+def test_torch_compile_fullgraph(dtype, strategy_name, compiler, monkeypatch):
+    # aot_eager traces dynamo + AOT autograd through the ops; inductor also lowers them (one compile: the
+    # GPU check's test step is time-boxed)
     monkeypatch.setenv("CBKERNELS_BACKWARD", strategy_name)
     torch._dynamo.reset()
     logits, target, weight = make_inputs(64, 1000, dtype, DEVICE)
-    compiled = torch.compile(_all_losses, fullgraph=True)
+    compiled = torch.compile(_all_losses, fullgraph=True, backend=compiler)
     x_eager = logits.clone().requires_grad_(True)
     x_comp = logits.clone().requires_grad_(True)
     eager = _all_losses(x_eager, target, weight)
