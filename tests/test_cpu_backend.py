@@ -319,3 +319,26 @@ def test_reference_cross_check_for_confident_softmax():
     xr = logits.double().requires_grad_(True)
     reference.cb_softmax_cross_entropy(xr, target, reduction="sum").backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("loss,param", LOSSES, ids=LOSS_IDS)
+def test_masked_classes_minus_inf(loss, param):
+    # Classes masked with -inf, including a whole leading block of the online log-sum-exp (1024 elements).
+    logits, target, weight = make_inputs(6, 1500, torch.float32, "cpu", ignore_frac=0.0)
+    logits[:, :1100] = float("-inf")
+    logits[2, 1400:] = float("-inf")
+    target = 1100 + target % 400
+    target[2] = 1200
+    if loss == "softmax" and param > 0:  # smoothing puts mass on the -inf classes: the loss is +inf
+        out = _call(loss, param, logits, target, weight)
+        assert torch.isinf(out).all() and (out > 0).all()
+        return
+    x = logits.clone().requires_grad_(True)
+    out = _call(loss, param, x, target, weight)
+    out.backward(torch.ones_like(out))
+    xr = logits.double().requires_grad_(True)
+    ref = (reference.cb_softmax_cross_entropy(xr, target, weight.double(), "none") if loss == "softmax"
+           else reference.cb_focal_loss(xr, target, weight.double(), param, "none"))
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)

@@ -288,7 +288,9 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
       s_rest *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
       m = bm;
     }
-    const Vec vm(m);
+    // While every logit so far is -inf (masked classes), m = -inf and z - m would be NaN; their exp
+    // terms are 0, which exp(-inf - 0) gives. A later finite block then rescales s_rest = 0 harmlessly.
+    const Vec vm(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);
     Vec acc(0.0f), acc_z(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
       prefetch(z + c, kBlock);  // the next block, while this one is in L1
