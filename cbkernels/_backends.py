@@ -28,12 +28,19 @@ CUDA_PREFERENCE = ("triton", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _import_triton_ops() -> str | None:
     try:
         importlib.import_module("cbkernels.triton.ops")
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str | None:
+    """None once cbkernels.triton.ops imported (it registers the ops), else why not. A constant for
+    torch.compile: dynamo cannot trace importlib, and the answer never changes within a process."""
+    return _import_triton_ops()
 
 
 def _triton_interpreted() -> bool:

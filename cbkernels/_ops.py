@@ -23,11 +23,17 @@ def extension_loaded() -> bool:
     return _C_IMPORT_ERROR is None
 
 
+# Which dispatch keys the C++ extension has kernels for, read once at import: a plain dict lookup is
+# what torch.compile can trace (a dispatcher query inside the traced function would break the graph).
+_EXTENSION_KERNELS = {
+    key: extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::sigmoid_focal_forward", key)
+    for key in ("CPU", "CUDA")
+}
+
+
 def extension_has_kernel(dispatch_key: str) -> bool:
     """True when the C++ extension registered a kernel for this dispatch key ("CPU" or "CUDA")."""
-    if not extension_loaded():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::sigmoid_focal_forward", dispatch_key)
+    return _EXTENSION_KERNELS[dispatch_key]
 
 
 def _fake_forward(logits, target, class_weight, param, ignore_index, with_grad):

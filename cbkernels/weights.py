@@ -91,7 +91,7 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
         if empty_classes == "error":
             bad = torch.nonzero(empty).flatten().tolist()
             raise ValueError(
-                f"classes {bad[:20]}{' ...' if len(bad) > 20 else ''} have 0 samples: their class-balanced "
+                f"samples_per_class: classes {bad[:20]}{' ...' if len(bad) > 20 else ''} have 0 samples: their class-balanced "
                 "weight is infinite; pass empty_classes='zero' to give them weight 0"
             )
         if empty.all():
