@@ -33,18 +33,21 @@ from .weights import class_balanced_weights
 __all__ = ["cb_linear_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The logits and gradient tiles together get at least this many bytes (small C, small H).
-_MIN_TILE_BYTES = 16 * 2**20
+# The logits and gradient tiles together get at least this many bytes. Every chunk's matmuls re-pack the
+# (C, H) weight operand, an overhead ~ 1/R of the matmul time: measured on the CPU benchmark shape
+# (4096, 512, 32768) fp32, chunks of 256 / 1024 / 2048 rows cost 1.19x / 1.08x / 1.06x the unfused time.
+_MIN_TILE_BYTES = 256 * 2**20
 
 
 def auto_chunk_rows(num_rows: int, in_features: int, num_classes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the logits + gradient tiles get as many bytes as the fp32 weight gradient.
+    """Rows per chunk: the logits + gradient tiles get as many bytes as the fp32 weight gradient, >= 256 MiB.
 
     The (C, H) fp32 weight-gradient accumulator must exist anyway, so tiles of the same size at most double
-    the unavoidable extra memory: 2 * R * C * itemsize = max(4 * C * H, 16 MiB), i.e. R ~ 2H / itemsize
-    (H / 2 rows in fp32, H rows in bf16). Each chunk also re-reads and re-writes the accumulator
-    (8 * C * H bytes against 6 * R * C * H flops of matmul), so R in the hundreds keeps that traffic
-    negligible. Rounded down to a multiple of 16 (matmul tiles), clamped to [1, N].
+    the unavoidable extra memory: 2 * R * C * itemsize = max(4 * C * H, 256 MiB), i.e. R = 2H / itemsize
+    (H / 2 rows in fp32, H rows in bf16) for large heads. The 256 MiB floor keeps R large enough on small
+    heads that the per-chunk cost (re-packing W in each matmul; re-reading and re-writing the accumulator,
+    8 * C * H bytes against 6 * R * C * H flops) stays a few percent. Rounded down to a multiple of 16
+    (matmul tiles), clamped to [1, N].
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = max(4 * num_classes * in_features, _MIN_TILE_BYTES)

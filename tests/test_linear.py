@@ -254,9 +254,10 @@ def test_backward_twice_with_retain_graph():
 
 
 def test_auto_chunk_rows_rule():
-    # Tiles get max(4*C*H, 16 MiB) bytes: H/2 rows in fp32, H rows in bf16 (docs/linear.md).
-    assert auto_chunk_rows(4096, 512, 32768, torch.float32) == 256
+    # Tiles get max(4*C*H, 256 MiB) bytes: H/2 rows in fp32, H rows in bf16 for big heads (docs/linear.md).
+    assert auto_chunk_rows(4096, 512, 32768, torch.float32) == 1024  # the floor: 2 * 1024 * C * 4 = 256 MiB
     assert auto_chunk_rows(8192, 2048, 131072, torch.bfloat16) == 2048
+    assert auto_chunk_rows(10**5, 1024, 10**6, torch.float32) == 512
     assert auto_chunk_rows(100, 512, 32768, torch.float32) == 100  # never more than N
     assert auto_chunk_rows(10**6, 1, 10**8, torch.float32) == 1  # tiles never below one row
     assert auto_chunk_rows(10**6, 8, 10**7, torch.float32) == 4  # H / 2 rows whatever C
