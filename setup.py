@@ -12,6 +12,7 @@ and CPU_CAPABILITY macro (ATen's Vectorized<float> picks its implementation from
 carries a generic, an AVX2 and an AVX-512 variant and chooses among them at run time.
 """
 import os
+import platform
 from pathlib import Path
 
 from setuptools import setup
@@ -48,6 +49,10 @@ def _extensions():
         raise RuntimeError(f"cbkernels needs torch >= 2.6, found {torch.__version__}")
 
     sources = ["csrc/cbkernels.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        # The AVX2 / AVX-512 variants exist for x86 only (csrc/cpu/ops.cpp would also need them compiled
+        # out elsewhere: not done yet, so non-x86 builds are untested).
+        sources = [s for s in sources if not any(s.endswith(k) for k in ISA_FLAGS)]
     cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-math-errno"]
     link = []
     if os.environ.get("CBKERNELS_SANITIZE") == "1":

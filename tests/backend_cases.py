@@ -77,7 +77,7 @@ def assert_matches_reference(backend, loss, logits, target, weight, *, reduction
     assert not torch.isnan(out).any() and not torch.isnan(grad).any(), "NaN from finite inputs"
 
     scale = float(ref_out.abs().max()) if ref_out.numel() else 0.0
-    torch.testing.assert_close(out, ref_out, rtol=LOSS_RTOL, atol=1e-6 * scale + 1e-30,
+    torch.testing.assert_close(out, ref_out, rtol=LOSS_RTOL, atol=1e-6 * scale + 1e-12,
                                msg=lambda m: f"{backend} {loss} loss: {m}")
     rtol = GRAD_RTOL[logits.dtype]
     atol = rtol * (float(ref_grad.abs().max()) if ref_grad.numel() else 0.0) + (2.0**-24 if logits.dtype == torch.float16 else 1e-30)

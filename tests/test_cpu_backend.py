@@ -237,14 +237,6 @@ def test_opcheck(family, dtype):
                           (logits, target, weight, grad_loss, 0.5 if family == "sigmoid_focal" else 0.1, -100))
 
 
-# cbkernels/_ops.py's extension_has_kernel() calls torch._C._dispatch_has_kernel_for_dispatch_key on every
-# backend resolution; Dynamo cannot trace that call (it returns a bool), so fullgraph=True breaks in
-# functional.py before any kernel runs. With the answer computed once at import (the kernels register when
-# _C loads) both tests pass (checked with a monkeypatched constant). Remove this marker with that fix.
-_DYNAMO_BREAK_IN_OPS = pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.Unsupported, reason="_ops.extension_has_kernel is not traceable by Dynamo (needs an import-time constant)")
-
-
 def _model_losses(model, x, target, weight):
     z = model(x)
     return torch.stack([
@@ -255,7 +247,6 @@ def _model_losses(model, x, target, weight):
 
 
 @pytest.mark.slow
-@_DYNAMO_BREAK_IN_OPS
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend, strategy):
     torch.manual_seed(0)
@@ -274,7 +265,6 @@ def test_torch_compile_fullgraph(compile_backend, strategy):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 
 
-@_DYNAMO_BREAK_IN_OPS
 def test_torch_compile_fullgraph_quick():
     # The not-slow guard: tracing through the fake kernels and the autograd formula without a graph break.
     torch.manual_seed(0)
