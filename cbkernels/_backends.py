@@ -19,12 +19,17 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("fused", "recompute")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Backward strategy per backend, chosen by measurement (bench/results/ records the runs that decided):
-# see README "Backward strategies".
-DEFAULT_STRATEGY = {"cpu": "recompute", "cuda": "fused", "triton": "fused"}
-# On CUDA tensors "auto" takes the faster GPU backend by measurement (bench/results/); until a device
-# run decides otherwise, Triton first.
-CUDA_PREFERENCE = ("triton", "cuda")
+# Backward strategy per backend, chosen by measurement (2026-11-27; bench/results/ holds the runs):
+# - cpu: "recompute" was faster for sigmoid and softmax (85 vs 108 ms, 73 vs 107 ms at (1024, 8142) fp32,
+#   2 threads) and tied for focal; it also keeps no N x C tensor between forward and backward.
+# - cuda: "recompute" was faster at every swept shape on an H200 (bench/sweep_cuda.py, e.g. (8192, 8142)
+#   fp32 softmax 0.27 vs 0.37 ms): it moves 3 passes over N x C instead of 4.
+# - triton: "fused" won end to end at the iNaturalist shapes (python -m cbkernels bench, H200): the
+#   recompute backward kernel is not yet tuned for small N (0.15 vs 0.06 ms at (1024, 8142) bf16).
+DEFAULT_STRATEGY = {"cpu": "recompute", "cuda": "recompute", "triton": "fused"}
+# On CUDA tensors "auto" takes the faster GPU backend: the CUDA kernels beat Triton at all 12 iNaturalist
+# cases of the H200 benchmark (bench/results/gpu-h200-2026-11-27), so CUDA first, then Triton.
+CUDA_PREFERENCE = ("cuda", "triton")
 
 
 @functools.lru_cache(maxsize=None)
