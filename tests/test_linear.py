@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbkernels
-from cbkernels import _backends, _ops, reference
+from cbkernels import _backends, reference
 from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
 
 LOSS_TYPES = ("softmax", "sigmoid", "focal")
@@ -175,12 +175,8 @@ def test_triton_backend_matches_unfused(loss_type, reduction):
     assert_matches_unfused("triton", loss_type, reduction, torch.float32, n=10, h=4, c=9, chunk_size=4)
 
 
-def test_compile_fullgraph_cpu_backend(monkeypatch):
+def test_compile_fullgraph_cpu_backend():
     _skip_unless("cpu")
-    # _ops.extension_has_kernel asks the dispatcher (a call dynamo cannot trace); its answer is fixed once the
-    # library is loaded, so freeze it here: this test is about linear.py's own traceability.
-    has_kernel = {key: _ops.extension_has_kernel(key) for key in ("CPU", "CUDA")}
-    monkeypatch.setattr(_ops, "extension_has_kernel", lambda key: has_kernel[key])
     hidden, weight, b, target, cw = _inputs(20, 8, 11, torch.float32)
 
     def f(x, w, bb):
