@@ -188,7 +188,8 @@ class _LinearLoss(torch.autograd.Function):
             # d loss / d(.) = upstream * scale * (gradients of the summed loss, computed in forward)
             grad_hidden, grad_weight, grad_bias, scale = ctx.saved_tensors
             scale = grad_out.to(scale.dtype) * scale
-            grad_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+            if grad_hidden is not None:  # multiplied in fp32 and rounded once (a half scale would round twice)
+                grad_hidden = (grad_hidden.to(scale.dtype) * scale).to(grad_hidden.dtype)
             grad_weight = None if grad_weight is None else grad_weight * scale
             grad_bias = None if grad_bias is None else grad_bias * scale
         grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
