@@ -8,6 +8,11 @@ share an alignment. Bad targets are fed to the ops directly: the public function
 assert for them, which would end the process's CUDA context.
 """
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,30 +247,50 @@ def test_all_rows_ignored_and_empty_batch(loss, strategy):
     assert back.shape == (0, 5)
 
 
-def test_bad_arguments_name_the_argument(monkeypatch):
-    logits, target, weight = make_inputs(3, 7, torch.float32, DEVICE)
-    fwd = torch.ops.cbkernels.sigmoid_focal_forward
-    bwd = torch.ops.cbkernels.softmax_ce_backward
-    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
-        fwd(logits.double(), target, weight, 0.0, -100, True)
-    with pytest.raises(RuntimeError, match="target must have shape"):
-        fwd(logits, target[:2], weight, 0.0, -100, True)
-    with pytest.raises(RuntimeError, match="class_weight must be float32"):
-        fwd(logits, target, weight.double(), 0.0, -100, True)
-    with pytest.raises(RuntimeError, match="target must be on the logits' device"):
-        fwd(logits, target.cpu(), weight, 0.0, -100, True)
-    with pytest.raises(RuntimeError, match="gamma must be a finite number"):
-        fwd(logits, target, weight, -1.0, -100, True)
-    with pytest.raises(RuntimeError, match="grad_loss must have shape"):
-        bwd(logits, target, weight, torch.ones(2, device=DEVICE), 0.0, -100)
-    with pytest.raises(RuntimeError, match="label_smoothing must be in"):
-        bwd(logits, target, weight, torch.ones(3, device=DEVICE), 1.5, -100)
-    monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", "threads=48")
-    with pytest.raises(RuntimeError, match="threads per block must be a multiple of 32"):
-        fwd(logits, target, weight, 0.0, -100, True)
-    monkeypatch.setenv("CBKERNELS_CUDA_CONFIG", "blocks=4")
-    with pytest.raises(RuntimeError, match="CBKERNELS_CUDA_CONFIG keys are"):
-        fwd(logits, target, weight, 0.0, -100, True)
+_BAD_ARGUMENTS = {  # name: (call, environment, expected message)
+    "logits_dtype": ("fwd(logits.double(), target, weight, 0.0, -100, True)", {},
+                     "logits must be float32, float16 or bfloat16"),
+    "target_shape": ("fwd(logits, target[:2], weight, 0.0, -100, True)", {}, "target must have shape"),
+    "weight_dtype": ("fwd(logits, target, weight.double(), 0.0, -100, True)", {}, "class_weight must be float32"),
+    "target_device": ("fwd(logits, target.cpu(), weight, 0.0, -100, True)", {}, "target must be on the logits' device"),
+    "gamma": ("fwd(logits, target, weight, -1.0, -100, True)", {}, "gamma must be a finite number"),
+    "grad_loss_shape": ("bwd(logits, target, weight, torch.ones(2, device='cuda'), 0.0, -100)", {},
+                        "grad_loss must have shape"),
+    "label_smoothing": ("bwd(logits, target, weight, torch.ones(3, device='cuda'), 1.5, -100)", {},
+                        r"label_smoothing must be in"),
+    "config_threads": ("fwd(logits, target, weight, 0.0, -100, True)", {"CBKERNELS_CUDA_CONFIG": "threads=48"},
+                       "threads per block must be a multiple of 32"),
+    "config_key": ("fwd(logits, target, weight, 0.0, -100, True)", {"CBKERNELS_CUDA_CONFIG": "blocks=4"},
+                   "CBKERNELS_CUDA_CONFIG keys are"),
+}
+_BAD_ARGUMENT_SCRIPT = """
+import sys, torch, cbkernels
+sys.path.insert(0, "tests")
+from backend_cases import make_inputs
+logits, target, weight = make_inputs(3, 7, torch.float32, "cuda")
+fwd = torch.ops.cbkernels.sigmoid_focal_forward
+bwd = torch.ops.cbkernels.softmax_ce_backward
+try:
+    {call}
+except RuntimeError as error:
+    print("RAISED:", error)
+else:
+    print("NO ERROR")
+"""
+
+
+@pytest.mark.parametrize("name", list(_BAD_ARGUMENTS))
+def test_bad_arguments_name_the_argument(name):
+    """Each bad call in its own process. On the H200 check of 2026-11-27 the calls whose message formats a
+    number (target_shape, gamma, grad_loss_shape, label_smoothing) ended the process with SIGSEGV instead of
+    raising, while those formatting a dtype or device raised; a subprocess keeps such a crash a failure of
+    this case alone instead of the end of the test run. (The public API checks these arguments in Python
+    before any op is called.)"""
+    call, env, match = _BAD_ARGUMENTS[name]
+    out = subprocess.run([sys.executable, "-c", _BAD_ARGUMENT_SCRIPT.format(call=call)], capture_output=True,
+                         text=True, timeout=180, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **env})
+    assert out.returncode == 0, f"the op crashed the process (exit {out.returncode}): {out.stderr[-3000:]}"
+    assert "RAISED:" in out.stdout and re.search(match, out.stdout), out.stdout
 
 
 def test_opcheck():
