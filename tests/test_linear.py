@@ -55,18 +55,20 @@ def _value_and_grads(fn, params, upstream):
 
 
 def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, c=37, bias=True, chunk_size=None,
-                           ignore_index=-100):
+                           ignore_index=-100, device="cpu"):
     hidden, weight, b, target, cw = _inputs(n, h, c, dtype, bias=bias, ignore_index=ignore_index)
     upstream = torch.randn(n if reduction == "none" else 1, dtype=torch.float64) * 1.7
 
     def fused(x, w, bb):
-        return cb_linear_loss(x, w, target, cw, bb, loss_type, GAMMA, reduction, ignore_index, SMOOTHING,
-                              chunk_size, backend)
+        return cb_linear_loss(x, w, target.to(device), cw.to(device), bb, loss_type, GAMMA, reduction, ignore_index,
+                              SMOOTHING, chunk_size, backend)
 
     def unfused(x, w, bb):
         return _unfused(loss_type, x, w, bb, target, cw.double(), reduction, ignore_index)
 
-    out, grads = _value_and_grads(fused, (hidden, weight, b), upstream)
+    on_device = tuple(None if p is None else p.to(device) for p in (hidden, weight, b))
+    out, grads = _value_and_grads(fused, on_device, upstream.to(device))
+    out, grads = out.cpu(), [g.cpu() for g in grads]
     ref, ref_grads = _value_and_grads(unfused, tuple(None if p is None else p.double() for p in (hidden, weight, b)),
                                       upstream)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -173,6 +175,19 @@ def test_cpu_backend_matches_unfused(loss_type, reduction, dtype):
 def test_triton_backend_matches_unfused(loss_type, reduction):
     _skip_unless("triton")  # on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
     assert_matches_unfused("triton", loss_type, reduction, torch.float32, n=10, h=4, c=9, chunk_size=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_match_unfused(loss_type, reduction, dtype):
+    backends = [b for b in ("cuda", "triton") if _backends.unavailable_reason(b, torch.device("cuda")) is None]
+    if not backends:
+        pytest.skip("no GPU kernel backend built (cuda extension or Triton)")
+    for backend in backends:  # C = 3000 > one 1024-wide block; chunk 48 does not divide N = 130
+        assert_matches_unfused(backend, loss_type, reduction, dtype, n=130, h=40, c=3000, chunk_size=48,
+                               device="cuda")
 
 
 def test_compile_fullgraph_cpu_backend():
