@@ -33,6 +33,11 @@ def check_inputs(logits, target, class_weight):
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    return check_class_weight(class_weight, num_classes, logits.device)
+
+
+def check_class_weight(class_weight, num_classes, device):
+    """Validates class_weight against C and the logits' device; returns it as float32 contiguous (or None)."""
     if class_weight is None:
         return None
     if not isinstance(class_weight, torch.Tensor):
@@ -43,8 +48,8 @@ def check_inputs(logits, target, class_weight):
         )
     if not class_weight.dtype.is_floating_point:
         raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
-    if class_weight.device != logits.device:
-        raise ValueError(f"class_weight is on {class_weight.device} but logits are on {logits.device}")
+    if class_weight.device != device:
+        raise ValueError(f"class_weight is on {class_weight.device} but logits are on {device}")
     if class_weight.requires_grad:
         raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
     return class_weight.to(torch.float32).contiguous()

@@ -103,18 +103,10 @@ def _check_inputs(logits, target, class_weight, class_start, num_classes, reduct
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
     group = _group(group)
-    if class_weight is not None:
-        if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
-            raise ValueError("class_weight must be a 1-D tensor (C,) of the global class weights, or None")
-        if not class_weight.dtype.is_floating_point:
-            raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
-        if class_weight.device != logits.device:
-            raise ValueError(f"class_weight is on {class_weight.device} but logits are on {logits.device}")
-        if class_weight.requires_grad:
-            raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
+    if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
+        raise ValueError("class_weight must be a 1-D tensor (C,) of the global class weights, or None")
     class_start, num_classes = _resolve_shard(logits, class_weight, class_start, num_classes, group)
-    if class_weight is not None and class_weight.shape[0] != num_classes:
-        raise ValueError(f"class_weight must have shape (C,) = ({num_classes},), got {tuple(class_weight.shape)}")
+    _checks.check_class_weight(class_weight, num_classes, logits.device)
     # Targets are global: a device-side check against the global C (raises at once on CPU tensors,
     # before any collective, so every rank raises alike: the targets are identical on every rank).
     _checks.check_target_range_async(target, num_classes, ignore_index)
