@@ -1,6 +1,7 @@
 """cbkernels: fused-kernel class-balanced losses (Cui et al., CVPR 2019) for PyTorch."""
 from ._backends import available_backends
 from .functional import cb_focal_loss, cb_sigmoid_cross_entropy, cb_softmax_cross_entropy
+from .linear import ClassBalancedLinearLoss, cb_linear_loss
 from .modules import ClassBalancedLoss
 from .weights import (class_balanced_weights, effective_number, init_prior_bias_, long_tail_counts,
                       long_tail_indices)
@@ -9,5 +10,6 @@ __version__ = "0.1.0"
 __all__ = [
     "cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_focal_loss", "ClassBalancedLoss",
     "effective_number", "class_balanced_weights", "long_tail_counts", "long_tail_indices", "init_prior_bias_",
-    "available_backends",
+    "available_backends", "cb_linear_loss", "ClassBalancedLinearLoss",
 ]
+# Class-parallel losses need a process group: `from cbkernels import distributed` (docs/distributed.md).
