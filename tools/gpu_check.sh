@@ -12,6 +12,12 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 SUMMARY="$OUT/summary.md"
+# On the 2026-11-27 H200 image the build picked /opt/gcc/bin/g++, and the CUDA ops then crashed (SIGSEGV)
+# whenever a TORCH_CHECK message formatted a number, while messages formatting dtypes or devices raised
+# cleanly. Suspected cause, not verified: that compiler's libstdc++ headers are newer than the libstdc++
+# loaded at run time (number formatting goes through the locale's num_put facet). So prefer the system
+# compiler when there is one; CXX set by the caller wins.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 start=$(date +%s)
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -42,12 +48,6 @@ fi
   echo '| --- | --- | --- |'
 } >"$SUMMARY"
 
-# On the 2026-11-27 H200 image the build picked /opt/gcc/bin/g++, and the CUDA ops then crashed (SIGSEGV)
-# whenever a TORCH_CHECK message formatted a number, while messages formatting dtypes or devices raised
-# cleanly. Suspected cause, not verified: that compiler's libstdc++ headers are newer than the libstdc++
-# loaded at run time (number formatting goes through the locale's num_put facet). So prefer the system
-# compiler when there is one; CXX set by the caller wins.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 export CBKERNELS_BUILD_CUDA=1 CBKERNELS_CUDA_ARCH="${CBKERNELS_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 step build 180 $PY setup.py build_ext --inplace
 step info 20 $PY -m cbkernels info
