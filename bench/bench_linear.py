@@ -171,6 +171,21 @@ def _markdown(report):
     return "\n".join(lines)
 
 
+def _cuda_name(torch):
+    try:
+        return torch.cuda.get_device_name()
+    except (AssertionError, RuntimeError) as exc:  # the report is still written when CUDA is unusable
+        return f"unavailable ({exc})"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -214,7 +229,7 @@ def main(argv=None):
         print(f"{loss:8s} {variant:10s} {json.dumps(r)}", flush=True)
     report = {
         "bench": "bench_linear", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "device": _cuda_name(torch) if args.device == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "shape": {"N": args.shape[0], "H": args.shape[1], "C": args.shape[2]}, "dtype": args.dtype,
         "baseline_peak_rss_mib": baseline, "results": results,
