@@ -7,7 +7,6 @@ forces the backward strategy of every kernel backend.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -32,8 +31,20 @@ DEFAULT_STRATEGY = {"cpu": "recompute", "cuda": "recompute", "triton": "fused"}
 CUDA_PREFERENCE = ("cuda", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _import_triton_ops() -> str | None:
+    """Imports cbkernels.triton.ops (which registers the cbkernels_triton ops); None, or why it failed.
+
+    Done once, when cbkernels is imported, and only where Triton can run (a CUDA device, or the interpreter
+    chosen by TRITON_INTERPRET=1 before the import): CPU-only users never pay for importing triton, and
+    the answer is a plain constant that torch.compile can trace (an import inside a traced function
+    would break the graph).
+    """
+    if not (torch.cuda.is_available() or _triton_interpreted()):
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set before cbkernels was imported"
     try:
         importlib.import_module("cbkernels.triton.ops")
     except ImportError as exc:
@@ -41,15 +52,7 @@ def _import_triton_ops() -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result
-def _triton_import_error() -> str | None:
-    """None once cbkernels.triton.ops imported (it registers the ops), else why not. A constant for
-    torch.compile: dynamo cannot trace importlib, and the answer never changes within a process."""
-    return _import_triton_ops()
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_TRITON_IMPORT_ERROR = _import_triton_ops()
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -73,8 +76,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         if device.type not in ("cpu", "cuda"):
             return f"backend 'triton' does not run on {device.type} tensors"
-        error = _triton_import_error()
-        return None if error is None else f"Triton is not importable ({error})"
+        return None if _TRITON_IMPORT_ERROR is None else f"Triton is not available ({_TRITON_IMPORT_ERROR})"
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -8,7 +8,6 @@ scale of the unweighted loss).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 

@@ -16,7 +16,6 @@ import torch
 
 import cbkernels
 from backend_cases import assert_matches_reference, make_inputs
-from cbkernels import _backends
 
 pytestmark = pytest.mark.triton
 
@@ -278,14 +277,8 @@ def _compiled_matches_eager(compile_backend, n, c, dtype):
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=rtol, atol=rtol * float(x_eager.grad.abs().max()))
 
 
-def test_torch_compile_fullgraph_cpu(strategy, monkeypatch):
-    """Dynamo + AOT autograd trace the public functions without a graph break (the ops are opaque here).
-
-    _backends._triton_import_error (an lru_cache around importlib) is frozen to its answer: dynamo cannot
-    trace the import. That is _backends.py's to fix (torch.compiler.assume_constant_result around it);
-    this test is about the Triton ops' own traceability. The GPU test below runs the unfrozen path."""
-    answer = _backends._triton_import_error()
-    monkeypatch.setattr(_backends, "_triton_import_error", lambda: answer)
+def test_torch_compile_fullgraph_cpu(strategy):
+    """Dynamo + AOT autograd trace the public functions without a graph break (the ops are opaque here)."""
     _compiled_matches_eager("aot_eager", 3, 7, torch.float32)
 
 
@@ -412,14 +405,8 @@ def test_gpu_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend_choice", ["as_is", "frozen"])
-def test_gpu_torch_compile_fullgraph_inductor(dtype, backend_choice, strategy, monkeypatch):
-    """Inductor sees through the triton_ops to the kernels. "as_is" is the public path end to end;
-    "frozen" fixes _backends._triton_import_error's answer (see the CPU test), so a failure of "as_is"
-    alone points at backend resolution rather than at the ops."""
-    if backend_choice == "frozen":
-        answer = _backends._triton_import_error()
-        monkeypatch.setattr(_backends, "_triton_import_error", lambda: answer)
+def test_gpu_torch_compile_fullgraph_inductor(dtype, strategy):
+    """Inductor sees through the triton_ops to the kernels, the public path end to end."""
     _compiled_matches_eager("inductor", 64, 1000, dtype)
 
 
