@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sweep_common import make_case, mismatch, reference_rows_and_grad, strategies, useful_bytes
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ENV = "CBKERNELS_CUDA_CONFIG"
@@ -38,8 +40,6 @@ GPU_SHAPES = [
     ("sigmoid_focal", 8192, 8142, torch.float32), ("softmax_ce", 8192, 8142, torch.float32),
 ] + [(family, max(1, 2**26 // c), c, torch.bfloat16)
      for c in (1000, 32768, 262144) for family in ("sigmoid_focal", "softmax_ce")]
-PARAM = {"sigmoid_focal": 0.5, "softmax_ce": 0.1}  # the paper's focal gamma; a typical smoothing
-GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 
 
 @dataclass(frozen=True)
@@ -82,59 +82,6 @@ def config_grid(family: str, c: int) -> list[Config]:
     return grid
 
 
-def make_case(n, c, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(n * 131 + c)
-    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
-    target = torch.randint(0, c, (n,), generator=g)
-    target[::17] = -100  # some ignored rows
-    weight = (torch.rand(c, generator=g) * 2 + 0.1).to(device)
-    grad_loss = torch.randn(n, generator=g).to(device)
-    return logits, target.to(device), weight, grad_loss
-
-
-def reference_rows_and_grad(family, logits, target, weight, grad_loss):
-    """float64 reference loss rows and upstream-scaled gradient, on the logits' device."""
-    from cbkernels import reference
-
-    x = logits.detach().double().requires_grad_(True)
-    if family == "sigmoid_focal":
-        rows = reference.sigmoid_focal_rows(x, target, weight.double(), PARAM[family], -100)
-    else:
-        rows = reference.softmax_rows(x, target, weight.double(), -100, PARAM[family])
-    (grad,) = torch.autograd.grad(rows, x, grad_loss.double())
-    return rows.detach(), grad
-
-
-def strategies(family, logits, target, weight, grad_loss):
-    from cbkernels import _ops
-
-    fwd = getattr(torch.ops.cbkernels, f"{family}_forward")
-    bwd = getattr(torch.ops.cbkernels, f"{family}_backward")
-    param = PARAM[family]
-
-    def fused():
-        loss, grad = fwd(logits, target, weight, param, -100, True)
-        return loss, _ops.scale_rows(grad, grad_loss)
-
-    def recompute():
-        loss, _ = fwd(logits, target, weight, param, -100, False)
-        return loss, bwd(logits, target, weight, grad_loss, param, -100)
-
-    return {"fused": fused, "recompute": recompute}
-
-
-def mismatch(result, ref_rows, ref_grad, dtype):
-    """None when (loss, scaled grad) match the float64 reference, else what differs."""
-    loss, grad = result
-    scale = float(ref_rows.abs().max())
-    if not torch.allclose(loss.double(), ref_rows, rtol=2e-5, atol=1e-6 * scale):
-        return f"loss differs by {float((loss.double() - ref_rows).abs().max()):.3g}"
-    rtol = GRAD_RTOL[dtype]
-    if not torch.allclose(grad.double(), ref_grad, rtol=rtol, atol=rtol * float(ref_grad.abs().max())):
-        return f"grad differs by {float((grad.double() - ref_grad).abs().max()):.3g}"
-    return None
-
-
 def gpu_timer():
     """Median milliseconds of fn() with L2 flushed before each run."""
     try:
@@ -165,10 +112,6 @@ def copy_bandwidth_gbps(time_ms, nbytes=2**30):
     x = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
     return 2 * nbytes / time_ms(lambda: y.copy_(x)) / 1e6  # read + write
-
-
-def useful_bytes(n, c, dtype):
-    return 2 * n * c * dtype.itemsize + n * 8 + c * 4
 
 
 def with_rates(result, nbytes, copy_gbps):
@@ -202,7 +145,7 @@ def sweep_shape(family, n, c, dtype, time_ms, copy_gbps, deadline):
     """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
     logits, target, weight, grad_loss = make_case(n, c, dtype, "cuda")
     ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight, grad_loss)
-    runs = strategies(family, logits, target, weight, grad_loss)
+    runs = strategies(torch.ops.cbkernels, family, logits, target, weight, grad_loss)
     nbytes = useful_bytes(n, c, dtype)
     entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""), "useful_bytes": nbytes,
              "configs": [], "best": None}

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cbkernels import _ops, reference  # noqa: E402
 from cbkernels.triton import configs  # noqa: E402
+from sweep_common import make_case, mismatch, reference_rows_and_grad, strategies, useful_bytes  # noqa: E402
 
 # (family, N, C, dtype): the issue's speed target first, then iNat batch 1024, then the class sweep at
 # N * C ~ 64M elements.
@@ -48,8 +48,6 @@ GPU_SHAPES = [
      for c in (262144, 131072, 32768, 1000) for family in ("sigmoid_focal", "softmax_ce")]
 N_TARGET_SHAPES, TARGET_WEIGHT = 4, 3  # the first four shapes are the issue's speed target
 DRY_SHAPES = [("sigmoid_focal", 5, 33, torch.float32), ("softmax_ce", 3, 70, torch.bfloat16)]
-PARAM = {"sigmoid_focal": 0.5, "softmax_ce": 0.1}  # the paper's focal gamma; a typical smoothing
-GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 
 
 def config_grid(c, dry_run, first=None):
@@ -79,56 +77,6 @@ def config_grid(c, dry_run, first=None):
     return sorted(grid, key=promise)
 
 
-def make_case(n, c, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(n * 131 + c)
-    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
-    target = torch.randint(0, c, (n,), generator=g)
-    target[::17] = -100  # some ignored rows
-    weight = (torch.rand(c, generator=g) * 2 + 0.1).to(device)
-    grad_loss = torch.randn(n, generator=g).to(device)
-    return logits, target.to(device), weight, grad_loss
-
-
-def reference_rows_and_grad(family, logits, target, weight):
-    x = logits.detach().double().requires_grad_(True)
-    rows_fn = reference.sigmoid_focal_rows if family == "sigmoid_focal" else reference.softmax_rows
-    if family == "sigmoid_focal":
-        rows = rows_fn(x, target, weight.double(), PARAM[family], -100)
-    else:
-        rows = rows_fn(x, target, weight.double(), -100, PARAM[family])
-    (grad,) = torch.autograd.grad(rows.sum(), x)
-    return rows.detach(), grad
-
-
-def strategies(family, logits, target, weight, grad_loss):
-    ops = torch.ops.cbkernels_triton
-    fwd, bwd = getattr(ops, f"{family}_forward"), getattr(ops, f"{family}_backward")
-    param = PARAM[family]
-
-    def fused():
-        loss, grad = fwd(logits, target, weight, param, -100, True)
-        return loss, _ops.scale_rows(grad, grad_loss)
-
-    def recompute():
-        loss, _ = fwd(logits, target, weight, param, -100, False)
-        return loss, bwd(logits, target, weight, grad_loss, param, -100)
-
-    return {"fused": fused, "recompute": recompute}
-
-
-def check(result, ref_rows, ref_grad, grad_loss, dtype):
-    """None when (loss, scaled grad) match the float64 reference, else what differs."""
-    loss, grad = result
-    scale = float(ref_rows.abs().max())
-    if not torch.allclose(loss.double(), ref_rows, rtol=2e-5, atol=1e-6 * scale):
-        return f"loss differs by {float((loss.double() - ref_rows).abs().max()):.3g}"
-    want = ref_grad * grad_loss.double()[:, None]
-    rtol = GRAD_RTOL[dtype]
-    if not torch.allclose(grad.double(), want, rtol=rtol, atol=rtol * float(want.abs().max())):
-        return f"grad differs by {float((grad.double() - want).abs().max()):.3g}"
-    return None
-
-
 def timer(dry_run):
     if not dry_run:
         import triton.testing
@@ -154,10 +102,6 @@ def copy_bandwidth_gbps(device, time_ms, dry_run):
     return 2 * nbytes / ms / 1e6  # read + write
 
 
-def useful_bytes(n, c, dtype):
-    return 2 * n * c * dtype.itemsize + n * 8 + c * 4
-
-
 def as_dict(config):
     return None if config is None else {"block": config.block, "rows": config.rows,
                                         "num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -166,15 +110,15 @@ def as_dict(config):
 def sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, deadline, dry_run):
     """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
     logits, target, weight, grad_loss = make_case(n, c, dtype, device)
-    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight)
-    runs = strategies(family, logits, target, weight, grad_loss)
+    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight, grad_loss)
+    runs = strategies(torch.ops.cbkernels_triton, family, logits, target, weight, grad_loss)
     entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""),
              "useful_bytes": useful_bytes(n, c, dtype), "configs": [], "best": None}
 
     def measure(config, strategy):
         try:
             with configs.override(config, family):
-                error = check(runs[strategy](), ref_rows, ref_grad, grad_loss, dtype)
+                error = mismatch(runs[strategy](), ref_rows, ref_grad, dtype)
                 if error is not None:
                     return {"error": error}
                 return {"ms": time_ms(runs[strategy])}
