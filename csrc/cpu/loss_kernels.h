@@ -195,8 +195,10 @@ inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, flo
   if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * total);
 }
 
-template <typename T, Modulator kMod, bool kLoss, bool kGrad>
-void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
+// The row loop both families share: ignored rows get zeros, the others their alpha_y, the gradient scale
+// alpha_y * grad_loss[row] (alpha_y alone in forward) and their output pointers, then row_fn does the math.
+template <typename T, bool kLoss, bool kGrad, typename RowFn>
+void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t y = row_target(a, row);
@@ -207,9 +209,16 @@ void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
     const float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
     const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
     T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
-    focal_row<T, kMod, kLoss, kGrad>(logits + row * a.row_stride, g, a.num_classes, y, a.param, alpha, gscale,
-                                     kLoss ? a.loss + row : nullptr);
+    row_fn(logits + row * a.row_stride, g, y, alpha, gscale, kLoss ? a.loss + row : nullptr);
   }
+}
+
+template <typename T, Modulator kMod, bool kLoss, bool kGrad>
+void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
+                                                    float* loss) {
+    focal_row<T, kMod, kLoss, kGrad>(z, g, a.num_classes, y, a.param, alpha, gscale, loss);
+  });
 }
 
 template <typename T, Modulator kMod>
@@ -336,19 +345,10 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
 
 template <typename T, bool kLoss, bool kGrad>
 void softmax_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  const T* logits = static_cast<const T*>(a.logits);
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t y = row_target(a, row);
-    if (y == a.ignore_index) {
-      write_ignored_row<T>(a, row);
-      continue;
-    }
-    const float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
-    const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
-    T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
-    softmax_row<T, kLoss, kGrad>(logits + row * a.row_stride, g, a.num_classes, y, a.param, alpha, gscale,
-                                 kLoss ? a.loss + row : nullptr);
-  }
+  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
+                                                    float* loss) {
+    softmax_row<T, kLoss, kGrad>(z, g, a.num_classes, y, a.param, alpha, gscale, loss);
+  });
 }
 
 template <typename T>
