@@ -55,6 +55,12 @@ def _extensions():
         sources = [s for s in sources if not any(s.endswith(k) for k in ISA_FLAGS)]
     cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-math-errno"]
     link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: without -fopenmp it compiles to a plain serial loop, in
+        # silence. Linking with -fopenmp records libgomp.so.1, which at load time resolves to the libgomp
+        # torch has already loaded (same soname), so torch.set_num_threads governs these loops too.
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     if os.environ.get("CBKERNELS_SANITIZE") == "1":
         cxx += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         link += ["-fsanitize=address,undefined"]

@@ -15,6 +15,12 @@
 
 #include "loss_args.h"
 
+// ATen's OpenMP build defines at::parallel_for in a header whose parallel region exists only under
+// _OPENMP; compiled without -fopenmp, every kernel here would run on one thread without a word.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "torch uses OpenMP for at::parallel_for: compile csrc/cpu with -fopenmp (setup.py adds it)"
+#endif
+
 namespace cbkernels::cpu {
 
 CBKERNELS_DECLARE_ROWS(DEFAULT)
