@@ -48,7 +48,7 @@ def strategies(ops, family, logits, target, weight, grad_loss):
 
     def fused():
         loss, grad = fwd(logits, target, weight, param, -100, True)
-        return loss, _ops.scale_rows(grad, grad_loss)
+        return loss, _ops.scale_rows(grad, grad_loss, in_place=True)
 
     def recompute():
         loss, _ = fwd(logits, target, weight, param, -100, False)

@@ -223,6 +223,40 @@ def test_forward_without_grad_writes_no_gradient():
         assert loss.shape == (4,) and grad.shape == (0,) and grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("loss,param", [("softmax", 0.0), ("focal", 0.5)])
+def test_fused_backward_allocates_no_logits_sized_tensor(loss, param, monkeypatch):
+    """The fused backward scales the forward's gradient buffer in place and returns it: no N x C tensor is
+    allocated in backward (neither the product nor a zero-filled gradient for the op's second output)."""
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "fused")
+    logits, target, weight = make_inputs(64, 1000, torch.float32, "cpu")
+    x = logits.clone().requires_grad_(True)
+    out = _call(loss, param, x, target, weight, reduction="mean")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        (grad,) = torch.autograd.grad(out, x)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert 0 < largest < logits.numel() * logits.element_size() // 4
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute")
+    (expected,) = torch.autograd.grad(_call(loss, param, x, target, weight, reduction="mean"), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_fused_backward_twice_raises_recompute_allows_it(monkeypatch):
+    logits, target, weight = make_inputs(8, 30, torch.float32, "cpu")
+    for strategy_name in ("fused", "recompute"):
+        monkeypatch.setenv("CBKERNELS_BACKWARD", strategy_name)
+        x = logits.clone().requires_grad_(True)
+        out = _call("focal", 0.5, x, target, weight, reduction="sum")
+        out.backward(retain_graph=True)
+        first = x.grad.clone()
+        if strategy_name == "fused":
+            with pytest.raises(RuntimeError, match="CBKERNELS_BACKWARD=recompute"):
+                out.backward()
+            torch.testing.assert_close(x.grad, first, rtol=0, atol=0)  # the first gradient is untouched
+        else:
+            out.backward()
+            torch.testing.assert_close(x.grad, 2 * first)
+
+
 @pytest.mark.parametrize("family", ["sigmoid_focal", "softmax_ce"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(family, dtype):
