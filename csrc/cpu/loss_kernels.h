@@ -140,7 +140,7 @@ C10_ALWAYS_INLINE void focal_terms(const Vec& z, const Vec& t, const Vec& gamma,
   const Vec u = z * t;
   const Vec e = exp_nonpositive(u.abs().neg());
   const Vec r = one / (one + e);
-  const Vec l = log1p_unit(e, r);
+  const Vec l = log1p_unit(e);
   const Vec sp_neg = at::vec::clamp_min(u.neg(), zero) + l;  // -log p; clamp_min keeps a NaN u
   const Vec er = e * r;
   const Vec u_negative = sign_mask(u);  // u = -0 counts as negative: there r = er = 1/2
