@@ -266,9 +266,9 @@ void focal_rows_for_gamma(const LossArgs& a, int64_t begin, int64_t end) {
 // second factor once per block in double, so
 //   g_c = gscale * (p_c - eps/C),  then the target column is rewritten as
 //   g_y = gscale * (p_y - (1 - eps) - eps/C) = gscale * (eps (1 - 1/C) - s_rest / s),
-// formed before any rounding to the logits' type. (Measured at (16, 8142) fp32 on one AVX-512 thread:
-// the cache took the loss + gradient row from 0.93 to 0.65 ns per element: a second exp per element costs more
-// than the cache traffic.) Each factor is exact to fp32 rounding and z_c - m_b is exact near the maximum,
+// formed before any rounding to the logits' type. (Measured at (16, 8142) fp32 on one AVX-512 thread: the
+// cache took the loss + gradient row from 0.93 to 0.65 ns per element; a second exp per element costs
+// more than the cache traffic.) Each factor is exact to fp32 rounding and z_c - m_b is exact near the maximum,
 // so for |z| ~ 1e4 the probabilities keep their digits (an fp32 lse, with its ulp of 1e-3, would not).
 // A block whose running maximum was still -inf (every logit so far masked) cached exp(-inf) = 0 and gets
 // the factor 0 / s (0, or NaN when s is NaN).
