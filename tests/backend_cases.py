@@ -12,6 +12,10 @@ the logits' dtype. One tolerance table for every backend:
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 import cbkernels
@@ -84,3 +88,18 @@ def assert_matches_reference(backend, loss, logits, target, weight, *, reduction
     torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=atol, msg=lambda m: f"{backend} {loss} grad: {m}")
     ignored = target.cpu() == ignore_index
     assert (grad[ignored] == 0).all(), "ignored rows must get exactly zero gradient"
+
+
+def run_under_cpu_capability(script: str, capability: str) -> None:
+    """Runs `script` in a fresh interpreter with ATEN_CPU_CAPABILITY=capability (ATen's override, which the
+    CPU extension follows when it picks its instruction-set variant), the tests folder on sys.path and the
+    capability checked to have taken effect; fails with the child's stderr if the script fails."""
+    prologue = ("import sys, torch\n"
+                "sys.path.insert(0, sys.argv[1])\n"
+                "assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), "
+                "torch.backends.cpu.get_cpu_capability()\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    result = subprocess.run([sys.executable, "-c", prologue + script, tests_dir, capability], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

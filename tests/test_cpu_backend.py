@@ -6,9 +6,6 @@ torch.compile of the registered ops, NaN propagation, N = 0.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ import torch._dynamo.exc
 import cbkernels
 from cbkernels import _ops, reference
 
-from backend_cases import assert_matches_reference, loss_and_grad, make_inputs
+from backend_cases import assert_matches_reference, loss_and_grad, make_inputs, run_under_cpu_capability
 
 pytestmark = pytest.mark.skipif(not _ops.extension_has_kernel("CPU"),
                                 reason=f"cbkernels._C has no CPU kernels ({_ops._C_IMPORT_ERROR})")
@@ -313,23 +310,15 @@ def test_torch_compile_fullgraph_quick():
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_isa_variants(capability):
     """Each compiled instruction-set variant, chosen through ATen's own override, matches the reference."""
-    script = textwrap.dedent("""
-        import sys, torch
-        sys.path.insert(0, sys.argv[1])
+    run_under_cpu_capability(textwrap.dedent("""
         from backend_cases import assert_matches_reference, make_inputs
-        assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), torch.backends.cpu.get_cpu_capability()
         for loss, param in [("softmax", 0.1), ("focal", 0.0), ("focal", 0.5), ("focal", 3.7)]:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 logits, target, weight = make_inputs(9, 77, dtype, "cpu")
                 assert_matches_reference("cpu", loss, logits, target, weight, reduction="none", param=param)
             logits, target, weight = make_inputs(4, 50, torch.float32, "cpu", scale=1e4)
             assert_matches_reference("cpu", loss, logits, target, weight, reduction="sum", param=param)
-    """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", script, tests_dir, capability], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """), capability)
 
 
 def test_reference_cross_check_for_confident_softmax():

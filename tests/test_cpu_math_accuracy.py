@@ -10,14 +10,12 @@ replaced gave 1.5 / 2.4, 3.5 / 4.5, 4.1 / 5.5, 6.9 / 8.3, 74 / 75 and 8.4 on the
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from cbkernels import _ops, reference
+
+from backend_cases import run_under_cpu_capability
 
 pytestmark = pytest.mark.skipif(not _ops.extension_has_kernel("CPU"),
                                 reason="the C++ extension is not built (pip install -e . builds it)")
@@ -77,10 +75,4 @@ def test_native_variant():
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_other_variants(capability):
     """The generic and AVX2 builds of the same functions, chosen through ATen's override."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_cpu_math_accuracy as t; "
-              "assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(); t.check_accuracy()")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", script, tests_dir, capability], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_under_cpu_capability("import test_cpu_math_accuracy\ntest_cpu_math_accuracy.check_accuracy()\n", capability)
