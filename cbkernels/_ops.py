@@ -4,8 +4,8 @@ A backend registers the four ops of docs/op-contract.md under its namespace ("cb
 extension, "cbkernels_triton" for Triton); register_loss_autograd(namespace) then gives them the same
 backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad, in place, so it
 runs once per forward: a second backward through a retained graph raises) or "recompute" (backward
-recomputes the gradient from the logits, as often as asked). The upstream grad is a device tensor
-throughout: nothing here reads a value on the host.
+recomputes the gradient from the logits, as often as asked). The upstream grad stays on its device: the
+only value read on the host is that of a CPU tensor (scale_rows_in_place), which syncs with nothing.
 """
 from __future__ import annotations
 
@@ -58,7 +58,18 @@ def scale_rows(grad: torch.Tensor, grad_loss: torch.Tensor, *, in_place: bool) -
     return torch.mul(grad, grad_loss.unsqueeze(1), out=out)
 
 
-def _make_autograd(backward_op):
+def scale_rows_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The fused backward's pass, in place. On CPU tensors an upstream gradient of exactly 1 in every row
+    (loss.backward() of a "sum", or of functional.py's "mean", which folds 1/count into the weights)
+    skips it: the buffer already is the gradient. Reading that on the host is an N-element compare
+    there; on a GPU it would be a device sync, so other devices always scale (a backend may register a
+    kernel that skips such rows on the device instead: cbkernels/triton/scale.py)."""
+    if grad.device.type == "cpu" and bool(torch.all(grad_loss == 1)):
+        return grad
+    return scale_rows(grad, grad_loss, in_place=True)
+
+
+def _make_autograd(backward_op, scale_in_place):
     def setup_context(ctx, inputs, output):
         logits, target, class_weight, param, ignore_index, with_grad = inputs
         ctx.with_grad = with_grad
@@ -92,7 +103,10 @@ def _make_autograd(backward_op):
             # the compiler plans the memory itself.
             in_place = type(grad) is torch.Tensor
             ctx.grad_consumed = in_place
-            grad_logits = scale_rows(grad, grad_loss, in_place=in_place)
+            if in_place:
+                grad_logits = scale_in_place(grad, grad_loss)
+            else:
+                grad_logits = scale_rows(grad, grad_loss, in_place=False)
         else:
             logits, target, class_weight = ctx.saved_tensors
             grad_logits = backward_op(logits, target, class_weight, grad_loss, ctx.param, ctx.ignore_index)
@@ -108,10 +122,11 @@ def register_loss_fakes(namespace: str) -> None:
         torch.library.register_fake(f"{namespace}::{family}_backward")(_fake_backward)
 
 
-def register_loss_autograd(namespace: str) -> None:
+def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -> None:
+    """scale_in_place(grad, grad_loss): the fused backward's in-place scaling of eager tensors."""
     ops = getattr(torch.ops, namespace)
     for family in FAMILIES:
-        setup_context, backward = _make_autograd(getattr(ops, f"{family}_backward").default)
+        setup_context, backward = _make_autograd(getattr(ops, f"{family}_backward").default, scale_in_place)
         torch.library.register_autograd(f"{namespace}::{family}_forward", backward, setup_context=setup_context)
 
 

@@ -15,14 +15,27 @@ from . import _backends, _checks, reference
 __all__ = ["cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_focal_loss"]
 
 
-def _kernel_rows(backend, family, logits, target, class_weight, param, ignore_index):
+def _kernel_loss(backend, family, logits, target, class_weight, param, ignore_index, reduction):
+    """The reduced loss through a kernel backend's forward op.
+
+    "mean" folds 1 / (non-ignored rows) into the class weights (a (C,) device op, no host sync): the
+    kernel then writes the rows and gradient of the mean itself, and the reduction is a plain sum, whose
+    backward hands the op an upstream gradient of exactly 1 per row for loss.backward(). The fused
+    backward (_ops.py) skips its scaling pass on such a gradient, so forward + backward is one read of
+    the logits and one write of the gradient. Rounding: alpha_y / count is rounded to fp32 once before
+    it multiplies the row (about one fp32 ulp against dividing the total afterwards).
+    """
     ops = _backends.ops_namespace(backend)
     if backend != "cpu":  # the CPU kernel raises on a bad target itself; elsewhere check on the device
         _checks.check_target_range_async(target, logits.shape[1], ignore_index)
+    if reduction == "mean":
+        if class_weight is None:
+            class_weight = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
+        class_weight = class_weight / reference.valid_row_count(target, ignore_index)
     with_grad = torch.is_grad_enabled() and logits.requires_grad and _backends.strategy(backend) == "fused"
     forward = getattr(ops, f"{family}_forward")
-    loss, _grad = forward(logits, target, class_weight, param, ignore_index, with_grad)
-    return loss
+    rows, _grad = forward(logits, target, class_weight, param, ignore_index, with_grad)
+    return rows if reduction == "none" else rows.sum()
 
 
 def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
@@ -38,10 +51,10 @@ def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean"
     ignore_index = _checks.check_ignore_index(ignore_index)
     backend = _backends.resolve(backend, logits)
     if backend == "reference":
-        rows = reference.softmax_rows(logits, target, class_weight, ignore_index, label_smoothing)
-    else:
-        rows = _kernel_rows(backend, "softmax_ce", logits, target, class_weight, label_smoothing, ignore_index)
-    return reference.reduce_rows(rows, target, ignore_index, reduction)
+        return reference.cb_softmax_cross_entropy(logits, target, class_weight, reduction, ignore_index,
+                                                  label_smoothing)
+    return _kernel_loss(backend, "softmax_ce", logits, target, class_weight, label_smoothing, ignore_index,
+                        reduction)
 
 
 def cb_focal_loss(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
@@ -53,10 +66,8 @@ def cb_focal_loss(logits, target, class_weight=None, gamma=0.5, reduction="mean"
     ignore_index = _checks.check_ignore_index(ignore_index)
     backend = _backends.resolve(backend, logits)
     if backend == "reference":
-        rows = reference.sigmoid_focal_rows(logits, target, class_weight, gamma, ignore_index)
-    else:
-        rows = _kernel_rows(backend, "sigmoid_focal", logits, target, class_weight, gamma, ignore_index)
-    return reference.reduce_rows(rows, target, ignore_index, reduction)
+        return reference.cb_focal_loss(logits, target, class_weight, gamma, reduction, ignore_index)
+    return _kernel_loss(backend, "sigmoid_focal", logits, target, class_weight, gamma, ignore_index, reduction)
 
 
 def cb_sigmoid_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ._checks import check_target_range_async
 
-__all__ = ["softmax_rows", "sigmoid_focal_rows", "reduce_rows", "cb_softmax_cross_entropy", "cb_focal_loss",
-           "cb_sigmoid_cross_entropy"]
+__all__ = ["softmax_rows", "sigmoid_focal_rows", "reduce_rows", "valid_row_count", "cb_softmax_cross_entropy",
+           "cb_focal_loss", "cb_sigmoid_cross_entropy"]
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -99,8 +99,12 @@ def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, red
     total = rows.sum()
     if reduction == "sum":
         return total
-    valid_rows = (target != ignore_index).sum().clamp(min=1).to(rows.dtype)
-    return total / valid_rows
+    return total / valid_row_count(target, ignore_index).to(rows.dtype)
+
+
+def valid_row_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The number of non-ignored rows, at least 1 (the "mean" denominator), as a device tensor: no sync."""
+    return (target != ignore_index).sum().clamp(min=1)
 
 
 def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,

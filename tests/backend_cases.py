@@ -60,11 +60,17 @@ def loss_and_grad(loss, logits, target, weight, upstream, **kw):
 
 
 def assert_matches_reference(backend, loss, logits, target, weight, *, reduction="mean", param=0.0,
-                             ignore_index=-100, upstream_scale=None):
-    """Loss and gradient of `backend` vs the float64 reference on the same input values."""
+                             ignore_index=-100, upstream_scale=None, unit_upstream=False):
+    """Loss and gradient of `backend` vs the float64 reference on the same input values.
+
+    The upstream gradient is random (times upstream_scale), or exactly 1 with unit_upstream (what
+    loss.backward() passes, and the case where the fused backward skips its scaling pass).
+    """
     n = logits.shape[0]
     g = torch.Generator().manual_seed(1234)
     upstream = torch.randn(n if reduction == "none" else 1, generator=g, dtype=torch.float64)
+    if unit_upstream:
+        upstream = torch.ones_like(upstream)
     if upstream_scale is not None:
         upstream = upstream * upstream_scale
     if reduction != "none":

@@ -43,6 +43,17 @@ def test_matches_reference(loss, param, dtype, reduction, strategy):
 
 
 @pytest.mark.parametrize("loss,param", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unit_upstream_grad(loss, param, dtype, reduction, strategy):
+    # loss.backward(): the fused backward returns the forward's buffer unscaled ("mean" folded 1/count
+    # into the class weights), so the forward alone must have written the final gradient.
+    logits, target, weight = make_inputs(37, 301, dtype, "cpu")
+    assert_matches_reference("cpu", loss, logits, target, weight, reduction=reduction, param=param,
+                             unit_upstream=True)
+
+
+@pytest.mark.parametrize("loss,param", LOSSES, ids=LOSS_IDS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 8142), (5, 70001)], ids=str)
 def test_shapes(loss, param, shape):
     logits, target, weight = make_inputs(*shape, torch.float32, "cpu")
@@ -235,6 +246,26 @@ def test_fused_backward_allocates_no_logits_sized_tensor(loss, param, monkeypatc
     monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute")
     (expected,) = torch.autograd.grad(_call(loss, param, x, target, weight, reduction="mean"), x)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss,param", [("softmax", 0.0), ("focal", 0.5)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_backward_of_unit_upstream_touches_no_logits_sized_tensor(loss, param, reduction, monkeypatch):
+    """loss.backward() of "mean" or "sum": the forward already wrote the final gradient, so backward runs
+    no op on an N x C tensor at all (forward + backward is one read of the logits, one write of the
+    gradient). A random upstream gradient still gets its scaling pass (test_upstream_grad checks values)."""
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "fused")
+    logits, target, weight = make_inputs(64, 1000, torch.float32, "cpu")
+
+    def backward_input_shapes(upstream):
+        x = logits.clone().requires_grad_(True)
+        out = _call(loss, param, x, target, weight, reduction=reduction)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            torch.autograd.grad(out, x, upstream)
+        return [shape for event in prof.events() for shape in event.input_shapes]
+
+    assert list(logits.shape) not in backward_input_shapes(torch.tensor(1.0))
+    assert list(logits.shape) in backward_input_shapes(torch.tensor(0.5))
 
 
 def test_fused_backward_twice_raises_recompute_allows_it(monkeypatch):

@@ -50,10 +50,12 @@ def tiles(request):
             yield SMALL
 
 
-def check(loss, n, c, dtype=torch.float32, *, param=0.0, reduction="mean", upstream_scale=None, **inputs):
+def check(loss, n, c, dtype=torch.float32, *, param=0.0, reduction="mean", upstream_scale=None,
+          unit_upstream=False, **inputs):
     logits, target, weight = make_inputs(n, c, dtype, DEVICE, **inputs)
     assert_matches_reference("triton", loss, logits, target, weight, reduction=reduction, param=param,
-                             ignore_index=inputs.get("ignore_index", -100), upstream_scale=upstream_scale)
+                             ignore_index=inputs.get("ignore_index", -100), upstream_scale=upstream_scale,
+                             unit_upstream=unit_upstream)
 
 
 # ---------------------------------------------------------------- against the reference (CPU + GPU)
@@ -84,6 +86,33 @@ def test_reductions_and_upstream_grad(loss, reduction, strategy):
     # a large upstream gradient: the per-row scale must reach every element of the row
     with configs.override(SMALL):
         check(loss, 5, 33, param=2.0 if loss == "focal" else 0.1, reduction=reduction, upstream_scale=1e3)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unit_upstream_grad(loss, reduction, strategy):
+    # loss.backward(): the fused backward skips its scaling pass, so the forward wrote the final gradient
+    with configs.override(SMALL):
+        check(loss, 5, 33, param=2.0 if loss == "focal" else 0.1, reduction=reduction, unit_upstream=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_rows_unless_one(dtype):
+    """The fused backward's scaling on CUDA tensors (cbkernels/triton/scale.py), called directly: every
+    row whose upstream gradient is not exactly 1 (NaN included) is multiplied in fp32 and rounded once,
+    as torch.mul does; rows at 1 keep their values. C spans two tiles, the second one partial."""
+    from cbkernels.triton import scale
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(5, scale.TILE + 37, generator=g).to(dtype).to(DEVICE)
+    grad_loss = torch.tensor([1.0, 2.5, 1.0, float("nan"), -1e-3], device=DEVICE)
+    product = grad.float() * grad_loss[:, None]
+    expected = product.to(dtype)
+    if INTERPRETED and dtype == torch.bfloat16:
+        # The interpreter (numpy has no bf16) converts fp32 to bf16 by truncation; a GPU rounds to nearest.
+        expected = (product.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    assert scale.scale_rows_unless_one_(grad, grad_loss) is grad
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(grad[3]).all()
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -316,6 +345,10 @@ focal = ptx(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
 softmax = ptx(K.softmax_ce_kernel, "fp32", {"eps": "fp32"},
               {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "WRITE_LOSS": False, "WRITE_GRAD": True, "SCALE_GRAD": True,
                "ROWS": 2, "BLOCK": 1024, "VEC": 4, "SINGLE_BLOCK": False, "loss_ptr": None}, 4)
+from cbkernels.triton import scale as S
+scale_src = ASTSource(fn=S.scale_rows_unless_one_kernel, constexprs={"TILE": S.TILE},
+                      signature={"grad_ptr": "*bf16", "grad_loss_ptr": "*fp32", "C": "i32", "TILE": "constexpr"})
+triton.compile(scale_src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 for name, text in (("focal", focal), ("softmax", softmax)):
     assert re.search(r"ld\\.global[.\\w:]*\\.v4\\.b32", text), name + ": body loads are not 16-byte vectors"
     assert re.search(r"st\\.global[.\\w:]*\\.v4\\.b32", text), name + ": body stores are not 16-byte vectors"
@@ -374,6 +407,15 @@ def test_sweep_dry_run(tmp_path):
 @pytest.mark.parametrize("n,c", [(1024, 8142), (4, 262147), (64, 1000), (37, 3)])
 def test_gpu_matches_reference(loss, dtype, n, c, strategy):
     check(loss, n, c, dtype, param=0.5 if loss == "focal" else 0.1, reduction="mean")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gpu_unit_upstream(loss, dtype, reduction, strategy):
+    # loss.backward() on the device: scale.py's kernel skips every row (grad_loss == 1 throughout)
+    check(loss, 1024, 8142, dtype, reduction=reduction, unit_upstream=True)
 
 
 @pytest.mark.gpu

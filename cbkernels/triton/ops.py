@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
-from . import configs, kernels
+from . import configs, kernels, scale
 
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
@@ -161,4 +161,10 @@ def softmax_ce_backward(logits: torch.Tensor, target: torch.Tensor, class_weight
                      label_smoothing, ignore_index, _softmax_constexprs("softmax_ce", logits, label_smoothing))
 
 
-_ops.register_loss_autograd(NAMESPACE)
+def _scale_in_place(grad, grad_loss):
+    if grad.device.type == "cuda":  # on the device, rows with grad_loss == 1 skipped without a sync
+        return scale.scale_rows_unless_one_(grad, grad_loss)
+    return _ops.scale_rows_in_place(grad, grad_loss)
+
+
+_ops.register_loss_autograd(NAMESPACE, _scale_in_place)
