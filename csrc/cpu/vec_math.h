@@ -18,6 +18,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace cbkernels::cpu {
 namespace CPU_CAPABILITY {
 
@@ -32,6 +36,7 @@ using IntVec = at::vec::Vectorized<int32_t>;
 //   (relative error below 2^-23 on |r| <= ln2/2).
 //   2^n is built as 2^(n+24) times the constant 2^-24: 2^(n+24) is a normal float for n in [-150, 103],
 //   so a result in the subnormal range is rounded once, by the last multiplication (gradual underflow).
+//   (AVX-512: vscalefps, which rounds once as well.)
 //   Below x = -104, exp(x) < 2^-150 rounds to 0; the clamp keeps n in range. clamp_min is maxps(min, x),
 //   which returns x when x is NaN, so NaN passes through the clamp and the polynomial unchanged.
 //   (Not Vec::blendv(x, min, x < min): on AVX-512 ATen's comparison and blend round-trip through mask
@@ -47,9 +52,16 @@ C10_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
   p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
   const Vec exp_r = at::vec::fmadd(p, r * r, r) + Vec(1.0f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // vscalefps computes exp_r * 2^n with one rounding, subnormal results included: the same value as the
+  // generic form below, in one instruction instead of five (measured 6-18% off every loss kernel's row
+  // time at (16, 8142) and (1024, 8142) fp32 on one AVX-512 thread).
+  return Vec(_mm512_scalef_ps(exp_r, n));
+#else
   const IntVec ni = at::vec::convert_to_int_of_same_size(n);  // n is integer-valued: the conversion is exact
   const Vec two_n_plus_24 = at::vec::cast<float>((ni + IntVec(127 + 24)) << IntVec(23));
   return (exp_r * two_n_plus_24) * Vec(5.9604644775390625e-8f);  // * 2^-24
+#endif
 }
 
 // select(mask, a, b) = mask ? a : b per lane, for a mask of all-ones / all-zeros lanes, in three bitwise
