@@ -21,14 +21,17 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Backward strategy per backend, chosen by measurement (2026-11-27; bench/results/ holds the runs):
 # - cpu: "fused". The CPU kernels are arithmetic-bound, and fused does the exp/log work once where
 #   recompute does it twice (forward loss, then backward gradient); its backward is one in-place scaling
-#   pass. At (1024, 8142) fp32, 2 threads, fwd+bwd medians: softmax 6.6 vs 9.1 ms, sigmoid 9.4 vs 11.1,
-#   focal 11.7 vs 16.0. Both hold one N x C tensor from forward to backward (the gradient buffer or the
+#   pass, or none for loss.backward() (_ops.scale_rows_in_place). At (1024, 8142) fp32, 2 threads, fwd+bwd
+#   medians (bench/results/cpu-xeon-2t-2026-11-28-scalef): softmax 3.4 vs 6.7 ms, sigmoid 6.6 vs 8.1,
+#   focal 9.3 vs 15.2. Both hold one N x C tensor from forward to backward (the gradient buffer or the
 #   logits) and allocate one N x C gradient per step. (Before the in-place scaling and the unmaterialised
 #   second-output gradient of _ops.py, fused paid two extra N x C passes and lost.)
 # - cuda: "recompute" was faster at every swept shape on an H200 (bench/sweep_cuda.py, e.g. (8192, 8142)
 #   fp32 softmax 0.27 vs 0.37 ms): it moves 3 passes over N x C instead of 4.
 # - triton: "fused" won end to end at the iNaturalist shapes (python -m cbkernels bench, H200): the
 #   recompute backward kernel is not yet tuned for small N (0.15 vs 0.06 ms at (1024, 8142) bf16).
+#   (Measured before fused lost its backward pass for loss.backward() (triton/scale.py), which can only
+#   widen that margin; with it, fused may also beat the CUDA backend's recompute: unmeasured so far.)
 DEFAULT_STRATEGY = {"cpu": "fused", "cuda": "recompute", "triton": "fused"}
 # On CUDA tensors "auto" takes the faster GPU backend: the CUDA kernels beat Triton at all 12 iNaturalist
 # cases of the H200 benchmark (bench/results/gpu-h200-2026-11-27), so CUDA first, then Triton.
