@@ -132,6 +132,10 @@ def strategy(backend: str) -> str:
     return DEFAULT_STRATEGY[backend]
 
 
+def ops_namespace_name(backend: str) -> str:
+    """Name of the torch.ops namespace holding the backend's four ops (docs/op-contract.md)."""
+    return "cbkernels_triton" if backend == "triton" else "cbkernels"
+
+
 def ops_namespace(backend: str):
-    """torch.ops namespace holding the backend's four ops (docs/op-contract.md)."""
-    return torch.ops.cbkernels_triton if backend == "triton" else torch.ops.cbkernels
+    return getattr(torch.ops, ops_namespace_name(backend))

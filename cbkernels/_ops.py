@@ -122,12 +122,47 @@ def register_loss_fakes(namespace: str) -> None:
         torch.library.register_fake(f"{namespace}::{family}_backward")(_fake_backward)
 
 
+# (namespace, family) -> the autograd.Function that eager calls from functional.py go through.
+_EAGER_FORWARD: dict[tuple[str, str], type[torch.autograd.Function]] = {}
+
+
+def _make_eager_function(name, forward_op, setup_context, backward):
+    """The registered autograd formula as a plain autograd.Function whose forward calls the op's kernel
+    directly (below the Autograd dispatch key). Same semantics, less host work per call: torch.library's
+    autograd path re-derives the op's defaults from its schema and wraps the call in a second Function
+    (measured on CPU at (8, 16): 42 us for the op through it against 22 us for the bare op)."""
+    # forward(ctx, ...) calling setup_context itself, not a separate setup_context staticmethod: with one,
+    # Function.apply binds the arguments through inspect.signature on every call (~25 us).
+    def forward(ctx, logits, target, class_weight, param, ignore_index, with_grad):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = forward_op(logits, target, class_weight, param, ignore_index, with_grad)
+        setup_context(ctx, (logits, target, class_weight, param, ignore_index, with_grad), output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+def loss_forward(namespace: str, family: str, logits, target, class_weight, param, ignore_index, with_grad):
+    """The op `namespace::family_forward` with its autograd formula: what functional.py calls.
+
+    Eager: the equivalent autograd.Function (_make_eager_function), for its lower host overhead. Under
+    torch.compile: the registered op, which AOTAutograd traces through its fake kernel and registered
+    autograd (tests/*: opcheck and fullgraph compiles)."""
+    if torch.compiler.is_compiling():
+        op = getattr(getattr(torch.ops, namespace), f"{family}_forward")
+        return op(logits, target, class_weight, param, ignore_index, with_grad)
+    return _EAGER_FORWARD[namespace, family].apply(logits, target, class_weight, param, ignore_index, with_grad)
+
+
 def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -> None:
     """scale_in_place(grad, grad_loss): the fused backward's in-place scaling of eager tensors."""
     ops = getattr(torch.ops, namespace)
     for family in FAMILIES:
         setup_context, backward = _make_autograd(getattr(ops, f"{family}_backward").default, scale_in_place)
         torch.library.register_autograd(f"{namespace}::{family}_forward", backward, setup_context=setup_context)
+        _EAGER_FORWARD[namespace, family] = _make_eager_function(
+            f"{namespace}_{family}_forward", getattr(ops, f"{family}_forward").default, setup_context, backward)
 
 
 if extension_loaded():

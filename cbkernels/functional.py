@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, _checks, reference
+from . import _backends, _checks, _ops, reference
 
 __all__ = ["cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_focal_loss"]
 
@@ -25,7 +25,6 @@ def _kernel_loss(backend, family, logits, target, class_weight, param, ignore_in
     the logits and one write of the gradient. Rounding: alpha_y / count is rounded to fp32 once before
     it multiplies the row (about one fp32 ulp against dividing the total afterwards).
     """
-    ops = _backends.ops_namespace(backend)
     if backend != "cpu":  # the CPU kernel raises on a bad target itself; elsewhere check on the device
         _checks.check_target_range_async(target, logits.shape[1], ignore_index)
     if reduction == "mean":
@@ -33,8 +32,8 @@ def _kernel_loss(backend, family, logits, target, class_weight, param, ignore_in
             class_weight = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
         class_weight = class_weight / reference.valid_row_count(target, ignore_index)
     with_grad = torch.is_grad_enabled() and logits.requires_grad and _backends.strategy(backend) == "fused"
-    forward = getattr(ops, f"{family}_forward")
-    rows, _grad = forward(logits, target, class_weight, param, ignore_index, with_grad)
+    rows, _grad = _ops.loss_forward(_backends.ops_namespace_name(backend), family, logits, target, class_weight,
+                                    param, ignore_index, with_grad)
     return rows if reduction == "none" else rows.sum()
 
 

@@ -299,6 +299,23 @@ def test_opcheck(family, dtype):
                           (logits, target, weight, grad_loss, 0.5 if family == "sigmoid_focal" else 0.1, -100))
 
 
+@pytest.mark.parametrize("family", ["sigmoid_focal", "softmax_ce"])
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "recompute"])
+def test_eager_function_equals_registered_autograd(family, with_grad):
+    """functional.py's eager path (_ops.loss_forward: an autograd.Function calling the kernel below the
+    Autograd key) and a direct call of the registered op (torch.library's autograd, what torch.compile and
+    opcheck use) share one formula: same rows, same gradient, bit for bit, for a random upstream gradient."""
+    logits, target, weight = make_inputs(9, 41, torch.float32, "cpu")
+    upstream = torch.randn(9)
+    results = []
+    for call in (_ops.loss_forward, lambda ns, fam, *args: getattr(getattr(torch.ops, ns), f"{fam}_forward")(*args)):
+        x = logits.clone().requires_grad_(True)
+        rows, _ = call("cbkernels", family, *_fwd_args(family, x, target, weight), with_grad)
+        (grad,) = torch.autograd.grad(rows, x, upstream)
+        results.append((rows.detach(), grad))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def _model_losses(model, x, target, weight):
     z = model(x)
     return torch.stack([
