@@ -10,7 +10,7 @@ def _info(_argv):
     from cbkernels import _ops
 
     print(f"cbkernels {cbkernels.__version__}, torch {torch.__version__}")
-    print(f"extension: {'loaded' if _ops.extension_loaded() else 'not built (' + str(_ops._C_IMPORT_ERROR) + ')'}")
+    print(f"extension: {'loaded' if _ops.extension_loaded() else 'not built (' + str(_ops.extension_error()) + ')'}")
     print(f"backends on cpu: {cbkernels.available_backends('cpu')}")
     if torch.cuda.is_available():
         print(f"backends on cuda: {cbkernels.available_backends('cuda')}")

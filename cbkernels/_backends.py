@@ -1,12 +1,16 @@
-"""Which backend runs a call: names, availability, the "auto" choice and the backward strategy.
+"""Which backend runs a call: the backend records, availability, the "auto" choice and the backward strategy.
 
 Backends: "reference" (pure PyTorch, any device and dtype), "cpu" (C++ extension, CPU tensors),
 "cuda" (C++/CUDA extension), "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 CBKERNELS_BACKEND=<name> forces the backend of every backend="auto" call; CBKERNELS_BACKWARD=fused|recompute
 forces the backward strategy of every kernel backend.
+
+`resolve` returns a Backend record; callers ask it (its ops, whether it checks targets itself, its
+strategy) and never compare backend names: what differs between backends is written down here only.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -14,28 +18,60 @@ import torch
 
 from . import _ops
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("fused", "recompute")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Backward strategy per backend, chosen by measurement (2026-11-27; bench/results/ holds the runs):
-# - cpu: "fused". The CPU kernels are arithmetic-bound, and fused does the exp/log work once where
-#   recompute does it twice (forward loss, then backward gradient); its backward is one in-place scaling
-#   pass, or none for loss.backward() (_ops.scale_rows_in_place). At (1024, 8142) fp32, 2 threads, fwd+bwd
-#   medians (bench/results/cpu-xeon-2t-2026-11-28-scalef): softmax 3.4 vs 6.7 ms, sigmoid 6.6 vs 8.1,
-#   focal 9.3 vs 15.2. Both hold one N x C tensor from forward to backward (the gradient buffer or the
-#   logits) and allocate one N x C gradient per step. (Before the in-place scaling and the unmaterialised
-#   second-output gradient of _ops.py, fused paid two extra N x C passes and lost.)
-# - cuda: "recompute" was faster at every swept shape on an H200 (bench/sweep_cuda.py, e.g. (8192, 8142)
-#   fp32 softmax 0.27 vs 0.37 ms): it moves 3 passes over N x C instead of 4.
-# - triton: "fused" won end to end at the iNaturalist shapes (python -m cbkernels bench, H200): the
-#   recompute backward kernel is not yet tuned for small N (0.15 vs 0.06 ms at (1024, 8142) bf16).
-#   (Measured before fused lost its backward pass for loss.backward() (triton/scale.py), which can only
-#   widen that margin; with it, fused may also beat the CUDA backend's recompute: unmeasured so far.)
-DEFAULT_STRATEGY = {"cpu": "fused", "cuda": "recompute", "triton": "fused"}
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What the rest of the library needs to know about one backend.
+
+    namespace: the torch.ops namespace holding its ops (docs/op-contract.md); None for the reference,
+      which is plain autograd over reference.py.
+    checks_targets: its ops raise on an out-of-range target themselves (the CPU kernels read the targets
+      on the host anyway); elsewhere the caller adds a device-side assert.
+    default_strategy: its backward strategy unless CBKERNELS_BACKWARD says otherwise.
+    dtypes: the logits dtypes it takes.
+    """
+    name: str
+    namespace: str | None
+    checks_targets: bool
+    default_strategy: str | None
+    dtypes: tuple[torch.dtype, ...]
+
+    @property
+    def is_kernel(self) -> bool:
+        return self.namespace is not None
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def strategy(self) -> str:
+        forced = os.environ.get("CBKERNELS_BACKWARD")
+        if forced:
+            if forced not in STRATEGIES:
+                raise ValueError(f"CBKERNELS_BACKWARD must be one of {STRATEGIES}, got {forced!r}")
+            return forced
+        return self.default_strategy
+
+
+# Default backward strategies, each chosen by measurement (bench/results/*/NOTES.md hold the runs):
+# - cpu: "fused". The CPU kernels are arithmetic-bound; fused does the exp/log work once where recompute
+#   does it twice (forward loss, then backward gradient), and its backward is one in-place scaling pass,
+#   or none at all for loss.backward() (_ops.scale_rows_in_place).
+# - cuda: "recompute". Its fused backward scales with torch.mul (two more passes over N x C), so recompute
+#   moves fewer bytes.
+# - triton: "fused": its backward skips rows whose upstream gradient is 1 on the device (triton/scale.py).
+REFERENCE = Backend("reference", None, True, None, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+CPU = Backend("cpu", "cbkernels", True, "fused", KERNEL_DTYPES)
+CUDA = Backend("cuda", "cbkernels", False, "recompute", KERNEL_DTYPES)
+TRITON = Backend("triton", "cbkernels_triton", False, "fused", KERNEL_DTYPES)
+_RECORDS = {b.name: b for b in (REFERENCE, CPU, CUDA, TRITON)}
+BACKENDS = ("auto",) + tuple(_RECORDS)
 # On CUDA tensors "auto" takes the faster GPU backend: the CUDA kernels beat Triton at all 12 iNaturalist
 # cases of the H200 benchmark (bench/results/gpu-h200-2026-11-27), so CUDA first, then Triton.
-CUDA_PREFERENCE = ("cuda", "triton")
+_AUTO_ORDER = {"cpu": (CPU,), "cuda": (CUDA, TRITON)}
 
 
 def _triton_interpreted() -> bool:
@@ -62,80 +98,75 @@ def _import_triton_ops() -> str | None:
 _TRITON_IMPORT_ERROR = _import_triton_ops()
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when the backend can run on this device, else why not."""
-    if backend == "reference":
+def check_name(backend) -> str:
+    """A clear error for anything but a backend name ("auto" included)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def get(name: str) -> Backend:
+    """The record of a concrete backend name."""
+    if name not in _RECORDS:
+        raise ValueError(f"backend must be one of {tuple(_RECORDS)}, got {name!r}")
+    return _RECORDS[name]
+
+
+def unavailable_reason(backend, device: torch.device) -> str | None:
+    """None when the backend (a name or record) can run on this device, else why not."""
+    name = backend.name if isinstance(backend, Backend) else get(backend).name
+    if name == "reference":
         return None
-    if backend == "cpu":
+    if name == "cpu":
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got a {device.type} tensor"
         if not _ops.extension_has_kernel("CPU"):
-            return f"the C++ extension cbkernels._C is not built ({_ops._C_IMPORT_ERROR or 'no CPU kernels'})"
+            return f"the C++ extension cbkernels._C is not built ({_ops.extension_error() or 'no CPU kernels'})"
         return None
-    if backend == "cuda":
+    if name == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got a {device.type} tensor"
         if not _ops.extension_has_kernel("CUDA"):
             return "cbkernels._C was built without CUDA kernels (see CBKERNELS_BUILD_CUDA in setup.py)"
         return None
-    if backend == "triton":
-        if device.type == "cpu" and not _triton_interpreted():
-            return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        if device.type not in ("cpu", "cuda"):
-            return f"backend 'triton' does not run on {device.type} tensors"
-        return None if _TRITON_IMPORT_ERROR is None else f"Triton is not available ({_TRITON_IMPORT_ERROR})"
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "cpu" and not _triton_interpreted():
+        return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"backend 'triton' does not run on {device.type} tensors"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "backend 'triton' on CUDA tensors needs a CUDA device, and none is visible"
+    return None if _TRITON_IMPORT_ERROR is None else f"Triton is not available ({_TRITON_IMPORT_ERROR})"
 
 
 def available_backends(device) -> list[str]:
+    """Names of the backends that can run on this device ("reference" always)."""
     device = torch.device(device)
-    return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]
+    return [name for name in _RECORDS if unavailable_reason(name, device) is None]
 
 
-def resolve(backend: str, logits: torch.Tensor) -> str:
-    """The concrete backend for this call; a clear error for unknown or unavailable names."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def resolve(backend: str, logits: torch.Tensor) -> Backend:
+    """The backend record for this call; a clear error for unknown or unavailable names."""
+    check_name(backend)
     if backend == "auto":
         forced = os.environ.get("CBKERNELS_BACKEND")
-        if forced:
-            if forced not in BACKENDS[1:]:
-                raise ValueError(f"CBKERNELS_BACKEND must be one of {BACKENDS[1:]}, got {forced!r}")
-            backend = forced
-        else:
+        if not forced:
             return _auto(logits)
-    reason = unavailable_reason(backend, logits.device)
+        if forced not in _RECORDS:
+            raise ValueError(f"CBKERNELS_BACKEND must be one of {tuple(_RECORDS)}, got {forced!r}")
+        backend = forced
+    record = _RECORDS[backend]
+    reason = unavailable_reason(record, logits.device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")
-    if backend != "reference" and logits.dtype not in KERNEL_DTYPES:
+    if logits.dtype not in record.dtypes:
         raise TypeError(f"backend {backend!r} takes float32, float16 or bfloat16 logits, got {logits.dtype}; "
                         "use backend='reference' for float64")
-    return backend
+    return record
 
 
-def _auto(logits: torch.Tensor) -> str:
-    if logits.dtype not in KERNEL_DTYPES:
-        return "reference"
-    candidates = ("cpu",) if logits.device.type == "cpu" else CUDA_PREFERENCE
-    for name in candidates:
-        if unavailable_reason(name, logits.device) is None:
-            return name
-    return "reference"
-
-
-def strategy(backend: str) -> str:
-    forced = os.environ.get("CBKERNELS_BACKWARD")
-    if forced:
-        if forced not in STRATEGIES:
-            raise ValueError(f"CBKERNELS_BACKWARD must be one of {STRATEGIES}, got {forced!r}")
-        return forced
-    return DEFAULT_STRATEGY[backend]
-
-
-def ops_namespace_name(backend: str) -> str:
-    """Name of the torch.ops namespace holding the backend's four ops (docs/op-contract.md)."""
-    return "cbkernels_triton" if backend == "triton" else "cbkernels"
-
-
-def ops_namespace(backend: str):
-    return getattr(torch.ops, ops_namespace_name(backend))
+def _auto(logits: torch.Tensor) -> Backend:
+    if logits.dtype in KERNEL_DTYPES:
+        for record in _AUTO_ORDER.get(logits.device.type, ()):
+            if unavailable_reason(record, logits.device) is None:
+                return record
+    return REFERENCE

@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend: metadata only (shapes, dtypes, devices, Python scalars).
+"""Argument checks shared by every entry point: metadata only (shapes, dtypes, devices, Python scalars).
 
 Nothing here reads tensor values on the host, so the checks cost no device sync and trace cleanly
 under torch.compile. The value check on targets is device-side (check_target_range_async).
@@ -9,47 +9,54 @@ import math
 
 import torch
 
+from ._reduction import REDUCTIONS
+
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
-REDUCTIONS = ("none", "mean", "sum")
+FLOAT_DTYPES = LOGITS_DTYPES
+_LOGITS_DTYPE_TEXT = "float32, float16, bfloat16 or float64"
+_TARGET_DTYPE_TEXT = "class indices as int64 or int32"
+
+
+def _shape_text(dims, names):
+    concrete = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+    if names is None:
+        return concrete
+    symbolic = "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
+    return symbolic if all(d is None for d in dims) else f"{symbolic} = {concrete}"
+
+
+def check_tensor(value, name, dims, dtypes, dtype_text, *, names=None, device=None, device_of="logits"):
+    """A clear error unless `value` is a tensor of len(dims) dimensions (None: any size), a dtype in
+    `dtypes` ("{name} must {dtype_text}" otherwise) and, when given, on `device` (that of `device_of`)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+        raise ValueError(f"{name} must have shape {_shape_text(dims, names)}, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must {dtype_text}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but {device_of} {'are' if device_of == 'logits' else 'is'} "
+                         f"on {device}")
 
 
 def check_inputs(logits, target, class_weight):
     """Validates (logits, target, class_weight) and returns class_weight as float32 contiguous (or None)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N, C), got shape {tuple(logits.shape)}")
-    if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    check_tensor(logits, "logits", (None, None), LOGITS_DTYPES, f"be {_LOGITS_DTYPE_TEXT}", names=("N", "C"))
     num_rows, num_classes = logits.shape
     if num_classes < 1:
         raise ValueError("logits must have at least one class (C >= 1)")
-    if target.dim() != 1 or target.shape[0] != num_rows:
-        raise ValueError(f"target must have shape (N,) = ({num_rows},) to match logits, got shape {tuple(target.shape)}")
-    if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    check_tensor(target, "target", (num_rows,), TARGET_DTYPES, f"hold {_TARGET_DTYPE_TEXT}", names=("N",),
+                 device=logits.device)
     return check_class_weight(class_weight, num_classes, logits.device)
 
 
-def check_class_weight(class_weight, num_classes, device):
-    """Validates class_weight against C and the logits' device; returns it as float32 contiguous (or None)."""
+def check_class_weight(class_weight, num_classes, device, device_of="logits"):
+    """Validates class_weight against C and the device; returns it as float32 contiguous (or None)."""
     if class_weight is None:
         return None
-    if not isinstance(class_weight, torch.Tensor):
-        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
-    if class_weight.dim() != 1 or class_weight.shape[0] != num_classes:
-        raise ValueError(
-            f"class_weight must have shape (C,) = ({num_classes},) to match logits, got shape {tuple(class_weight.shape)}"
-        )
-    if not class_weight.dtype.is_floating_point:
-        raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
-    if class_weight.device != device:
-        raise ValueError(f"class_weight is on {class_weight.device} but logits are on {device}")
+    check_tensor(class_weight, "class_weight", (num_classes,), FLOAT_DTYPES, "be a floating-point tensor",
+                 names=("C",), device=device, device_of=device_of)
     if class_weight.requires_grad:
         raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
     return class_weight.to(torch.float32).contiguous()
@@ -77,6 +84,15 @@ def check_ignore_index(ignore_index):
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return ignore_index
+
+
+def check_positive_int(value, name, *, allow_none=False):
+    """value as an int >= 1 (or None when allowed); a ValueError naming it otherwise."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def check_target_range_async(target, num_classes, ignore_index):

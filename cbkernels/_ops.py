@@ -1,23 +1,32 @@
 """torch.library glue shared by every kernel backend: fake kernels and the autograd formula.
 
-A backend registers the four ops of docs/op-contract.md under its namespace ("cbkernels" for the C++
-extension, "cbkernels_triton" for Triton); register_loss_autograd(namespace) then gives them the same
-backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad, in place, so it
-runs once per forward: a second backward through a retained graph raises) or "recompute" (backward
-recomputes the gradient from the logits, as often as asked). The upstream grad stays on its device: the
-only value read on the host is that of a CPU tensor (scale_rows_in_place), which syncs with nothing.
+A backend registers the ops of docs/op-contract.md under its namespace ("cbkernels" for the C++
+extension, "cbkernels_triton" for Triton), two per kernel family of the registry (losses.FAMILIES):
+    <family>_forward(logits, target, class_weight, *hyperparameters, ignore_index, with_grad) -> (loss, grad)
+    <family>_backward(logits, target, class_weight, grad_loss, *hyperparameters, ignore_index) -> grad
+where *hyperparameters are the family's named floats in schema order. register_loss_autograd(namespace)
+gives them one backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad,
+in place, so it runs once per forward: a second backward through a retained graph raises) or
+"recompute" (backward recomputes the gradient from the logits, as often as asked). Nothing here depends
+on how many hyperparameters a family has. The upstream grad stays on its device: the only value read on
+the host is that of a CPU tensor (scale_rows_in_place), which syncs with nothing.
 """
 from __future__ import annotations
 
 import torch
 
-FAMILIES = ("sigmoid_focal", "softmax_ce")
+from .losses import FAMILIES
 
 _C_IMPORT_ERROR: str | None = None
 try:
     from . import _C  # noqa: F401  (loading the library registers the cbkernels:: ops)
 except ImportError as exc:  # the pure-Python install: reference and Triton remain
     _C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_error() -> str | None:
+    """None when the C++ extension cbkernels._C loaded, else why it did not."""
+    return _C_IMPORT_ERROR
 
 
 def extension_loaded() -> bool:
@@ -27,7 +36,8 @@ def extension_loaded() -> bool:
 # Which dispatch keys the C++ extension has kernels for, read once at import: a plain dict lookup is
 # what torch.compile can trace (a dispatcher query inside the traced function would break the graph).
 _EXTENSION_KERNELS = {
-    key: extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::sigmoid_focal_forward", key)
+    key: extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"cbkernels::{FAMILIES[0].name}_forward",
+                                                                                key)
     for key in ("CPU", "CUDA")
 }
 
@@ -37,13 +47,14 @@ def extension_has_kernel(dispatch_key: str) -> bool:
     return _EXTENSION_KERNELS[dispatch_key]
 
 
-def _fake_forward(logits, target, class_weight, param, ignore_index, with_grad):
+def _fake_forward(logits, target, class_weight, *hyperparameters_ignore_index_with_grad):
+    with_grad = hyperparameters_ignore_index_with_grad[-1]
     loss = logits.new_empty((logits.shape[0],), dtype=torch.float32)
     grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
     return loss, grad
 
 
-def _fake_backward(logits, target, class_weight, grad_loss, param, ignore_index):
+def _fake_backward(logits, target, class_weight, grad_loss, *hyperparameters_ignore_index):
     return logits.new_empty(logits.shape)
 
 
@@ -71,11 +82,11 @@ def scale_rows_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
 
 def _make_autograd(backward_op, scale_in_place):
     def setup_context(ctx, inputs, output):
-        logits, target, class_weight, param, ignore_index, with_grad = inputs
+        logits, target, class_weight, *scalars, with_grad = inputs  # scalars: *hyperparameters, ignore_index
         ctx.with_grad = with_grad
         ctx.grad_consumed = False
-        ctx.param = param
-        ctx.ignore_index = ignore_index
+        ctx.scalars = scalars
+        ctx.num_inputs = len(inputs)
         if with_grad:
             ctx.save_for_backward(output[1])
         else:
@@ -88,7 +99,7 @@ def _make_autograd(backward_op, scale_in_place):
 
     def backward(ctx, grad_loss, _grad_of_grad_output):
         if grad_loss is None:  # not materialised (see setup_context): no gradient reached the loss
-            return None, None, None, None, None, None
+            return (None,) * ctx.num_inputs
         grad_loss = grad_loss.to(torch.float32).contiguous()
         if ctx.with_grad:
             if ctx.grad_consumed:
@@ -109,8 +120,8 @@ def _make_autograd(backward_op, scale_in_place):
                 grad_logits = scale_rows(grad, grad_loss, in_place=False)
         else:
             logits, target, class_weight = ctx.saved_tensors
-            grad_logits = backward_op(logits, target, class_weight, grad_loss, ctx.param, ctx.ignore_index)
-        return grad_logits, None, None, None, None, None
+            grad_logits = backward_op(logits, target, class_weight, grad_loss, *ctx.scalars)
+        return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
 
     return setup_context, backward
 
@@ -118,11 +129,11 @@ def _make_autograd(backward_op, scale_in_place):
 def register_loss_fakes(namespace: str) -> None:
     """Fake (meta) kernels for ops defined in C++ (Python-defined ops bring their own)."""
     for family in FAMILIES:
-        torch.library.register_fake(f"{namespace}::{family}_forward")(_fake_forward)
-        torch.library.register_fake(f"{namespace}::{family}_backward")(_fake_backward)
+        torch.library.register_fake(f"{namespace}::{family.name}_forward")(_fake_forward)
+        torch.library.register_fake(f"{namespace}::{family.name}_backward")(_fake_backward)
 
 
-# (namespace, family) -> the autograd.Function that eager calls from functional.py go through.
+# (namespace, family name) -> the autograd.Function that eager calls from functional.py go through.
 _EAGER_FORWARD: dict[tuple[str, str], type[torch.autograd.Function]] = {}
 
 
@@ -133,36 +144,39 @@ def _make_eager_function(name, forward_op, setup_context, backward):
     (measured on CPU at (8, 16): 42 us for the op through it against 22 us for the bare op)."""
     # forward(ctx, ...) calling setup_context itself, not a separate setup_context staticmethod: with one,
     # Function.apply binds the arguments through inspect.signature on every call (~25 us).
-    def forward(ctx, logits, target, class_weight, param, ignore_index, with_grad):
+    def forward(ctx, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            output = forward_op(logits, target, class_weight, param, ignore_index, with_grad)
-        setup_context(ctx, (logits, target, class_weight, param, ignore_index, with_grad), output)
+            output = forward_op(*inputs)
+        setup_context(ctx, inputs, output)
         return output
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                    "backward": staticmethod(backward)})
 
 
-def loss_forward(namespace: str, family: str, logits, target, class_weight, param, ignore_index, with_grad):
-    """The op `namespace::family_forward` with its autograd formula: what functional.py calls.
+def loss_forward(namespace: str, family, logits, target, class_weight, hyperparameters, ignore_index, with_grad):
+    """The op `namespace::<family>_forward` with its autograd formula: what functional.py calls.
+    hyperparameters: the family's floats in schema order (losses.Loss.kernel_hyperparameters).
 
     Eager: the equivalent autograd.Function (_make_eager_function), for its lower host overhead. Under
     torch.compile: the registered op, which AOTAutograd traces through its fake kernel and registered
     autograd (tests/*: opcheck and fullgraph compiles)."""
     if torch.compiler.is_compiling():
-        op = getattr(getattr(torch.ops, namespace), f"{family}_forward")
-        return op(logits, target, class_weight, param, ignore_index, with_grad)
-    return _EAGER_FORWARD[namespace, family].apply(logits, target, class_weight, param, ignore_index, with_grad)
+        op = family.op(getattr(torch.ops, namespace), "forward")
+        return op(logits, target, class_weight, *hyperparameters, ignore_index, with_grad)
+    return _EAGER_FORWARD[namespace, family.name].apply(logits, target, class_weight, *hyperparameters,
+                                                        ignore_index, with_grad)
 
 
 def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -> None:
     """scale_in_place(grad, grad_loss): the fused backward's in-place scaling of eager tensors."""
     ops = getattr(torch.ops, namespace)
     for family in FAMILIES:
-        setup_context, backward = _make_autograd(getattr(ops, f"{family}_backward").default, scale_in_place)
-        torch.library.register_autograd(f"{namespace}::{family}_forward", backward, setup_context=setup_context)
-        _EAGER_FORWARD[namespace, family] = _make_eager_function(
-            f"{namespace}_{family}_forward", getattr(ops, f"{family}_forward").default, setup_context, backward)
+        setup_context, backward = _make_autograd(family.op(ops, "backward").default, scale_in_place)
+        torch.library.register_autograd(f"{namespace}::{family.name}_forward", backward,
+                                        setup_context=setup_context)
+        _EAGER_FORWARD[namespace, family.name] = _make_eager_function(
+            f"{namespace}_{family.name}_forward", family.op(ops, "forward").default, setup_context, backward)
 
 
 if extension_loaded():

@@ -5,7 +5,7 @@ Each rank of a process group holds the logits (N, C_local) of a contiguous class
 and the class weights (C,) are global and identical on every rank. Only per-row statistics cross the
 ranks: O(N) floats per call, never O(N x C); memory per rank stays O(N x C_local).
 
-Softmax (paper-notes section 5, label smoothing eps), per row with z = [z_0 | z_1 | ... ] split by rank:
+Softmax (docs/math.md, label smoothing eps), per row with z = [z_0 | z_1 | ... ] split by rank:
     m      = max over ranks of (max_c z_rc)                      all_reduce MAX   (N floats)
     s      = sum over ranks of sum_c exp(z_rc - m)               \
     z_y    = the target logit, nonzero only on the owning rank    > one all_reduce SUM of a (2, N) tensor
@@ -42,8 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _checks
-from .reference import reduce_rows
+from . import _checks, _reduction, losses
 
 __all__ = ["class_shard_range", "cb_softmax_cross_entropy_parallel", "cb_focal_loss_parallel",
            "cb_sigmoid_cross_entropy_parallel", "global_class_counts"]
@@ -115,7 +114,7 @@ def _check_inputs(logits, target, class_weight, class_start, num_classes, reduct
 
 def _row_setup(logits, target, class_weight, class_start, num_classes, ignore_index):
     """Compute-dtype logits, valid-row mask, the local column of each row's target (owned rows), alpha_y."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = _reduction.compute_dtype(logits.dtype)
     z = logits.to(dtype)
     valid = target != ignore_index
     local = target.long() - class_start
@@ -152,7 +151,7 @@ class _SoftmaxParallel(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0]:
             # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
-            # dtype (paper-notes: subtract the one-hot before any rounding to half precision), in place on ex.
+            # dtype (docs/math.md: subtract the one-hot before any rounding to half precision), in place on ex.
             grad = ex.mul_(torch.reciprocal(stats[0]).unsqueeze(1))
             if eps:
                 grad.sub_(eps / num_classes)
@@ -228,6 +227,21 @@ def _scaled_grad(ctx, grad_rows):
     return (grad * grad_rows.to(grad.dtype).unsqueeze(1)).to(ctx.logits_dtype)
 
 
+# The class-parallel implementation of each kernel family of the registry (losses.FAMILIES).
+_PARALLEL = {losses.SOFTMAX_CE.name: _SoftmaxParallel, losses.SIGMOID_FOCAL.name: _FocalParallel}
+
+
+def parallel_loss(spec: losses.Loss, logits, target, class_weight, reduction, ignore_index, hyperparameters,
+                  class_start, num_classes, group):
+    """One class-parallel loss call for a registered loss; hyperparameters by name (checked here)."""
+    class_start, num_classes, ignore_index, group = _check_inputs(
+        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
+    values = spec.kernel_hyperparameters(hyperparameters)
+    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, class_start, num_classes, *values,
+                                             ignore_index, group)
+    return _reduction.reduce_rows(rows, target, ignore_index, reduction)
+
+
 def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
                                       label_smoothing=0.0, *, class_start=None, num_classes=None, group=None):
     """Class-balanced softmax cross entropy with the classes sharded across the ranks of `group`.
@@ -239,11 +253,8 @@ def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reducti
     Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
     ("mean" divides by the number of non-ignored rows); the gradient flows to the local logits only.
     """
-    class_start, num_classes, ignore_index, group = _check_inputs(
-        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
-    eps = _checks.check_label_smoothing(label_smoothing)
-    rows = _SoftmaxParallel.apply(logits, target, class_weight, class_start, num_classes, eps, ignore_index, group)
-    return reduce_rows(rows, target, ignore_index, reduction)
+    return parallel_loss(losses.loss("softmax"), logits, target, class_weight, reduction, ignore_index,
+                         {"label_smoothing": label_smoothing}, class_start, num_classes, group)
 
 
 def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
@@ -253,19 +264,15 @@ def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reducti
     Arguments as cb_softmax_cross_entropy_parallel; gamma >= 0 (0 is sigmoid cross entropy). The value is
     that of cbkernels.cb_focal_loss on the gathered logits, on every rank.
     """
-    class_start, num_classes, ignore_index, group = _check_inputs(
-        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
-    gamma = _checks.check_gamma(gamma)
-    rows = _FocalParallel.apply(logits, target, class_weight, class_start, num_classes, gamma, ignore_index,
-                                group)
-    return reduce_rows(rows, target, ignore_index, reduction)
+    return parallel_loss(losses.loss("focal"), logits, target, class_weight, reduction, ignore_index,
+                         {"gamma": gamma}, class_start, num_classes, group)
 
 
 def cb_sigmoid_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
                                       *, class_start=None, num_classes=None, group=None):
     """Class-balanced sigmoid cross entropy, class-parallel: the focal loss with gamma = 0."""
-    return cb_focal_loss_parallel(logits, target, class_weight, 0.0, reduction, ignore_index,
-                                  class_start=class_start, num_classes=num_classes, group=group)
+    return parallel_loss(losses.loss("sigmoid"), logits, target, class_weight, reduction, ignore_index, {},
+                         class_start, num_classes, group)
 
 
 def global_class_counts(labels, num_classes, *, ignore_index=None, group=None):

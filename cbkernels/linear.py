@@ -26,13 +26,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _backends, _checks, reference
-from .modules import LOSS_TYPES
+from . import _backends, _checks, _reduction, losses
 from .weights import class_balanced_weights
 
 __all__ = ["cb_linear_loss", "ClassBalancedLinearLoss", "auto_chunk_rows"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The logits and gradient tiles together get at least this many bytes. Every chunk's matmuls re-pack the
 # (C, H) weight operand, an overhead ~ 1/R of the matmul time: measured on the CPU benchmark shape
 # (4096, 512, 32768) fp32, chunks of 256 / 1024 / 2048 rows cost 1.19x / 1.08x / 1.06x the unfused time.
@@ -58,9 +56,9 @@ def auto_chunk_rows(num_rows: int, in_features: int, num_classes: int, dtype: to
 
 
 class _Plan(NamedTuple):
-    backend: str
-    family: str  # "softmax_ce" or "sigmoid_focal"
-    param: float  # label_smoothing (softmax) or gamma (sigmoid family)
+    backend: _backends.Backend
+    spec: losses.Loss
+    hyperparameters: tuple  # the family's, in schema order (losses.Loss.kernel_hyperparameters)
     ignore_index: int
     reduction: str
     rows: int  # rows per chunk
@@ -68,14 +66,12 @@ class _Plan(NamedTuple):
 
 
 def _reference_rows(plan, logits, target, class_weight):
-    if plan.family == "softmax_ce":
-        return reference.softmax_rows(logits, target, class_weight, plan.ignore_index, plan.param)
-    return reference.sigmoid_focal_rows(logits, target, class_weight, plan.param, plan.ignore_index)
+    return plan.spec.reference_rows(logits, target, class_weight, plan.ignore_index, plan.hyperparameters)
 
 
 def _tile_loss(plan, logits, target, class_weight, with_grad):
     """Per-row losses of one tile and, with with_grad, d(sum of them)/d logits (else None)."""
-    if plan.backend == "reference":
+    if not plan.backend.is_kernel:
         if not with_grad:
             return _reference_rows(plan, logits, target, class_weight), None
         with torch.enable_grad():
@@ -83,21 +79,21 @@ def _tile_loss(plan, logits, target, class_weight, with_grad):
             rows = _reference_rows(plan, z, target, class_weight)
             (grad,) = torch.autograd.grad(rows.sum(), z)
         return rows.detach(), grad
-    forward = getattr(_backends.ops_namespace(plan.backend), f"{plan.family}_forward")
-    loss, grad = forward(logits, target, class_weight, plan.param, plan.ignore_index, with_grad)
+    forward = plan.spec.family.op(plan.backend.ops, "forward")
+    loss, grad = forward(logits, target, class_weight, *plan.hyperparameters, plan.ignore_index, with_grad)
     return loss, (grad if with_grad else None)
 
 
 def _tile_scaled_grad(plan, logits, target, class_weight, grad_rows):
     """grad_rows[i] * d loss_i / d logits_i for one tile (reduction "none" backward)."""
-    if plan.backend == "reference":
+    if not plan.backend.is_kernel:
         with torch.enable_grad():
             z = logits.detach().requires_grad_(True)
             rows = _reference_rows(plan, z, target, class_weight)
             (grad,) = torch.autograd.grad(rows, z, grad_rows.to(rows.dtype))
         return grad
-    backward = getattr(_backends.ops_namespace(plan.backend), f"{plan.family}_backward")
-    return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), plan.param,
+    backward = plan.spec.family.op(plan.backend.ops, "backward")
+    return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), *plan.hyperparameters,
                     plan.ignore_index)
 
 
@@ -136,15 +132,7 @@ def _chunks(plan, num_rows):
 def _losses_only(plan, hidden, weight, bias, target, class_weight):
     rows = [_tile_loss(plan, F.linear(hidden[s:e], weight, bias), target[s:e], class_weight, False)[0]
             for s, e in _chunks(plan, hidden.shape[0])]
-    return torch.cat(rows) if rows else hidden.new_zeros((0,), dtype=_loss_dtype(hidden))
-
-
-def _loss_dtype(hidden):
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-def _valid_rows(target, ignore_index, dtype):
-    return (target != ignore_index).sum().clamp(min=1).to(dtype)
+    return torch.cat(rows) if rows else hidden.new_zeros((0,), dtype=_reduction.compute_dtype(hidden.dtype))
 
 
 class _LinearLoss(torch.autograd.Function):
@@ -156,7 +144,7 @@ class _LinearLoss(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
             return _losses_only(plan, hidden, weight, bias, target, class_weight)
         acc = _Accumulator(plan, weight)
-        total = hidden.new_zeros((), dtype=_loss_dtype(hidden))
+        total = hidden.new_zeros((), dtype=_reduction.compute_dtype(hidden.dtype))
         for s, e in _chunks(plan, hidden.shape[0]):
             h = hidden[s:e]
             logits = F.linear(h, weight, bias)
@@ -167,7 +155,7 @@ class _LinearLoss(torch.autograd.Function):
             del grad
         scale = total.new_ones(())
         if plan.reduction == "mean":
-            scale = scale / _valid_rows(target, plan.ignore_index, total.dtype)
+            scale = scale / _reduction.valid_row_count(target, plan.ignore_index).to(total.dtype)
             total = total * scale
         ctx.save_for_backward(acc.hidden(), acc.weight, acc.bias, scale)
         return total
@@ -197,35 +185,23 @@ class _LinearLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _check_tensor(value, name, dims, dtypes, device=None):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, value.shape)):
-        shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
-        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(value.shape)}")
-    if value.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
-
-
 def _check_linear_inputs(hidden, weight, bias, target, class_weight):
     """Metadata checks only (no host sync); returns class_weight as float32 contiguous or None."""
-    _check_tensor(hidden, "hidden", (None, None), _FLOAT_DTYPES)
+    same_dtype = f"have the dtype of hidden, {getattr(hidden, 'dtype', None)}"
+    _checks.check_tensor(hidden, "hidden", (None, None), _checks.FLOAT_DTYPES,
+                         "be float32, float16, bfloat16 or float64", names=("N", "H"))
     num_rows, in_features = hidden.shape
-    _check_tensor(weight, "weight", (None, in_features), (hidden.dtype,), hidden.device)
+    on_hidden = dict(device=hidden.device, device_of="hidden")
+    _checks.check_tensor(weight, "weight", (None, in_features), (hidden.dtype,), same_dtype, names=("C", "H"),
+                         **on_hidden)
     num_classes = weight.shape[0]
     if num_classes < 1:
         raise ValueError("weight must have at least one class (C >= 1 rows)")
     if bias is not None:
-        _check_tensor(bias, "bias", (num_classes,), (hidden.dtype,), hidden.device)
-    _check_tensor(target, "target", (num_rows,), _checks.TARGET_DTYPES, hidden.device)
-    if class_weight is None:
-        return None
-    _check_tensor(class_weight, "class_weight", (num_classes,), _FLOAT_DTYPES, hidden.device)
-    if class_weight.requires_grad:
-        raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
-    return class_weight.to(torch.float32).contiguous()
+        _checks.check_tensor(bias, "bias", (num_classes,), (hidden.dtype,), same_dtype, names=("C",), **on_hidden)
+    _checks.check_tensor(target, "target", (num_rows,), _checks.TARGET_DTYPES, "hold class indices as int64 or int32",
+                         names=("N",), **on_hidden)
+    return _checks.check_class_weight(class_weight, num_classes, **on_hidden)
 
 
 def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=0.5,
@@ -235,34 +211,30 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     Same value and gradients as cb_softmax_cross_entropy / cb_sigmoid_cross_entropy / cb_focal_loss applied
     to F.linear(hidden, weight, bias) (reference.py is the spec), for hidden (N, H), weight (C, H),
     bias (C,) or None, all of one dtype (float32/float16/bfloat16; float64 with backend="reference").
-    loss_type: "softmax" (uses label_smoothing), "sigmoid", or "focal" (uses gamma).
+    loss_type: a registered loss (losses.LOSS_TYPES): "softmax" (uses label_smoothing), "sigmoid", or "focal"
+    (uses gamma).
     chunk_size: rows per chunk; None picks auto_chunk_rows(N, H, C, dtype).
     Gradients flow to hidden, weight and bias; class_weight gets none.
     """
     class_weight = _check_linear_inputs(hidden, weight, bias, target, class_weight)
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    spec = losses.loss(loss_type)
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
-    if loss_type == "softmax":
-        family, param = "softmax_ce", _checks.check_label_smoothing(label_smoothing)
-    else:
-        family, param = "sigmoid_focal", (_checks.check_gamma(gamma) if loss_type == "focal" else 0.0)
+    hyperparameters = spec.kernel_hyperparameters({"gamma": gamma, "label_smoothing": label_smoothing})
     num_rows, in_features = hidden.shape
+    chunk_size = _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if chunk_size is None:
         chunk_size = auto_chunk_rows(num_rows, in_features, weight.shape[0], hidden.dtype)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     backend = _backends.resolve(backend, hidden)
-    if backend not in ("reference", "cpu"):  # the CPU kernel checks targets itself; reference.py per tile
+    if not backend.checks_targets:
         _checks.check_target_range_async(target, weight.shape[0], ignore_index)
 
     params = (hidden, weight, bias)
     needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad for p in params)
-    plan = _Plan(backend, family, param, ignore_index, reduction, chunk_size, needs)
+    plan = _Plan(backend, spec, hyperparameters, ignore_index, reduction, chunk_size, needs)
     if not any(needs):
         rows = _losses_only(plan, hidden, weight, bias, target, class_weight)
-        return reference.reduce_rows(rows, target, ignore_index, reduction)
+        return _reduction.reduce_rows(rows, target, ignore_index, reduction)
     return _LinearLoss.apply(hidden, weight, bias, target, class_weight, plan)
 
 
@@ -279,15 +251,10 @@ class ClassBalancedLinearLoss(torch.nn.Module):
                  reduction="mean", ignore_index=-100, label_smoothing=0.0, empty_classes="error",
                  chunk_size=None, backend="auto", device=None, dtype=None):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        if backend not in _backends.BACKENDS:
-            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
-        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        losses.loss(loss_type)
+        _backends.check_name(backend)
+        _checks.check_positive_int(in_features, "in_features")
+        _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
         _checks.check_reduction(reduction)
         self.in_features = in_features
         self.loss_type = loss_type

@@ -3,26 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, _checks, functional
+from . import _backends, _checks, functional, losses
 from .weights import class_balanced_weights
-
-LOSS_TYPES = ("softmax", "sigmoid", "focal")
 
 
 class ClassBalancedLoss(torch.nn.Module):
     """Class-balanced loss with weights from the effective number of samples of each class.
 
     samples_per_class: training-set counts (length C). beta in [0, 1] (scalar or per class).
-    loss_type: "softmax", "sigmoid" or "focal" (gamma used by "focal" only; label_smoothing by "softmax" only).
+    loss_type: a registered loss (losses.LOSS_TYPES: "softmax", "sigmoid", "focal"); each uses the
+    hyperparameters it names (gamma: "focal"; label_smoothing: "softmax") and ignores the others.
     """
 
     def __init__(self, samples_per_class, loss_type="focal", beta=0.999, gamma=0.5, reduction="mean",
                  ignore_index=-100, backend="auto", label_smoothing=0.0, empty_classes="error"):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        if backend not in _backends.BACKENDS:
-            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        self.spec = losses.loss(loss_type)
+        _backends.check_name(backend)
         _checks.check_reduction(reduction)
         self.loss_type = loss_type
         self.beta = beta
@@ -37,13 +34,13 @@ class ClassBalancedLoss(torch.nn.Module):
     def num_classes(self) -> int:
         return self.class_weight.shape[0]
 
+    def hyperparameters(self) -> dict[str, float]:
+        """The values of the loss's settable hyperparameters."""
+        return {name: getattr(self, name) for name in self.spec.hyperparameter_names}
+
     def forward(self, logits, target):
-        if self.loss_type == "softmax":
-            return functional.cb_softmax_cross_entropy(logits, target, self.class_weight, self.reduction,
-                                                       self.ignore_index, self.label_smoothing, self.backend)
-        gamma = self.gamma if self.loss_type == "focal" else 0.0
-        return functional.cb_focal_loss(logits, target, self.class_weight, gamma, self.reduction,
-                                        self.ignore_index, self.backend)
+        return functional.apply_loss(self.spec, logits, target, self.class_weight, self.reduction,
+                                     self.ignore_index, self.backend, self.hyperparameters())
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, loss_type={self.loss_type!r}, beta={self.beta}, "

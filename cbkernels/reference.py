@@ -1,4 +1,4 @@
-"""Pure-PyTorch specification of the class-balanced losses (paper-notes.md sections 3-5).
+"""Pure-PyTorch specification of the class-balanced losses (docs/math.md).
 
 This is the spec every kernel is tested against (in float64) and the fallback backend. It is
 plain autograd: no custom backward, so gradcheck verifies its gradients independently.
@@ -9,8 +9,8 @@ Per-row losses, z the row's logits (C,), y its class, alpha_y = class_weight[y] 
   focal:    alpha_y * sum_c -(1 - p_c)^gamma * log p_c,  p_c = sigmoid(t_c * z_c),  t_c = +1 if c == y else -1
   sigmoid:  focal with gamma = 0
 Rows whose target equals ignore_index contribute 0 loss and 0 gradient.
-Reductions: "none" (per-row), "sum", "mean" = sum / number of non-ignored rows (the official code's
-convention; 0 when every row is ignored).
+The reductions ("none", "sum", "mean" = sum / number of non-ignored rows) are _reduction.reduce_rows;
+losses.Loss.reference puts the two together for each registered loss.
 """
 from __future__ import annotations
 
@@ -18,14 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_target_range_async
+from ._reduction import compute_dtype
 
-__all__ = ["softmax_rows", "sigmoid_focal_rows", "reduce_rows", "valid_row_count", "cb_softmax_cross_entropy",
-           "cb_focal_loss", "cb_sigmoid_cross_entropy"]
-
-
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    # Half-precision logits are computed in float32 (the kernels' accumulation type); float64 stays float64.
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+__all__ = ["softmax_rows", "sigmoid_focal_rows"]
 
 
 def _valid_and_safe_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
@@ -38,7 +33,7 @@ def _valid_and_safe_target(logits: torch.Tensor, target: torch.Tensor, ignore_in
 def _masked_logits(logits, valid):
     # Ignored rows are replaced by zeros before any math: their NaN or inf must not reach the loss, and
     # their gradient must be exactly 0 (a where on the output alone would give 0 * NaN = NaN in backward).
-    z = logits.to(_compute_dtype(logits))
+    z = logits.to(compute_dtype(logits.dtype))
     return torch.where(valid.unsqueeze(1), z, torch.zeros_like(z))
 
 
@@ -71,7 +66,7 @@ def softmax_rows(logits, target, class_weight=None, ignore_index=-100, label_smo
     return torch.where(valid, rows, torch.zeros_like(rows))
 
 
-def sigmoid_focal_rows(logits, target, class_weight=None, gamma=0.0, ignore_index=-100):
+def sigmoid_focal_rows(logits, target, class_weight=None, ignore_index=-100, gamma=0.0):
     """Per-row class-balanced focal loss (sigmoid CE when gamma == 0), shape (N,).
 
     With u = t * z: -log p = -logsigmoid(u) and (1 - p)^gamma = exp(gamma * logsigmoid(-u)); both are
@@ -90,33 +85,3 @@ def sigmoid_focal_rows(logits, target, class_weight=None, gamma=0.0, ignore_inde
     if alpha is not None:
         rows = alpha * rows
     return torch.where(valid, rows, torch.zeros_like(rows))
-
-
-def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """"none" | "sum" | "mean" (sum over rows / number of non-ignored rows, 0 if there are none)."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid_row_count(target, ignore_index).to(rows.dtype)
-
-
-def valid_row_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The number of non-ignored rows, at least 1 (the "mean" denominator), as a device tensor: no sync."""
-    return (target != ignore_index).sum().clamp(min=1)
-
-
-def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                             label_smoothing=0.0):
-    rows = softmax_rows(logits, target, class_weight, ignore_index, label_smoothing)
-    return reduce_rows(rows, target, ignore_index, reduction)
-
-
-def cb_focal_loss(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100):
-    rows = sigmoid_focal_rows(logits, target, class_weight, gamma, ignore_index)
-    return reduce_rows(rows, target, ignore_index, reduction)
-
-
-def cb_sigmoid_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100):
-    return cb_focal_loss(logits, target, class_weight, 0.0, reduction, ignore_index)

@@ -24,6 +24,8 @@ import dataclasses
 
 import torch
 
+from ..losses import FAMILIES as _REGISTERED
+
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
@@ -43,7 +45,7 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-FAMILIES = ("sigmoid_focal", "softmax_ce")
+FAMILIES = tuple(family.name for family in _REGISTERED)
 DTYPE_GROUPS = ("fp32", "half")  # half: float16 and bfloat16 (same bytes per element)
 
 # TABLE[family][dtype group]: rows (c_max, config), C ascending; the first row with C <= c_max applies,

@@ -1,0 +1,39 @@
+"""The reductions and dtype rules every loss path shares (functional, reference, linear, distributed).
+
+"mean" divides the sum of the weighted row losses by the number of non-ignored rows (the official code's
+convention, docs/math.md), at least 1 so that a batch with every row ignored gives 0, not NaN. That count
+is a device tensor: dividing by it never syncs with the host.
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 inputs, else float32 (the kernels' accumulation type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_row_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The number of non-ignored rows, at least 1 (the "mean" denominator), as a device tensor: no sync."""
+    return (target != ignore_index).sum().clamp(min=1)
+
+
+def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """"none" | "sum" | "mean" (sum over rows / number of non-ignored rows, 0 if there are none)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid_row_count(target, ignore_index).to(rows.dtype)
+
+
+def mean_class_weight(class_weight, target: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+    """class_weight / (non-ignored rows) as float32 (C,): folded into a kernel's weights, it makes the
+    summed rows the "mean" (ones / count when class_weight is None)."""
+    if class_weight is None:
+        class_weight = torch.ones(num_classes, dtype=torch.float32, device=target.device)
+    return class_weight / valid_row_count(target, ignore_index)

@@ -1,0 +1,133 @@
+"""The loss registry: every loss the library offers is named here, once.
+
+Two levels:
+- a kernel *family* is one pair of ops per kernel backend, `<family>_forward` and `<family>_backward`
+  (docs/op-contract.md), with its named float hyperparameters in the ops' schema order and the
+  reference function (reference.py) that specifies its per-row loss;
+- a *loss* is what a user picks (the `loss_type` of ClassBalancedLoss, cb_linear_loss and the
+  benchmark): a family, the hyperparameters the user may set (with defaults and checks), the ones the
+  loss pins (sigmoid cross entropy is the focal family at gamma = 0), and its public function's name.
+
+Everything that lists losses (the functional API, the modules, cb_linear_loss, the class-parallel losses,
+the benchmark, the demo and the tests) iterates LOSSES or looks a name up with `loss(name)`; the layers
+between the public API and the kernels carry the family's hyperparameters as a tuple in schema order
+(`Loss.kernel_hyperparameters`), so a new hyperparameter changes this file, the op schema and the
+kernels, not every layer. docs/contributing.md lists the files a new loss touches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+from . import _checks, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    """A named float hyperparameter: its default, its check (raises naming it, returns a float) and the
+    values the tests and the benchmark exercise."""
+    name: str
+    default: float
+    check: Callable[[object], float]
+    test_values: tuple[float, ...]
+
+
+GAMMA = Hyperparameter("gamma", 0.5, _checks.check_gamma, (0.0, 0.5, 1.0, 2.0, 3.7))
+LABEL_SMOOTHING = Hyperparameter("label_smoothing", 0.0, _checks.check_label_smoothing, (0.0, 0.1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One kernel: the ops `<name>_forward` / `<name>_backward` of every kernel backend.
+
+    hyperparameters: the ops' float arguments, in schema order (between class_weight and ignore_index).
+    reference_rows(logits, target, class_weight, ignore_index, **hyperparameters) -> per-row loss (N,).
+    """
+    name: str
+    hyperparameters: tuple[Hyperparameter, ...]
+    reference_rows: Callable
+
+    def op(self, namespace, which: str):
+        """The op `<name>_<which>` (which: "forward" or "backward") of a torch.ops namespace."""
+        return getattr(namespace, f"{self.name}_{which}")
+
+
+SOFTMAX_CE = Family("softmax_ce", (LABEL_SMOOTHING,), reference.softmax_rows)
+SIGMOID_FOCAL = Family("sigmoid_focal", (GAMMA,), reference.sigmoid_focal_rows)
+FAMILIES: tuple[Family, ...] = (SIGMOID_FOCAL, SOFTMAX_CE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss as users name it.
+
+    name: the loss_type ("softmax", ...). function: the public function's name in cbkernels.
+    hyperparameters: those the user sets. fixed: family hyperparameters this loss pins to a value.
+    """
+    name: str
+    function: str
+    family: Family
+    hyperparameters: tuple[Hyperparameter, ...]
+    fixed: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        names = {h.name for h in self.hyperparameters} | set(self.fixed)
+        family_names = {h.name for h in self.family.hyperparameters}
+        if names != family_names:
+            raise ValueError(f"loss {self.name!r}: hyperparameters {sorted(names)} must be exactly those of "
+                             f"family {self.family.name!r}, {sorted(family_names)}")
+
+    @property
+    def hyperparameter_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.hyperparameters)
+
+    def defaults(self) -> dict[str, float]:
+        return {h.name: h.default for h in self.hyperparameters}
+
+    def kernel_hyperparameters(self, values: Mapping[str, object]) -> tuple[float, ...]:
+        """The family's hyperparameters in schema order: `values` (user-settable ones, checked; missing
+        ones take their defaults; others are ignored) with this loss's fixed ones."""
+        settable = {h.name: h.check(values.get(h.name, h.default)) for h in self.hyperparameters}
+        return tuple(settable[h.name] if h.name in settable else float(self.fixed[h.name])
+                     for h in self.family.hyperparameters)
+
+    def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, **hyper):
+        """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
+        rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper))
+        return reference.reduce_rows(rows, target, ignore_index, reduction)
+
+    def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters):
+        named = {h.name: v for h, v in zip(self.family.hyperparameters, kernel_hyperparameters)}
+        return self.family.reference_rows(logits, target, class_weight, ignore_index, **named)
+
+    def test_cases(self) -> list[dict[str, float]]:
+        """Hyperparameter settings the tests and sweeps exercise: the defaults, then each test value of
+        each hyperparameter with the others at their defaults."""
+        cases = [self.defaults()]
+        for h in self.hyperparameters:
+            cases += [{**self.defaults(), h.name: v} for v in h.test_values if v != h.default]
+        return cases
+
+
+LOSSES: tuple[Loss, ...] = (
+    Loss("softmax", "cb_softmax_cross_entropy", SOFTMAX_CE, (LABEL_SMOOTHING,)),
+    Loss("sigmoid", "cb_sigmoid_cross_entropy", SIGMOID_FOCAL, (), fixed={"gamma": 0.0}),
+    Loss("focal", "cb_focal_loss", SIGMOID_FOCAL, (GAMMA,)),
+)
+LOSS_TYPES: tuple[str, ...] = tuple(spec.name for spec in LOSSES)
+_BY_NAME = {spec.name: spec for spec in LOSSES}
+
+
+def loss(name) -> Loss:
+    """The registered loss called `name`; a clear error naming the choices otherwise."""
+    spec = _BY_NAME.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {name!r}")
+    return spec
+
+
+def family(name: str) -> Family:
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise ValueError(f"family must be one of {tuple(f.name for f in FAMILIES)}, got {name!r}")
