@@ -6,6 +6,7 @@ under torch.compile. The value check on targets is device-side (check_target_ran
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -42,6 +43,8 @@ def check_tensor(value, name, dims, dtypes, dtype_text, *, names=None, device=No
 
 def check_inputs(logits, target, class_weight):
     """Validates (logits, target, class_weight) and returns class_weight as float32 contiguous (or None)."""
+    if isinstance(logits, torch.Tensor) and logits.layout != torch.strided:
+        raise TypeError(f"logits must be a dense tensor, got layout {logits.layout}: call .to_dense() first")
     check_tensor(logits, "logits", (None, None), LOGITS_DTYPES, f"be {_LOGITS_DTYPE_TEXT}", names=("N", "C"))
     num_rows, num_classes = logits.shape
     if num_classes < 1:
@@ -67,32 +70,67 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_INT64_RANGE = (-2**63, 2**63 - 1)
+
+
+def _scalar(value, name, kind):
+    """`value` as a Python float (kind numbers.Real) or int (numbers.Integral): any real scalar a user
+    would pass (Python, numpy, a 0-d CPU tensor), never a bool (True as a gamma or an index is a mistake).
+
+    A tensor must be on the CPU: these values are compile-time constants of the kernels, and reading a
+    CUDA tensor on the host would synchronise the device."""
+    if type(value) in (int, float):  # the common case first: no ABC checks on the hot path
+        return value if kind is numbers.Real or type(value) is int else None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or value.device.type != "cpu":
+            raise ValueError(f"{name} must be a real number; a tensor must be 0-d, real and on the CPU, got "
+                             f"{value.dtype} of shape {tuple(value.shape)} on {value.device}")
+        if kind is numbers.Integral and value.is_floating_point():
+            return None
+        return value.item()
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return None
+    return float(value) if kind is numbers.Real else int(value)
+
+
+def _real(value, name):
+    number = _scalar(value, name, numbers.Real)
+    return None if number is None else float(number)
+
+
 def check_gamma(gamma):
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    return float(gamma)
+    value = _real(gamma, "gamma")
+    if value is None or not math.isfinite(value) or not 0 <= value <= _FLOAT32_MAX:
+        raise ValueError(f"gamma must be a finite number >= 0 that fits float32 (<= {_FLOAT32_MAX:.4g}), "
+                         f"got {gamma!r}")
+    return value
 
 
 def check_label_smoothing(label_smoothing):
-    if (not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool)
-            or not 0.0 <= label_smoothing <= 1.0):
+    value = _real(label_smoothing, "label_smoothing")
+    if value is None or not 0.0 <= value <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
+    return value
 
 
 def check_ignore_index(ignore_index):
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    value = _scalar(ignore_index, "ignore_index", numbers.Integral)
+    if value is None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return ignore_index
+    if not _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit int64 (the targets' widest type), got {value}")
+    return value
 
 
 def check_positive_int(value, name, *, allow_none=False):
     """value as an int >= 1 (or None when allowed); a ValueError naming it otherwise."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    number = _scalar(value, name, numbers.Integral)
+    if number is None or number < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    return value
+    return number
 
 
 def check_target_range_async(target, num_classes, ignore_index):

@@ -100,13 +100,23 @@ def _make_autograd(backward_op, scale_in_place):
     def backward(ctx, grad_loss, _grad_of_grad_output):
         if grad_loss is None:  # not materialised (see setup_context): no gradient reached the loss
             return (None,) * ctx.num_inputs
+        if torch.is_grad_enabled() and type(grad_loss) is torch.Tensor:
+            # Autograd runs a backward with grad mode on only for create_graph=True. The kernels' gradient is
+            # not itself differentiable (no formula for its derivative is registered), so a gradient of it
+            # would come out silently wrong: refuse instead. (Traced backwards see tensor subclasses; there
+            # torch.compile, which does not support double backward, raises its own error.)
+            raise RuntimeError(
+                "cbkernels: backward with create_graph=True (second-order gradients: input-gradient penalties, "
+                "double backprop) is not supported by the kernel backends, whose gradient is not itself "
+                "differentiable; use backend='reference' for such objectives")
         grad_loss = grad_loss.to(torch.float32).contiguous()
         if ctx.with_grad:
             if ctx.grad_consumed:
                 raise RuntimeError(
-                    "cbkernels: backward ran twice through one forward (retain_graph=True) with the 'fused' "
-                    "backward strategy, whose first backward scales the forward's gradient buffer in place "
-                    "and hands it on; set CBKERNELS_BACKWARD=recompute for graphs that are backpropagated twice")
+                    "cbkernels: backward ran a second time through one forward (backward(retain_graph=True) "
+                    "called twice) with the 'fused' backward strategy, whose first backward scales the "
+                    "forward's gradient buffer in place and hands it on; set CBKERNELS_BACKWARD=recompute "
+                    "for graphs that are backpropagated more than once")
             (grad,) = ctx.saved_tensors
             # In place for plain eager tensors only. A traced backward (torch.compile, opcheck) sees tensor
             # subclasses (FunctionalTensor, FakeTensor): there the out-of-place product is what a functional

@@ -7,11 +7,13 @@ ranks: O(N) floats per call, never O(N x C); memory per rank stays O(N x C_local
 
 Softmax (docs/math.md, label smoothing eps), per row with z = [z_0 | z_1 | ... ] split by rank:
     m      = max over ranks of (max_c z_rc)                      all_reduce MAX   (N floats)
-    s      = sum over ranks of sum_c exp(z_rc - m)               \
+    s_rest = sum over ranks of sum_{c != y} exp(z_rc - m)         \
     z_y    = the target logit, nonzero only on the owning rank    > one all_reduce SUM of a (2, N) tensor
     S      = sum over ranks of sum_c z_rc  (only when eps > 0)   /  ((3, N) with label smoothing)
-    loss   = alpha_y * (m + log s - (1 - eps) * z_y - eps / C * S)
+    s      = s_rest + exp(z_y - m),  lse = m + log s
+    loss   = alpha_y * (softplus(log s_rest + m - z_y) + eps * (z_y - S / C))
     grad_rc = alpha_y * (exp(z_rc - lse) - (1 - eps) * [c == y] - eps / C)       (local: lse is known)
+             with the c = y entry formed as eps - s_rest / s (no cancellation for confident rows)
 Sigmoid family (focal, gamma = 0 is sigmoid CE): the loss is a sum of independent per-class terms, so
 each rank sums its own C_local terms (t_c = +1 only for the target class, i.e. only on the rank owning y)
 and one all_reduce SUM of the (N,) partial rows gives the row loss; the gradient is per element, local.
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from . import _checks, _reduction, losses
 
@@ -135,28 +138,39 @@ class _SoftmaxParallel(torch.autograd.Function):
                                                         ignore_index)
         m = z.amax(dim=1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        z_y = torch.where(owned, z.gather(1, local.unsqueeze(1)).squeeze(1), torch.zeros_like(m))
+        index = local.unsqueeze(1)
+        z_y = torch.where(owned, z.gather(1, index).squeeze(1), torch.zeros_like(m))
         ex = (z - m.unsqueeze(1)).exp_()
+        # The sum over the classes other than y, s_rest, not s - exp(z_y - m): for a confident row s_rest is
+        # far below s's rounding error. The target column is zeroed in place for the sum, then put back.
+        ex_y = ex.gather(1, index)
+        ex.scatter_(1, index, torch.where(owned.unsqueeze(1), torch.zeros_like(ex_y), ex_y))
         parts = [ex.sum(dim=1), z_y]
+        ex.scatter_(1, index, ex_y)
         if eps:
             parts.append(z.sum(dim=1))
         stats = torch.stack(parts)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        lse = m + torch.log(stats[0])
-        rows = lse - (1.0 - eps) * stats[1]
+        s_rest, z_y = stats[0], stats[1]
+        s = s_rest + torch.exp(z_y - m)
+        # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md): finite and exact to fp32's relative
+        # precision when p_y -> 1, where m + log s - z_y rounds to 0.
+        rows = F.softplus(torch.log(s_rest) + m - z_y)
         if eps:
-            rows = rows - (eps / num_classes) * stats[2]
+            rows = rows + eps * (z_y - stats[2] / num_classes)
         # where, not a multiply by the mask: an ignored row's NaN or inf must not leak into the loss.
         rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
         grad = None
         if ctx.needs_input_grad[0]:
             # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
-            # dtype (docs/math.md: subtract the one-hot before any rounding to half precision), in place on ex.
-            grad = ex.mul_(torch.reciprocal(stats[0]).unsqueeze(1))
+            # dtype (docs/math.md: subtract the one-hot before any rounding to half precision), in place on
+            # ex. At c = y: p_y - 1 + eps = eps - s_rest / s, from s_rest for the same reason as the loss.
+            inv_s = torch.reciprocal(s)
+            grad = ex.mul_(inv_s.unsqueeze(1))
+            true_class = torch.where(owned, eps - s_rest * inv_s, grad.gather(1, index).squeeze(1))
+            grad.scatter_(1, index, true_class.unsqueeze(1))
             if eps:
                 grad.sub_(eps / num_classes)
-            onehot = torch.where(owned, torch.full_like(m, eps - 1.0), torch.zeros_like(m))
-            grad.scatter_add_(1, local.unsqueeze(1), onehot.unsqueeze(1))
             grad = _scale_valid_rows_(grad, alpha, valid)
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype

@@ -64,7 +64,9 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
     beta: a scalar or one value per class, in [0, 1]. beta = 0 gives all-ones weights; beta -> 1
       approaches inverse-frequency weights.
     empty_classes: "error" (a class with 0 samples raises ValueError naming the classes: its weight
-      would be infinite in the official code) or "zero" (weight 0, the others normalised to sum to C).
+      would be infinite in the official code) or "zero" (weight 0; the others are normalised to sum to the
+      number of classes that have samples, so their mean weight is 1 and the loss's scale does not depend
+      on how many classes are empty).
     """
     counts = _as_float64(samples_per_class, "samples_per_class")
     if counts.dim() != 1 or counts.numel() == 0:
@@ -96,9 +98,9 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
         if empty.all():
             raise ValueError("every class has 0 samples: no class-balanced weights exist")
 
-    num_classes = counts.numel()
+    present_classes = counts.numel() - int(empty.sum())
     inv_effective = torch.where(empty, torch.zeros_like(counts), 1.0 / effective_number(counts.clamp(min=1), beta_t))
-    weights = inv_effective / inv_effective.sum() * num_classes
+    weights = inv_effective / inv_effective.sum() * present_classes
     return weights.to(torch.float32)
 
 
