@@ -16,6 +16,9 @@ process's CPU time (time.process_time, summed over its threads).
 
   python bench/bench_linear.py                                  # CPU, (4096, 512, 32768) fp32
   python bench/bench_linear.py --device cuda --out FILE.json    # GPU, (8192, 2048, 131072) bf16
+
+cbkernels must be importable (installed, as `make venv` does in editable mode, or on PYTHONPATH): the
+parent and each child process import it. By default one loss per kernel family runs (DEFAULT_LOSS_TYPES).
 """
 from __future__ import annotations
 
@@ -28,9 +31,19 @@ import subprocess
 import sys
 import time
 
+from cbkernels import losses
+
 DEFAULT_SHAPE = {"cpu": (4096, 512, 32768, "float32"), "cuda": (8192, 2048, 131072, "bfloat16")}
 VARIANTS = ("naive", "unfused", "fused", "torch_lce")
+# By default one loss per kernel family: those that pin no hyperparameter. The others run the same kernels
+# at a pinned value (sigmoid is focal at gamma 0), at the same cost.
+DEFAULT_LOSS_TYPES = [spec.name for spec in losses.LOSSES if not spec.fixed]
 MiB = 2.0**20
+
+
+def _torch_lce_applies(spec) -> bool:
+    """F.linear_cross_entropy computes softmax cross entropy only."""
+    return spec.family is losses.SOFTMAX_CE
 
 
 # --- child: one variant, one process ------------------------------------------------------------------
@@ -39,28 +52,27 @@ def _make_step(variant, loss_type, hidden, weight, bias, target, class_weight):
     import torch
     import torch.nn.functional as F
 
-    import cbkernels
-    from cbkernels import _backends
+    from cbkernels import _backends, functional
     from cbkernels.linear import cb_linear_loss
+
+    spec = losses.loss(loss_type)
+    hyper = spec.defaults()
 
     def unfused_loss(backend):
         logits = F.linear(hidden, weight, bias)
-        if loss_type == "softmax":
-            return cbkernels.cb_softmax_cross_entropy(logits, target, class_weight, backend=backend)
-        return cbkernels.cb_focal_loss(logits, target, class_weight, 0.5 if loss_type == "focal" else 0.0,
-                                       backend=backend)
+        return functional.apply_loss(spec, logits, target, class_weight, "mean", -100, backend, hyper)
 
     if variant == "baseline":
         return lambda: None, "none"
     if variant == "naive":
         return lambda: unfused_loss("reference").backward(), "reference"
-    auto = _backends.resolve("auto", hidden)
+    auto = _backends.resolve("auto", hidden).name
     if variant == "unfused":
         return lambda: unfused_loss("auto").backward(), auto
     if variant == "fused":
-        return lambda: cb_linear_loss(hidden, weight, target, class_weight, bias, loss_type).backward(), auto
+        return lambda: cb_linear_loss(hidden, weight, target, class_weight, bias, loss_type, **hyper).backward(), auto
     if variant == "torch_lce":
-        if loss_type != "softmax":
+        if not _torch_lce_applies(spec):
             raise NotImplementedError("F.linear_cross_entropy is softmax cross entropy only")
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             raise NotImplementedError(f"torch {torch.__version__} has no F.linear_cross_entropy with chunking")
@@ -191,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "C"), help="default: per device")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: per device")
-    parser.add_argument("--losses", nargs="+", default=["focal", "softmax"], choices=["focal", "sigmoid", "softmax"])
+    parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSS_TYPES, choices=losses.LOSS_TYPES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=900.0, help="wall-clock budget for the whole run")
@@ -209,7 +221,8 @@ def main(argv=None):
     import torch
 
     deadline = time.monotonic() + args.budget_s
-    jobs = [(loss, v) for loss in args.losses for v in args.variants if v != "torch_lce" or loss == "softmax"]
+    jobs = [(loss, v) for loss in args.losses for v in args.variants
+            if v != "torch_lce" or _torch_lce_applies(losses.loss(loss))]
     results = {loss: {} for loss in args.losses}
     baseline = None
     if args.device == "cpu":

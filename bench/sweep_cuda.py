@@ -2,9 +2,12 @@
 
     python bench/sweep_cuda.py --out $OUT/sweep_cuda.json [--budget-s 120]
 
+(cbkernels must be importable: installed, as `make venv` does in editable mode, or on PYTHONPATH.)
+
 A configuration is (threads per block, rows per block, vector width in bytes, cached softmax rows), passed
 to the extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
-default_config in csrc/cuda/launch.cu). For each (family, N, C, dtype), the (8192, 8142) speed-target
+default_config in csrc/cuda/launch.cu). For each (family, N, C, dtype), every kernel family of the
+registry at its default hyperparameters (cbkernels/bench/sweeps.py), the (8192, 8142) speed-target
 shapes first, then a class sweep at N * C ~ 64M elements:
   1. the float64 reference (reference.py, on the GPU) loss and gradient once;
   2. the default configuration, then the grid in order of promise: each checked against the reference
@@ -20,26 +23,23 @@ writes what it measured ("complete": false); the JSON is rewritten after every s
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from sweep_common import make_case, mismatch, reference_rows_and_grad, strategies, useful_bytes
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cbkernels import losses
+from cbkernels.bench.sweeps import (copy_bandwidth_gbps, family_shapes, mismatch, new_report,
+                                    reference_rows_and_grad, strategies, sweep_inputs, useful_bytes, with_rates,
+                                    write_report)
 
 ENV = "CBKERNELS_CUDA_CONFIG"
-GPU_SHAPES = [
-    ("sigmoid_focal", 8192, 8142, torch.bfloat16), ("softmax_ce", 8192, 8142, torch.bfloat16),
-    ("sigmoid_focal", 8192, 8142, torch.float32), ("softmax_ce", 8192, 8142, torch.float32),
-] + [(family, max(1, 2**26 // c), c, torch.bfloat16)
-     for c in (1000, 32768, 262144) for family in ("sigmoid_focal", "softmax_ce")]
+GPU_SHAPES = family_shapes([(8192, 8142, torch.bfloat16), (8192, 8142, torch.float32)]
+                           + [(max(1, 2**26 // c), c, torch.bfloat16) for c in (1000, 32768, 262144)])
+# The family whose CUDA kernel comes in two variants: rows cached in registers, or streamed (launch.cu).
+CACHED_FAMILY = losses.SOFTMAX_CE.name
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ def config_grid(family: str, c: int) -> list[Config]:
                 threads = tpr * rows
                 if threads > 1024 or (rows > 1 and threads > 512) or (rows > 1 and tpr > 256):
                     continue
-                for cache in ((1, 0) if family == "softmax_ce" else (1,)):
-                    if cache and family == "softmax_ce" and c > 16 * tpr:
+                for cache in ((1, 0) if family == CACHED_FAMILY else (1,)):
+                    if cache and family == CACHED_FAMILY and c > 16 * tpr:
                         continue  # would run the streaming kernel anyway: a duplicate
                     grid.append(Config(threads, rows, vec, cache))
     return grid
@@ -108,19 +108,6 @@ def gpu_timer():
     return events_median_ms
 
 
-def copy_bandwidth_gbps(time_ms, nbytes=2**30):
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * nbytes / time_ms(lambda: y.copy_(x)) / 1e6  # read + write
-
-
-def with_rates(result, nbytes, copy_gbps):
-    if "ms" in result:
-        gbps = nbytes / result["ms"] / 1e6
-        result.update(gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1))
-    return result
-
-
 class ConfigEnv:
     """Sets CBKERNELS_CUDA_CONFIG for a block (None: the default table) and restores it after."""
 
@@ -143,9 +130,9 @@ class ConfigEnv:
 
 def sweep_shape(family, n, c, dtype, time_ms, copy_gbps, deadline):
     """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
-    logits, target, weight, grad_loss = make_case(n, c, dtype, "cuda")
-    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight, grad_loss)
-    runs = strategies(torch.ops.cbkernels, family, logits, target, weight, grad_loss)
+    inputs = sweep_inputs(n, c, dtype, "cuda")
+    ref_rows, ref_grad = reference_rows_and_grad(family, inputs)
+    runs = strategies(torch.ops.cbkernels, family, inputs)
     nbytes = useful_bytes(n, c, dtype)
     entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""), "useful_bytes": nbytes,
              "configs": [], "best": None}
@@ -178,13 +165,6 @@ def sweep_shape(family, n, c, dtype, time_ms, copy_gbps, deadline):
     b["faster"] = min(("fused", "recompute"), key=lambda s: b[s].get("ms", float("inf")))
     b["pct_copy"] = b[b["faster"]].get("pct_copy")
     return entry
-
-
-def write_report(report, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)  # a run killed mid-write keeps the previous complete file
 
 
 def summary_lines(report):
@@ -227,16 +207,9 @@ def main(argv=None):
         print("sweep_cuda: cbkernels._C has no CUDA kernels (build with CBKERNELS_BUILD_CUDA=1)", file=sys.stderr)
         return 2
     time_ms = gpu_timer()
-    copy_gbps = copy_bandwidth_gbps(time_ms)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda},
-        "budget_s": args.budget_s, "copy_gbps": round(copy_gbps, 1),
-        "timing": "median, L2 flushed (triton.testing.do_bench, else CUDA events)",
-        "useful_bytes": "logits read once + gradient written once + targets (int64) + class weights (fp32)",
-        "shapes": [], "complete": True,
-    }
+    copy_gbps = copy_bandwidth_gbps(time_ms, "cuda")
+    report = new_report(torch.cuda.get_device_name(), args.budget_s, copy_gbps,
+                        "median, L2 flushed (triton.testing.do_bench, else CUDA events)")
     for i, (family, n, c, dtype) in enumerate(GPU_SHAPES):
         now = time.monotonic()
         if now > deadline:

@@ -3,7 +3,10 @@
     python bench/sweep_triton.py --out $OUT/sweep_triton.json [--budget-s 150]
     TRITON_INTERPRET=1 python bench/sweep_triton.py --dry-run --out /tmp/sweep.json   (CPU: code paths only)
 
-For each (family, N, C, dtype), in priority order (the (8192, 8142) speed-target shapes first):
+(cbkernels must be importable: installed, as `make venv` does in editable mode, or on PYTHONPATH.)
+
+For each (family, N, C, dtype), every kernel family of the registry at its default hyperparameters
+(cbkernels/bench/sweeps.py), in priority order (the (8192, 8142) speed-target shapes first):
   1. the float64 reference loss and gradient (reference.py) once;
   2. every configuration of the grid that makes sense for C: checked against the reference first (a
      wrong configuration is recorded and never timed), then forward + backward timed with the "fused"
@@ -24,8 +27,7 @@ write), so 67%. Only a forward that already writes the final gradient (upstream 
 could approach 100%.
 """
 import argparse
-import datetime
-import json
+import itertools
 import os
 import platform
 import sys
@@ -33,21 +35,21 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cbkernels import losses
+from cbkernels.bench.sweeps import (copy_bandwidth_gbps, family_shapes, mismatch, new_report,
+                                    reference_rows_and_grad, strategies, sweep_inputs, useful_bytes, with_rates,
+                                    write_report)
+from cbkernels.triton import configs
 
-from cbkernels.triton import configs  # noqa: E402
-from sweep_common import make_case, mismatch, reference_rows_and_grad, strategies, useful_bytes  # noqa: E402
-
-# (family, N, C, dtype): the issue's speed target first, then iNat batch 1024, then the class sweep at
-# N * C ~ 64M elements.
-GPU_SHAPES = [
-    ("sigmoid_focal", 8192, 8142, torch.bfloat16), ("softmax_ce", 8192, 8142, torch.bfloat16),
-    ("sigmoid_focal", 8192, 8142, torch.float32), ("softmax_ce", 8192, 8142, torch.float32),
-    ("sigmoid_focal", 1024, 8142, torch.bfloat16), ("softmax_ce", 1024, 8142, torch.bfloat16),
-] + [(family, max(1, 2**26 // c), c, torch.bfloat16)
-     for c in (262144, 131072, 32768, 1000) for family in ("sigmoid_focal", "softmax_ce")]
-N_TARGET_SHAPES, TARGET_WEIGHT = 4, 3  # the first four shapes are the issue's speed target
-DRY_SHAPES = [("sigmoid_focal", 5, 33, torch.float32), ("softmax_ce", 3, 70, torch.bfloat16)]
+# (N, C, dtype) of the speed target, timed for every family first; then iNat batch 1024, then the class
+# sweep at N * C ~ 64M elements.
+TARGET_SHAPES = [(8192, 8142, torch.bfloat16), (8192, 8142, torch.float32)]
+GPU_SHAPES = family_shapes(TARGET_SHAPES + [(1024, 8142, torch.bfloat16)]
+                           + [(max(1, 2**26 // c), c, torch.bfloat16) for c in (262144, 131072, 32768, 1000)])
+N_TARGET_SHAPES, TARGET_WEIGHT = len(family_shapes(TARGET_SHAPES)), 3  # the target's shapes get 3 shares of time
+# The dry run: one tiny shape per family, the shapes taken in turn.
+DRY_SHAPES = [(family.name, n, c, dtype) for family, (n, c, dtype)
+              in zip(losses.FAMILIES, itertools.cycle([(5, 33, torch.float32), (3, 70, torch.bfloat16)]))]
 
 
 def config_grid(c, dry_run, first=None):
@@ -94,14 +96,6 @@ def timer(dry_run):
     return cpu_median_ms
 
 
-def copy_bandwidth_gbps(device, time_ms, dry_run):
-    nbytes = 2**20 if dry_run else 2**30
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x))
-    return 2 * nbytes / ms / 1e6  # read + write
-
-
 def as_dict(config):
     return None if config is None else {"block": config.block, "rows": config.rows,
                                         "num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -109,11 +103,12 @@ def as_dict(config):
 
 def sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, deadline, dry_run):
     """Measures one shape; stops trying configurations at `deadline` (time.monotonic())."""
-    logits, target, weight, grad_loss = make_case(n, c, dtype, device)
-    ref_rows, ref_grad = reference_rows_and_grad(family, logits, target, weight, grad_loss)
-    runs = strategies(torch.ops.cbkernels_triton, family, logits, target, weight, grad_loss)
+    inputs = sweep_inputs(n, c, dtype, device)
+    ref_rows, ref_grad = reference_rows_and_grad(family, inputs)
+    runs = strategies(torch.ops.cbkernels_triton, family, inputs)
+    nbytes = useful_bytes(n, c, dtype)
     entry = {"family": family, "n": n, "c": c, "dtype": str(dtype).replace("torch.", ""),
-             "useful_bytes": useful_bytes(n, c, dtype), "configs": [], "best": None}
+             "useful_bytes": nbytes, "configs": [], "best": None}
 
     def measure(config, strategy):
         try:
@@ -126,10 +121,7 @@ def sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, deadline, dry_r
             return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
     def record(result):
-        if "ms" in result:
-            gbps = entry["useful_bytes"] / result["ms"] / 1e6
-            result.update(gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1))
-        return result
+        return with_rates(result, nbytes, copy_gbps)
 
     table = configs.pick(family, c, dtype)
     entry["table"] = {"config": as_dict(table),
@@ -195,17 +187,11 @@ def main(argv=None):
     import cbkernels.triton.ops  # noqa: F401  (registers torch.ops.cbkernels_triton)
 
     time_ms = timer(args.dry_run)
-    copy_gbps = copy_bandwidth_gbps(device, time_ms, args.dry_run)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                     "cuda": torch.version.cuda},
-        "dry_run": args.dry_run, "budget_s": args.budget_s, "copy_gbps": round(copy_gbps, 1),
-        "timing": "triton.testing.do_bench median, L2 flushed" if not args.dry_run else "CPU perf_counter",
-        "useful_bytes": "logits read once + gradient written once + targets (int64) + class weights (fp32)",
-        "shapes": [], "complete": True,
-    }
+    copy_gbps = copy_bandwidth_gbps(time_ms, device, 2**20 if args.dry_run else 2**30)
+    report = new_report(torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                        args.budget_s, copy_gbps,
+                        "triton.testing.do_bench median, L2 flushed" if not args.dry_run else "CPU perf_counter",
+                        versions={"triton": triton.__version__}, dry_run=args.dry_run)
     for i, (family, n, c, dtype) in enumerate(shapes):
         now = time.monotonic()
         if now > deadline:
@@ -217,11 +203,9 @@ def main(argv=None):
         entry = sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, shape_deadline, args.dry_run)
         report["complete"] &= not entry.get("stopped_by_budget", False)
         report["shapes"].append(entry)
-        with open(args.out, "w") as f:  # rewritten after every shape: a killed run keeps what it measured
-            json.dump(report, f, indent=1)
+        write_report(report, args.out)  # after every shape: a killed run keeps what it measured
     report["elapsed_s"] = round(time.monotonic() - start, 1)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_report(report, args.out)
 
     print(f"copy bandwidth {copy_gbps:.0f} GB/s on {report['device']}; {report['elapsed_s']} s; "
           f"complete: {report['complete']}")

@@ -144,6 +144,14 @@ def available_backends(device) -> list[str]:
     return [name for name in _RECORDS if unavailable_reason(name, device) is None]
 
 
+def native_kernel_backends(device) -> list[str]:
+    """Names of the kernel backends that run natively on this device, in "auto"'s order of preference
+    (Triton's CPU interpreter is a debugging tool, not a backend to time or to choose)."""
+    device = torch.device(device)
+    return [record.name for record in _AUTO_ORDER.get(device.type, ())
+            if unavailable_reason(record, device) is None]
+
+
 def resolve(backend: str, logits: torch.Tensor) -> Backend:
     """The backend record for this call; a clear error for unknown or unavailable names."""
     check_name(backend)

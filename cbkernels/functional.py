@@ -53,7 +53,9 @@ def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index
     return rows if reduction == "none" else rows.sum()
 
 
-_SOFTMAX, _SIGMOID, _FOCAL = (_registered(name) for name in ("softmax", "sigmoid", "focal"))
+_SOFTMAX = _registered("softmax")
+_SIGMOID = _registered("sigmoid")
+_FOCAL = _registered("focal")
 
 
 def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping
 
-from . import _checks, reference
+from . import _checks, _reduction, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Loss:
     def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, **hyper):
         """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
         rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper))
-        return reference.reduce_rows(rows, target, ignore_index, reduction)
+        return _reduction.reduce_rows(rows, target, ignore_index, reduction)
 
     def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters):
         named = {h.name: v for h, v in zip(self.family.hyperparameters, kernel_hyperparameters)}

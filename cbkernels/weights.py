@@ -1,9 +1,10 @@
 """Class-balanced weights from the effective number of samples (Cui et al., CVPR 2019).
 
 E_n = (1 - beta^n) / (1 - beta) is the expected volume covered by n samples of a class whose
-"unique prototypes" number N = 1 / (1 - beta). The class weight is 1 / E_n, normalised so the
-weights sum to the number of classes (the official code's convention, which keeps the loss on the
-scale of the unweighted loss).
+"unique prototypes" number N = 1 / (1 - beta) (docs/math.md, section 1). The class weight is 1 / E_n,
+normalised so the weights sum to the number of classes (the official code's convention, which keeps
+the loss on the scale of the unweighted loss; docs/math.md, section 2). The long-tailed profile and
+the prior bias follow the paper's recipe (docs/math.md, sections 11 and 10).
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ def _check_beta(beta: torch.Tensor) -> None:
 def effective_number(n, beta) -> torch.Tensor:
     """Effective number of samples E_n = (1 - beta^n) / (1 - beta), as float64.
 
-    Stable for beta close to 1 and large n: beta^n = exp(n * log1p(beta - 1)), so
-    1 - beta^n = -expm1(n * log1p(beta - 1)) keeps its digits where the naive form cancels
-    (beta = 0.9999, n = 10^6). beta == 1 is the limit E_n = n; beta == 0 gives E_n = 1 for n >= 1.
-    n and beta broadcast against each other.
+    Stable form (docs/math.md#effective-number): beta^n = exp(n * log1p(beta - 1)), so
+    1 - beta^n = -expm1(n * log1p(beta - 1)) keeps full relative precision where the naive
+    1 - beta**n cancels, i.e. where beta^n is close to 1 (n * (1 - beta) small: for beta = 1 - 1e-12,
+    n = 10 the naive form keeps about 11 digits). beta == 1 is the limit E_n = n; beta == 0 gives
+    E_n = 1 for n >= 1; E_0 = 0. n and beta broadcast against each other.
     """
     n = _as_float64(n, "n")
     beta = _as_float64(beta, "beta")
@@ -66,7 +68,7 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
     empty_classes: "error" (a class with 0 samples raises ValueError naming the classes: its weight
       would be infinite in the official code) or "zero" (weight 0; the others are normalised to sum to the
       number of classes that have samples, so their mean weight is 1 and the loss's scale does not depend
-      on how many classes are empty).
+      on how many classes are empty). Formulas and the official code's convention: docs/math.md, section 2.
     """
     counts = _as_float64(samples_per_class, "samples_per_class")
     if counts.dim() != 1 or counts.numel() == 0:
@@ -107,7 +109,8 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
 def long_tail_counts(num_classes: int, n_max: int, imbalance_factor: float) -> list[int]:
     """The paper's long-tailed profile n_i = n_max * mu^i, i = 0..C-1, with mu = (1/imbalance_factor)^(1/(C-1)).
 
-    n_0 = n_max and n_0 / n_{C-1} = imbalance_factor up to rounding; every class keeps at least 1 sample.
+    n_0 = n_max and n_0 / n_{C-1} = imbalance_factor up to rounding; every class keeps at least 1 sample
+    (docs/math.md, section 11).
     """
     if int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
@@ -156,7 +159,8 @@ def long_tail_indices(labels, imbalance_factor: float, seed: int = 0, n_max: int
 
 
 def init_prior_bias_(linear: torch.nn.Linear, prior=None) -> torch.nn.Linear:
-    """Set a classifier's bias to b = -log((1 - pi) / pi), in place (the paper's recipe for sigmoid losses).
+    """Set a classifier's bias to b = -log((1 - pi) / pi), in place: sigmoid(b) = pi (the paper's recipe for
+    sigmoid losses, docs/math.md, section 10).
 
     With pi = 1/C (the default) every class starts at probability 1/C instead of 0.5, so the C - 1
     negatives of each sample do not dominate the first steps. prior may be a scalar or one value per

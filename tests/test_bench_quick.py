@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cbkernels import bench
-from cbkernels.bench import presets, providers, runner
+from cbkernels import bench, losses
+from cbkernels.bench import cases, presets, providers, runner
 
 OUTPUTS = ("table.md", "results.json", "results.csv", "time.png", "bandwidth.png", "memory.png")
 
@@ -30,13 +30,15 @@ def test_quick_preset_writes_every_output(quick_run):
 def test_quick_preset_checks_and_times_every_provider(quick_run):
     rows = json.loads((quick_run / "results.json").read_text())["rows"]
     preset = presets.PRESETS["quick"]
-    expected_cases = {(loss, n, c) for loss in providers.LOSSES for n, c in preset["shapes"]}
+    expected_cases = {(loss, n, c) for loss in losses.LOSS_TYPES for n, c in preset["shapes"]}
     assert {(r["loss"], r["N"], r["C"]) for r in rows} == expected_cases
     for loss, n, c in expected_cases:
         got = [r["provider"] for r in rows if (r["loss"], r["N"], r["C"]) == (loss, n, c)]
-        want = [p.name for p in providers.providers_for(loss, "cpu") if p.name not in preset["exclude"]]
+        want = [p.name for p in providers.providers_for(losses.loss(loss), "cpu") if p.name not in preset["exclude"]]
         assert got == want
     for r in rows:
+        # every loss runs at the registry's defaults, recorded in its rows
+        assert {h.name: r[h.name] for h in losses.loss(r["loss"]).hyperparameters} == losses.loss(r["loss"]).defaults()
         if r["status"] == "unavailable":
             continue
         # fp32 on CPU: every provider, peers included, must agree with the float64 reference
@@ -90,8 +92,19 @@ def test_speed_table_api():
 
 
 def test_useful_bytes_counts_logits_twice_plus_targets_and_weights():
-    case = providers.make_case("softmax", 3, 5, torch.bfloat16, "cpu")
-    assert runner.useful_bytes(case) == 2 * 3 * 5 * 2 + 3 * 8 + 5 * 4
+    assert cases.useful_bytes(3, 5, torch.bfloat16) == 2 * 3 * 5 * 2 + 3 * 8 + 5 * 4
+    inputs = cases.make_inputs(3, 5, torch.bfloat16, "cpu")  # the dtypes it assumes are those of the inputs
+    tensors = (inputs.logits, inputs.logits, inputs.target, inputs.weight)
+    assert cases.useful_bytes(3, 5, torch.bfloat16) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_cases_are_seeded_and_shared_by_the_benchmarks():
+    a = cases.make_case(losses.LOSSES[0], 8, 33, torch.float32, "cpu")
+    b = cases.make_inputs(8, 33, torch.float32, "cpu")
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.target, b.target) and torch.equal(a.weight, b.weight)
+    assert a.hyperparameters == losses.LOSSES[0].defaults()
+    ignored = cases.make_inputs(8, 33, torch.float32, "cpu", ignore_every=3).target
+    assert ignored[::3].eq(cases.IGNORE_INDEX).all() and ignored[1::3].ge(0).all()
 
 
 def test_render_rewrites_table_and_plots_from_json(quick_run, tmp_path):
@@ -101,3 +114,10 @@ def test_render_rewrites_table_and_plots_from_json(quick_run, tmp_path):
     assert bench.main(["--render", str(out)]) == 0
     assert (out / "table.md").read_text() == (quick_run / "table.md").read_text()
     assert (out / "time.png").stat().st_size > 0
+
+
+def test_peers_follow_the_kernel_family():
+    for spec in losses.LOSSES:
+        names = {p.name for p in providers.providers_for(spec, "cpu")}
+        assert ("F.cross_entropy" in names) == (spec.family is losses.SOFTMAX_CE), spec.name
+        assert ("torchvision-style" in names) == (spec.family is losses.SIGMOID_FOCAL), spec.name

@@ -1,15 +1,17 @@
 """The demo: quick mode runs and reports every row; the long-tail profile holds on the digits; the data
 need no network; choices are made on validation and verdicts follow the numbers."""
 import json
+import math
 import re
 import socket
 
 import pytest
 import torch
 
-from cbkernels import available_backends
+from cbkernels import available_backends, losses
+from cbkernels.bench import providers
 from cbkernels.demo import data, main, report, speed
-from cbkernels.demo.train import LossConfig
+from cbkernels.demo.train import BETAS, GRID, LossConfig, search_space
 from cbkernels.weights import long_tail_counts
 
 FACTORS = (10, 50, 100)
@@ -26,7 +28,7 @@ def test_quick_demo_reports_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     for factor in FACTORS:
         section = out.split(f"### Imbalance factor {factor} ")[1].split("###")[0]
-        for loss in ("softmax", "sigmoid", "focal"):
+        for loss in losses.LOSS_TYPES:
             for weights in ("plain", "class-balanced"):
                 assert re.search(rf"^\| {loss} \| {weights} \| .+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|",
                                  section, re.M), f"missing row {loss}/{weights} at imbalance {factor}"
@@ -36,7 +38,19 @@ def test_quick_demo_reports_every_row(tmp_path, capsys):
     assert f"figure: {figure.resolve()}" in out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert sorted(saved["imbalance"]) == sorted(str(f) for f in FACTORS)
-    assert all(len(v["rows"]) == 6 for v in saved["imbalance"].values())
+    assert all(len(v["rows"]) == 2 * len(losses.LOSS_TYPES) for v in saved["imbalance"].values())
+    assert saved["backend"] in available_backends("cpu")  # the backend's name
+
+
+def test_search_space_covers_every_loss_over_the_grid():
+    configs = search_space()
+    assert len(set(configs)) == len(configs)
+    for spec in losses.LOSSES:
+        mine = [c for c in configs if c.loss == spec.name]
+        searched = [h.name for h in spec.hyperparameters if h.name in GRID]
+        settings = math.prod(len(GRID[name]) for name in searched)
+        assert len(mine) == settings * (1 + len(BETAS)), spec.name
+        assert all([name for name, _ in c.hyperparameters] == searched for c in mine)
 
 
 @pytest.mark.parametrize("factor", FACTORS)
@@ -87,12 +101,14 @@ def test_verdict_follows_the_numbers():
     counts = [100, 60, 40, 25, 15, 10, 6, 4, 2, 1]
     plain = torch.tensor([0.70, 0.72, 0.71])
     rows = []
-    for loss, cb in (("softmax", plain + 0.05), ("sigmoid", plain - 0.01), ("focal", plain + torch.tensor([0.02, -0.02, 0.01]))):
+    better, worse, mixed = losses.LOSS_TYPES[:3]  # any three names: the verdict only labels rows with them
+    gains = (0.05, -0.01, torch.tensor([0.02, -0.02, 0.01]))
+    for loss, cb in zip((better, worse, mixed), (plain + g for g in gains)):
         rows += [report.Row(LossConfig(loss), plain, plain), report.Row(LossConfig(loss, beta=0.99), cb, cb, cb - plain)]
     line = report.verdict(100, rows)
-    assert "helps softmax (+5.0 pts)" in line
-    assert "hurts sigmoid (-1.0 pts)" in line
-    assert "has no clear effect on focal (+0.3 pts)" in line
+    assert f"helps {better} (+5.0 pts)" in line
+    assert f"hurts {worse} (-1.0 pts)" in line
+    assert f"has no clear effect on {mixed} (+0.3 pts)" in line
     assert report.tail_classes(counts) == [9, 8, 7]
 
 
@@ -101,12 +117,11 @@ def test_speed_table_comes_from_the_bench_package(monkeypatch):
     # is left out as --quick does.
     monkeypatch.setattr(speed, "INAT_SHAPE", (64, 100))
     names = speed.provider_names("cpu", compiled=False, peers=False)
-    kernels = [f"cbkernels[{b},{s}]" for b in available_backends("cpu") if b in ("cpu", "cuda")
-               for s in ("fused", "recompute")]
+    kernels = {p.name for spec in losses.LOSSES for p in providers.providers_for(spec, "cpu") if p.kind == "cbkernels"}
     assert set(names) == {"naive", *kernels}
     assert "compiled" in speed.provider_names("cpu", compiled=True, peers=False)
     table = speed.speed_markdown("cpu", repeats=1, compiled=False)
-    for loss in ("softmax", "sigmoid", "focal"):
+    for loss in losses.LOSS_TYPES:
         assert f"### {loss}" in table
     for name in names:
         assert f"| {name} |" in table

@@ -12,11 +12,11 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 SUMMARY="$OUT/summary.md"
-# On the 2026-11-27 H200 image the build picked /opt/gcc/bin/g++, and the CUDA ops then crashed (SIGSEGV)
-# whenever a TORCH_CHECK message formatted a number, while messages formatting dtypes or devices raised
+# Prefer the system compiler when there is one (CXX set by the caller wins): built with /opt/gcc/bin/g++,
+# the default on the H200 image of bench/results/gpu-h200-2026-11-27, the CUDA ops crash (SIGSEGV)
+# whenever a TORCH_CHECK message formats a number, while messages that format dtypes or devices raise
 # cleanly. Suspected cause, not verified: that compiler's libstdc++ headers are newer than the libstdc++
-# loaded at run time (number formatting goes through the locale's num_put facet). So prefer the system
-# compiler when there is one; CXX set by the caller wins.
+# loaded at run time, and number formatting goes through the locale's num_put facet.
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 start=$(date +%s)
 

@@ -15,16 +15,16 @@ import time
 
 import torch
 
+from ..losses import LOSS_TYPES
 from . import presets, report, runner
-from .providers import LOSSES
 from .report import format_markdown
 
 __all__ = ["speed_table", "format_markdown", "main"]
 
 
-def speed_table(shape=(1024, 8142), dtype=torch.float32, device="cpu", losses=("softmax", "sigmoid", "focal"),
-                repeats=5, providers=None) -> list[dict]:
-    """One row per (loss, provider): "ms_median" / "ms_spread" (forward + backward), "speedup_vs_naive",
+def speed_table(shape=(1024, 8142), dtype=torch.float32, device="cpu", losses=LOSS_TYPES, repeats=5,
+                providers=None) -> list[dict]:
+    """One row per (registered loss named in `losses`, provider): "ms_median" / "ms_spread" (forward + backward), "speedup_vs_naive",
     "ok" (checked against the float64 reference and timed), and the rest of runner.run_case's fields.
     providers: names to run (e.g. ["naive", "cbkernels[cpu,fused]"]), None for all."""
     device = torch.device(device)
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbkernels bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--loss", choices=LOSSES + ("all",), default="all")
+    p.add_argument("--loss", choices=LOSS_TYPES + ("all",), default="all")
     p.add_argument("--dtype", choices=sorted(presets.DTYPES), help="one dtype instead of the preset's")
     p.add_argument("--preset", choices=sorted(presets.PRESETS), default="inat")
     p.add_argument("--out", help="output folder (table.md, results.json, results.csv, *.png)")
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
 def _run(args, argv, device, preset) -> int:
     dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
-    losses = LOSSES if args.loss == "all" else (args.loss,)
+    losses = LOSS_TYPES if args.loss == "all" else (args.loss,)
     repeats, warmup = presets.default_repeats(device)
     repeats = args.repeats or preset["repeats"] or repeats
     names = set(args.providers.split(",")) if args.providers else None

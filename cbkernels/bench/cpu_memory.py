@@ -22,8 +22,12 @@ import sys
 
 import torch
 
+from .. import losses
+from . import presets
+from . import providers as P
+from .cases import loss_and_grad, make_case
+
 _M_MMAP_THRESHOLD = -3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def measure(specs: list[dict], threads: int) -> list[float | None]:
@@ -57,15 +61,13 @@ def _peak_extra_mib(run) -> float:
 
 
 def _child(specs: list[dict]) -> list[float | None]:
-    from . import providers as P
-    from .runner import loss_and_grad
-
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     out = []
     for s in specs:
         try:
-            case = P.make_case(s["loss"], s["N"], s["C"], _DTYPES[s["dtype"]], "cpu")
-            prov = next(p for p in P.providers_for(s["loss"], "cpu") if p.name == s["provider"])
+            spec = losses.loss(s["loss"])
+            case = make_case(spec, s["N"], s["C"], presets.DTYPES[s["dtype"]], "cpu")
+            prov = next(p for p in P.providers_for(spec, "cpu") if p.name == s["provider"])
             with P.environment(prov.env):
                 fn = prov.build(case)
                 x = case.logits.detach().clone().requires_grad_(True)

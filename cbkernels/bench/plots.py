@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from .providers import LOSSES  # noqa: E402
+from ..losses import LOSS_TYPES  # noqa: E402
+from .report import hyperparameter_label  # noqa: E402
 
 PLOTS = (  # file, row field, axis label, log scale
     ("time.png", "ms_median", "forward + backward, ms (median)", True),
@@ -82,7 +83,7 @@ def write_all(out: str, rows: list[dict], meta: dict) -> list[str]:
     dtypes = sorted({r["dtype"] for r in rows})
     shapes = sorted({(r["N"], r["C"], r["dtype"]) for r in rows})
     series = {s: plt.cm.tab10(i % 10) for i, s in enumerate(shapes)}
-    losses = [l for l in LOSSES if any(r["loss"] == l for r in rows)]
+    losses = [name for name in LOSS_TYPES if any(r["loss"] == name for r in rows)]
     hw = meta.get("gpu") or meta.get("cpu", "")
     written = []
     for fname, field, label, log in PLOTS:
@@ -96,7 +97,8 @@ def write_all(out: str, rows: list[dict], meta: dict) -> list[str]:
             else:
                 _bars(ax, sub, field, label, log, [p for p in providers if any(r["provider"] == p for r in sub)],
                       series)
-            ax.set_title(loss + (" (gamma 0.5)" if loss == "focal" else ""))
+            hyper = hyperparameter_label(sub[0]) if sub else ""
+            ax.set_title(loss + (f" ({hyper})" if hyper else ""))
             ax.grid(True, which="major", alpha=0.3)
         handles = {}
         for ax in axes[0]:

@@ -1,16 +1,21 @@
 """The implementations the benchmark puts side by side, each a function logits -> scalar loss.
 
 Every provider computes the same objective, the paper's "mean": sum_i alpha_{y_i} * L_i divided by the
-number of non-ignored rows (paper-notes.md section 4), so loss and gradient can be checked against
-reference.py and timings compare like with like. Peers:
-  naive        reference.py under plain autograd: what a user writes without this library. The
-               "reference" backend of cbkernels runs this same code, so it is not listed twice.
+number of non-ignored rows (docs/math.md), at the registry's default hyperparameters, so loss and
+gradient can be checked against the float64 reference and timings compare like with like. Providers:
+  cbkernels[backend,strategy]  every kernel backend native to the device, once per backward strategy
+               (CBKERNELS_BACKWARD, read at each forward call).
+  naive        the loss's reference (losses.Loss.reference) under plain autograd: what a user writes
+               without this library. The "reference" backend of cbkernels runs this same code, so it is
+               not listed twice.
   compiled     torch.compile of naive (compile time reported apart, never timed).
-  F.cross_entropy   softmax: F.cross_entropy(reduction="none") * alpha[target], summed / valid rows.
-  torchvision-style sigmoid / focal: torchvision.ops.sigmoid_focal_loss's formula written inline
+The plain-PyTorch peers depend on the kernel family, not on the loss (a loss is a family at some
+hyperparameters), and take the family's hyperparameters:
+  F.cross_entropy   softmax_ce: F.cross_entropy(reduction="none", label_smoothing) * alpha[target],
+               summed / valid rows.
+  liger        softmax_ce: liger-kernel's Triton cross entropy with class weights, where importable.
+  torchvision-style sigmoid_focal: torchvision.ops.sigmoid_focal_loss's formula written inline
                (torchvision is not installed beside this torch), alpha_y per row instead of its alpha.
-  liger        softmax: liger-kernel's Triton cross entropy with class weights, where importable.
-Kernel backends appear once per backward strategy (CBKERNELS_BACKWARD, read at each forward call).
 """
 from __future__ import annotations
 
@@ -21,25 +26,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import _backends, functional, reference
+from .. import _backends, _reduction, functional, losses
+from .cases import IGNORE_INDEX, Case
 
-LOSSES = ("softmax", "sigmoid", "focal")
-FOCAL_GAMMA = 0.5  # the paper's choice for its focal runs
 NAIVE = "naive"
 COMPILED = "compiled"
-
-
-@dataclass
-class Case:
-    """One benchmark input: logits (N, C) in the timed dtype, targets, class weights, the loss."""
-    loss: str
-    logits: torch.Tensor
-    target: torch.Tensor
-    weight: torch.Tensor
-
-    @property
-    def gamma(self) -> float:
-        return FOCAL_GAMMA if self.loss == "focal" else 0.0
 
 
 @dataclass
@@ -52,24 +43,9 @@ class Provider:
     compiles: bool = False  # its first call compiles: that call's time is the compile time
 
 
-def make_case(loss: str, n: int, c: int, dtype: torch.dtype, device, seed: int = 0) -> Case:
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, c, generator=g) * 2.0).to(dtype).to(device)
-    target = torch.randint(0, c, (n,), generator=g).to(device)
-    weight = (torch.rand(c, generator=g) * 2 + 0.1).to(device)
-    return Case(loss, logits, target, weight)
-
-
-def _valid_rows(target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    # A device tensor: dividing by it never syncs.
-    return (target != ignore_index).sum().clamp(min=1)
-
-
 def naive(case: Case):
-    target, weight, gamma = case.target, case.weight, case.gamma
-    if case.loss == "softmax":
-        return lambda x: reference.cb_softmax_cross_entropy(x, target, weight)
-    return lambda x: reference.cb_focal_loss(x, target, weight, gamma)
+    spec, target, weight, hyper = case.spec, case.target, case.weight, case.hyperparameters
+    return lambda x: spec.reference(x, target, weight, "mean", IGNORE_INDEX, **hyper)
 
 
 def _compiled(case: Case):
@@ -81,25 +57,26 @@ def _compiled(case: Case):
 
 def _kernel(backend: str):
     def build(case: Case):
-        target, weight, gamma = case.target, case.weight, case.gamma
-        if case.loss == "softmax":
-            return lambda x: functional.cb_softmax_cross_entropy(x, target, weight, backend=backend)
-        return lambda x: functional.cb_focal_loss(x, target, weight, gamma, backend=backend)
+        spec, target, weight, hyper = case.spec, case.target, case.weight, case.hyperparameters
+        return lambda x: functional.apply_loss(spec, x, target, weight, "mean", IGNORE_INDEX, backend, hyper)
     return build
 
 
 def _torch_cross_entropy(case: Case):
     target, weight = case.target, case.weight
-    valid = _valid_rows(target)
-    return lambda x: (F.cross_entropy(x, target, reduction="none") * weight[target]).sum() / valid
+    smoothing = case.family_hyperparameters()["label_smoothing"]
+    valid = _reduction.valid_row_count(target, IGNORE_INDEX)
+    return lambda x: (F.cross_entropy(x, target, reduction="none", label_smoothing=smoothing)
+                      * weight[target]).sum() / valid
 
 
 def _torchvision_style(case: Case):
     # torchvision.ops.sigmoid_focal_loss: p = sigmoid(x), ce = BCE-with-logits, p_t, ce * (1 - p_t)^gamma,
     # in the logits' dtype as torchvision computes it; then alpha_y per row, summed over classes. For
     # gamma = 0 (sigmoid CE) it is plain BCE-with-logits, as a user would write it.
-    target, weight, gamma = case.target, case.weight, case.gamma
-    valid = _valid_rows(target)
+    target, weight = case.target, case.weight
+    gamma = case.family_hyperparameters()["gamma"]
+    valid = _reduction.valid_row_count(target, IGNORE_INDEX)
 
     def loss(x):
         onehot = F.one_hot(target, x.shape[1]).to(x.dtype)
@@ -127,33 +104,33 @@ def _liger(case: Case):
     # reduction="sum" then / valid rows: liger's "mean" with weights divides by sum(alpha_y), as
     # F.cross_entropy does, not by the row count the paper uses. A liger too old for class weights
     # raises TypeError here, which the runner reports.
-    module = LigerCrossEntropyLoss(weight=case.weight, reduction="sum")
+    module = LigerCrossEntropyLoss(weight=case.weight, reduction="sum",
+                                   label_smoothing=case.family_hyperparameters()["label_smoothing"])
     target = case.target
-    valid = _valid_rows(target)
+    valid = _reduction.valid_row_count(target, IGNORE_INDEX)
     return lambda x: module(x, target) / valid
 
 
-def _kernel_backends(device: torch.device) -> list[str]:
-    # The interpreter is a debugging tool, not something to time: Triton is benchmarked on GPUs only.
-    return [b for b in _backends.available_backends(device)
-            if b != "reference" and not (b == "triton" and device.type == "cpu")]
+def _family_peers(device: torch.device) -> dict[str, list[Provider]]:
+    """The plain-PyTorch peers of each kernel family, by the registry's family name."""
+    return {
+        losses.SOFTMAX_CE.name: [Provider("F.cross_entropy", "peer", _torch_cross_entropy),
+                                 Provider("liger", "peer", _liger, unavailable=_liger_unavailable(device))],
+        losses.SIGMOID_FOCAL.name: [Provider("torchvision-style", "peer", _torchvision_style)],
+    }
 
 
-def providers_for(loss: str, device) -> list[Provider]:
-    """Every provider for this loss on this device, unavailable ones included (with the reason)."""
+def providers_for(spec: losses.Loss, device) -> list[Provider]:
+    """Every provider of this registered loss on this device, unavailable ones included (with the reason)."""
     device = torch.device(device)
     out = []
-    for backend in _kernel_backends(device):
+    for backend in _backends.native_kernel_backends(device):
         for strategy in _backends.STRATEGIES:
             out.append(Provider(f"cbkernels[{backend},{strategy}]", "cbkernels", _kernel(backend),
                                 env={"CBKERNELS_BACKWARD": strategy}))
     out.append(Provider(NAIVE, "peer", naive))
     out.append(Provider(COMPILED, "peer", _compiled, compiles=True))
-    if loss == "softmax":
-        out.append(Provider("F.cross_entropy", "peer", _torch_cross_entropy))
-        out.append(Provider("liger", "peer", _liger, unavailable=_liger_unavailable(device)))
-    else:
-        out.append(Provider("torchvision-style", "peer", _torchvision_style))
+    out += _family_peers(device).get(spec.family.name, [])
     return out
 
 

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from .. import losses
+
 
 def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
@@ -17,6 +19,12 @@ def _f(value, fmt: str) -> str:
 
 def _case_key(r):
     return (r["device"], r["dtype"], r["N"], r["C"], r["loss"])
+
+
+def hyperparameter_label(row: dict) -> str:
+    """The settable hyperparameters of the row's loss that the row records, as "gamma 0.5" ("" for none)."""
+    spec = losses.loss(row["loss"])
+    return ", ".join(f"{h.name} {row[h.name]:g}" for h in spec.hyperparameters if row.get(h.name) is not None)
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -33,8 +41,8 @@ def format_markdown(rows: list[dict]) -> str:
     for (device, dtype, n, c, loss), group in cases.items():
         head = group[0]
         peers = [r["provider"] for r in group if r["kind"] == "peer" and r["ok"]]
-        gamma = f", gamma {head['gamma']:g}" if loss == "focal" else ""
-        out.append(f"### {loss}{gamma}: N={n}, C={c}, {dtype}, {device} -- copy bandwidth "
+        hyper = hyperparameter_label(head)
+        out.append(f"### {loss}{', ' + hyper if hyper else ''}: N={n}, C={c}, {dtype}, {device} -- copy bandwidth "
                    f"{head['copy_gbps']:.1f} GB/s, floor {head['floor_ms']:.3f} ms\n")
         out.append("| provider | fwd ms | bwd ms | fwd+bwd ms (spread) | GB/s | % copy BW | peak extra MiB | "
                    + "".join(f"vs {p} | " for p in peers) + "check |")
@@ -57,14 +65,15 @@ def _markdown_row(r: dict, peers: list[str]) -> str:
             f"{_f(r.get('peak_extra_mib'), '.1f')} | {ratios}{check} |")
 
 
-# In the summary the plain-PyTorch peer of each family shares one column.
+# In the summary the plain-PyTorch peer of each kernel family (providers.py) shares one column.
 _SUMMARY_COLUMN = {"F.cross_entropy": "torch", "torchvision-style": "torch"}
 
 
 def summary_markdown(rows: list[dict]) -> str:
     """One line per case: the fastest cbkernels provider against every peer (forward + backward ms).
 
-    "torch" is F.cross_entropy * alpha_y for softmax and the torchvision-style loss for sigmoid / focal.
+    "torch" is the plain-PyTorch peer of the loss's kernel family: F.cross_entropy * alpha_y for the softmax
+    family, the torchvision-style loss for the sigmoid / focal family.
     """
     cases: dict = {}
     for r in rows:
@@ -135,8 +144,10 @@ def write_json(path, meta: dict, rows: list[dict]) -> None:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=str)
 
 
-CSV_FIELDS = ("loss", "provider", "kind", "device", "dtype", "N", "C", "gamma", "status", "ok", "fwd_ms",
-              "fwd_spread", "bwd_ms", "bwd_spread", "ms_median", "ms_spread", "useful_bytes", "gbps",
+# Every hyperparameter of the registry has a column (empty where the row's loss does not set it).
+HYPERPARAMETER_FIELDS = tuple(dict.fromkeys(h.name for family in losses.FAMILIES for h in family.hyperparameters))
+CSV_FIELDS = ("loss", "provider", "kind", "device", "dtype", "N", "C", *HYPERPARAMETER_FIELDS, "status", "ok",
+              "fwd_ms", "fwd_spread", "bwd_ms", "bwd_spread", "ms_median", "ms_spread", "useful_bytes", "gbps",
               "copy_gbps", "pct_copy", "floor_ms", "peak_extra_mib", "speedup_vs_naive", "compile_s",
               "loss_rel_err", "grad_rel_err", "error")
 

@@ -13,25 +13,15 @@ import traceback
 
 import torch
 
+from .. import losses
 from . import cpu_memory, timing
 from . import providers as P
+from .cases import Case, loss_and_grad, make_case, useful_bytes
 
 # Relative tolerance of the check (loss: |a - b| / |b|; gradient: max |a - b| / max |b|). Beyond the
 # single rounding of the gradient to the dtype (2^-8 for bf16), peers that compute in half precision
 # (F.cross_entropy, torchvision-style) accumulate a few roundings more; 4e-2 admits those, not a bug.
 CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-
-
-def useful_bytes(case: P.Case) -> int:
-    """Logits read once + gradient written once + targets + class weights (the floor of any kernel)."""
-    n, c = case.logits.shape
-    return 2 * n * c * case.logits.element_size() + n * case.target.element_size() + c * case.weight.element_size()
-
-
-def loss_and_grad(fn, x):
-    loss = fn(x)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss, grad
 
 
 def rel_errors(loss, grad, ref_loss, ref_grad) -> tuple[float, float]:
@@ -40,14 +30,15 @@ def rel_errors(loss, grad, ref_loss, ref_grad) -> tuple[float, float]:
     return loss_err, grad_err
 
 
-def reference_loss_and_grad(case: P.Case):
+def reference_loss_and_grad(case: Case):
+    """The loss and gradient of the case's loss reference in float64, on the same logits."""
     x = case.logits.detach().double().requires_grad_(True)
-    fn = P.naive(P.Case(case.loss, x, case.target, case.weight))
+    fn = P.naive(case.with_logits(x))
     loss, grad = loss_and_grad(fn, x)
     return loss.detach(), grad
 
 
-def copy_bandwidth_gbps(case: P.Case, repeats: int, warmup: int) -> float:
+def copy_bandwidth_gbps(case: Case, repeats: int, warmup: int) -> float:
     """The device's copy bandwidth here: a clone of a logits-sized tensor (read + write), in GB/s."""
     x = case.logits
     device = x.device
@@ -57,20 +48,22 @@ def copy_bandwidth_gbps(case: P.Case, repeats: int, warmup: int) -> float:
 
 def run_case(loss: str, n: int, c: int, dtype: torch.dtype, device, repeats: int, warmup: int,
              names=None, exclude=(), memory: bool = True) -> list[dict]:
-    """Rows for every provider of `loss` (only `names` if given, never those in `exclude`).
+    """Rows for every provider of the registered loss named `loss` (only `names` if given, never those in
+    `exclude`). Each row carries the loss's settable hyperparameters as fields of their own ("gamma": 0.5).
 
     Peak memory is measured here on GPUs; on the CPU call add_cpu_memory(rows) afterwards (one child
     process for many cases, see cpu_memory.py)."""
     device = torch.device(device)
-    case = P.make_case(loss, n, c, dtype, device)
+    spec = losses.loss(loss)
+    case = make_case(spec, n, c, dtype, device)
     ref_loss, ref_grad = reference_loss_and_grad(case)
     copy_gbps = copy_bandwidth_gbps(case, repeats, warmup)
-    nbytes = useful_bytes(case)
-    base = {"loss": loss, "N": n, "C": c, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+    nbytes = useful_bytes(n, c, dtype)
+    base = {"loss": spec.name, "N": n, "C": c, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
             "useful_bytes": nbytes, "copy_gbps": copy_gbps, "floor_ms": nbytes / (copy_gbps * 1e9) * 1e3,
-            "gamma": case.gamma}
+            **case.hyperparameters}
     rows = []
-    for prov in P.providers_for(loss, device):
+    for prov in P.providers_for(spec, device):
         if (names is not None and prov.name not in names) or prov.name in exclude:
             continue
         row = dict(base, provider=prov.name, kind=prov.kind, status="ok", ok=False, error=None)

@@ -1,9 +1,10 @@
 """`python -m cbkernels demo`: class-balanced losses on long-tailed real digits, then a speed table.
 
 Trains a small MLP on scikit-learn's bundled digits (no download) made long-tailed with the paper's
-profile, with softmax, sigmoid and focal losses, plain and class-balanced (beta and gamma chosen on a
-validation split of the training data), over several seeds; prints a table per imbalance factor with a
-verdict computed from the numbers, saves a figure, and times loss + gradient at iNaturalist scale.
+profile, with every registered loss (cbkernels/losses.py: softmax, sigmoid and focal), plain and
+class-balanced (beta and gamma chosen on a validation split of the training data), over several seeds;
+prints a table per imbalance factor with a verdict computed from the numbers, saves a figure, and times
+loss + gradient at iNaturalist scale.
 """
 from __future__ import annotations
 
@@ -90,9 +91,9 @@ def summarise(per_factor, out: Path, show_grid: bool):
         (out / f"grid-if{factor:g}.md").write_text(report.grid_table(results) + "\n")
         summary[f"{factor:g}"] = {
             "counts": counts,
-            "rows": [{"loss": r.config.loss, "balanced": r.config.balanced, "gamma": r.config.gamma,
-                      "beta": r.config.beta, "test_balanced_acc": r.balanced.tolist(),
-                      "test_tail_acc": r.tail.tolist()} for r in rows],
+            "rows": [{"loss": r.config.loss, "balanced": r.config.balanced,
+                      "hyperparameters": dict(r.config.hyperparameters), "beta": r.config.beta,
+                      "test_balanced_acc": r.balanced.tolist(), "test_tail_acc": r.tail.tolist()} for r in rows],
             "verdict": line,
         }
     return "\n\n".join(sections), summary
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
     splits = data.split_digits(*data.load_digit_arrays())
     settings = TrainSettings(steps=preset["steps"])
     backend = _backends.resolve(settings.backend, torch.empty(1, 1, device=device))
-    print(f"cbkernels demo on {device} (loss backend: {backend}): digits, {len(splits.test.y)} balanced test / "
-          f"{len(splits.val.y)} validation images, {len(seeds)} seeds, {settings.steps} full-batch steps per run")
+    print(f"cbkernels demo on {device} (loss backend: {backend.name}): digits, {len(splits.test.y)} balanced "
+          f"test / {len(splits.val.y)} validation images, {len(seeds)} seeds, {settings.steps} full-batch steps per run")
     # The MLP's matmuls are tiny: one thread avoids threading overhead (and is kind to a shared machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     (args.out / "results.md").write_text(tables + ("\n\n## Speed\n\n" + speed if speed else "") + "\n")
     (args.out / "results.json").write_text(json.dumps({
-        "device": str(device), "backend": backend, "seeds": seeds, "steps": settings.steps,
+        "device": str(device), "backend": backend.name, "seeds": seeds, "steps": settings.steps,
         "imbalance": summary, "train_seconds": train_seconds, "wall_seconds": wall}, indent=1) + "\n")
     print(f"training {train_seconds:.0f} s, total {wall:.0f} s")
     print(f"figure: {figure.resolve()}")

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses import LOSS_TYPES
 from .train import LossConfig
-
-LOSSES = ("softmax", "sigmoid", "focal")
 
 
 @dataclass
@@ -35,7 +34,7 @@ def val_score(recalls) -> float:
 
 
 def choose(results: dict, loss: str, balanced: bool) -> LossConfig:
-    """The configuration of this loss family with the best mean validation balanced accuracy."""
+    """The configuration of this loss with the best mean validation balanced accuracy."""
     candidates = [c for c in results if c.loss == loss and c.balanced == balanced]
     return max(candidates, key=lambda c: val_score(results[c]))  # max keeps the first of equals (grid order)
 
@@ -50,10 +49,10 @@ def make_row(results: dict, config: LossConfig, tail: list[int]) -> Row:
 
 
 def rows_for(results: dict, counts) -> list[Row]:
-    """Plain and class-balanced row for each loss family, each chosen on validation."""
+    """Plain and class-balanced row for each registered loss, each chosen on validation."""
     tail = tail_classes(counts)
     rows = []
-    for loss in LOSSES:
+    for loss in LOSS_TYPES:
         plain = make_row(results, choose(results, loss, False), tail)
         cb = make_row(results, choose(results, loss, True), tail)
         cb.gain = cb.balanced - plain.balanced

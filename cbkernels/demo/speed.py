@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import losses
+
 INAT_SHAPE = (1024, 8142)  # batch 1024, 8,142 classes (iNaturalist 2018, the paper's largest run)
-LOSSES = ("softmax", "sigmoid", "focal")
 
 
 def provider_names(device, compiled: bool, peers: bool) -> list[str] | None:
@@ -19,7 +20,7 @@ def provider_names(device, compiled: bool, peers: bool) -> list[str] | None:
 
     if peers:
         return None
-    names = {p.name for loss in LOSSES for p in providers_for(loss, device) if p.kind == "cbkernels"}
+    names = {p.name for spec in losses.LOSSES for p in providers_for(spec, device) if p.kind == "cbkernels"}
     names.add(NAIVE)
     if compiled:
         names.add(COMPILED)
@@ -30,6 +31,6 @@ def speed_markdown(device, repeats: int, compiled: bool = True, peers: bool = Fa
     from ..bench import format_markdown, speed_table
 
     device = torch.device(device)
-    rows = speed_table(shape=INAT_SHAPE, dtype=torch.float32, device=str(device), losses=LOSSES,
+    rows = speed_table(shape=INAT_SHAPE, dtype=torch.float32, device=str(device), losses=losses.LOSS_TYPES,
                        repeats=repeats, providers=provider_names(device, compiled, peers))
     return format_markdown(rows)

@@ -9,43 +9,55 @@ gives each model exactly the gradient of its own mean loss.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from .. import functional
+from .. import functional, losses
 from ..modules import ClassBalancedLoss
 from ..weights import init_prior_bias_
 from .data import Split
 
 BETAS = (0.9, 0.99, 0.999, 0.9999)  # the paper's search space
-GAMMAS = (0.5, 1.0, 2.0)
+# The hyperparameters the demo searches, by name (the paper's focal gammas). A loss's other settable
+# hyperparameters stay at the registry's defaults (label smoothing: off).
+GRID = {"gamma": (0.5, 1.0, 2.0)}
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    loss: str                    # "softmax", "sigmoid" or "focal"
-    gamma: float = 0.0           # focal only
+    loss: str                    # a registered loss (losses.LOSS_TYPES)
+    hyperparameters: tuple[tuple[str, float], ...] = ()  # (name, value) of the searched ones, in the loss's order
     beta: float | None = None    # None: plain loss (class_weight None); else class-balanced with this beta
+
+    @property
+    def spec(self) -> losses.Loss:
+        return losses.loss(self.loss)
 
     @property
     def balanced(self) -> bool:
         return self.beta is not None
 
     def label(self) -> str:
-        parts = [f"gamma={self.gamma:g}"] if self.loss == "focal" else []
+        parts = [f"{name}={value:g}" for name, value in self.hyperparameters]
         if self.balanced:
             parts.append(f"beta={self.beta:g}")
         return ", ".join(parts) or "-"
 
 
+def _settings(spec: losses.Loss) -> list[tuple[tuple[str, float], ...]]:
+    """The grid of the loss's searched hyperparameters: every combination of GRID's values."""
+    searched = [h.name for h in spec.hyperparameters if h.name in GRID]
+    return [tuple(zip(searched, values)) for values in itertools.product(*(GRID[name] for name in searched))]
+
+
 def search_space() -> list[LossConfig]:
-    """Every configuration the demo trains: plain and class-balanced, over the paper's beta/gamma grid."""
-    configs = [LossConfig("softmax"), LossConfig("sigmoid")]
-    configs += [LossConfig("focal", gamma=g) for g in GAMMAS]
-    configs += [LossConfig("softmax", beta=b) for b in BETAS]
-    configs += [LossConfig("sigmoid", beta=b) for b in BETAS]
-    configs += [LossConfig("focal", gamma=g, beta=b) for g in GAMMAS for b in BETAS]
+    """Every configuration the demo trains: each registered loss over GRID, plain, then class-balanced over
+    the paper's betas."""
+    configs = [LossConfig(spec.name, hyper) for spec in losses.LOSSES for hyper in _settings(spec)]
+    configs += [LossConfig(spec.name, hyper, beta) for spec in losses.LOSSES for hyper in _settings(spec)
+                for beta in BETAS]
     return configs
 
 
@@ -86,13 +98,12 @@ class MLPEnsemble(torch.nn.Module):
 
 def make_loss(config: LossConfig, counts, backend: str):
     """The loss as sum over rows (see the module docstring); plain losses pass class_weight=None."""
-    gamma = config.gamma if config.loss == "focal" else 0.0
+    hyper = dict(config.hyperparameters)
     if config.balanced:
-        return ClassBalancedLoss(counts, loss_type=config.loss, beta=config.beta, gamma=gamma,
-                                 reduction="sum", backend=backend)
-    if config.loss == "softmax":
-        return lambda z, y: functional.cb_softmax_cross_entropy(z, y, None, reduction="sum", backend=backend)
-    return lambda z, y: functional.cb_focal_loss(z, y, None, gamma, reduction="sum", backend=backend)
+        return ClassBalancedLoss(counts, loss_type=config.loss, beta=config.beta, reduction="sum", backend=backend,
+                                 **hyper)
+    spec = config.spec
+    return lambda z, y: functional.apply_loss(spec, z, y, None, "sum", -100, backend, hyper)
 
 
 def per_class_recall(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -109,8 +120,9 @@ def train_and_evaluate(config: LossConfig, trains: list[Split], seeds, counts, e
     x = torch.stack([t.x for t in trains]).to(device)
     y = torch.cat([t.y for t in trains]).to(device)
     rows_per_model = x.shape[1]
+    # The paper's prior bias (every p_c starts at 1/C) is for the one-vs-all sigmoid losses, the focal family.
     model = MLPEnsemble(x.shape[2], settings.hidden, num_classes, seeds,
-                        prior_bias=config.loss != "softmax").to(device)
+                        prior_bias=config.spec.family is losses.SIGMOID_FOCAL).to(device)
     loss_fn = make_loss(config, counts, settings.backend)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(device)

@@ -5,9 +5,8 @@ breaks CUDA-graph capture and makes torch.compile traces depend on timing. Inste
 table, keyed by loss family, number of classes C and dtype group; bench/sweep_triton.py measures a
 grid of configurations on a GPU and prints replacement rows for TABLE.
 
-How the current rows were chosen: NOT yet timed on a GPU (rerun the sweep there and paste its rows).
-They come from compiling the kernels for sm_90 on a CPU machine (triton.compile + ptxas -v, no GPU
-needed) and reading register counts, spills and vector widths:
+Where the rows come from: compiling the kernels for sm_90 on a CPU machine (triton.compile + ptxas -v,
+no GPU needed) and reading register counts, spills and vector widths:
 - A program handles rows * block elements per tile; 8-16 values per thread keep each thread on
   16-byte vector accesses (4 fp32 or 8 bf16/fp16 values) with a couple in flight, at 40-80 registers,
   i.e. 2-4 resident blocks per SM. 16 values per thread in the sigmoid kernel cost ~150 registers.
@@ -16,6 +15,18 @@ needed) and reading register counts, spills and vector widths:
 - Softmax: when the whole row fits one tile the logits are read once (the row stays in registers):
   8192 fp32 columns at 16 warps (64 registers, no spill), 16384 half columns at 32 warps (54
   registers); 16384 fp32 columns spill. Above that, two passes over 4096-column tiles.
+
+What a GPU measured: bench/results/gpu-h200-2026-11-27/sweep_triton.log and .json (H200, triton 3.6)
+time these rows (the JSON's "table" entries are exactly this TABLE's configurations) next to a grid of
+alternatives, forward + backward kernels, both strategies. The sweep stopped at its 50 s budget
+("complete": false: no alternative was timed at (256, 262144) or (67108, 1000)), so the rows it prints
+cover only part of the table. Among the configurations it did time:
+- sigmoid_focal: the table row (block 2048, 1 row, 8 warps) was the fastest at every shape.
+- softmax_ce: the table rows were slower than the best alternative at every shape, e.g. (8192, 8142)
+  fp32 fused / recompute 0.5052 / 0.4997 ms against 0.3837 / 0.2775 ms for block 2048, 1 row, 4 warps,
+  and bf16 0.7000 / 0.6736 ms against 0.4728 / 0.2556 ms for the same configuration.
+To change rows, rerun bench/sweep_triton.py on a GPU with a budget that completes the grid and paste the
+rows it prints.
 """
 from __future__ import annotations
 

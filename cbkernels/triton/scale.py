@@ -1,11 +1,12 @@
 """The fused backward's scaling pass on CUDA tensors: grad[i, :] *= grad_loss[i], skipping rows whose
 upstream gradient is exactly 1.
 
-loss.backward() of a "sum", or of functional.py's "mean" (1/count folded into the class weights), hands
-every row an upstream gradient of 1: then the forward already wrote the final gradient, and this
-launch reads N floats and touches no element of the (N, C) buffer, so forward + backward moves one
-read of the logits and one write of the gradient. Deciding that on the host would need a device sync;
-here each program reads its row's grad_loss and returns early instead (no sync, CUDA-graph safe).
+loss.backward() of a "sum", or of functional.py's "mean" (1/count folded into the class weights,
+docs/math.md, section 4), hands every row an upstream gradient of 1: then the forward already wrote
+the final gradient, and this launch reads N floats and touches no element of the (N, C) buffer, so
+forward + backward moves one read of the logits and one write of the gradient. Deciding that on the
+host would need a device sync; here each program reads its row's grad_loss and returns early instead
+(no sync, CUDA-graph safe).
 
 Grid: (rows, column tiles of TILE), rows on axis 0 (up to 2^31 - 1 programs there; axis 1 allows
 65535 tiles, C up to 2^28 at TILE = 4096). Offsets are int64. The product is formed in fp32 and
