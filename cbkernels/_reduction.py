@@ -1,7 +1,7 @@
 """The reductions and dtype rules every loss path shares (functional, reference, linear, distributed).
 
 "mean" divides the sum of the weighted row losses by the number of non-ignored rows (the official code's
-convention, docs/math.md), at least 1 so that a batch with every row ignored gives 0, not NaN. That count
+convention, docs/math.md, section 4), at least 1 so that a batch with every row ignored gives 0, not NaN. That count
 is a device tensor: dividing by it never syncs with the host.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each rank of a process group holds the logits (N, C_local) of a contiguous class
 and the class weights (C,) are global and identical on every rank. Only per-row statistics cross the
 ranks: O(N) floats per call, never O(N x C); memory per rank stays O(N x C_local).
 
-Softmax (docs/math.md, label smoothing eps), per row with z = [z_0 | z_1 | ... ] split by rank:
+Softmax (docs/math.md, sections 6, 7 and 9; label smoothing eps), per row, z = [z_0 | z_1 | ...] split by rank:
     m      = max over ranks of (max_c z_rc)                      all_reduce MAX   (N floats)
     s_rest = sum over ranks of sum_{c != y} exp(z_rc - m)         \
     z_y    = the target logit, nonzero only on the owning rank    > one all_reduce SUM of a (2, N) tensor
@@ -153,8 +153,8 @@ class _SoftmaxParallel(torch.autograd.Function):
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         s_rest, z_y = stats[0], stats[1]
         s = s_rest + torch.exp(z_y - m)
-        # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md): finite and exact to fp32's relative
-        # precision when p_y -> 1, where m + log s - z_y rounds to 0.
+        # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md, section 7): finite and exact to fp32's
+        # relative precision when p_y -> 1, where m + log s - z_y rounds to 0.
         rows = F.softplus(torch.log(s_rest) + m - z_y)
         if eps:
             rows = rows + eps * (z_y - stats[2] / num_classes)
@@ -163,8 +163,8 @@ class _SoftmaxParallel(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0]:
             # d loss_i / d z_ic = alpha_y * (softmax_c - (1 - eps) [c == y] - eps / C), formed in the compute
-            # dtype (docs/math.md: subtract the one-hot before any rounding to half precision), in place on
-            # ex. At c = y: p_y - 1 + eps = eps - s_rest / s, from s_rest for the same reason as the loss.
+            # dtype (docs/math.md, section 6: subtract the one-hot before any rounding to half precision), in
+            # place on ex. At c = y: p_y - 1 + eps = eps - s_rest / s, from s_rest for the same reason as the loss.
             inv_s = torch.reciprocal(s)
             grad = ex.mul_(inv_s.unsqueeze(1))
             true_class = torch.where(owned, eps - s_rest * inv_s, grad.gather(1, index).squeeze(1))

@@ -2,7 +2,7 @@
 is one entry of the registry (losses.py), so one code path serves them all.
 
 Normalisation ("mean"): the sum of alpha_y-weighted row losses divided by the number of non-ignored
-rows, as the paper's official code does (docs/math.md). This differs from F.cross_entropy(weight=w,
+rows, as the paper's official code does (docs/math.md, section 4). This differs from F.cross_entropy(weight=w,
 reduction="mean"), which divides by sum(w[y_i]), and from F.binary_cross_entropy_with_logits(reduction=
 "mean"), which divides by N * C. With every row ignored, "mean" is 0 with a zero gradient.
 """

@@ -1,4 +1,4 @@
-"""Pure-PyTorch specification of the class-balanced losses (docs/math.md).
+"""Pure-PyTorch specification of the class-balanced losses (docs/math.md, sections 3 and 5-7).
 
 This is the spec every kernel is tested against (in float64) and the fallback backend. It is
 plain autograd: no custom backward, so gradcheck verifies its gradients independently.

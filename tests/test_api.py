@@ -1,4 +1,8 @@
-"""The public API: argument checking, backend choice, dtypes, the module's buffer."""
+"""The public API: argument checking, backend choice, dtypes, the module's buffer.
+
+Every registered loss (losses.LOSSES) is reached through its public function, cbkernels.<spec.function>;
+random inputs come from torch's global generator, seeded per test by tests/conftest.py.
+"""
 import os
 import subprocess
 import sys
@@ -7,17 +11,25 @@ import pytest
 import torch
 
 import cbkernels as cb
-from cbkernels import _backends
+from cbkernels import _backends, losses
 
-LOSSES = [
-    lambda *a, **k: cb.cb_softmax_cross_entropy(*a, **k),
-    lambda *a, **k: cb.cb_sigmoid_cross_entropy(*a, **k),
-    lambda *a, **k: cb.cb_focal_loss(*a, **k),
-]
+# The public function of every registered loss (arguments after class_weight by keyword: their order differs).
+LOSSES = [pytest.param(getattr(cb, spec.function), id=spec.name) for spec in losses.LOSSES]
+
+
+def _non_default_case(spec):
+    """A setting of the loss's hyperparameters where each is nonzero ({} for one without any)."""
+    return next(case for case in spec.test_cases() if all(value != 0 for value in case.values()))
 
 
 def _inputs(n=4, c=5, dtype=torch.float32):
     return torch.randn(n, c, dtype=dtype), torch.randint(0, c, (n,)), torch.rand(c) + 0.5
+
+
+def test_every_registered_loss_is_public():
+    for spec in losses.LOSSES:
+        assert spec.function in cb.__all__ and callable(getattr(cb, spec.function)), spec.name
+    assert losses.LOSS_TYPES == tuple(spec.name for spec in losses.LOSSES)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -71,14 +83,14 @@ def test_output_dtypes(loss, dtype):
     assert loss(x, t, w, reduction="none").shape == (4,)
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("loss", LOSSES)
+def test_empty_batch(loss):
     x = torch.randn(0, 5, requires_grad=True)
     t = torch.zeros(0, dtype=torch.long)
-    for loss in LOSSES:
-        out = loss(x, t)
-        assert out.item() == 0
-        out.backward()
-        assert x.grad.shape == (0, 5)
+    out = loss(x, t)
+    assert out.item() == 0
+    out.backward()
+    assert x.grad.shape == (0, 5)
 
 
 def test_unknown_and_unavailable_backends():
@@ -98,11 +110,13 @@ def test_kernel_backend_rejects_float64():
 
 def test_auto_picks_fastest_available_and_env_forces(monkeypatch):
     x, _, _ = _inputs()
+    monkeypatch.delenv("CBKERNELS_BACKEND", raising=False)
     expected = "cpu" if "cpu" in cb.available_backends("cpu") else "reference"
-    assert _backends.resolve("auto", x) == expected
-    assert _backends.resolve("auto", x.double()) == "reference"
+    assert _backends.resolve("auto", x).name == expected
+    assert _backends.resolve("auto", x) is _backends.get(expected)
+    assert _backends.resolve("auto", x.double()).name == "reference"
     monkeypatch.setenv("CBKERNELS_BACKEND", "reference")
-    assert _backends.resolve("auto", x) == "reference"
+    assert _backends.resolve("auto", x).name == "reference"
     monkeypatch.setenv("CBKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="CBKERNELS_BACKEND"):
         _backends.resolve("auto", x)
@@ -138,17 +152,18 @@ class TestModule:
         torch.testing.assert_close(m(x, t), cb.cb_focal_loss(x, t, m.class_weight, gamma=2.0))
         assert "num_classes=4" in repr(m)
 
-    @pytest.mark.parametrize("loss_type", ["softmax", "sigmoid", "focal"])
-    def test_loss_types(self, loss_type):
+    @pytest.mark.parametrize("spec", losses.LOSSES, ids=lambda spec: spec.name)
+    def test_loss_types(self, spec):
         counts = [50, 5, 1]
-        m = cb.ClassBalancedLoss(counts, loss_type=loss_type, beta=0.9, gamma=0.5, reduction="sum",
-                                 label_smoothing=0.1 if loss_type == "softmax" else 0.0)
+        hyper = _non_default_case(spec)
+        m = cb.ClassBalancedLoss(counts, loss_type=spec.name, beta=0.9, reduction="sum", **hyper)
+        assert m.hyperparameters() == hyper
         x, t = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, -100])
         w = cb.class_balanced_weights(counts, 0.9)
-        expected = {"softmax": lambda: cb.cb_softmax_cross_entropy(x, t, w, "sum", label_smoothing=0.1),
-                    "sigmoid": lambda: cb.cb_sigmoid_cross_entropy(x, t, w, "sum"),
-                    "focal": lambda: cb.cb_focal_loss(x, t, w, 0.5, "sum")}[loss_type]()
+        expected = getattr(cb, spec.function)(x, t, w, reduction="sum", **hyper)
         torch.testing.assert_close(m(x, t), expected)
+        # The module's value is the spec's, at its own hyperparameters (not the public defaults).
+        torch.testing.assert_close(m(x.double(), t), spec.reference(x.double(), t, w, "sum", **hyper))
 
     def test_buffer_follows_to_and_load_state_dict(self):
         m = cb.ClassBalancedLoss([10, 1], beta=0.9)
@@ -175,16 +190,14 @@ class TestModule:
             m(torch.randn(2, 4), torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("loss", ["softmax", "focal"])
-def test_reference_backend_compiles_without_graph_breaks(loss):
+@pytest.mark.parametrize("spec", losses.LOSSES, ids=lambda spec: spec.name)
+def test_reference_backend_compiles_without_graph_breaks(spec):
     model = torch.nn.Linear(6, 5)
     w = torch.rand(5) + 0.5
+    loss, hyper = getattr(cb, spec.function), _non_default_case(spec)
 
     def step(x, t):
-        z = model(x)
-        if loss == "softmax":
-            return cb.cb_softmax_cross_entropy(z, t, w, label_smoothing=0.1, backend="reference")
-        return cb.cb_focal_loss(z, t, w, gamma=0.5, backend="reference")
+        return loss(model(x), t, w, backend="reference", **hyper)
 
     x, t = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 4, -100, 0, 4])
     eager = step(x, t)

@@ -1,8 +1,10 @@
 """Class-parallel losses (cbkernels.distributed) on gloo with 2 and 3 processes on loopback.
 
-Every rank builds the same global inputs from one fresh seed, keeps its column slice of the logits and
-compares the class-parallel loss and the gradient of its slice with the single-process reference
-(cbkernels.reference) on the gathered float64 logits. Processes are spawned once per world size and run
+Every rank builds the same global inputs from one seed (the test's, from tests/conftest.py), keeps its
+column slice of the logits and compares the class-parallel loss and the gradient of its slice with the
+single-process spec (`losses.Loss.reference`) on the gathered float64 logits, for every registered loss
+(losses.LOSSES) at every hyperparameter setting of `Loss.test_cases()`. The class-parallel function of a
+loss is cbkernels.distributed.<spec.function>_parallel. Processes are spawned once per world size and run
 every case; the gloo timeout and a join deadline turn a hang into a failure instead of a stuck CI job.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cbkernels import class_balanced_weights, reference
+from cbkernels import class_balanced_weights, losses
 from cbkernels import distributed as cbd
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
@@ -50,27 +52,30 @@ def _global_inputs(seed, n, c, *, ignore_frac, weighted, target_dtype=torch.int6
     return logits, target, weight, upstream
 
 
-def _call(loss, logits, target, weight, reduction, param, parallel, **shard):
-    if loss == "softmax":
-        fn = cbd.cb_softmax_cross_entropy_parallel if parallel else reference.cb_softmax_cross_entropy
-        return fn(logits, target, weight, reduction, IGNORE, param, **shard)
-    if loss == "sigmoid":
-        fn = cbd.cb_sigmoid_cross_entropy_parallel if parallel else reference.cb_sigmoid_cross_entropy
-        return fn(logits, target, weight, reduction, IGNORE, **shard)
-    fn = cbd.cb_focal_loss_parallel if parallel else reference.cb_focal_loss
-    return fn(logits, target, weight, param, reduction, IGNORE, **shard)
+def parallel_function(spec):
+    """The public class-parallel function of a registered loss."""
+    return getattr(cbd, f"{spec.function}_parallel")
 
 
-def _loss_and_grad(loss, logits, target, weight, reduction, param, upstream, parallel, **shard):
+def _call(spec, logits, target, weight, reduction, hyper, parallel, **shard):
+    # Hyperparameters by keyword: the public functions' argument orders differ (gamma comes before reduction).
+    if parallel:
+        return parallel_function(spec)(logits, target, weight, reduction=reduction, ignore_index=IGNORE, **hyper,
+                                       **shard)
+    return spec.reference(logits, target, weight, reduction, IGNORE, **hyper)
+
+
+def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, parallel, **shard):
     x = logits.detach().clone().requires_grad_(True)
-    out = _call(loss, x, target, weight, reduction, param, parallel, **shard)
+    out = _call(spec, x, target, weight, reduction, hyper, parallel, **shard)
     (gx,) = torch.autograd.grad(out, x, upstream if reduction == "none" else upstream[0])
     return out.detach(), gx
 
 
-def _check_case(rank, seed, loss, param, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
+def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
                 ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64, scale=3.0, elementwise=False):
-    """elementwise: every gradient entry within rtol of its own value (no atol from the largest entry)."""
+    """spec: a registered loss; hyper: its hyperparameters by name. elementwise: every gradient entry within
+    rtol of its own value (no atol from the largest entry)."""
     c = sum(layout)
     start = sum(layout[:rank])
     logits, target, weight, upstream = _global_inputs(seed, n, c, ignore_frac=ignore_frac, weighted=weighted,
@@ -78,11 +83,12 @@ def _check_case(rank, seed, loss, param, reduction, layout, *, dtype=torch.float
     logits = logits.to(dtype)  # the reference sees exactly these values, upcast to float64
     shard = {"class_start": start, "num_classes": c} if explicit_shard else {}
     local = logits[:, start:start + layout[rank]]
-    got_loss, got_grad = _loss_and_grad(loss, local, target, weight, reduction, param, upstream, True, **shard)
-    ref_loss, ref_grad = _loss_and_grad(loss, logits.double(), target, weight, reduction, param, upstream, False)
+    got_loss, got_grad = _loss_and_grad(spec, local, target, weight, reduction, hyper, upstream, True, **shard)
+    ref_loss, ref_grad = _loss_and_grad(spec, logits.double(), target, weight, reduction, hyper, upstream, False)
     ref_grad = ref_grad[:, start:start + layout[rank]]
     loss_rtol, grad_rtol = TOL[dtype]
-    where = f"seed={seed} rank={rank} loss={loss} param={param} reduction={reduction} layout={layout} dtype={dtype}"
+    where = (f"seed={seed} rank={rank} loss={spec.name} {hyper} reduction={reduction} layout={layout} "
+             f"dtype={dtype}")
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got_loss.dtype == expected_dtype, where
     assert got_grad.dtype == dtype and got_grad.shape == local.shape, where
@@ -94,26 +100,35 @@ def _check_case(rank, seed, loss, param, reduction, layout, *, dtype=torch.float
                                msg=lambda m: f"grad: {where}\n{m}")
 
 
+def _non_default_case(spec):
+    """A setting of the loss's hyperparameters where each is nonzero ({} for one without any)."""
+    return next(case for case in spec.test_cases() if all(value != 0 for value in case.values()))
+
+
 def _all_cases(rank, world, seed):
     layouts = LAYOUTS[world]
     k = 0
-    for loss, params in (("softmax", (0.0, 0.1)), ("focal", (0.5, 2.0)), ("sigmoid", (0.0,))):
-        for param in params:
+    for spec in losses.LOSSES:
+        for hyper in spec.test_cases():
             for reduction in ("none", "sum", "mean"):
                 for layout in layouts:
                     k += 1  # vary the secondary options across cases instead of multiplying them
-                    _check_case(rank, seed + k, loss, param, reduction, layout, weighted=k % 2 == 0,
+                    _check_case(rank, seed + k, spec, hyper, reduction, layout, weighted=k % 2 == 0,
                                 explicit_shard=k % 3 != 0, target_dtype=torch.int32 if k % 4 == 0 else torch.int64)
-    for loss, param in (("softmax", 0.1), ("focal", 0.5)):
+    for spec in losses.LOSSES:
+        hyper = _non_default_case(spec)
         for dtype in (torch.float32, torch.bfloat16):
-            _check_case(rank, seed + 100, loss, param, "mean", layouts[0], dtype=dtype)
-        _check_case(rank, seed + 101, loss, param, "mean", layouts[0], ignore_frac=1.0)  # every row ignored: 0
-        _check_case(rank, seed + 102, loss, param, "none", layouts[1], n=1, ignore_frac=0.0)
+            _check_case(rank, seed + 100, spec, hyper, "mean", layouts[0], dtype=dtype)
+        _check_case(rank, seed + 101, spec, hyper, "mean", layouts[0], ignore_frac=1.0)  # every row ignored: 0
+        _check_case(rank, seed + 102, spec, hyper, "none", layouts[1], n=1, ignore_frac=0.0)
     # Confident predictions in float32 (|z| up to ~40): tiny probabilities keep their relative accuracy,
     # which a 1 - p anywhere in the sigmoid family's gradient would destroy.
-    for gamma in (0.0, 0.5, 2.0):
-        _check_case(rank, seed + 103, "focal", gamma, "sum", layouts[2], dtype=torch.float32, scale=8.0,
-                    elementwise=True)
+    for spec in losses.LOSSES:
+        if spec.family is not losses.SIGMOID_FOCAL:
+            continue
+        for hyper in spec.test_cases():
+            _check_case(rank, seed + 103, spec, hyper, "sum", layouts[2], dtype=torch.float32, scale=8.0,
+                        elementwise=True)
 
 
 def _check_errors(rank, world):
@@ -168,9 +183,14 @@ def _worker(rank, world, port, seed):
         dist.destroy_process_group()
 
 
+def test_every_registered_loss_has_a_class_parallel_function():
+    for spec in losses.LOSSES:
+        assert callable(parallel_function(spec)), spec.name
+        assert spec.family.name in cbd._PARALLEL, f"no class-parallel implementation of family {spec.family.name}"
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_class_parallel_matches_reference(world):
-    seed = int(torch.randint(0, 2**30, ()).item())
+def test_class_parallel_matches_reference(world, seed):
     context = mp.start_processes(_worker, args=(world, _free_port(), seed), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + JOIN_DEADLINE_S

@@ -1,10 +1,14 @@
 """cb_linear_loss / ClassBalancedLinearLoss against the unfused path: F.linear then reference.py in float64.
 
-Every comparison draws fresh random inputs (a seed from the global generator, printed on failure through
-the test id's values), includes ignored rows and targets at 0 and C-1, and uses a random upstream gradient
-(not 1), so a wrong scale, a dropped chunk or a mis-ordered accumulation shows up.
+Every comparison draws random inputs from torch's global generator (seeded per test from its node id by
+tests/conftest.py; a failure report shows the seed), includes ignored rows and targets at 0 and C-1, and uses
+a random upstream gradient (not 1), so a wrong scale, a dropped chunk or a mis-ordered accumulation shows up.
+Losses come from the registry (losses.LOSS_TYPES); kernel backends from the `backend` fixture (conftest.py).
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,10 +16,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbkernels
-from cbkernels import _backends, reference
+from cbkernels import _backends, losses
 from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
+from hand_losses import hand_rows
 
-LOSS_TYPES = ("softmax", "sigmoid", "focal")
+LOSS_TYPES = losses.LOSS_TYPES
 REDUCTIONS = ("mean", "sum", "none")
 GAMMA, SMOOTHING = 0.7, 0.1
 # Tolerance relative to the largest reference value of each compared tensor. float64 end to end: only
@@ -39,11 +44,10 @@ def _inputs(n, h, c, dtype, *, bias=True, ignore_index=-100, seed=None):
 
 
 def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, ignore_index=-100):
+    # cb_linear_loss takes gamma and label_smoothing for every loss, and each loss uses those it names.
     logits = F.linear(hidden, weight, bias)
-    if loss_type == "softmax":
-        return reference.cb_softmax_cross_entropy(logits, target, class_weight, reduction, ignore_index, SMOOTHING)
-    gamma = GAMMA if loss_type == "focal" else 0.0
-    return reference.cb_focal_loss(logits, target, class_weight, gamma, reduction, ignore_index)
+    return losses.loss(loss_type).reference(logits, target, class_weight, reduction, ignore_index, gamma=GAMMA,
+                                            label_smoothing=SMOOTHING)
 
 
 def _value_and_grads(fn, params, upstream):
@@ -85,6 +89,16 @@ def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, 
     assert (grads[0][ignored] == 0).all(), "ignored rows must get exactly zero hidden gradient"
 
 
+def _backend_shape(backend):
+    """(n, h, c, chunk_size), chunks that do not divide N. On a GPU C = 3000 spans several 1024-wide blocks;
+    on the CPU a mid-sized case; under the Triton interpreter (a few hundred elements per call) a tiny one that
+    still has 3 chunks."""
+    if backend.device == "cuda":
+        return 130, 40, 3000, 48
+    n, c = backend.pick((45, 70), (10, 9))
+    return (n, 12, c, 16) if n == 45 else (n, 4, c, 4)
+
+
 # --- the spec path (backend="reference", float64) ---------------------------------------------------
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -112,40 +126,63 @@ def test_other_ignore_index_and_int32_target():
 # --- the kernel-op glue, on a Python model of docs/op-contract.md (runs without any built backend) ---
 
 class _ContractOps:
-    """The four ops of docs/op-contract.md written with reference.py: tests linear.py's use of the contract
-    (with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
+    """The ops of docs/op-contract.md, two per kernel family of the registry, written with the families'
+    reference rows: tests linear.py's use of the contract (the family's hyperparameters in schema order,
+    with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
 
     @staticmethod
-    def _rows(family, z, target, cw, param, ii):
-        if family == "softmax_ce":
-            return reference.softmax_rows(z, target, cw, ii, param)
-        return reference.sigmoid_focal_rows(z, target, cw, param, ii)
+    def _rows(family, z, target, cw, hyperparameters, ii):
+        assert len(hyperparameters) == len(family.hyperparameters), (family.name, hyperparameters)
+        named = {h.name: v for h, v in zip(family.hyperparameters, hyperparameters)}
+        return family.reference_rows(z, target, cw, ii, **named)
 
     def __getattr__(self, name):
-        family, kind = name.rsplit("_", 1)
+        family_name, kind = name.rsplit("_", 1)
+        family = losses.family(family_name)
 
-        def forward(logits, target, cw, param, ii, with_grad):
+        def forward(logits, target, cw, *hyperparameters_ii_with_grad):
+            *hyperparameters, ii, with_grad = hyperparameters_ii_with_grad
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, param, ii)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii)
                 grad = torch.autograd.grad(rows.sum(), z)[0] if with_grad else logits.new_empty((0,))
             return rows.detach().float(), grad
 
-        def backward(logits, target, cw, grad_loss, param, ii):
+        def backward(logits, target, cw, grad_loss, *hyperparameters_ii):
+            *hyperparameters, ii = hyperparameters_ii
             assert grad_loss.dtype == torch.float32 and grad_loss.is_contiguous()
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, param, ii)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii)
                 return torch.autograd.grad(rows, z, grad_loss.to(rows.dtype))[0]
 
         return forward if kind == "forward" else backward
 
 
+@dataclasses.dataclass(frozen=True)
+class _ContractBackend(_backends.Backend):
+    """A kernel backend record whose ops are _ContractOps (instead of a torch.ops namespace)."""
+
+    @property
+    def ops(self):
+        return _ContractOps()
+
+
+CONTRACT = _ContractBackend("contract", "contract", checks_targets=False, default_strategy="fused",
+                            dtypes=_backends.KERNEL_DTYPES)
+
+
 @pytest.fixture
 def contract_backend(monkeypatch):
-    monkeypatch.setattr(_backends, "resolve", lambda backend, tensor: "contract")
-    monkeypatch.setattr(_backends, "ops_namespace", lambda backend: _ContractOps())
-    return "contract"
+    calls = []
+
+    def resolve(backend, tensor):
+        calls.append(backend)
+        return CONTRACT
+
+    monkeypatch.setattr(_backends, "resolve", resolve)
+    yield "contract"
+    assert calls, "cb_linear_loss did not ask _backends.resolve for its backend"
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -154,7 +191,7 @@ def test_kernel_glue_matches_unfused(contract_backend, loss_type, reduction):
     assert_matches_unfused(contract_backend, loss_type, reduction, torch.float32, chunk_size=6)
 
 
-# --- real kernel backends ----------------------------------------------------------------------------
+# --- real kernel backends (every pair of the `backend` fixture: reference, cpu, triton, cuda) --------------
 
 def _skip_unless(backend):
     reason = _backends.unavailable_reason(backend, torch.device("cpu"))
@@ -164,30 +201,11 @@ def _skip_unless(backend):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backend_matches_unfused(loss_type, reduction, dtype):
-    _skip_unless("cpu")
-    assert_matches_unfused("cpu", loss_type, reduction, dtype, n=45, c=70, chunk_size=16)
-
-
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_backend_matches_unfused(loss_type, reduction):
-    _skip_unless("triton")  # on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
-    assert_matches_unfused("triton", loss_type, reduction, torch.float32, n=10, h=4, c=9, chunk_size=4)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_backends_match_unfused(loss_type, reduction, dtype):
-    backends = [b for b in ("cuda", "triton") if _backends.unavailable_reason(b, torch.device("cuda")) is None]
-    if not backends:
-        pytest.skip("no GPU kernel backend built (cuda extension or Triton)")
-    for backend in backends:  # C = 3000 > one 1024-wide block; chunk 48 does not divide N = 130
-        assert_matches_unfused(backend, loss_type, reduction, dtype, n=130, h=40, c=3000, chunk_size=48,
-                               device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_matches_unfused(backend, loss_type, reduction, dtype):
+    n, h, c, chunk_size = _backend_shape(backend)
+    assert_matches_unfused(backend.name, loss_type, reduction, dtype, n=n, h=h, c=c, chunk_size=chunk_size,
+                           device=backend.device)
 
 
 def test_compile_fullgraph_cpu_backend():
@@ -209,11 +227,17 @@ def test_compile_fullgraph_cpu_backend():
 # --- behaviour ---------------------------------------------------------------------------------------
 
 class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
+    """Records the largest tensor any op returns and the logits shapes the kernel ops receive."""
+
+    def __init__(self, kernel_namespace=None):
         super().__init__()
         self.largest = 0
+        self.kernel_namespace = kernel_namespace
+        self.tiles = []  # (op name, shape of its logits argument) of every kernel op call
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.kernel_namespace is not None and func.namespace == self.kernel_namespace:
+            self.tiles.append((func.name(), tuple(args[0].shape)))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -221,17 +245,62 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_no_n_by_c_tensor(reduction):
-    n, h, c, rows = 64, 4, 50, 8
-    hidden, weight, b, target, cw = _inputs(n, h, c, torch.float64)
+def test_no_n_by_c_tensor(backend, loss_type, reduction):
+    """No op (matmul, kernel, reduction, autograd) ever returns more than one (rows, C) tile, forward or
+    backward: on the reference, and on the kernel backends, whose ops each see at most chunk_size rows.
+    N * C is 8x a tile and larger than every (N, H) and (C, H) tensor."""
+    n, h, c, rows = (64, 4, 50, 8) if backend.fits(8, 50) else (12, 2, 9, 3)
+    dtype = torch.float32 if backend.is_kernel else torch.float64
+    hidden, weight, b, target, cw = (None if t is None else t.to(backend.device) for t in _inputs(n, h, c, dtype))
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    with _LargestTensor() as mode:
-        out = cb_linear_loss(hidden, weight, target, cw, b, "softmax", reduction=reduction, chunk_size=rows,
-                             backend="reference")
+    record = backend.record
+    with _LargestTensor(record.namespace) as mode:
+        out = cb_linear_loss(hidden, weight, target, cw, b, loss_type, reduction=reduction, chunk_size=rows,
+                             backend=backend.name)
         out.sum().backward()
+    assert n * c > max(rows * c, n * h, c * h)
     assert mode.largest == rows * c, f"largest tensor has {mode.largest} elements, a tile has {rows * c}"
+    if record.is_kernel:
+        ops = {name for name, _ in mode.tiles}
+        family = losses.loss(loss_type).family.name
+        assert f"{record.namespace}::{family}_forward" in ops, ops
+        if reduction == "none":  # backward recomputes each tile through *_backward
+            assert f"{record.namespace}::{family}_backward" in ops, ops
+        assert all(shape[0] <= rows and shape[1] == c for _, shape in mode.tiles), mode.tiles
+        forward_rows = sum(shape[0] for name, shape in mode.tiles if name.endswith("_forward"))
+        assert forward_rows == n, f"the forward tiles cover {forward_rows} rows, not N = {n}"
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_mean_divides_by_non_ignored_rows_hand_written(backend, loss_type):
+    """"mean" = (sum of the rows' losses) / (rows whose target is not ignore_index), with the rows and the
+    logits written out here (tests/hand_losses.py), over chunks that do not divide N."""
+    spec = losses.loss(loss_type)
+    n, h, c, ignore_index = 11, 3, 5, 2  # ignore_index is a class index too: the rows of class 2 are ignored
+    g = torch.Generator().manual_seed(21)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(c, h, generator=g)
+    bias = torch.randn(c, generator=g)
+    target = torch.tensor([0, 2, 4, 1, 2, 3, 0, 2, 4, 1, 3])  # 3 ignored rows, 8 counted
+    cw = torch.rand(c, generator=g) + 0.5
+    logits = [[math.fsum(float(hidden[i, k]) * float(weight[j, k]) for k in range(h)) + float(bias[j])
+               for j in range(c)] for i in range(n)]
+    counted = sum(1 for y in target.tolist() if y != ignore_index)
+    assert counted == 8
+    on = backend.device
+    for hyper in spec.test_cases():
+        kw = dict(loss_type=loss_type, ignore_index=ignore_index, chunk_size=4, backend=backend.name, **hyper)
+        total = math.fsum(hand_rows(spec, logits, target, cw, ignore_index, hyper))
+        for needs_grad in (False, True):  # the losses-only path, and the autograd.Function's chunked forward
+            args = (hidden.detach().to(on).requires_grad_(needs_grad), weight.to(on), target.to(on), cw.to(on), bias.to(on))
+            got_mean = cb_linear_loss(*args, reduction="mean", **kw).item()
+            got_sum = cb_linear_loss(*args, reduction="sum", **kw).item()
+            assert got_mean == pytest.approx(total / counted, rel=1e-5), (hyper, needs_grad)
+            assert got_sum == pytest.approx(total, rel=1e-5), (hyper, needs_grad)
+        assert total / counted != pytest.approx(total / n, rel=1e-2)  # the two conventions differ here
 
 
 def test_all_rows_ignored_mean_is_zero():
@@ -320,13 +389,14 @@ def _call(**over):
 @pytest.mark.parametrize("over, error, match", [
     (dict(hidden=torch.zeros(5)), ValueError, "hidden must have shape"),
     (dict(hidden=[[0.0]]), TypeError, "hidden must be a torch.Tensor"),
-    (dict(weight=torch.zeros(6, 3)), ValueError, r"weight must have shape \(\?, 4\)"),
-    (dict(weight=torch.zeros(6, 4, dtype=torch.float64)), TypeError, "weight must have dtype"),
+    (dict(weight=torch.zeros(6, 3)), ValueError, r"weight must have shape \(C, H\) = \(\?, 4\)"),
+    (dict(weight=torch.zeros(6, 4, dtype=torch.float64)), TypeError,
+     r"weight must have the dtype of hidden, torch.float32, got torch.float64"),
     (dict(weight=torch.zeros(0, 4)), ValueError, "weight must have at least one class"),
-    (dict(bias=torch.zeros(5)), ValueError, r"bias must have shape \(6,\)"),
-    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, r"target must have shape \(5,\)"),
-    (dict(target=torch.zeros(5)), TypeError, "target must have dtype"),
-    (dict(class_weight=torch.ones(5)), ValueError, r"class_weight must have shape \(6,\)"),
+    (dict(bias=torch.zeros(5)), ValueError, r"bias must have shape \(C,\) = \(6,\)"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, r"target must have shape \(N,\) = \(5,\)"),
+    (dict(target=torch.zeros(5)), TypeError, "target must hold class indices as int64 or int32"),
+    (dict(class_weight=torch.ones(5)), ValueError, r"class_weight must have shape \(C,\) = \(6,\)"),
     (dict(class_weight=torch.ones(6, requires_grad=True)), ValueError, "class_weight must not require grad"),
     (dict(loss_type="hinge"), ValueError, "loss_type must be one of"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),

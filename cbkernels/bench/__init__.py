@@ -142,6 +142,10 @@ def _write(out: str, meta: dict, rows: list[dict], skipped: list[str], failed: l
     if plots:
         try:
             from . import plots as plotting
+        except ModuleNotFoundError as exc:
+            print(f"plots not written: {exc.name} is not installed (pip install \"cbkernels[bench]\")")
+            return
+        try:
             plotting.write_all(out, rows, meta)
         except Exception as exc:  # plots are a convenience: never lose the numbers for them
             print(f"plots not written: {type(exc).__name__}: {exc}")

@@ -9,7 +9,9 @@ loss + gradient at iNaturalist scale.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -99,7 +101,19 @@ def summarise(per_factor, out: Path, show_grid: bool):
     return "\n\n".join(sections), summary
 
 
+# What the demo needs beyond cbkernels itself: the "demo" extra of pyproject.toml.
+DEMO_MODULES = ("sklearn", "matplotlib", "tqdm")
+
+
+def missing_demo_modules() -> list[str]:
+    return [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv=None) -> int:
+    missing = missing_demo_modules()
+    if missing:
+        print(f"the demo needs {', '.join(missing)}: pip install \"cbkernels[demo]\"", file=sys.stderr)
+        return 2
     args = parse_args([] if argv is None else argv)
     preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     seeds = list(range(args.seeds or preset["seeds"]))
