@@ -64,8 +64,9 @@ def _extensions():
     if os.environ.get("CBKERNELS_SANITIZE") == "1":
         cxx += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         link += ["-fsanitize=address,undefined"]
-    kwargs = dict(name="cbkernels._C", sources=sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
-                  py_limited_api=False)
+    # csrc/ on the include path: both backends include the layer they share as "common/...".
+    kwargs = dict(name="cbkernels._C", sources=sources, include_dirs=[str(ROOT / "csrc")],
+                  extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=False)
     if _cuda_wanted(torch, cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("CBKERNELS_CUDA_ARCH", "8.0;9.0+PTX"))
         kwargs["sources"] += ["csrc/cuda/launch.cu", "csrc/cuda/bindings.cpp"]

@@ -3,9 +3,10 @@
 #   1. nvcc compiles csrc/cuda/launch.cu for sm_80 and sm_90 (in parallel) with the flags torch's
 #      extension build adds, failing on any warning (-Werror all-warnings, host -Werror) or any register
 #      spill; ptxas's per-kernel report (registers, spills) is saved under $CBK_CHECK_OUT.
-#   2. g++ syntax-checks csrc/cuda/bindings.cpp against the installed torch's headers and the CUDA
-#      headers. A CPU-only torch ships c10/cuda headers but not the generated
-#      c10/cuda/impl/cuda_cmake_macros.h; a stub with its one definition stands in for it.
+#   2. g++ syntax-checks csrc/cuda/bindings.cpp (and through it csrc/common/loss_ops.h, the op wrappers it
+#      shares with the CPU backend) against the installed torch's headers and the CUDA headers. A
+#      CPU-only torch ships c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h; a
+#      stub with its one definition stands in for it.
 # Exit status 0 only when all of it passes. Needs nvcc (CUDA_HOME, or /usr/local/cuda) and g++.
 # Environment: PYTHON (default .venv/bin/python, else python3), CBK_CHECK_OUT (default build/cuda-check).
 set -euo pipefail
@@ -20,8 +21,9 @@ OUT="${CBK_CHECK_OUT:-build/cuda-check}"
 mkdir -p "$OUT"
 [[ -x "$NVCC" ]] || { echo "check_cuda_compile: nvcc not found at $NVCC" >&2; exit 2; }
 
-# The flags torch.utils.cpp_extension passes to nvcc (half/bf16 operators off, relaxed constexpr), plus ours.
-NVCC_FLAGS=(-std=c++17 -O3 -lineinfo -Xcompiler -fPIC,-Wall,-Wextra,-Werror
+# The flags torch.utils.cpp_extension passes to nvcc (half/bf16 operators off, relaxed constexpr), plus ours;
+# -I csrc as setup.py's include_dirs: the sources include the shared layer as "common/...".
+NVCC_FLAGS=(-std=c++17 -O3 -lineinfo -I csrc -Xcompiler -fPIC,-Wall,-Wextra,-Werror
             -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
             -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
             -Werror all-warnings -Xptxas -v,-warn-spills,-warn-lmem-usage)
@@ -40,7 +42,7 @@ STUB="$OUT/stub"
 mkdir -p "$STUB/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$STUB/c10/cuda/impl/cuda_cmake_macros.h"
 # shellcheck disable=SC2086
-if ! ${CXX:-g++} -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Werror -DCBKERNELS_WITH_CUDA=1 \
+if ! ${CXX:-g++} -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Werror -DCBKERNELS_WITH_CUDA=1 -I csrc \
     $TORCH_INC -isystem "$STUB" -isystem "$CUDA_HOME/include" -isystem "$PY_INC" csrc/cuda/bindings.cpp \
     > "$OUT/bindings.txt" 2>&1; then
   echo "FAIL: bindings.cpp does not compile:" >&2; cat "$OUT/bindings.txt" >&2; status=1

@@ -31,8 +31,15 @@ rows in flight fit in it: at C = 262144 they do not, so large-C softmax moves 1.
 import triton
 import triton.language as tl
 
-# GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time.
-GAMMA_ZERO, GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_GENERAL = 0, 1, 2, 3, 4
+from ..gamma_cases import GammaCase
+
+# GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
+# (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum). Module-level tl.constexpr, so the jitted
+# code may read them.
+GAMMA_ZERO = tl.constexpr(int(GammaCase.ZERO))
+GAMMA_HALF = tl.constexpr(int(GammaCase.HALF))
+GAMMA_ONE = tl.constexpr(int(GammaCase.ONE))
+GAMMA_TWO = tl.constexpr(int(GammaCase.TWO))
 
 
 @triton.jit
@@ -40,9 +47,10 @@ def _log1p_unit(e):
     """log1p(e) for e in [0, 1], with arithmetic only.
 
     log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3], and 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...).
-    Stopping after s^14/15 leaves a relative remainder below s^16 / 17 / (1 - s^2) <= 1.5e-9, far under
-    fp32's 6e-8. Unlike log(1 + e) it keeps full relative accuracy for tiny e (1 + e would round to 1),
-    and it does not depend on how the GPU backend approximates log near 1. NaN in gives NaN out.
+    Stopping after s^14/15 leaves a relative remainder below s^16 / 17 / (1 - s^2) <= 1.54e-9, far under
+    fp32's 6e-8 (derivation: docs/math.md, section 8). Unlike log(1 + e) it keeps full relative accuracy
+    for tiny e (1 + e would round to 1), and it does not depend on how the GPU backend approximates log
+    near 1. NaN in gives NaN out.
     """
     s = e / (2.0 + e)
     s2 = s * s
@@ -83,7 +91,7 @@ def _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.con
 
 @triton.jit
 def _focal_elementwise(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
-    """(term, d term / dz) of one binary task, paper-notes.md section 5, stable for any |z|.
+    """(term, d term / dz) of one binary task, docs/math.md section 5, stable for any |z|.
 
     u = t z (t = +1 on the true class, -1 elsewhere), e = exp(-|u|) in (0, 1], l1pe = log1p(e):
       -log p = softplus(-u) = max(-u, 0) + l1pe,   softplus(u) = max(u, 0) + l1pe
@@ -101,16 +109,16 @@ def _focal_elementwise(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
     er = e * r
     u_pos = u >= 0.0
     q = tl.where(u_pos, er, r)
-    if GAMMA_MODE == 0:
+    if GAMMA_MODE == GAMMA_ZERO:
         term = neg_log_p
         dterm_du = -q
     else:
         p = tl.where(u_pos, r, er)
-        if GAMMA_MODE == 1:
+        if GAMMA_MODE == GAMMA_HALF:
             mod = tl.sqrt(q)
-        elif GAMMA_MODE == 2:
+        elif GAMMA_MODE == GAMMA_ONE:
             mod = q
-        elif GAMMA_MODE == 3:
+        elif GAMMA_MODE == GAMMA_TWO:
             mod = q * q
         else:
             mod = tl.exp(-gamma * (tl.maximum(u, 0.0) + l1pe))
@@ -208,7 +216,8 @@ def _softmax_grad_store(grad_ptr, z, idx, store_mask, a, y, valid, coef, lse, g_
 
     On the target, p_y - 1 = -(sum over c != y of exp(z_c - m)) / s = -s_ny / s: formed from the sum
     without the target, it keeps its relative precision when p_y is within fp32's epsilon of 1 (a
-    confident prediction), where exp(z_y - lse) - 1 would round to 0 and lose the true-class gradient.
+    confident prediction), where exp(z_y - lse) - 1 would round to 0 and lose the true-class gradient
+    (docs/math.md, section 7).
     """
     is_y = (idx - a[:, None]) == y[:, None]
     g = tl.where(is_y, g_y[:, None], tl.exp(z - lse[:, None]) - off_target)
@@ -227,9 +236,10 @@ def softmax_ce_kernel(
     """loss_i = alpha_y (lse - (1-eps) z_y - eps/C sum_c z_c);
     grad_ic = (grad_loss_i) alpha_y (softmax_c - (1-eps) [c == y] - eps/C), formed in fp32.
 
-    Log-sum-exp online over the tiles (body tiles, then the edge tile): m = running max,
-    s = sum exp(z - m), rescaled by exp(m - m_new) when the max grows. SINGLE_BLOCK (BLOCK >= C): the
-    body is one tile and it stays in registers with the edge tile, so the logits are read once.
+    Math: docs/math.md, sections 6 and 7. Log-sum-exp online over the tiles (body tiles, then the edge
+    tile): m = running max, s = sum exp(z - m), rescaled by exp(m - m_new) when the max grows.
+    SINGLE_BLOCK (BLOCK >= C): the body is one tile and it stays in registers with the edge tile, so the
+    logits are read once.
     NaN: if a max-reduction drops a NaN, exp(NaN - m) still makes s (hence lse, loss, grad) NaN.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)

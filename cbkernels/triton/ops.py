@@ -23,12 +23,12 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
+from ..gamma_cases import gamma_case
 from . import configs, kernels, scale
 
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_GAMMA_MODES = {0.0: kernels.GAMMA_ZERO, 0.5: kernels.GAMMA_HALF, 1.0: kernels.GAMMA_ONE, 2.0: kernels.GAMMA_TWO}
 
 
 def _check(op, logits, target, class_weight, grad_loss=None):
@@ -103,7 +103,7 @@ def _define(name):
 
 
 def _sigmoid_constexprs(gamma):
-    return {"GAMMA_MODE": _GAMMA_MODES.get(float(gamma), kernels.GAMMA_GENERAL)}
+    return {"GAMMA_MODE": int(gamma_case(float(gamma)))}
 
 
 def _softmax_constexprs(family, logits, label_smoothing):

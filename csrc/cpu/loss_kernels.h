@@ -6,8 +6,9 @@
 // exp and log1p come from vec_math.h: inline polynomials for the ranges used here (x <= 0, [0, 1]),
 // a couple of ulp, NaN in NaN out; -ffast-math auto-vectorisation would give neither guarantee.
 //
-// Work split: ops.cpp checks everything, validates the targets, allocates and runs at::parallel_for over
-// rows; the functions here process a range of rows, one row at a time, the row's C logits in vectors.
+// Work split: the op wrappers (common/loss_ops.h) check everything and allocate, ops.cpp validates the
+// targets and runs at::parallel_for over rows; the functions here process a range of rows, one row at a
+// time, the row's C logits in vectors.
 // All arithmetic is fp32; per-row sums are accumulated in fp32 vectors over blocks of kBlock elements
 // and the block sums in double, so a 70001-class row loses no more than a 1024-class one.
 #pragma once
@@ -23,7 +24,8 @@
 #include <memory>
 #include <type_traits>
 
-#include "loss_args.h"
+#include "common/gamma_case.h"
+#include "rows.h"
 #include "vec_math.h"
 
 namespace cbkernels::cpu {
@@ -132,7 +134,8 @@ inline void write_ignored_row(const LossArgs& a, int64_t row) {
 // Per element, t = +1 for the target column and -1 elsewhere, u = t * z, e = exp(-|u|), l = log1p(e):
 //   -log p = softplus(-u) = max(-u, 0) + l          (the one log)
 //   p = 1/(1+e), q = e/(1+e) for u >= 0, swapped for u < 0   (q = 1 - p without the cancellation)
-//   modulator (1-p)^gamma: 1, sqrt(q), q, q*q for gamma = 0, 0.5, 1, 2; exp(-gamma * softplus(u)) otherwise
+//   modulator (1-p)^gamma: 1, sqrt(q), q, q*q for gamma = 0, 0.5, 1, 2 (GammaCase, common/gamma_case.h);
+//   exp(-gamma * softplus(u)) otherwise
 //   term = mod * softplus(-u)
 //   dterm/du = mod * (gamma * p * log p - q) = -mod * (q + gamma * p * softplus(-u));  dterm/dz = t * dterm/du
 // Derivation of dterm/du: d/du[-log p] = -(1 - p) = -q and d/du[q^gamma] = -gamma * q^gamma * p, so
@@ -140,10 +143,8 @@ inline void write_ignored_row(const LossArgs& a, int64_t row) {
 // for gamma < 1 (the pow form's derivative has one). With |z| = 1e4: e = 0, l = 0, every quantity finite.
 // NaN: |u| is NaN, so e, l and everything after are NaN (clamp_min returns a NaN argument as well).
 
-enum class Modulator { kOne, kSqrt, kLinear, kSquare, kPow };
-
 // Always inlined, so that whichever of term / dterm_dz the caller does not use is never computed.
-template <Modulator kMod>
+template <GammaCase kCase>
 C10_ALWAYS_INLINE void focal_terms(const Vec& z, const Vec& t, const Vec& gamma, Vec& term, Vec& dterm_dz) {
   // No comparisons, blends or at::vec::maximum here: on AVX-512 those go through mask registers and
   // measured several times slower (vec_math.h); clamp_min and the sign-bit select do the same job.
@@ -157,17 +158,17 @@ C10_ALWAYS_INLINE void focal_terms(const Vec& z, const Vec& t, const Vec& gamma,
   const Vec u_negative = sign_mask(u);  // u = -0 counts as negative: there r = er = 1/2
   const Vec q = select(u_negative, r, er);
   Vec dterm_du;
-  if constexpr (kMod == Modulator::kOne) {
+  if constexpr (kCase == GammaCase::kZero) {
     term = sp_neg;
     dterm_du = q.neg();
   } else {
     const Vec p = select(u_negative, er, r);
     Vec mod;
-    if constexpr (kMod == Modulator::kSqrt) {
+    if constexpr (kCase == GammaCase::kHalf) {
       mod = q.sqrt();
-    } else if constexpr (kMod == Modulator::kLinear) {
+    } else if constexpr (kCase == GammaCase::kOne) {
       mod = q;
-    } else if constexpr (kMod == Modulator::kSquare) {
+    } else if constexpr (kCase == GammaCase::kTwo) {
       mod = q * q;
     } else {
       const Vec sp_pos = at::vec::clamp_min(u, zero) + l;  // -log q
@@ -181,7 +182,7 @@ C10_ALWAYS_INLINE void focal_terms(const Vec& z, const Vec& t, const Vec& gamma,
 
 // Loss (kLoss) and/or gradient (kGrad) of one row. alpha scales the loss; gscale the gradient
 // (alpha in the forward op, alpha * grad_loss[row] in the backward op).
-template <typename T, Modulator kMod, bool kLoss, bool kGrad>
+template <typename T, GammaCase kCase, bool kLoss, bool kGrad>
 inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, float alpha, float gscale, float* loss) {
   const Vec gamma(gamma_f), scale(gscale), zero(0.0f), one(1.0f), minus_one(-1.0f);
   // The target's vector gets t = +1 in the target's lane; every other vector has t = -1 throughout.
@@ -195,7 +196,7 @@ inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, flo
     Vec acc(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
       prefetch(z + c, kPrefetchAhead);
-      focal_terms<kMod>(load_vec(z + c), c == y_base ? t_y : minus_one, gamma, term, dz);
+      focal_terms<kCase>(load_vec(z + c), c == y_base ? t_y : minus_one, gamma, term, dz);
       if constexpr (kLoss) acc = acc + term;
       if constexpr (kGrad) store_vec(g + c, dz * scale);
     }
@@ -203,7 +204,7 @@ inline void focal_row(const T* z, T* g, int64_t C, int64_t y, float gamma_f, flo
   }
   if (full < C) {
     const int64_t n = C - full;
-    focal_terms<kMod>(load_vec_tail(z + full, n), full == y_base ? t_y : minus_one, gamma, term, dz);
+    focal_terms<kCase>(load_vec_tail(z + full, n), full == y_base ? t_y : minus_one, gamma, term, dz);
     if constexpr (kLoss) total += sum_lanes(Vec::set(zero, term, n));  // lanes >= n hold term(0) != 0
     if constexpr (kGrad) store_vec_tail(g + full, dz * scale, n);
   }
@@ -228,38 +229,33 @@ void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
   }
 }
 
-template <typename T, Modulator kMod, bool kLoss, bool kGrad>
+template <typename T, GammaCase kCase, bool kLoss, bool kGrad>
 void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
   for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
                                                     float* loss) {
-    focal_row<T, kMod, kLoss, kGrad>(z, g, a.num_classes, y, a.param, alpha, gscale, loss);
+    focal_row<T, kCase, kLoss, kGrad>(z, g, a.num_classes, y, a.gamma, alpha, gscale, loss);
   });
 }
 
-template <typename T, Modulator kMod>
+template <typename T, GammaCase kCase>
 void focal_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
   if (a.loss != nullptr && a.grad != nullptr) {
-    focal_rows<T, kMod, true, true>(a, begin, end);
+    focal_rows<T, kCase, true, true>(a, begin, end);
   } else if (a.loss != nullptr) {
-    focal_rows<T, kMod, true, false>(a, begin, end);
+    focal_rows<T, kCase, true, false>(a, begin, end);
   } else {
-    focal_rows<T, kMod, false, true>(a, begin, end);
+    focal_rows<T, kCase, false, true>(a, begin, end);
   }
 }
 
 template <typename T>
 void focal_rows_for_gamma(const LossArgs& a, int64_t begin, int64_t end) {
-  const float gamma = a.param;
-  if (gamma == 0.0f) {
-    focal_rows_for_outputs<T, Modulator::kOne>(a, begin, end);
-  } else if (gamma == 0.5f) {
-    focal_rows_for_outputs<T, Modulator::kSqrt>(a, begin, end);
-  } else if (gamma == 1.0f) {
-    focal_rows_for_outputs<T, Modulator::kLinear>(a, begin, end);
-  } else if (gamma == 2.0f) {
-    focal_rows_for_outputs<T, Modulator::kSquare>(a, begin, end);
-  } else {
-    focal_rows_for_outputs<T, Modulator::kPow>(a, begin, end);
+  switch (gamma_case(a.gamma)) {
+    case GammaCase::kZero: return focal_rows_for_outputs<T, GammaCase::kZero>(a, begin, end);
+    case GammaCase::kHalf: return focal_rows_for_outputs<T, GammaCase::kHalf>(a, begin, end);
+    case GammaCase::kOne: return focal_rows_for_outputs<T, GammaCase::kOne>(a, begin, end);
+    case GammaCase::kTwo: return focal_rows_for_outputs<T, GammaCase::kTwo>(a, begin, end);
+    case GammaCase::kGeneral: return focal_rows_for_outputs<T, GammaCase::kGeneral>(a, begin, end);
   }
 }
 
@@ -385,7 +381,7 @@ void softmax_rows(const LossArgs& a, int64_t begin, int64_t end) {
   std::unique_ptr<float[]> cache(kGrad ? new float[a.num_classes + num_blocks(a.num_classes)] : nullptr);
   for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
                                                     float* loss) {
-    softmax_row<T, kLoss, kGrad>(z, g, a.num_classes, y, a.param, alpha, gscale, loss, cache.get());
+    softmax_row<T, kLoss, kGrad>(z, g, a.num_classes, y, a.label_smoothing, alpha, gscale, loss, cache.get());
   });
 }
 
@@ -400,21 +396,21 @@ void softmax_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// ---- entry points of this ISA variant (declared in loss_args.h) ----------------------------------------
+// ---- entry points of this ISA variant (declared in rows.h) ----------------------------------------
 
 void sigmoid_focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  switch (a.logits_type) {
-    case LogitsType::kFloat: return focal_rows_for_gamma<float>(a, begin, end);
-    case LogitsType::kBFloat16: return focal_rows_for_gamma<c10::BFloat16>(a, begin, end);
-    case LogitsType::kHalf: return focal_rows_for_gamma<c10::Half>(a, begin, end);
+  switch (a.logits_dtype) {
+    case Dtype::kFloat32: return focal_rows_for_gamma<float>(a, begin, end);
+    case Dtype::kBFloat16: return focal_rows_for_gamma<c10::BFloat16>(a, begin, end);
+    case Dtype::kFloat16: return focal_rows_for_gamma<c10::Half>(a, begin, end);
   }
 }
 
 void softmax_ce_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  switch (a.logits_type) {
-    case LogitsType::kFloat: return softmax_rows_for_outputs<float>(a, begin, end);
-    case LogitsType::kBFloat16: return softmax_rows_for_outputs<c10::BFloat16>(a, begin, end);
-    case LogitsType::kHalf: return softmax_rows_for_outputs<c10::Half>(a, begin, end);
+  switch (a.logits_dtype) {
+    case Dtype::kFloat32: return softmax_rows_for_outputs<float>(a, begin, end);
+    case Dtype::kBFloat16: return softmax_rows_for_outputs<c10::BFloat16>(a, begin, end);
+    case Dtype::kFloat16: return softmax_rows_for_outputs<c10::Half>(a, begin, end);
   }
 }
 

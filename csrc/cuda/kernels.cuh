@@ -26,9 +26,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "launch.h"
+#include "common/gamma_case.h"
+#include "common/loss_args.h"
 
-namespace cbkernels_cuda {
+namespace cbkernels::cuda {
 namespace device {
 
 constexpr int kMaxThreads = 1024;
@@ -167,23 +168,23 @@ struct Row {
   float coef;   // alpha * upstream grad of the row (1 in forward): the gradient's row factor
 };
 
-__device__ __forceinline__ Row row_state(const RowArgs& a, int64_t row) {
+__device__ __forceinline__ Row row_state(const LossArgs& a, int64_t row) {
   Row r{kNoRow, 0, 0.f, 0.f};
-  if (row >= a.n) return r;
-  const int64_t y = a.target_int64 ? static_cast<const int64_t*>(a.target)[row]
-                                   : static_cast<int64_t>(static_cast<const int32_t*>(a.target)[row]);
+  if (row >= a.num_rows) return r;
+  const int64_t y = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
+                                      : static_cast<int64_t>(static_cast<const int32_t*>(a.target)[row]);
   if (y == a.ignore_index) {
     r.kind = kIgnored;
     return r;
   }
-  if (y < 0 || y >= a.c) {  // never used as an index: NaN row (functional.py also asserts on the device)
+  if (y < 0 || y >= a.num_classes) {  // never used as an index: NaN row (functional.py also asserts on the device)
     r.kind = kBadTarget;
     return r;
   }
   r.kind = kCompute;
   r.y = y;
   r.alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.f;
-  r.coef = r.alpha * (a.grad_scale != nullptr ? a.grad_scale[row] : 1.f);
+  r.coef = r.alpha * (a.grad_loss != nullptr ? a.grad_loss[row] : 1.f);
   return r;
 }
 
@@ -274,16 +275,41 @@ __device__ __forceinline__ Place place(int tpr) {
   return p;
 }
 
+// A thread's view of its row: where it sits, the row's state, its logits row x, its gradient row g
+// (nullptr without Write) and the split of the columns it computes. A thread past the last row points at
+// row 0 with an empty split: it computes nothing but still reaches the block's barriers.
+template <typename E, int VEC, bool Write>
+struct ThreadRow {
+  Place at;
+  Row r;
+  const typename E::bits* x;
+  typename E::bits* g;
+  Span span;
+};
+
+template <typename E, int VEC, bool Write>
+__device__ __forceinline__ ThreadRow<E, VEC, Write> thread_row(const LossArgs& a, int tpr) {
+  using B = typename E::bits;
+  ThreadRow<E, VEC, Write> t;
+  t.at = place(tpr);
+  t.r = row_state(a, t.at.row);
+  const int64_t row = t.r.kind == kNoRow ? 0 : t.at.row;
+  t.x = static_cast<const B*>(a.logits) + row * a.row_stride;
+  t.g = Write ? static_cast<B*>(a.grad) + row * a.num_classes : nullptr;
+  t.span = split_row<VEC>(t.x, t.r.kind == kCompute ? a.num_classes : 0);
+  return t;
+}
+
 // ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
-enum GammaKind : int { kGamma0, kGammaHalf, kGamma1, kGamma2, kGammaAny };
 
 // One element (paper-notes.md section 5): t = +1 on the target column, else -1; u = t z; e = exp(-|u|).
 //   -log p = max(-u, 0) + log1p(e),  log(1-p) = -(max(u, 0) + log1p(e))
 //   p, q = 1 - p from e without cancellation: u >= 0: p = 1/(1+e), q = e/(1+e); else swapped
 //   mod = (1-p)^gamma, term = mod * (-log p), dterm/du = mod * (gamma p log p - q), dterm/dz = t dterm/du
-// One exp, one log1p and one reciprocal per element (plus one exp for a general gamma).
+// One exp, one log1p and one reciprocal per element (plus one exp for a general gamma). G is gamma's case
+// (common/gamma_case.h): the modulator sqrt(q), q or q * q for gamma 0.5, 1, 2, none for gamma 0.
 // max(+-u, 0) are selects, not fmaxf, so that no NaN is dropped (a NaN u reaches every output via e).
-template <int G>
+template <GammaCase G>
 __device__ __forceinline__ void focal_element(float z, bool positive, float gamma, float& term, float& dz) {
   const float u = positive ? z : -z;
   const float e = expf(-fabsf(u));
@@ -294,18 +320,18 @@ __device__ __forceinline__ void focal_element(float z, bool positive, float gamm
   const float p = nonneg ? r : e * r;
   const float q = nonneg ? e * r : r;
   float ddu;
-  if (G == kGamma0) {
+  if (G == GammaCase::kZero) {
     term = nlogp;
     ddu = -q;
   } else {
     float mod, g;
-    if (G == kGammaHalf) {
+    if (G == GammaCase::kHalf) {
       mod = sqrtf(q);
       g = 0.5f;
-    } else if (G == kGamma1) {
+    } else if (G == GammaCase::kOne) {
       mod = q;
       g = 1.f;
-    } else if (G == kGamma2) {
+    } else if (G == GammaCase::kTwo) {
       mod = q * q;
       g = 2.f;
     } else {
@@ -319,14 +345,10 @@ __device__ __forceinline__ void focal_element(float z, bool positive, float gamm
 }
 
 // Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read.
-template <typename E, int VEC, int G, bool Write>
-__global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(RowArgs a, float gamma, int tpr) {
-  using B = typename E::bits;
-  const Place at = place(tpr);
-  const Row r = row_state(a, at.row);
-  const int64_t row = r.kind == kNoRow ? 0 : at.row;
-  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
-  B* g = Write ? static_cast<B*>(a.grad) + row * a.c : nullptr;
+template <typename E, int VEC, GammaCase G, bool Write>
+__global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, int tpr) {
+  const ThreadRow<E, VEC, Write> row = thread_row<E, VEC, Write>(a, tpr);
+  const float gamma = a.gamma;
 
   float acc = 0.f;
   auto element = [&](int64_t col, const auto& z, auto& out) {
@@ -334,19 +356,19 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(RowArgs a, f
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       float term, dz;
-      focal_element<G>(z[j], col + j == r.y, gamma, term, dz);
+      focal_element<G>(z[j], col + j == row.r.y, gamma, term, dz);
       acc += term;
-      out[j] = r.coef * dz;
+      out[j] = row.r.coef * dz;
     }
   };
-  visit_row<E, VEC, Write>(x, g, split_row<VEC>(x, r.kind == kCompute ? a.c : 0), at.tid, tpr, element);
+  visit_row<E, VEC, Write>(row.x, row.g, row.span, row.at.tid, tpr, element);
 
   if (a.loss != nullptr) {
-    const float total = group_sum(acc, tpr, at.group);
-    if (at.tid == 0 && r.kind != kNoRow) a.loss[at.row] = row_loss(r, r.alpha * total);
+    const float total = group_sum(acc, tpr, row.at.group);
+    if (row.at.tid == 0 && row.r.kind != kNoRow) a.loss[row.at.row] = row_loss(row.r, row.r.alpha * total);
   }
-  if (Write && (r.kind == kIgnored || r.kind == kBadTarget))
-    fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+  if (Write && (row.r.kind == kIgnored || row.r.kind == kBadTarget))
+    fill_row<E>(row.g, a.num_classes, row.r.kind == kIgnored ? 0.f : CUDART_NAN_F, row.at.tid, tpr);
 }
 
 // ---- softmax cross entropy with label smoothing eps ------------------------------------------------------
@@ -362,6 +384,16 @@ __device__ __forceinline__ float softmax_row_loss(const Lse& t, float z_y, float
   return v;
 }
 
+// Thread 0 of each row writes the row's loss from the row's reduced state.
+template <typename E, int VEC, bool Write>
+__device__ __forceinline__ void write_softmax_loss(const LossArgs& a, const ThreadRow<E, VEC, Write>& row,
+                                                   const Lse& t) {
+  if (a.loss != nullptr && row.at.tid == 0 && row.r.kind != kNoRow) {
+    const float z_y = row.r.kind == kCompute ? E::load(row.x[row.r.y]) : 0.f;
+    a.loss[row.at.row] = row_loss(row.r, row.r.alpha * softmax_row_loss(t, z_y, a.label_smoothing, a.num_classes));
+  }
+}
+
 // The target distribution at a column: (1 - eps) [c == y] + eps / C.
 struct Smoothing {
   float on, off;
@@ -375,14 +407,9 @@ __device__ __forceinline__ Smoothing smoothing(float eps, int64_t c) {
 // Rows of any length: pass 1 reads the row into the online (m, s, sum z); pass 2 (Write) reads it again
 // to write the gradient (a long row's second read mostly hits L2).
 template <typename E, int VEC, bool Write>
-__global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(RowArgs a, float eps, int tpr) {
-  using B = typename E::bits;
-  const Place at = place(tpr);
-  const Row r = row_state(a, at.row);
-  const int64_t row = r.kind == kNoRow ? 0 : at.row;
-  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
-  B* g = Write ? static_cast<B*>(a.grad) + row * a.c : nullptr;
-  const Span span = split_row<VEC>(x, r.kind == kCompute ? a.c : 0);
+__global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a, int tpr) {
+  const ThreadRow<E, VEC, Write> row = thread_row<E, VEC, Write>(a, tpr);
+  const float eps = a.label_smoothing;
 
   Lse acc{-CUDART_INF_F, 0.f, 0.f};
   auto accumulate = [&](int64_t, const auto& z, auto&) {
@@ -402,26 +429,23 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(RowArgs a, 
     }
     acc = Lse{m, s, sz};
   };
-  visit_row<E, VEC, false>(x, nullptr, span, at.tid, tpr, accumulate);
-  const Lse t = group_lse(acc, tpr, at.group);
+  visit_row<E, VEC, false>(row.x, nullptr, row.span, row.at.tid, tpr, accumulate);
+  const Lse t = group_lse(acc, tpr, row.at.group);
 
-  if (a.loss != nullptr && at.tid == 0 && r.kind != kNoRow) {
-    const float z_y = r.kind == kCompute ? E::load(x[r.y]) : 0.f;
-    a.loss[at.row] = row_loss(r, r.alpha * softmax_row_loss(t, z_y, eps, a.c));
-  }
+  write_softmax_loss(a, row, t);
   if (Write) {
-    if (r.kind == kCompute) {
+    if (row.r.kind == kCompute) {
       const float inv_s = 1.f / t.s;
-      const Smoothing target = smoothing(eps, a.c);
+      const Smoothing target = smoothing(eps, a.num_classes);
       auto gradient = [&](int64_t col, const auto& z, auto& out) {
         constexpr int K = ExtentOf<decltype(z)>::value;
 #pragma unroll
         for (int j = 0; j < K; ++j)
-          out[j] = r.coef * (expf(z[j] - t.m) * inv_s - (col + j == r.y ? target.on : target.off));
+          out[j] = row.r.coef * (expf(z[j] - t.m) * inv_s - (col + j == row.r.y ? target.on : target.off));
       };
-      visit_row<E, VEC, true>(x, g, span, at.tid, tpr, gradient);
-    } else if (r.kind != kNoRow) {
-      fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+      visit_row<E, VEC, true>(row.x, row.g, row.span, row.at.tid, tpr, gradient);
+    } else if (row.r.kind != kNoRow) {
+      fill_row<E>(row.g, a.num_classes, row.r.kind == kIgnored ? 0.f : CUDART_NAN_F, row.at.tid, tpr);
     }
   }
 }
@@ -434,28 +458,23 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(RowArgs a, 
 constexpr int kCachedVecBytes = 16;
 
 template <typename E, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(RowArgs a, float eps, int tpr) {
+__global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(LossArgs a, int tpr) {
   static_assert(VEC * sizeof(typename E::bits) == kCachedVecBytes, "the cached softmax uses 16-byte vectors");
   constexpr int KV = kCachedElemsPerThread / VEC;
-  using B = typename E::bits;
-  const Place at = place(tpr);
-  const Row r = row_state(a, at.row);
-  const int64_t row = r.kind == kNoRow ? 0 : at.row;
-  const B* x = static_cast<const B*>(a.logits) + row * a.row_stride;
-  B* g = static_cast<B*>(a.grad) + row * a.c;
-  const Span span = split_row<VEC>(x, r.kind == kCompute ? a.c : 0);
+  const ThreadRow<E, VEC, true> row = thread_row<E, VEC, true>(a, tpr);
+  const float eps = a.label_smoothing;
 
   // Absent slots hold -inf: they leave the max alone and add exp(-inf) = 0 to s; sum z skips them.
-  const bool has_head = at.tid < span.head;
-  const bool has_tail = at.tid < span.len - span.tail_start;
-  const float zh = has_head ? E::load(x[at.tid]) : -CUDART_INF_F;
-  const float zt = has_tail ? E::load(x[span.tail_start + at.tid]) : -CUDART_INF_F;
+  const bool has_head = row.at.tid < row.span.head;
+  const bool has_tail = row.at.tid < row.span.len - row.span.tail_start;
+  const float zh = has_head ? E::load(row.x[row.at.tid]) : -CUDART_INF_F;
+  const float zt = has_tail ? E::load(row.x[row.span.tail_start + row.at.tid]) : -CUDART_INF_F;
   float z[KV][VEC];
 #pragma unroll
   for (int k = 0; k < KV; ++k) {
-    const int64_t v = at.tid + static_cast<int64_t>(k) * tpr;
-    if (v < span.nvec) {
-      load_vec<E, VEC>(x + span.head + v * VEC, z[k]);
+    const int64_t v = row.at.tid + static_cast<int64_t>(k) * tpr;
+    if (v < row.span.nvec) {
+      load_vec<E, VEC>(row.x + row.span.head + v * VEC, z[k]);
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) z[k][j] = -CUDART_INF_F;
@@ -472,42 +491,39 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(RowArgs a, 
   float sz = (has_head ? zh : 0.f) + (has_tail ? zt : 0.f);
 #pragma unroll
   for (int k = 0; k < KV; ++k) {
-    const bool present = at.tid + static_cast<int64_t>(k) * tpr < span.nvec;
+    const bool present = row.at.tid + static_cast<int64_t>(k) * tpr < row.span.nvec;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       s += expf(z[k][j] - shift);
       sz += present ? z[k][j] : 0.f;
     }
   }
-  const Lse t = group_lse(Lse{m, s, sz}, tpr, at.group);
+  const Lse t = group_lse(Lse{m, s, sz}, tpr, row.at.group);
 
-  if (a.loss != nullptr && at.tid == 0 && r.kind != kNoRow) {
-    const float z_y = r.kind == kCompute ? E::load(x[r.y]) : 0.f;
-    a.loss[at.row] = row_loss(r, r.alpha * softmax_row_loss(t, z_y, eps, a.c));
-  }
-  if (r.kind == kCompute) {
+  write_softmax_loss(a, row, t);
+  if (row.r.kind == kCompute) {
     const float inv_s = 1.f / t.s;
-    const Smoothing target = smoothing(eps, a.c);
+    const Smoothing target = smoothing(eps, a.num_classes);
     auto grad_at = [&](float zc, int64_t col) {
-      return r.coef * (expf(zc - t.m) * inv_s - (col == r.y ? target.on : target.off));
+      return row.r.coef * (expf(zc - t.m) * inv_s - (col == row.r.y ? target.on : target.off));
     };
-    if (has_head) g[at.tid] = E::store(grad_at(zh, at.tid));
+    if (has_head) row.g[row.at.tid] = E::store(grad_at(zh, row.at.tid));
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
-      const int64_t v = at.tid + static_cast<int64_t>(k) * tpr;
-      if (v < span.nvec) {
-        const int64_t col = span.head + v * VEC;
+      const int64_t v = row.at.tid + static_cast<int64_t>(k) * tpr;
+      if (v < row.span.nvec) {
+        const int64_t col = row.span.head + v * VEC;
         float out[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out[j] = grad_at(z[k][j], col + j);
-        store_vec<E, VEC>(g + col, out);
+        store_vec<E, VEC>(row.g + col, out);
       }
     }
-    if (has_tail) g[span.tail_start + at.tid] = E::store(grad_at(zt, span.tail_start + at.tid));
-  } else if (r.kind != kNoRow) {
-    fill_row<E>(g, a.c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+    if (has_tail) row.g[row.span.tail_start + row.at.tid] = E::store(grad_at(zt, row.span.tail_start + row.at.tid));
+  } else if (row.r.kind != kNoRow) {
+    fill_row<E>(row.g, a.num_classes, row.r.kind == kIgnored ? 0.f : CUDART_NAN_F, row.at.tid, tpr);
   }
 }
 
 }  // namespace device
-}  // namespace cbkernels_cuda
+}  // namespace cbkernels::cuda

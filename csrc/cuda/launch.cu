@@ -1,14 +1,15 @@
 // Launchers of the CUDA kernels (kernels.cuh): pick the template instance (storage type, vector width,
-// gamma specialisation, gradient or not), the grid, and launch on the caller's stream. No torch header.
+// gamma case, gradient or not), the grid, and launch on the caller's stream. No torch header.
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <type_traits>
 
+#include "common/gamma_case.h"
 #include "kernels.cuh"
 #include "launch.h"
 
-namespace cbkernels_cuda {
+namespace cbkernels::cuda {
 namespace {
 
 template <int V>
@@ -31,16 +32,16 @@ cudaError_t with_storage(Dtype dtype, Fn&& fn) {
 // at the same columns. Every row's logits find their own aligned head (kernels.cuh), so without a gradient
 // any width works. With one, logits row i and gradient row i must sit at the same address modulo the
 // vector size for every i: the bases must agree and the row strides (row_stride and c elements) too.
-bool rows_share_alignment(const RowArgs& a, int elem, int vec_bytes) {
+bool rows_share_alignment(const LossArgs& a, int elem, int vec_bytes) {
   if (a.grad == nullptr || vec_bytes <= elem) return true;
   const auto x = reinterpret_cast<uintptr_t>(a.logits), g = reinterpret_cast<uintptr_t>(a.grad);
   if (x % vec_bytes != g % vec_bytes) return false;
-  return a.n <= 1 || (a.row_stride * elem) % vec_bytes == (a.c * elem) % vec_bytes;
+  return a.num_rows <= 1 || (a.row_stride * elem) % vec_bytes == (a.num_classes * elem) % vec_bytes;
 }
 
 // The widest of config.vec_bytes, 8 bytes and one element that the call's rows allow.
-int effective_vec_bytes(const RowArgs& a, Dtype dtype, int wanted) {
-  const int elem = elem_bytes(dtype);
+int effective_vec_bytes(const LossArgs& a, int wanted) {
+  const int elem = elem_bytes(a.logits_dtype);
   for (int vb : {16, 8}) {
     if (vb <= wanted && vb > elem && rows_share_alignment(a, elem, vb)) return vb;
   }
@@ -61,23 +62,20 @@ cudaError_t with_write(bool write, Fn&& fn) {
   return write ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
-int gamma_kind(float gamma) {
-  if (gamma == 0.f) return device::kGamma0;
-  if (gamma == 0.5f) return device::kGammaHalf;
-  if (gamma == 1.f) return device::kGamma1;
-  if (gamma == 2.f) return device::kGamma2;
-  return device::kGammaAny;
-}
+template <GammaCase G>
+using GammaC = std::integral_constant<GammaCase, G>;
 
+// Calls fn(GammaC<G>{}) for the case of gamma.
 template <typename Fn>
 cudaError_t with_gamma(float gamma, Fn&& fn) {
-  switch (gamma_kind(gamma)) {
-    case device::kGamma0: return fn(IntC<device::kGamma0>{});
-    case device::kGammaHalf: return fn(IntC<device::kGammaHalf>{});
-    case device::kGamma1: return fn(IntC<device::kGamma1>{});
-    case device::kGamma2: return fn(IntC<device::kGamma2>{});
-    default: return fn(IntC<device::kGammaAny>{});
+  switch (gamma_case(gamma)) {
+    case GammaCase::kZero: return fn(GammaC<GammaCase::kZero>{});
+    case GammaCase::kHalf: return fn(GammaC<GammaCase::kHalf>{});
+    case GammaCase::kOne: return fn(GammaC<GammaCase::kOne>{});
+    case GammaCase::kTwo: return fn(GammaC<GammaCase::kTwo>{});
+    case GammaCase::kGeneral: break;
   }
+  return fn(GammaC<GammaCase::kGeneral>{});
 }
 
 struct Grid {
@@ -86,10 +84,58 @@ struct Grid {
   int tpr;
 };
 
-Grid grid_of(const RowArgs& a, const LaunchConfig& config) {
-  const int64_t blocks = (a.n + config.rows_per_block - 1) / config.rows_per_block;
+Grid grid_of(const LossArgs& a, const LaunchConfig& config) {
+  const int64_t blocks = (a.num_rows + config.rows_per_block - 1) / config.rows_per_block;
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(config.threads)),
           config.threads / config.rows_per_block};
+}
+
+// What every launch shares: refuse a bad configuration, launch nothing without rows, then call
+// fn(E{}, IntC<VEC>{}, grid) for the storage type and the widest vector access the call's rows allow.
+template <typename Fn>
+cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn) {
+  if (config_error(config, args.num_rows) != nullptr) return cudaErrorInvalidValue;
+  if (args.num_rows == 0) return cudaSuccess;
+  const Grid grid = grid_of(args, config);
+  const int vec_bytes = effective_vec_bytes(args, config.vec_bytes);
+  return with_storage(args.logits_dtype, [&](auto e) {
+    using E = decltype(e);
+    return with_vec<E>(vec_bytes, [&](auto vec) { return fn(e, vec, grid); });
+  });
+}
+
+cudaError_t sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
+    return with_gamma(args.gamma, [&](auto g) {
+      return with_write(args.grad != nullptr, [&](auto write) {
+        device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value>
+            <<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+cudaError_t softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
+    using E = decltype(e);
+    constexpr int VEC = decltype(vec)::value;
+    if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
+      // A row that fits in registers is read once (with 16-byte vectors); without a gradient one pass
+      // suffices anyway.
+      const bool cached = config.cache_rows && args.grad != nullptr &&
+                          args.num_classes <= static_cast<int64_t>(device::kCachedElemsPerThread) * grid.tpr;
+      if (cached) {
+        device::softmax_cached_kernel<E, VEC><<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+        return cudaGetLastError();
+      }
+    }
+    return with_write(args.grad != nullptr, [&](auto write) {
+      device::softmax_stream_kernel<E, VEC, decltype(write)::value>
+          <<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace
@@ -117,54 +163,8 @@ const char* config_error(const LaunchConfig& config, int64_t n) {
   return nullptr;
 }
 
-cudaError_t sigmoid_focal(const RowArgs& args, Dtype dtype, float gamma, const LaunchConfig& config,
-                          cudaStream_t stream) {
-  if (config_error(config, args.n) != nullptr) return cudaErrorInvalidValue;
-  if (args.n == 0) return cudaSuccess;
-  const Grid grid = grid_of(args, config);
-  const int vec_bytes = effective_vec_bytes(args, dtype, config.vec_bytes);
-  return with_storage(dtype, [&](auto e) {
-    using E = decltype(e);
-    return with_vec<E>(vec_bytes, [&](auto vec) {
-      return with_gamma(gamma, [&](auto g) {
-        return with_write(args.grad != nullptr, [&](auto write) {
-          device::sigmoid_focal_kernel<E, decltype(vec)::value, decltype(g)::value, decltype(write)::value>
-              <<<grid.blocks, grid.threads, 0, stream>>>(args, gamma, grid.tpr);
-          return cudaGetLastError();
-        });
-      });
-    });
-  });
+cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return family == Family::kSigmoidFocal ? sigmoid_focal(args, config, stream) : softmax_ce(args, config, stream);
 }
 
-cudaError_t softmax_ce(const RowArgs& args, Dtype dtype, float label_smoothing, const LaunchConfig& config,
-                       cudaStream_t stream) {
-  if (config_error(config, args.n) != nullptr) return cudaErrorInvalidValue;
-  if (args.n == 0) return cudaSuccess;
-  const Grid grid = grid_of(args, config);
-  const int vec_bytes = effective_vec_bytes(args, dtype, config.vec_bytes);
-  // A row that fits in registers is read once (with 16-byte vectors); without a gradient one pass
-  // suffices anyway.
-  const bool cached = config.cache_rows && args.grad != nullptr &&
-                      args.c <= static_cast<int64_t>(device::kCachedElemsPerThread) * grid.tpr;
-  return with_storage(dtype, [&](auto e) {
-    using E = decltype(e);
-    return with_vec<E>(vec_bytes, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
-        if (cached) {
-          device::softmax_cached_kernel<E, VEC>
-              <<<grid.blocks, grid.threads, 0, stream>>>(args, label_smoothing, grid.tpr);
-          return cudaGetLastError();
-        }
-      }
-      return with_write(args.grad != nullptr, [&](auto write) {
-        device::softmax_stream_kernel<E, VEC, decltype(write)::value>
-            <<<grid.blocks, grid.threads, 0, stream>>>(args, label_smoothing, grid.tpr);
-        return cudaGetLastError();
-      });
-    });
-  });
-}
-
-}  // namespace cbkernels_cuda
+}  // namespace cbkernels::cuda

@@ -1,30 +1,16 @@
-// Host interface of the CUDA kernels (csrc/cuda/launch.cu): raw pointers, a stream and a launch
-// configuration in, a cudaError_t out. No torch header here, so nvcc compiles launch.cu on machines whose
-// torch has no CUDA (CI); bindings.cpp turns tensors into these arguments and checks the result.
+// Host interface of the CUDA kernels (csrc/cuda/launch.cu): a LossArgs, a launch configuration and a
+// stream in, a cudaError_t out. No torch header here, so nvcc compiles launch.cu on machines whose torch
+// has no CUDA (CI); bindings.cpp (through common/loss_ops.h) turns tensors into these arguments and checks
+// the result.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace cbkernels_cuda {
+#include "common/loss_args.h"
 
-enum class Dtype { kFloat32, kFloat16, kBFloat16 };
-
-// One call's tensors (docs/op-contract.md). Rows are processed independently.
-struct RowArgs {
-  const void* logits;         // (n, c) of `dtype`, column stride 1, row stride `row_stride` elements
-  int64_t row_stride;         // >= 0, in elements
-  const void* target;         // (n,) contiguous, int64 when target_int64 else int32
-  bool target_int64;
-  const float* class_weight;  // (c,) contiguous, or nullptr (alpha_y = 1)
-  const float* grad_scale;    // (n,) contiguous upstream grad per row, or nullptr (scale 1)
-  float* loss;                // (n,) or nullptr (the backward op writes no loss)
-  void* grad;                 // (n, c) contiguous of `dtype`, or nullptr (loss only)
-  int64_t n;
-  int64_t c;
-  int64_t ignore_index;
-};
+namespace cbkernels::cuda {
 
 // How rows map onto the GPU. A block of `threads` threads handles `rows_per_block` rows, each with
 // threads / rows_per_block threads (a multiple of 32); `vec_bytes` (16, 8, or 1 = one element) is the
@@ -44,11 +30,8 @@ LaunchConfig default_config(int64_t c, Dtype dtype);
 // nullptr when `config` is usable for this call, else a sentence saying what is wrong.
 const char* config_error(const LaunchConfig& config, int64_t n);
 
-// Each returns the launch's error (cudaSuccess when launched; n == 0 launches nothing). The caller has
-// already checked shapes, dtypes and config_error.
-cudaError_t sigmoid_focal(const RowArgs& args, Dtype dtype, float gamma, const LaunchConfig& config,
-                          cudaStream_t stream);
-cudaError_t softmax_ce(const RowArgs& args, Dtype dtype, float label_smoothing, const LaunchConfig& config,
-                       cudaStream_t stream);
+// Queues the kernels of `family` on `stream` and returns the launch's error (cudaSuccess when launched;
+// no rows launch nothing). The caller has already checked the arguments and config_error.
+cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream);
 
-}  // namespace cbkernels_cuda
+}  // namespace cbkernels::cuda

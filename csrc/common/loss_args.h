@@ -1,0 +1,37 @@
+// The arguments of one loss kernel call as plain pointers and sizes: what the op wrappers
+// (csrc/common/loss_ops.h: checks, allocation) hand to a backend's kernels (csrc/cpu/loss_kernels.h,
+// csrc/cuda/launch.cu). No torch header, so that nvcc compiles the CUDA kernels against it with a
+// CPU-only torch, and so that the per-ISA CPU code shares no inline function with the generic code
+// through it. Plain data: the CUDA kernels take it by value as a kernel parameter.
+#pragma once
+
+#include <cstdint>
+
+namespace cbkernels {
+
+// The two loss families of docs/op-contract.md; each has a forward and a backward op.
+enum class Family { kSigmoidFocal, kSoftmaxCe };
+
+// Storage type of the logits and of the gradient; the arithmetic is fp32 whatever it is.
+enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+
+struct LossArgs {
+  const void* logits;         // (num_rows, num_classes) of logits_dtype, column stride 1, row stride row_stride
+  int64_t row_stride;         // >= 0, in elements
+  int64_t num_rows;
+  int64_t num_classes;        // >= 1
+  Dtype logits_dtype;
+  const void* target;         // (num_rows,) contiguous, int64 when target_is_int64 else int32
+  bool target_is_int64;
+  const float* class_weight;  // (num_classes,) contiguous, or nullptr (alpha_y = 1)
+  const float* grad_loss;     // (num_rows,) contiguous upstream gradient of the backward ops, or nullptr (1)
+  int64_t ignore_index;
+  // The families' hyperparameters, each named as in the op schemas (csrc/cbkernels.cpp); a family reads
+  // its own and ignores the other's.
+  float gamma;                // sigmoid family: the focal exponent (0: sigmoid cross entropy)
+  float label_smoothing;      // softmax family: eps in [0, 1]
+  float* loss;                // (num_rows,), or nullptr (the backward ops write no loss)
+  void* grad;                 // (num_rows, num_classes) contiguous of logits_dtype, or nullptr (loss only)
+};
+
+}  // namespace cbkernels

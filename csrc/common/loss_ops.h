@@ -1,0 +1,224 @@
+// The four ops of docs/op-contract.md over any backend: the hyperparameter and input checks, the
+// output allocation and the hand-off to the backend's kernels as one LossArgs. csrc/cpu/ops.cpp and
+// csrc/cuda/bindings.cpp each define a Backend and register its ops with register_loss_ops<Backend>.
+//
+// A Backend is a struct with
+//   static constexpr const char* kTag;     appended to the op name in messages ("" or " (CUDA)")
+//   static constexpr const char* kDevice;  the device type it computes on, for messages ("CPU", "CUDA")
+//   static bool on_device(const at::Tensor& t);   t is on that device type
+//   static void check_values(OpName op, const LossArgs& args);
+//       checks that read tensor values on the host; called after the metadata checks and before any
+//       output is allocated. The CPU validates the targets there. The CUDA backend checks nothing: a
+//       host read would synchronise the device, so its kernels write a NaN row for a bad target instead.
+//   class Launch, with
+//       Launch(OpName op, const LossArgs& args, const at::Tensor& logits);
+//       void operator()(Family family, const LossArgs& args) const;
+//     constructed after the checks and before the outputs are allocated (it may still refuse the call,
+//     for instance a bad launch configuration) and alive until the kernels are queued (a device guard
+//     can be a member); the call runs the family's kernels on args, whose outputs are then filled in.
+//
+// Every tensor the kernels read through a raw pointer is checked here: layout, device, dtype, shape.
+// Nothing here reads a tensor value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <tuple>
+
+#include "common/loss_args.h"
+
+namespace cbkernels {
+
+// An op's name in messages: "cbkernels::softmax_ce_forward" followed by the backend's tag. Streamed
+// into TORCH_CHECK's message, so naming an op builds no string unless a check fails.
+struct OpName {
+  const char* op;   // the schema name, "softmax_ce_forward"
+  const char* tag;  // Backend::kTag
+};
+
+inline std::ostream& operator<<(std::ostream& out, const OpName& name) {
+  return out << "cbkernels::" << name.op << name.tag;
+}
+
+// Per family: the schema names of its two ops (csrc/cbkernels.cpp) and the LossArgs field that holds its
+// hyperparameter, indexed by Family.
+struct FamilyInfo {
+  const char* forward;
+  const char* backward;
+  float LossArgs::*hyperparameter;
+};
+
+inline constexpr FamilyInfo kFamilies[] = {
+    {"sigmoid_focal_forward", "sigmoid_focal_backward", &LossArgs::gamma},
+    {"softmax_ce_forward", "softmax_ce_backward", &LossArgs::label_smoothing},
+};
+
+constexpr const FamilyInfo& family_info(Family family) { return kFamilies[static_cast<int>(family)]; }
+static_assert(kFamilies[static_cast<int>(Family::kSoftmaxCe)].hyperparameter == &LossArgs::label_smoothing,
+              "kFamilies is indexed by Family: keep the two in the same order");
+
+// The family's hyperparameter, refused unless in its domain (docs/op-contract.md).
+inline float checked_hyperparameter(Family family, OpName op, double value) {
+  if (family == Family::kSigmoidFocal) {
+    TORCH_CHECK(std::isfinite(value) && value >= 0.0, op, ": gamma must be a finite number >= 0, got ", value);
+  } else {
+    // Written so that NaN fails too.
+    TORCH_CHECK(value >= 0.0 && value <= 1.0, op, ": label_smoothing must be in [0, 1], got ", value);
+  }
+  return static_cast<float>(value);
+}
+
+// The checked tensors of one call and the LossArgs pointing into them; the tensors keep any contiguous
+// copies alive while the kernels run.
+struct CheckedInputs {
+  at::Tensor logits, target, class_weight, grad_loss;
+  LossArgs args{};
+};
+
+inline Dtype logits_dtype(OpName op, const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+}
+
+inline void check_dense(OpName op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", t.layout());
+}
+
+// An argument besides the logits: dense and on the logits' device (the same GPU, not only a GPU).
+inline void check_beside_logits(OpName op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  check_dense(op, name, t);
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on the logits' device ", logits.device(),
+              ", got ", t.device());
+}
+
+// t has shape (length,); length_name is its symbol in docs/op-contract.md ("N" or "C").
+inline void check_vector_shape(OpName op, const char* name, const at::Tensor& t, const char* length_name,
+                               int64_t length) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape (", length_name, ",) = (",
+              length, ",), got ", t.sizes());
+}
+
+// class_weight (C,) and grad_loss (N,): float32 vectors beside the logits, read contiguously.
+inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Tensor& t, const at::Tensor& logits,
+                                       const char* length_name, int64_t length) {
+  check_beside_logits(op, name, t, logits);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  check_vector_shape(op, name, t, length_name, length);
+  return t.contiguous();
+}
+
+// grad_loss is nullptr for the forward ops.
+template <typename Backend>
+CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor& target,
+                           const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
+                           int64_t ignore_index) {
+  check_dense(op, "logits", logits);
+  TORCH_CHECK(Backend::on_device(logits), op, ": logits must be a ", Backend::kDevice, " tensor, got ",
+              logits.device());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must have shape (N, C), got ", logits.sizes());
+  const int64_t n = logits.size(0), num_classes = logits.size(1);
+  TORCH_CHECK(num_classes >= 1, op, ": logits must have at least one class (C >= 1), got shape ", logits.sizes());
+  const Dtype dtype = logits_dtype(op, logits);
+  check_beside_logits(op, "target", target, logits);
+  check_vector_shape(op, "target", target, "N", n);
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+              ": target must be int64 or int32, got ", target.scalar_type());
+
+  CheckedInputs in;
+  // Column stride 1 is what the vector accesses need; the row stride is honoured as it is. A size-1
+  // dimension's stride is meaningless, so only C > 1 needs the check.
+  in.logits = (num_classes == 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  in.target = target.contiguous();
+  if (class_weight.has_value()) {
+    in.class_weight = checked_float_vector(op, "class_weight", *class_weight, logits, "C", num_classes);
+  }
+  if (grad_loss != nullptr) {
+    in.grad_loss = checked_float_vector(op, "grad_loss", *grad_loss, logits, "N", n);
+  }
+
+  LossArgs& a = in.args;
+  a.logits = in.logits.data_ptr();
+  a.row_stride = in.logits.stride(0);
+  a.num_rows = n;
+  a.num_classes = num_classes;
+  a.logits_dtype = dtype;
+  a.target = in.target.data_ptr();
+  a.target_is_int64 = in.target.scalar_type() == at::kLong;
+  a.class_weight = in.class_weight.defined() ? in.class_weight.data_ptr<float>() : nullptr;
+  a.grad_loss = in.grad_loss.defined() ? in.grad_loss.data_ptr<float>() : nullptr;
+  a.ignore_index = ignore_index;
+  Backend::check_values(op, a);
+  return in;
+}
+
+// The ops of family F on Backend, with the signatures of their schemas (csrc/cbkernels.cpp).
+template <typename Backend, Family F>
+struct LossOps {
+
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& class_weight,
+                                                    double hyperparameter, int64_t ignore_index, bool with_grad) {
+    const OpName op{family_info(F).forward, Backend::kTag};
+    CheckedInputs in = checked(op, hyperparameter, logits, target, class_weight, nullptr, ignore_index);
+    const typename Backend::Launch launch(op, in.args, in.logits);
+    const int64_t n = in.args.num_rows;
+    at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
+    at::Tensor grad = with_grad ? at::empty({n, in.args.num_classes}, logits.options())
+                                : at::empty({0}, logits.options());
+    in.args.loss = loss.data_ptr<float>();
+    in.args.grad = with_grad ? grad.data_ptr() : nullptr;
+    launch(F, in.args);
+    return {loss, grad};
+  }
+
+  static at::Tensor backward(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
+                             double hyperparameter, int64_t ignore_index) {
+    const OpName op{family_info(F).backward, Backend::kTag};
+    CheckedInputs in = checked(op, hyperparameter, logits, target, class_weight, &grad_loss, ignore_index);
+    const typename Backend::Launch launch(op, in.args, in.logits);
+    at::Tensor grad = at::empty({in.args.num_rows, in.args.num_classes}, logits.options());
+    in.args.loss = nullptr;
+    in.args.grad = grad.data_ptr();
+    launch(F, in.args);
+    return grad;
+  }
+
+ private:
+  // The hyperparameter is checked first: a bad value is refused whatever the tensors are.
+  static CheckedInputs checked(OpName op, double hyperparameter, const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
+                               int64_t ignore_index) {
+    const float value = checked_hyperparameter(F, op, hyperparameter);
+    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index);
+    in.args.*family_info(F).hyperparameter = value;
+    return in;
+  }
+};
+
+// Registers the four ops of Backend in a TORCH_LIBRARY_IMPL(cbkernels, <dispatch key>, m) block.
+template <typename Backend, Family F>
+void register_family_ops(torch::Library& m) {
+  m.impl(family_info(F).forward, &LossOps<Backend, F>::forward);
+  m.impl(family_info(F).backward, &LossOps<Backend, F>::backward);
+}
+
+template <typename Backend>
+void register_loss_ops(torch::Library& m) {
+  register_family_ops<Backend, Family::kSigmoidFocal>(m);
+  register_family_ops<Backend, Family::kSoftmaxCe>(m);
+}
+
+}  // namespace cbkernels
