@@ -131,7 +131,18 @@ def _row_setup(logits, target, class_weight, class_start, num_classes, ignore_in
     return z, valid, owned, local, alpha
 
 
-class _SoftmaxParallel(torch.autograd.Function):
+class _FusedParallel(torch.autograd.Function):
+    """The "fused" strategy: forward saves d loss_i / d z of its shard (the subclass's forward) and backward
+    scales row i by the upstream gradient; the other inputs get no gradient."""
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        grad_logits = (grad * grad_rows.to(grad.dtype).unsqueeze(1)).to(ctx.logits_dtype)
+        return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+class _SoftmaxParallel(_FusedParallel):
     @staticmethod
     def forward(ctx, logits, target, class_weight, class_start, num_classes, eps, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
@@ -176,12 +187,9 @@ class _SoftmaxParallel(torch.autograd.Function):
         ctx.logits_dtype = logits.dtype
         return rows
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        return _scaled_grad(ctx, grad_rows), None, None, None, None, None, None, None
 
 
-class _FocalParallel(torch.autograd.Function):
+class _FocalParallel(_FusedParallel):
     @staticmethod
     def forward(ctx, logits, target, class_weight, class_start, num_classes, gamma, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
@@ -214,9 +222,6 @@ class _FocalParallel(torch.autograd.Function):
         ctx.logits_dtype = logits.dtype
         return rows
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        return _scaled_grad(ctx, grad_rows), None, None, None, None, None, None, None
 
 
 def _times_t(x, owned, local):
@@ -233,12 +238,6 @@ def _times_t(x, owned, local):
 def _scale_valid_rows_(grad, alpha, valid):
     """grad * alpha_y per row, in place, and exactly 0 on ignored rows (masked_fill: their NaNs do not leak)."""
     return grad.mul_(alpha.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)
-
-
-def _scaled_grad(ctx, grad_rows):
-    """The "fused" strategy: forward formed d loss_i / d z; backward scales row i by the upstream gradient."""
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_rows.to(grad.dtype).unsqueeze(1)).to(ctx.logits_dtype)
 
 
 # The class-parallel implementation of each kernel family of the registry (losses.FAMILIES).

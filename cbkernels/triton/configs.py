@@ -61,30 +61,22 @@ DTYPE_GROUPS = ("fp32", "half")  # half: float16 and bfloat16 (same bytes per el
 
 # TABLE[family][dtype group]: rows (c_max, config), C ascending; the first row with C <= c_max applies,
 # the last row (c_max None) covers everything larger.
+# Small C: several rows per program, so that a program still moves a useful amount of data.
+_SMALL_C = [
+    (64, LaunchConfig(block=64, rows=32, num_warps=4)),
+    (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+]
+# The sigmoid family streams the row in tiles in one pass, so one configuration serves both dtype groups.
+_SIGMOID_ROWS = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8))]
 TABLE = {
-    "sigmoid_focal": {
-        "fp32": [
-            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
-            (None, LaunchConfig(block=2048, rows=1, num_warps=8)),
-        ],
-        "half": [
-            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
-            (None, LaunchConfig(block=2048, rows=1, num_warps=8)),
-        ],
-    },
+    "sigmoid_focal": {"fp32": _SIGMOID_ROWS, "half": _SIGMOID_ROWS},
     "softmax_ce": {
-        "fp32": [
-            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+        "fp32": _SMALL_C + [
             (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
             (8192, LaunchConfig(block=8192, rows=1, num_warps=16)),
             (None, LaunchConfig(block=4096, rows=1, num_warps=16)),
         ],
-        "half": [
-            (64, LaunchConfig(block=64, rows=32, num_warps=4)),
-            (512, LaunchConfig(block=512, rows=4, num_warps=4)),
+        "half": _SMALL_C + [
             (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
             (16384, LaunchConfig(block=16384, rows=1, num_warps=32)),
             (None, LaunchConfig(block=4096, rows=1, num_warps=16)),

@@ -162,6 +162,21 @@ def _focal_tile(logits_ptr, grad_ptr, idx, mask, store_mask, a, y, valid, coef, 
 
 
 @triton.jit
+def _program_rows(target_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+                  VEC: tl.constexpr):
+    """This program's ROWS rows: (rows, row_mask, y, valid, alpha, a, b, a_up, b_dn).
+
+    Padding rows past N recompute row N - 1 (their stores are masked by row_mask), so no load needs a
+    row mask; _row_setup and _row_ranges give the per-row target data and column ranges."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    y, valid, alpha = _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+    a, b, a_up, b_dn = _row_ranges(rows, C, VEC)
+    return rows, row_mask, y, valid, alpha, a, b, a_up, b_dn
+
+
+@triton.jit
 def sigmoid_focal_kernel(
     logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
     N, C, gamma, ignore_index,
@@ -170,14 +185,11 @@ def sigmoid_focal_kernel(
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     """loss_i = alpha_y sum_c term_c; grad_ic = (grad_loss_i) alpha_y t_c dterm/du. Logits read once."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1)  # padding rows recompute row N-1 (stores are masked): loads need no row mask
-    y, valid, alpha = _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+    rows, row_mask, y, valid, alpha, a, b, a_up, b_dn = _program_rows(target_ptr, weight_ptr, N, C, ignore_index,
+                                                                      HAS_WEIGHT, ROWS, VEC)
     coef = alpha
     if SCALE_GRAD:
         coef = alpha * tl.load(grad_loss_ptr + rows)
-    a, b, a_up, b_dn = _row_ranges(rows, C, VEC)
     cols0 = tl.arange(0, BLOCK)[None, :]
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(0, C, BLOCK):  # body: b_dn - a_up <= C
@@ -242,11 +254,8 @@ def softmax_ce_kernel(
     logits are read once.
     NaN: if a max-reduction drops a NaN, exp(NaN - m) still makes s (hence lse, loss, grad) NaN.
     """
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1)  # padding rows recompute row N-1 (stores are masked): loads need no row mask
-    y, valid, alpha = _row_setup(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
-    a, b, a_up, b_dn = _row_ranges(rows, C, VEC)
+    rows, row_mask, y, valid, alpha, a, b, a_up, b_dn = _program_rows(target_ptr, weight_ptr, N, C, ignore_index,
+                                                                      HAS_WEIGHT, ROWS, VEC)
     cols0 = tl.arange(0, BLOCK)[None, :]
     e_idx, e_mask = _edge_tile(a, b, a_up, b_dn, VEC)
     z_e = tl.load(logits_ptr + e_idx, mask=e_mask, other=float("-inf")).to(tl.float32)
