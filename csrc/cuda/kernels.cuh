@@ -226,23 +226,26 @@ __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || is
 // shift 0 the -inf elements contribute exp(-inf) = 0).
 __device__ __forceinline__ float lse_shift(float m) { return m == -CUDART_INF_F ? 0.f : m; }
 
-// Online log-sum-exp state of a set of logits: m = max, s = sum exp(z - lse_shift(m)), sz = sum z.
+// Online log-sum-exp state of a set of logits: m = max, s = sum exp(z - lse_shift(m)), sr = the same sum
+// over the columns other than the row's target (docs/math.md, section 7: 1 - p_y = sr / s keeps its
+// relative precision when p_y -> 1, where s - exp(z_y - m) would cancel), sz = sum z.
 struct Lse {
-  float m, s, sz;
+  float m, s, sr, sz;
 };
 
 __device__ __forceinline__ Lse lse_merge(const Lse& a, const Lse& b) {
   const float m = nan_max(a.m, b.m);
   const float shift = lse_shift(m);
-  return {m, a.s * expf(a.m - shift) + b.s * expf(b.m - shift), a.sz + b.sz};
+  const float ra = expf(a.m - shift), rb = expf(b.m - shift);
+  return {m, a.s * ra + b.s * rb, a.sr * ra + b.sr * rb, a.sz + b.sz};
 }
 
 __device__ __forceinline__ Lse group_lse(Lse v, int tpr, int group) {
-  __shared__ float pm[kMaxWarps], ps[kMaxWarps], pz[kMaxWarps];
+  __shared__ float pm[kMaxWarps], ps[kMaxWarps], psr[kMaxWarps], pz[kMaxWarps];
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const Lse o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset),
-                __shfl_xor_sync(0xffffffffu, v.sz, offset)};
+                __shfl_xor_sync(0xffffffffu, v.sr, offset), __shfl_xor_sync(0xffffffffu, v.sz, offset)};
     v = lse_merge(v, o);
   }
   if (tpr == 32) return v;
@@ -250,12 +253,13 @@ __device__ __forceinline__ Lse group_lse(Lse v, int tpr, int group) {
     const int w = threadIdx.x >> 5;
     pm[w] = v.m;
     ps[w] = v.s;
+    psr[w] = v.sr;
     pz[w] = v.sz;
   }
   __syncthreads();
   const int warps = tpr >> 5, first = group * warps;
-  Lse r{pm[first], ps[first], pz[first]};
-  for (int i = 1; i < warps; ++i) r = lse_merge(r, Lse{pm[first + i], ps[first + i], pz[first + i]});
+  Lse r{pm[first], ps[first], psr[first], pz[first]};
+  for (int i = 1; i < warps; ++i) r = lse_merge(r, Lse{pm[first + i], ps[first + i], psr[first + i], pz[first + i]});
   __syncthreads();
   return r;
 }
@@ -372,15 +376,18 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
 }
 
 // ---- softmax cross entropy with label smoothing eps ------------------------------------------------------
-// With m = max z, s = sum exp(z - m), lse = m + log s:
-//   loss = alpha (lse - (1 - eps) z_y - eps/C sum z) = alpha (log s + (1 - eps)(m - z_y) + eps (m - mean z))
-//   grad = coef (exp(z - m) / s - (1 - eps)[c == y] - eps/C)
-// The second loss form keeps m - z_y exact-ish (one rounding) instead of subtracting two large numbers, and
-// exp(z - m) / s avoids rounding lse (|m| ulp) inside the exponent. The eps term is skipped when eps == 0
-// (eps * sum z would be 0 * inf = NaN for an infinite logit the reference never multiplies).
+// With m = max z, s = sum exp(z - m) = sr + exp(z_y - m), lse = m + log s (docs/math.md, sections 6-7):
+//   loss = alpha (lse - (1 - eps) z_y - eps/C sum z) = alpha ((lse - z_y) + eps (z_y - mean z))
+//   grad = coef (exp(z - m) / s - (1 - eps)[c == y] - eps/C), and at c = y: coef (eps - eps/C - sr / s)
+// lse - z_y = log(s) - d = log1p(sr exp(-d)) with d = z_y - m <= 0: a confident row's s = 1 + sr rounds to
+// 1 in float and log(s) - d to 0, where log1p keeps sr. Below d = -16 (p_y < 1.2e-7, a loss above 16) the
+// plain form is exact enough and exp(-d) could overflow. exp(z - m) / s avoids rounding lse (|m| ulp)
+// inside the exponent. The eps term is skipped when eps == 0 (eps * sum z would be 0 * inf = NaN for an
+// infinite logit the reference never multiplies).
 __device__ __forceinline__ float softmax_row_loss(const Lse& t, float z_y, float eps, int64_t c) {
-  float v = logf(t.s) + (1.f - eps) * (t.m - z_y);
-  if (eps != 0.f) v += eps * (t.m - t.sz / static_cast<float>(c));
+  const float d = z_y - t.m;
+  float v = d > -16.f ? log1pf(t.sr * expf(-d)) : logf(t.s) - d;
+  if (eps != 0.f) v += eps * (z_y - t.sz / static_cast<float>(c));
   return v;
 }
 
@@ -394,14 +401,10 @@ __device__ __forceinline__ void write_softmax_loss(const LossArgs& a, const Thre
   }
 }
 
-// The target distribution at a column: (1 - eps) [c == y] + eps / C.
-struct Smoothing {
-  float on, off;
-};
-
-__device__ __forceinline__ Smoothing smoothing(float eps, int64_t c) {
-  const float off = eps / static_cast<float>(c);
-  return {(1.f - eps) + off, off};
+// The smoothed target distribution is (1 - eps) [c == y] + off with off = eps / C. Its gradient at the
+// target column, p_y - (1 - eps) - off = (eps - off) - sr / s, is formed without the cancellation of p_y - 1.
+__device__ __forceinline__ float target_gradient(const Lse& t, float inv_s, float eps, float off) {
+  return (eps - off) - t.sr * inv_s;
 }
 
 // Rows of any length: pass 1 reads the row into the online (m, s, sum z); pass 2 (Write) reads it again
@@ -411,8 +414,8 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
   const ThreadRow<E, VEC, Write> row = thread_row<E, VEC, Write>(a, tpr);
   const float eps = a.label_smoothing;
 
-  Lse acc{-CUDART_INF_F, 0.f, 0.f};
-  auto accumulate = [&](int64_t, const auto& z, auto&) {
+  Lse acc{-CUDART_INF_F, 0.f, 0.f, 0.f};
+  auto accumulate = [&](int64_t col, const auto& z, auto&) {
     constexpr int K = ExtentOf<decltype(z)>::value;
     float cm = z[0];
 #pragma unroll
@@ -420,14 +423,18 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
     const float m = nan_max(acc.m, cm);
     const float shift = lse_shift(m);
     // Rescale only when the max moved (NaN != NaN, so a NaN max also rescales, to NaN).
-    float s = m == acc.m ? acc.s : acc.s * expf(acc.m - shift);
+    const float rescale = expf(acc.m - shift);
+    float s = m == acc.m ? acc.s : acc.s * rescale;
+    float sr = m == acc.m ? acc.sr : acc.sr * rescale;
     float sz = acc.sz;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      s += expf(z[j] - shift);
+      const float e = expf(z[j] - shift);
+      s += e;
+      sr += col + j == row.r.y ? 0.f : e;
       sz += z[j];
     }
-    acc = Lse{m, s, sz};
+    acc = Lse{m, s, sr, sz};
   };
   visit_row<E, VEC, false>(row.x, nullptr, row.span, row.at.tid, tpr, accumulate);
   const Lse t = group_lse(acc, tpr, row.at.group);
@@ -436,18 +443,28 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
   if (Write) {
     if (row.r.kind == kCompute) {
       const float inv_s = 1.f / t.s;
-      const Smoothing target = smoothing(eps, a.num_classes);
+      const float off = eps / static_cast<float>(a.num_classes);
+      const float g_y = target_gradient(t, inv_s, eps, off);
       auto gradient = [&](int64_t col, const auto& z, auto& out) {
         constexpr int K = ExtentOf<decltype(z)>::value;
 #pragma unroll
         for (int j = 0; j < K; ++j)
-          out[j] = row.r.coef * (expf(z[j] - t.m) * inv_s - (col + j == row.r.y ? target.on : target.off));
+          out[j] = row.r.coef * (col + j == row.r.y ? g_y : expf(z[j] - t.m) * inv_s - off);
       };
       visit_row<E, VEC, true>(row.x, row.g, row.span, row.at.tid, tpr, gradient);
     } else if (row.r.kind != kNoRow) {
       fill_row<E>(row.g, a.num_classes, row.r.kind == kIgnored ? 0.f : CUDART_NAN_F, row.at.tid, tpr);
     }
   }
+}
+
+// Whether this thread's share of the row (visit_row's split: head element tid, body vectors tid, tid + tpr,
+// ..., tail element tid) holds column col.
+template <typename E, int VEC, bool Write>
+__device__ __forceinline__ bool holds_column(const ThreadRow<E, VEC, Write>& row, int tpr, int64_t col) {
+  if (col < row.span.head) return col == row.at.tid;
+  if (col >= row.span.tail_start) return col - row.span.tail_start == row.at.tid;
+  return ((col - row.span.head) / VEC) % tpr == row.at.tid;
 }
 
 // Rows of at most kCachedElemsPerThread * tpr columns, gradient always written: the row is loaded once
@@ -467,8 +484,8 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(LossArgs a,
   // Absent slots hold -inf: they leave the max alone and add exp(-inf) = 0 to s; sum z skips them.
   const bool has_head = row.at.tid < row.span.head;
   const bool has_tail = row.at.tid < row.span.len - row.span.tail_start;
-  const float zh = has_head ? E::load(row.x[row.at.tid]) : -CUDART_INF_F;
-  const float zt = has_tail ? E::load(row.x[row.span.tail_start + row.at.tid]) : -CUDART_INF_F;
+  float zh = has_head ? E::load(row.x[row.at.tid]) : -CUDART_INF_F;
+  float zt = has_tail ? E::load(row.x[row.span.tail_start + row.at.tid]) : -CUDART_INF_F;
   float z[KV][VEC];
 #pragma unroll
   for (int k = 0; k < KV; ++k) {
@@ -482,30 +499,57 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(LossArgs a,
   }
 
   float m = nan_max(zh, zt);
-#pragma unroll
-  for (int k = 0; k < KV; ++k)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m = nan_max(m, z[k][j]);
-  const float shift = lse_shift(m);
-  float s = expf(zh - shift) + expf(zt - shift);
   float sz = (has_head ? zh : 0.f) + (has_tail ? zt : 0.f);
 #pragma unroll
   for (int k = 0; k < KV; ++k) {
     const bool present = row.at.tid + static_cast<int64_t>(k) * tpr < row.span.nvec;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      s += expf(z[k][j] - shift);
+      m = nan_max(m, z[k][j]);
       sz += present ? z[k][j] : 0.f;
     }
   }
-  const Lse t = group_lse(Lse{m, s, sz}, tpr, row.at.group);
+  const float shift = lse_shift(m);
+  // The one thread that holds the target column moves its value out of the cached row (to -inf, which adds
+  // exp(-inf) = 0), so the sums below are sr, the sum over the other columns, on every thread: a fix-up
+  // once per row instead of a select on every element. The gradient never reads the target's cached value.
+  float z_y = -CUDART_INF_F;
+  if (row.r.kind == kCompute && holds_column(row, tpr, row.r.y)) {
+    if (has_head && row.at.tid == row.r.y) {
+      z_y = zh;
+      zh = -CUDART_INF_F;
+    }
+    if (has_tail && row.span.tail_start + row.at.tid == row.r.y) {
+      z_y = zt;
+      zt = -CUDART_INF_F;
+    }
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int64_t col = row.span.head + (row.at.tid + static_cast<int64_t>(k) * tpr) * VEC;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (col + j == row.r.y) {
+          z_y = z[k][j];
+          z[k][j] = -CUDART_INF_F;
+        }
+      }
+    }
+  }
+  float sr = expf(zh - shift) + expf(zt - shift);
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sr += expf(z[k][j] - shift);
+  const float s = sr + expf(z_y - shift);
+  const Lse t = group_lse(Lse{m, s, sr, sz}, tpr, row.at.group);
 
   write_softmax_loss(a, row, t);
   if (row.r.kind == kCompute) {
     const float inv_s = 1.f / t.s;
-    const Smoothing target = smoothing(eps, a.num_classes);
+    const float off = eps / static_cast<float>(a.num_classes);
+    const float g_y = target_gradient(t, inv_s, eps, off);
     auto grad_at = [&](float zc, int64_t col) {
-      return row.r.coef * (expf(zc - t.m) * inv_s - (col == row.r.y ? target.on : target.off));
+      return row.r.coef * (col == row.r.y ? g_y : expf(zc - t.m) * inv_s - off);
     };
     if (has_head) row.g[row.at.tid] = E::store(grad_at(zh, row.at.tid));
 #pragma unroll
