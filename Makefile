@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.cbkernels-installed
 TRITON_PIN := triton==3.8.0
 
-.PHONY: venv build test demo bench gpu-check clean
+.PHONY: venv build test demo bench wheel-check gpu-check clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: build
 
 bench: build
 	$(VPY) -m cbkernels bench --preset inat
+
+# A wheel of the project installed into a fresh venv beside the CPU torch, smoke-tested from outside the tree.
+wheel-check: build
+	bash tools/wheel_check.sh $(VPY)
 
 # On a lent GPU machine (see tools/gpu_check.sh): build with CUDA, GPU tests, benchmark, sweeps -> $$OUT.
 gpu-check:
