@@ -163,3 +163,9 @@ def test_bad_backward_strategy_through_the_public_losses(kernel_backend, monkeyp
     with pytest.raises(ValueError, match="CBKERNELS_BACKWARD"):
         module.to(kernel_backend.device)(x, t)
     assert x.grad is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA device")
+def test_no_backend_but_reference_on_cuda_without_a_cuda_device():
+    # Under TRITON_INTERPRET=1 (set by conftest.py here) Triton runs on CPU tensors, not on a CUDA device.
+    assert cb.available_backends("cuda") == ["reference"]

@@ -125,3 +125,14 @@ def test_speed_table_comes_from_the_bench_package(monkeypatch):
         assert f"### {loss}" in table
     for name in names:
         assert f"| {name} |" in table
+
+
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    import cbkernels.demo as demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    assert demo.main(["--quick"]) == 2
+    assert 'the demo needs sklearn: pip install "cbkernels[demo]"' in capsys.readouterr().err

@@ -131,6 +131,28 @@ def _all_cases(rank, world, seed):
                         elementwise=True)
 
 
+def _check_confident_softmax(rank, layout):
+    """Rows whose target leads every other logit by 30 (p_y = 1 - ~1e-12 in float32): the loss and the
+    true-class gradient are tiny but not 0, as on a single device (docs/math.md, section 7)."""
+    c, start = sum(layout), sum(layout[:rank])
+    target = torch.tensor([0, c - 1, c // 2, 1])
+    logits = torch.zeros(4, c, dtype=torch.float64)
+    logits[torch.arange(4), target] = 30.0
+    logits[3] = torch.linspace(-3.0, 3.0, c, dtype=torch.float64)  # and a row that is not confident
+    logits[3, 1] = 33.0
+    spec = losses.loss("softmax")
+    upstream = torch.ones(4, dtype=torch.float64)
+    local = logits[:, start:start + layout[rank]].float()
+    got_loss, got_grad = _loss_and_grad(spec, local, target, None, "none", {}, upstream, True, class_start=start,
+                                        num_classes=c)
+    ref_loss, ref_grad = _loss_and_grad(spec, logits, target, None, "none", {}, upstream, False)
+    where = f"rank={rank} layout={layout}"
+    assert (got_loss[:3] > 0).all(), f"confident rows lost their loss: {got_loss} ({where})"
+    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=1e-5, atol=0, msg=lambda m: f"{where}\n{m}")
+    torch.testing.assert_close(got_grad.double(), ref_grad[:, start:start + layout[rank]], rtol=1e-5, atol=0,
+                               msg=lambda m: f"grad: {where}\n{m}")
+
+
 def _check_errors(rank, world):
     layout = LAYOUTS[world][0]
     c, start = sum(layout), sum(LAYOUTS[world][0][:rank])
@@ -176,6 +198,8 @@ def _worker(rank, world, port, seed):
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         _all_cases(rank, world, seed)
+        for layout in LAYOUTS[world]:
+            _check_confident_softmax(rank, layout)
         _check_errors(rank, world)
         _check_counts(rank, world, seed)
         dist.barrier()
