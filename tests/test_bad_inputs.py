@@ -1,9 +1,12 @@
 """Bad input gives a clear error naming the argument, and nothing is written.
 
-Every public entry point (the three functional losses and ClassBalancedLoss) on every backend that
-cbkernels.available_backends("cpu") reports at run time, then the raw torch.ops.cbkernels ops of the C++
-extension (when built): they are reachable without functional.py's checks, so they must re-check and
-raise, never crash or read out of bounds (tools/asan_check.sh runs this file under AddressSanitizer).
+Every public entry point (the functional loss of each registered loss and ClassBalancedLoss) on every
+backend pair (the `backend` fixture of conftest.py; CUDA pairs carry pytest.mark.gpu), then the raw
+torch.ops.cbkernels ops of the C++ extension (when built): they are reachable without functional.py's
+checks, so they must re-check and raise, never crash or read out of bounds (tools/asan_check.sh runs
+this file under AddressSanitizer). Out-of-range target VALUES raise a RuntimeError on CPU tensors only:
+on a CUDA device they are a device-side assert that ends the CUDA context (docs/guarantees.md), so those
+cases are left out on pairs whose BackendCase.bad_target_raises is False.
 
 "Nothing written": the logits are a leaf whose .grad holds a sentinel before the call; after the error
 the same .grad object holds the same values and no input tensor has changed.
@@ -17,23 +20,32 @@ import pytest
 import torch
 
 import cbkernels as cb
-from cbkernels import _ops, reference
+from cases import assert_grad_close, assert_loss_close
+from cbkernels import _ops, losses, reference
 
-BACKENDS = cb.available_backends("cpu")
 N, C = 4, 5
-CALLERS = {
-    "softmax": lambda x, t, w=None, **k: cb.cb_softmax_cross_entropy(x, t, w, **k),
-    "sigmoid": lambda x, t, w=None, **k: cb.cb_sigmoid_cross_entropy(x, t, w, **k),
-    "focal": lambda x, t, w=None, **k: cb.cb_focal_loss(x, t, w, **k),
-    "module": lambda x, t, w=None, **k: cb.ClassBalancedLoss([40, 20, 9, 3, 1], "focal", **k)(x, t),
-}
 
 
-def _inputs(dtype=torch.float32):
+def _function(spec):
+    fn = getattr(cb, spec.function)
+    return lambda x, t, w=None, **k: fn(x, t, w, **k)
+
+
+def _module(x, t, w=None, **k):
+    device = x.device if isinstance(x, torch.Tensor) else "cpu"  # (a case hands it a list)
+    return cb.ClassBalancedLoss([40, 20, 9, 3, 1], **k).to(device)(x, t)  # its default loss_type
+
+
+# Each registered loss's public function (by loss name), and the module.
+CALLERS = {**{spec.name: _function(spec) for spec in losses.LOSSES}, "module": _module}
+FUNCTIONS = [spec.name for spec in losses.LOSSES]
+
+
+def _inputs(dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, C, generator=g).to(dtype).requires_grad_(True)
+    x = torch.randn(N, C, generator=g).to(dtype).to(device).requires_grad_(True)
     x.grad = torch.full_like(x, 7.0)  # sentinel: a failing call must leave it alone
-    return x, torch.tensor([0, 4, 2, 1]), torch.rand(C, generator=g) + 0.5
+    return x, torch.tensor([0, 4, 2, 1], device=device), (torch.rand(C, generator=g) + 0.5).to(device)
 
 
 def _assert_untouched(snapshots):
@@ -50,6 +62,11 @@ def _expect_error(fn, exc, match, x, t, w):
     _assert_untouched(snapshots)
 
 
+def _on(x, values, dtype=torch.int64):
+    """A target tensor on the logits' device."""
+    return torch.tensor(values, dtype=dtype, device=x.device)
+
+
 # (id, transform(x, t, w) -> (x, t, w, kwargs), exception, message must match); applies to every caller.
 COMMON_CASES = [
     ("logits_rank1", lambda x, t, w: (x[0], t, w, {}), ValueError, r"logits must have shape \(N, C\)"),
@@ -62,12 +79,11 @@ COMMON_CASES = [
     ("target_bool", lambda x, t, w: (x, t > 1, w, {}), TypeError, "target must hold class indices"),
     ("target_uint8", lambda x, t, w: (x, t.to(torch.uint8), w, {}), TypeError, "target must hold class indices"),
     ("target_meta", lambda x, t, w: (x, t.to("meta"), w, {}), ValueError, "target is on meta"),
-    ("target_eq_C", lambda x, t, w: (x, torch.tensor([0, 1, 2, C]), w, {}), RuntimeError, "target"),
-    ("target_negative", lambda x, t, w: (x, torch.tensor([0, -1, 2, 3]), w, {}), RuntimeError, "target"),
-    ("target_below_ignore", lambda x, t, w: (x, torch.tensor([0, -101, 2, 3]), w, {}), RuntimeError, "target"),
-    ("target_huge_int64", lambda x, t, w: (x, torch.tensor([0, 2**40, 2, 3]), w, {}), RuntimeError, "target"),
-    ("target_int32_eq_C", lambda x, t, w: (x, torch.tensor([C, 1, 2, 3], dtype=torch.int32), w, {}),
-     RuntimeError, "target"),
+    ("target_eq_C", lambda x, t, w: (x, _on(x, [0, 1, 2, C]), w, {}), RuntimeError, "target"),
+    ("target_negative", lambda x, t, w: (x, _on(x, [0, -1, 2, 3]), w, {}), RuntimeError, "target"),
+    ("target_below_ignore", lambda x, t, w: (x, _on(x, [0, -101, 2, 3]), w, {}), RuntimeError, "target"),
+    ("target_huge_int64", lambda x, t, w: (x, _on(x, [0, 2**40, 2, 3]), w, {}), RuntimeError, "target"),
+    ("target_int32_eq_C", lambda x, t, w: (x, _on(x, [C, 1, 2, 3], torch.int32), w, {}), RuntimeError, "target"),
     ("reduction_avg", lambda x, t, w: (x, t, w, {"reduction": "avg"}), ValueError, "reduction must be one of"),
     ("reduction_none_obj", lambda x, t, w: (x, t, w, {"reduction": None}), ValueError, "reduction must be one of"),
     ("backend_tpu", lambda x, t, w: (x, t, w, {"backend": "tpu"}), ValueError, "backend must be one of"),
@@ -77,7 +93,8 @@ COMMON_CASES = [
 # Only for callers that take class_weight (the module builds its own).
 WEIGHT_CASES = [
     ("weight_short", lambda x, t, w: (x, t, w[:4], {}), ValueError, r"class_weight must have shape \(C,\) = \(5,\)"),
-    ("weight_long", lambda x, t, w: (x, t, torch.ones(C + 1), {}), ValueError, r"class_weight must have shape"),
+    ("weight_long", lambda x, t, w: (x, t, torch.ones(C + 1, device=x.device), {}), ValueError,
+     r"class_weight must have shape"),
     ("weight_rank2", lambda x, t, w: (x, t, w.unsqueeze(0), {}), ValueError, r"class_weight must have shape"),
     ("weight_int", lambda x, t, w: (x, t, w.long(), {}), TypeError, "class_weight must be a floating-point"),
     ("weight_meta", lambda x, t, w: (x, t, w.to("meta"), {}), ValueError, "class_weight is on meta"),
@@ -87,37 +104,48 @@ WEIGHT_CASES = [
 ]
 
 
-def _cases(caller):
-    return COMMON_CASES + (WEIGHT_CASES if caller != "module" else [])
+TARGET_VALUE_CASES = {case[0] for case in COMMON_CASES if case[2] is RuntimeError}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _cases(caller, backend):
+    cases = COMMON_CASES + (WEIGHT_CASES if caller != "module" else [])
+    if not backend.bad_target_raises:  # a device-side assert would end the CUDA context
+        cases = [case for case in cases if case[0] not in TARGET_VALUE_CASES]
+    return cases
+
+
 @pytest.mark.parametrize("caller", sorted(CALLERS))
-def test_bad_input_names_the_argument_and_writes_nothing(caller, backend):
-    for case_id, transform, exc, match in _cases(caller):
-        x, t, w = _inputs()
+def test_bad_input_names_the_argument_and_writes_nothing(backend, caller):
+    for case_id, transform, exc, match in _cases(caller, backend):
+        x, t, w = _inputs(device=backend.device)
         bx, bt, bw, kwargs = transform(x, t, w)
-        kwargs.setdefault("backend", backend)
+        kwargs.setdefault("backend", backend.name)
         try:
             _expect_error(lambda: CALLERS[caller](bx, bt, bw, **kwargs), exc, match, x, t, w)
         except (AssertionError, pytest.fail.Exception) as err:
             raise AssertionError(f"case {case_id!r}: {err}") from err
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Refused by every hyperparameter's check (gamma: finite >= 0; label_smoothing: in [0, 1]).
+BAD_HYPERPARAMETER_VALUES = (-0.5, -1e-12, math.nan, math.inf, "2", True)
+
+
 def test_bad_scalars_name_the_argument(backend):
-    x, t, w = _inputs()
-    for gamma in (-0.5, -1e-12, math.nan, math.inf, "2", True):
-        _expect_error(lambda: cb.cb_focal_loss(x, t, w, gamma=gamma, backend=backend), ValueError, "gamma", x, t, w)
-    for eps in (-0.1, 1.0000001, math.nan, "0.1"):
-        _expect_error(lambda: cb.cb_softmax_cross_entropy(x, t, w, label_smoothing=eps, backend=backend),
-                      ValueError, "label_smoothing", x, t, w)
+    x, t, w = _inputs(device=backend.device)
+    checked = 0
+    for spec in losses.LOSSES:
+        for h in spec.hyperparameters:
+            for value in BAD_HYPERPARAMETER_VALUES:
+                _expect_error(lambda: CALLERS[spec.name](x, t, w, backend=backend.name, **{h.name: value}),
+                              ValueError, h.name, x, t, w)
+                checked += 1
+    assert checked, "no registered loss has a hyperparameter"
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_kernel_backend_rejects_float64_logits(backend):
-    x, t, w = _inputs(torch.float64)
-    _expect_error(lambda: cb.cb_focal_loss(x, t, w, backend=backend), TypeError, "float64", x, t, w)
+@pytest.mark.parametrize("caller", FUNCTIONS)
+def test_kernel_backend_rejects_float64_logits(kernel_backend, caller):
+    x, t, w = _inputs(torch.float64, kernel_backend.device)
+    _expect_error(lambda: CALLERS[caller](x, t, w, backend=kernel_backend.name), TypeError, "float64", x, t, w)
 
 
 COUNTS = [40, 20, 9, 3, 1]
@@ -153,51 +181,50 @@ def test_class_balanced_loss_empty_class_error_names_the_argument():
         cb.ClassBalancedLoss([40, 0, 9, 0, 1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_class_balanced_loss_wrong_number_of_classes(backend):
-    loss = cb.ClassBalancedLoss(COUNTS[:4], backend=backend)
-    x, t, _ = _inputs()
+    loss = cb.ClassBalancedLoss(COUNTS[:4], backend=backend.name).to(backend.device)
+    x, t, _ = _inputs(device=backend.device)
     _expect_error(lambda: loss(x, t), ValueError, r"shape \(C,\) = \(5,\)", x, t, None)
 
 
 # --- class_weight values: not checked (no host read); NaN propagates to its class's rows, never silently.
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("caller", ["softmax", "sigmoid", "focal"])
-def test_nan_class_weight_poisons_exactly_its_rows(caller, backend):
-    x, t, w = _inputs()
+@pytest.mark.parametrize("caller", FUNCTIONS)
+def test_nan_class_weight_poisons_exactly_its_rows(backend, caller):
+    x, t, w = _inputs(device=backend.device)
     w[4] = math.nan  # rows whose target is 4: row 1 only
     xk = x.detach().clone().requires_grad_(True)
-    loss = CALLERS[caller](xk, t, w, reduction="none", backend=backend)
+    loss = CALLERS[caller](xk, t, w, reduction="none", backend=backend.name)
     (grad,) = torch.autograd.grad(loss.sum(), xk)
+    loss, grad = loss.detach().cpu(), grad.cpu()
     assert torch.isnan(loss[1]), "a NaN weight must give a NaN loss for its rows, not a silent number"
     assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
-    ref = CALLERS[caller](x.detach().double(), t, w.double(), reduction="none", backend="reference")
-    torch.testing.assert_close(loss[[0, 2, 3]].double(), ref[[0, 2, 3]], rtol=2e-5, atol=1e-6)
+    ref = CALLERS[caller](x.detach().double().cpu(), t.cpu(), w.double().cpu(), reduction="none", backend="reference")
+    assert_loss_close(loss[[0, 2, 3]], ref[[0, 2, 3]], f"{backend.id} {caller}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("caller", ["softmax", "sigmoid", "focal"])
-def test_negative_class_weight_is_applied_as_given(caller, backend):
+@pytest.mark.parametrize("caller", FUNCTIONS)
+def test_negative_class_weight_is_applied_as_given(backend, caller):
     # Documented behaviour: a negative alpha_y flips the sign of its rows' loss and gradient (the
     # reference's value); it is the caller's responsibility, like F.cross_entropy's weight.
-    x, t, w = _inputs()
+    x, t, w = _inputs(device=backend.device)
     w[4] = -2.0
     xk = x.detach().clone().requires_grad_(True)
-    loss = CALLERS[caller](xk, t, w, reduction="none", backend=backend)
+    loss = CALLERS[caller](xk, t, w, reduction="none", backend=backend.name)
     (gk,) = torch.autograd.grad(loss.sum(), xk)
-    xr = x.detach().double().requires_grad_(True)
-    ref = CALLERS[caller](xr, t, w.double(), reduction="none", backend="reference")
+    xr = x.detach().double().cpu().requires_grad_(True)
+    ref = CALLERS[caller](xr, t.cpu(), w.double().cpu(), reduction="none", backend="reference")
     (gr,) = torch.autograd.grad(ref.sum(), xr)
     assert loss[1] < 0
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(gk.double(), gr, rtol=1e-5, atol=1e-6)
+    assert_loss_close(loss, ref, f"{backend.id} {caller}")
+    assert_grad_close(gk, gr, torch.float32, f"{backend.id} {caller}")
 
 
 # --- the raw C++ ops: their own checks, reached without functional.py's.
 
 needs_cpu_ops = pytest.mark.skipif(not _ops.extension_has_kernel("CPU"), reason="the C++ CPU kernels are not built")
-FAMILIES = {"sigmoid_focal": 0.5, "softmax_ce": 0.1}  # family -> its float parameter (gamma, label smoothing)
+# family -> its float hyperparameters in schema order (each at its largest test value)
+FAMILIES = {family.name: tuple(max(h.test_values) for h in family.hyperparameters) for family in losses.FAMILIES}
 
 
 def _raw_args():
@@ -237,10 +264,11 @@ RAW_BACKWARD_CASES = [
 
 def _call_raw(family, op, a):
     ops = torch.ops.cbkernels
-    param = FAMILIES[family]
+    params = FAMILIES[family]
     if op == "forward":
-        return getattr(ops, f"{family}_forward")(a["logits"], a["target"], a["class_weight"], param, -100, True)
-    return getattr(ops, f"{family}_backward")(a["logits"], a["target"], a["class_weight"], a["grad_loss"], param, -100)
+        return getattr(ops, f"{family}_forward")(a["logits"], a["target"], a["class_weight"], *params, -100, True)
+    return getattr(ops, f"{family}_backward")(a["logits"], a["target"], a["class_weight"], a["grad_loss"], *params,
+                                              -100)
 
 
 @needs_cpu_ops
@@ -260,13 +288,13 @@ def test_raw_ops_reject_bad_arguments(family, op):
 @needs_cpu_ops
 @pytest.mark.parametrize("op", ["forward", "backward"])
 def test_raw_ops_reject_bad_scalars(op, monkeypatch):
-    bad = {"sigmoid_focal": ("gamma", [-0.5, math.nan, math.inf]),
-           "softmax_ce": ("label_smoothing", [-0.1, 1.5, math.nan])}
-    for family, (name, values) in bad.items():
-        for value in values:
-            monkeypatch.setitem(FAMILIES, family, value)
-            with pytest.raises(RuntimeError, match=name):
-                _call_raw(family, op, _raw_args())
+    for family in losses.FAMILIES:
+        good = FAMILIES[family.name]
+        for i, h in enumerate(family.hyperparameters):
+            for value in (-0.5, math.nan, math.inf):  # refused by every hyperparameter's check
+                monkeypatch.setitem(FAMILIES, family.name, good[:i] + (value,) + good[i + 1:])
+                with pytest.raises(RuntimeError, match=h.name):
+                    _call_raw(family.name, op, _raw_args())
 
 
 @needs_cpu_ops
@@ -294,7 +322,8 @@ def test_raw_ops_strided_inputs_are_read_correctly_or_refused(family, op):
             assert name in str(err), f"strided {name} refused without naming it: {err}"
             continue
         dense = _call_raw(family, op, {k: v.contiguous() for k, v in args.items()})
-        for got, want in zip(out if isinstance(out, tuple) else (out,), dense if isinstance(dense, tuple) else (dense,)):
+        as_tuple = (lambda v: v if isinstance(v, tuple) else (v,))
+        for got, want in zip(as_tuple(out), as_tuple(dense)):
             assert torch.equal(got, want), f"strided {name} read wrongly by {family}_{op}"
 
 

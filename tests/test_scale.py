@@ -1,8 +1,10 @@
-"""Scale: N * C > 2^31 elements on the CPU backend, and one row of 10^6 classes on every backend.
+"""Scale: N * C > 2^31 elements on the CPU backend, and one row of 10^6 classes on every backend pair (the
+`backend` fixture: CUDA pairs carry pytest.mark.gpu; Triton's CPU interpreter skips it, over its budget).
 
 The big case, bf16 logits of shape (2, 2^30 + 3), is 2^31 + 6 elements (4.3 GB, plus 4.3 GB of gradient):
 any int32 offset, or an fp32 running sum that stops growing at 2^24, breaks it. The reference cannot
-run at that size, so each row is constant and its loss and gradient have a closed form (float64, below).
+run at that size, so each row is constant and its loss and gradient have a closed form (float64, below;
+checked against the reference at C = 1003 by test_closed_forms_at_small_size).
 It runs with the "recompute" backward so that only one gradient buffer exists (about 9 GB in all).
 """
 import math
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import cbkernels as cb
-from backend_cases import assert_matches_reference, make_inputs
+from cases import call, check_on_configs, loss_cases, make_inputs
 
 HUGE_C = 2**30 + 3
 ROW_VALUES = (0.5, -2.0)  # exact in bf16
@@ -27,13 +29,15 @@ def _softplus(v):
     return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
 
 
-def _softmax_closed_form(a, num_classes):
-    """Constant row: every probability is 1/C, so loss = log C and grad = 1/C - onehot."""
-    return math.log(num_classes), 1.0 / num_classes, 1.0 / num_classes - 1.0
+def _softmax_closed_form(a, num_classes, label_smoothing):
+    """Constant row: every probability is 1/C, so loss = log C (the smoothing term eps (z_y - mean z) is 0)
+    and grad = 1/C - (1 - eps) onehot - eps / C."""
+    eps = label_smoothing
+    return math.log(num_classes), (1.0 - eps) / num_classes, 1.0 / num_classes - (1.0 - eps) - eps / num_classes
 
 
 def _focal_closed_form(a, num_classes, gamma):
-    """Constant row a: the target's u = a, every negative's u = -a (paper-notes section 5)."""
+    """Constant row a: the target's u = a, every negative's u = -a (docs/math.md)."""
 
     def term_and_slope(u):  # term(u) = (1 - p)^gamma softplus(-u) and d term / du
         p, q = _sigmoid(u), _sigmoid(-u)
@@ -45,22 +49,26 @@ def _focal_closed_form(a, num_classes, gamma):
     return target_term + (num_classes - 1) * negative_term, -negative_slope, target_slope
 
 
-@pytest.mark.slow
-@pytest.mark.skipif("cpu" not in cb.available_backends("cpu"), reason="the C++ CPU kernels are not built")
-@pytest.mark.parametrize("loss", ["softmax", "focal"])
-def test_more_than_2_pow_31_elements(loss, monkeypatch):
-    monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute")
-    logits = torch.empty(2, HUGE_C, dtype=torch.bfloat16)
+# Per kernel family: (row value, C, its hyperparameters by name) -> (loss, gradient of a negative class,
+# gradient of the target class).
+CLOSED_FORMS = {"softmax_ce": _softmax_closed_form, "sigmoid_focal": _focal_closed_form}
+
+
+def closed_form(spec, hyper, a, num_classes):
+    assert spec.family.name in CLOSED_FORMS, f"write the closed form of family {spec.family.name!r} here"
+    named = dict(zip((h.name for h in spec.family.hyperparameters), spec.kernel_hyperparameters(hyper)))
+    return CLOSED_FORMS[spec.family.name](a, num_classes, **named)
+
+
+def check_constant_rows(backend, spec, hyper, num_classes, targets):
+    """Rows of constant logits ROW_VALUES (bf16) of width num_classes against the closed forms."""
+    logits = torch.empty(2, num_classes, dtype=torch.bfloat16)
     for row, value in enumerate(ROW_VALUES):
         logits[row].fill_(value)
     logits.requires_grad_(True)
-    target = torch.tensor(TARGETS)
-    if loss == "softmax":
-        rows = cb.cb_softmax_cross_entropy(logits, target, reduction="none", backend="cpu")
-        expected = [_softmax_closed_form(a, HUGE_C) for a in ROW_VALUES]
-    else:
-        rows = cb.cb_focal_loss(logits, target, gamma=0.5, reduction="none", backend="cpu")
-        expected = [_focal_closed_form(a, HUGE_C, 0.5) for a in ROW_VALUES]
+    target = torch.tensor(targets)
+    rows = call(spec, logits, target, backend=backend, reduction="none", hyper=hyper)
+    expected = [closed_form(spec, hyper, a, num_classes) for a in ROW_VALUES]
     rows.backward(torch.tensor(UPSTREAM))
     grad, rows = logits.grad, rows.detach()
     del logits
@@ -69,10 +77,11 @@ def test_more_than_2_pow_31_elements(loss, monkeypatch):
         # fp32 sums over 2^30 terms: blocked or pairwise accumulation keeps ~1e-6; 1e-4 leaves headroom
         # while an accumulator that saturates (fp32 at 2^24) or wraps misses by orders of magnitude.
         assert math.isclose(float(rows[row]), value, rel_tol=1e-4), (row, float(rows[row]), value)
-        y = TARGETS[row]
-        columns = torch.cat([torch.tensor([0, 1, HUGE_C - 2, HUGE_C - 1, y - 1, y + 1]),
-                             torch.randint(2**30 - 2**20, HUGE_C, (64,), generator=g)])  # row 1: across offset 2^31
-        columns = columns[(columns != y) & (columns >= 0) & (columns < HUGE_C)]
+        y = targets[row]
+        lo = max(0, num_classes - 2**20)
+        columns = torch.cat([torch.tensor([0, 1, num_classes - 2, num_classes - 1, y - 1, y + 1]),
+                             torch.randint(lo, num_classes, (64,), generator=g)])  # row 1: across offset 2^31
+        columns = columns[(columns != y) & (columns >= 0) & (columns < num_classes)]
         got = grad[row, columns].double()
         want = torch.full_like(got, UPSTREAM[row] * negative)
         # One rounding to bf16 after fp32 math: 4 * 2^-8 relative.
@@ -81,12 +90,23 @@ def test_more_than_2_pow_31_elements(loss, monkeypatch):
             row, float(grad[row, y]), UPSTREAM[row] * on_target)
 
 
-MILLION_BACKENDS = [b for b in cb.available_backends("cpu") if b != "triton"]  # the interpreter: tiny shapes only
+@pytest.mark.parametrize("spec,hyper", loss_cases(full=False))
+def test_closed_forms_at_small_size(spec, hyper):
+    """The closed forms of the big test, checked where the reference can run (C = 1003)."""
+    check_constant_rows("reference", spec, hyper, 1003, (1002, 17))
 
 
-@pytest.mark.parametrize("backend", MILLION_BACKENDS)
-@pytest.mark.parametrize("loss,param", [("softmax", 0.1), ("focal", 0.5)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_of_a_million_classes(dtype, loss, param, backend):
-    logits, target, weight = make_inputs(1, 10**6, dtype, "cpu", generator=torch.Generator().manual_seed(9))
-    assert_matches_reference(backend, loss, logits, target, weight, reduction="mean", param=param)
+@pytest.mark.slow
+@pytest.mark.skipif("cpu" not in cb.available_backends("cpu"), reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("spec,hyper", loss_cases(full=False))
+def test_more_than_2_pow_31_elements(spec, hyper, monkeypatch):
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute")
+    check_constant_rows("cpu", spec, hyper, HUGE_C, TARGETS)
+
+
+@pytest.mark.parametrize("spec,hyper", loss_cases(full=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_row_of_a_million_classes(backend, spec, hyper, dtype):
+    backend.require(1, 10**6)
+    logits, target, weight = make_inputs(1, 10**6, dtype, backend.device)
+    check_on_configs(backend, spec, hyper, logits, target, weight, configs="first", reduction="mean")
