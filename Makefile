@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0
-	$(VPY) -m pip install "$(TRITON_PIN)" pytest pytest-benchmark hypothesis expecttest \
+	$(VPY) -m pip install "$(TRITON_PIN)" pytest pytest-benchmark pytest-timeout hypothesis expecttest \
 	    scikit-learn matplotlib tqdm numpy packaging ninja setuptools wheel
 	CBKERNELS_NO_EXTENSION=1 $(VPY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)

@@ -15,7 +15,7 @@ import torch
 
 from cbkernels import _ops, reference
 
-from backend_cases import run_under_cpu_capability
+from cases import run_under_cpu_capability
 
 pytestmark = pytest.mark.skipif(not _ops.extension_has_kernel("CPU"),
                                 reason="the C++ extension is not built (pip install -e . builds it)")
@@ -63,7 +63,7 @@ def check_accuracy() -> None:
     grad_err = ulp_error(grad, x.grad)
     assert grad_err.max() <= SOFTMAX_GRAD_BOUND, (grad_err.max().item(), grad_err.argmax().item())
     # The loss log(1 + e^d) is formed in double from the fp32 sum; below ~1e-6 of scale it is exempt, as
-    # everywhere (backend_cases.py): log(s) of s = 1 + 5e-22 is 0.
+    # everywhere (cases.py): log(s) of s = 1 + 5e-22 is 0.
     significant = expected.detach().abs() > 1e-6
     assert ulp_error(loss[significant], expected.detach()[significant]).max() <= 2.0
 

@@ -2,6 +2,7 @@
 csrc/cuda/launch.cu with nvcc for sm_80 and sm_90 (any warning or register spill fails) and syntax-checks
 csrc/cuda/bindings.cpp against the installed torch's headers (about a minute of CPU on 2 cores); and the
 host-side parts of bench/sweep_cuda.py (configuration grid, arguments, JSON report, summary table)."""
+import importlib.util
 import json
 import os
 import shutil
@@ -44,8 +45,16 @@ def test_cuda_sources_compile_without_warnings_or_spills(tmp_path):
             assert kernel in report, f"{kernel} missing from the sm_{sm} build"
 
 
-sys.path.insert(0, str(ROOT / "bench"))
-import sweep_cuda  # noqa: E402
+def _load_sweep_cuda():
+    """bench/sweep_cuda.py is a script, not a package module: load it by path."""
+    spec = importlib.util.spec_from_file_location("sweep_cuda", ROOT / "bench" / "sweep_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep_cuda = _load_sweep_cuda()
 
 
 def test_sweep_config_grid_matches_the_launcher_rules():
