@@ -102,15 +102,14 @@ def _real(value, name):
 def check_gamma(gamma):
     value = _real(gamma, "gamma")
     if value is None or not math.isfinite(value) or not 0 <= value <= _FLOAT32_MAX:
-        raise ValueError(f"gamma must be a finite number >= 0 that fits float32 (<= {_FLOAT32_MAX:.4g}), "
-                         f"got {gamma!r}")
+        raise ValueError(f"gamma must be a finite number >= 0 that fits float32, got {gamma!r}")
     return value
 
 
 def check_label_smoothing(label_smoothing):
     value = _real(label_smoothing, "label_smoothing")
     if value is None or not 0.0 <= value <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return value
 
 

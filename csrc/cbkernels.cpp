@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/loss_ops.h"
+
 extern "C" {
 // `import cbkernels._C` only has to load the shared object: the ops register themselves with the
 // dispatcher through the static initialisers below. An empty module keeps the Python side honest:
@@ -13,17 +15,6 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(cbkernels, m) {
-  m.def(
-      "sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
-      "int ignore_index, bool with_grad) -> (Tensor, Tensor)");
-  m.def(
-      "sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
-      "float gamma, int ignore_index) -> Tensor");
-  m.def(
-      "softmax_ce_forward(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, "
-      "int ignore_index, bool with_grad) -> (Tensor, Tensor)");
-  m.def(
-      "softmax_ce_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
-      "float label_smoothing, int ignore_index) -> Tensor");
-}
+// Two ops per family of common/families.h, with the schemas of docs/op-contract.md (built from the family's
+// hyperparameters by define_family_ops in common/loss_ops.h).
+TORCH_LIBRARY(cbkernels, m) { cbkernels::define_loss_ops(m); }

@@ -124,3 +124,16 @@ def test_raw_cpu_ops_refuse_sparse_logits():
         op = family.op(torch.ops.cbkernels, "forward")
         with pytest.raises(RuntimeError, match="logits must be a dense tensor"):
             op(logits.to_sparse(), target, weight, 0.5, -100, True)
+
+
+@pytest.mark.parametrize("name, value", [("gamma", -1.0), ("gamma", 1e39), ("gamma", math.nan),
+                                         ("label_smoothing", 2.0), ("label_smoothing", -0.1),
+                                         ("label_smoothing", math.nan)])
+def test_raw_ops_refuse_bad_hyperparameters(name, value, kernel_backend):
+    """The ops are reachable without the public functions' checks: each refuses what the kernels cannot
+    take, naming the hyperparameter, on every kernel backend (C++: RuntimeError, Triton: ValueError)."""
+    logits, target, weight = _inputs(kernel_backend.device)
+    family = next(f for f in losses.FAMILIES if name in [h.name for h in f.hyperparameters])
+    forward = family.op(kernel_backend.record.ops, "forward")
+    with pytest.raises((RuntimeError, ValueError), match=f"{name} must be"):
+        forward(logits, target, weight, value, -100, True)

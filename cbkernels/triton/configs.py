@@ -60,16 +60,21 @@ FAMILIES = tuple(family.name for family in _REGISTERED)
 DTYPE_GROUPS = ("fp32", "half")  # half: float16 and bfloat16 (same bytes per element)
 
 # TABLE[family][dtype group]: rows (c_max, config), C ascending; the first row with C <= c_max applies,
-# the last row (c_max None) covers everything larger.
+# the last row (c_max None) covers everything larger. A family not in TABLE uses DEFAULT_TABLE (below).
 # Small C: several rows per program, so that a program still moves a useful amount of data.
 _SMALL_C = [
     (64, LaunchConfig(block=64, rows=32, num_warps=4)),
     (512, LaunchConfig(block=512, rows=4, num_warps=4)),
 ]
-# The sigmoid family streams the row in tiles in one pass, so one configuration serves both dtype groups.
-_SIGMOID_ROWS = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8))]
+# One pass streaming the row in 2048-column tiles, one configuration for both dtype groups: the sigmoid
+# family's rows, and the default of a family that TABLE does not list.
+_STREAMING_ROWS = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8))]
+# The table of a family without its own TABLE entry (a new family of the registry, until
+# bench/sweep_triton.py has measured it): the streaming rows. The kernels of kernels.py loop over a row in
+# BLOCK-wide tiles, so they run correctly at any of these rows: a default that works, not a tuned one.
+DEFAULT_TABLE = {"fp32": _STREAMING_ROWS, "half": _STREAMING_ROWS}
 TABLE = {
-    "sigmoid_focal": {"fp32": _SIGMOID_ROWS, "half": _SIGMOID_ROWS},
+    "sigmoid_focal": DEFAULT_TABLE,
     "softmax_ce": {
         "fp32": _SMALL_C + [
             (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
@@ -96,10 +101,10 @@ def pick(family: str, num_classes: int, dtype: torch.dtype) -> LaunchConfig:
     """The configuration for one call (an override if one is active, else the table row)."""
     if family in _OVERRIDES:
         return _OVERRIDES[family]
-    for c_max, config in TABLE[family][dtype_group(dtype)]:
+    for c_max, config in TABLE.get(family, DEFAULT_TABLE)[dtype_group(dtype)]:
         if c_max is None or num_classes <= c_max:
             return config
-    raise AssertionError(f"TABLE[{family!r}] has no catch-all row (c_max None)")
+    raise AssertionError(f"the table of {family!r} has no catch-all row (c_max None)")
 
 
 @contextlib.contextmanager

@@ -28,10 +28,13 @@ softmax reads the row once when it fits one tile (SINGLE_BLOCK: the tile stays i
 the log-sum-exp and the gradient) and twice otherwise (the second read comes from L2 only while the
 rows in flight fit in it: at C = 262144 they do not, so large-C softmax moves 1.5x the useful bytes).
 """
+import dataclasses
+from typing import Callable
+
 import triton
 import triton.language as tl
 
-from ..gamma_cases import GammaCase
+from ..gamma_cases import GammaCase, gamma_case
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
 # (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum). Module-level tl.constexpr, so the jitted
@@ -316,3 +319,40 @@ def softmax_ce_kernel(
                                     g_y, off_target)
         _softmax_grad_store(grad_ptr, z_e, e_idx, e_mask & row_mask[:, None], a, y, valid, coef, lse, g_y,
                             off_target)
+
+
+# ---- the family table: what cbkernels/triton/ops.py needs to define and launch each family's ops ----------
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyKernel:
+    """One family's Triton kernel, as ops.py launches it.
+
+    kernel: a @triton.jit function whose arguments are, in order,
+        logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+        N, C, <the family's hyperparameters, in schema order>, ignore_index,
+    then the constexprs HAS_WEIGHT, WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, ROWS, BLOCK, VEC (by keyword, as the
+    kernels above take them: see the module docstring) and the family's own.
+    constexprs(hyperparameters, num_classes, block) -> the family's own constexprs, by name: hyperparameters
+    are the op's values (a sequence, in schema order), num_classes is C (an int), block the tile width of
+    the launch.
+    """
+    kernel: Callable
+    constexprs: Callable[..., dict]
+
+
+def _sigmoid_focal_constexprs(hyperparameters, num_classes, block):
+    (gamma,) = hyperparameters
+    return {"GAMMA_MODE": int(gamma_case(float(gamma)))}
+
+
+def _softmax_ce_constexprs(hyperparameters, num_classes, block):
+    (label_smoothing,) = hyperparameters
+    return {"HAS_SMOOTHING": label_smoothing != 0.0, "SINGLE_BLOCK": block >= num_classes}
+
+
+# By the registry's family name (losses.Family.name).
+FAMILY_KERNELS = {
+    "sigmoid_focal": FamilyKernel(sigmoid_focal_kernel, _sigmoid_focal_constexprs),
+    "softmax_ce": FamilyKernel(softmax_ce_kernel, _softmax_ce_constexprs),
+}

@@ -1,4 +1,7 @@
-"""The four ops of docs/op-contract.md in the "cbkernels_triton" namespace, on the Triton kernels.
+"""The ops of docs/op-contract.md in the "cbkernels_triton" namespace, on the Triton kernels: two per
+family of the registry (losses.FAMILIES), defined in one loop from the family's hyperparameters (the
+schema) and its entry of kernels.FAMILY_KERNELS (the kernel and its constexprs). The ops refuse bad
+hyperparameters with each registry Hyperparameter's check, as the C++ ops refuse them.
 
 torch.library.triton_op makes each a real custom op (the schema of csrc/cbkernels.cpp, except that the
 schema inferred from an `int` annotation reads SymInt) whose body
@@ -12,8 +15,10 @@ decomposition would lose the launch. The body, which launches nothing on fake te
 either way.
 
 Importing this module imports triton; cbkernels._backends imports it lazily. No annotation strings
-(no `from __future__ import annotations`): triton_op infers the schema from the real annotations.
+(no `from __future__ import annotations`): triton_op infers the schema from the real annotations, here
+those of the inspect.Signature each op function carries (_signature).
 """
+import inspect
 import os
 from typing import Optional
 
@@ -23,12 +28,15 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
-from ..gamma_cases import gamma_case
+from ..losses import FAMILIES
 from . import configs, kernels, scale
 
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A hyperparameter's domain as the C++ ops word their refusal (csrc/common/families.h), so that a bad value
+# gets the same message from every kernel backend; one not listed is refused with its registry check's message.
+# gamma's adds what the registry check also refuses (and the C++ ops do not): a value beyond float32's range.
 
 
 def _check(op, logits, target, class_weight, grad_loss=None):
@@ -56,24 +64,41 @@ def _check(op, logits, target, class_weight, grad_loss=None):
                          f"{logits.device}, got {grad_loss.dtype} {tuple(grad_loss.shape)}")
 
 
-def _launch(kernel, family, logits, target, class_weight, grad_loss, loss, grad, param, ignore_index,
-            write_loss, write_grad, **family_constexprs):
-    """One kernel launch on contiguous (N, C) logits.
+def _check_hyperparameters(op, family, values):
+    """Refuses (ValueError) the family's hyperparameters unless each passes its registry check
+    (losses.Hyperparameter.check), in schema order and before any tensor is looked at, as the C++ ops do.
+
+    The registry checks use the C++ ops' wording (csrc/common/families.h). A symbolic value (a SymFloat under torch.compile with unspecialised floats) is not checked here: reading
+    it would specialise the graph on it; the public functions have checked it already."""
+    for h, value in zip(family.hyperparameters, values):
+        if isinstance(value, torch.SymFloat):
+            continue
+        try:
+            h.check(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{op}: {exc}") from None
+
+
+def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
+            write_loss, write_grad):
+    """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits.
 
     Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
     must not see an output tensor twice."""
     n, c = logits.shape
-    config, block = _plan(family, logits)
+    config, block = _plan(family.name, logits)
+    entry = kernels.FAMILY_KERNELS[family.name]
+    constexprs = entry.constexprs(hyperparameters, int(c), block)
     grid = (triton.cdiv(n, config.rows),)
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
-    wrap_triton(kernel)[grid](
+    wrap_triton(entry.kernel)[grid](
         logits, target, class_weight, grad_loss, loss, grad,
-        n, c, param, ignore_index,
+        n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
         SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(),
-        num_warps=config.num_warps, num_stages=config.num_stages, **family_constexprs,
+        num_warps=config.num_warps, num_stages=config.num_stages, **constexprs,
     )
 
 
@@ -91,74 +116,71 @@ def _row_major(logits, target):
     return logits.contiguous(), target.contiguous()
 
 
-def _define(name):
-    """Registers the decorated function as the op `name` (see the module docstring for the two ways)."""
-    def register(fn):
-        if not _INTERPRETED:
-            return triton_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
-        op = custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-    return register
-
-
-def _sigmoid_constexprs(gamma):
-    return {"GAMMA_MODE": int(gamma_case(float(gamma)))}
-
-
-def _softmax_constexprs(family, logits, label_smoothing):
-    _config, block = _plan(family, logits)
-    return {"HAS_SMOOTHING": label_smoothing != 0.0, "SINGLE_BLOCK": block >= int(logits.shape[1])}
-
-
-def _forward(kernel, family, logits, target, class_weight, param, ignore_index, with_grad, constexprs):
+def _forward(op, family, logits, target, class_weight, *hyperparameters_ignore_index_with_grad):
+    *hyperparameters, ignore_index, with_grad = hyperparameters_ignore_index_with_grad
+    _check_hyperparameters(op, family, hyperparameters)
+    _check(op, logits, target, class_weight)
     logits, target = _row_major(logits, target)
     n, c = logits.shape
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if with_grad else logits.new_empty((0,))
-    _launch(kernel, family, logits, target, class_weight, None, loss, grad if with_grad else None, param,
-            ignore_index, True, with_grad, **constexprs)
+    _launch(family, logits, target, class_weight, None, loss, grad if with_grad else None, hyperparameters,
+            ignore_index, True, with_grad)
     return loss, grad
 
 
-def _backward(kernel, family, logits, target, class_weight, grad_loss, param, ignore_index, constexprs):
+def _backward(op, family, logits, target, class_weight, grad_loss, *hyperparameters_ignore_index):
+    *hyperparameters, ignore_index = hyperparameters_ignore_index
+    _check_hyperparameters(op, family, hyperparameters)
+    _check(op, logits, target, class_weight, grad_loss)
     logits, target = _row_major(logits, target)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _launch(kernel, family, logits, target, class_weight, grad_loss, None, grad, param, ignore_index,
-            False, True, **constexprs)
+    _launch(family, logits, target, class_weight, grad_loss, None, grad, hyperparameters, ignore_index,
+            False, True)
     return grad
 
 
-@_define("sigmoid_focal_forward")
-def sigmoid_focal_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
-                          gamma: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("sigmoid_focal_forward", logits, target, class_weight)
-    return _forward(kernels.sigmoid_focal_kernel, "sigmoid_focal", logits, target, class_weight, gamma,
-                    ignore_index, with_grad, _sigmoid_constexprs(gamma))
+def _signature(family, which):
+    """The Python signature of the op `<family>_<which>`, from which triton_op / custom_op infer its schema:
+    that of csrc/cbkernels.cpp, the family's hyperparameters as floats between class_weight (or grad_loss)
+    and ignore_index (an `int` annotation, which the inferred schema reads as SymInt)."""
+    def arg(name, annotation):
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+
+    params = [arg("logits", torch.Tensor), arg("target", torch.Tensor), arg("class_weight", Optional[torch.Tensor])]
+    if which == "backward":
+        params.append(arg("grad_loss", torch.Tensor))
+    params += [arg(h.name, float) for h in family.hyperparameters]
+    params.append(arg("ignore_index", int))
+    if which == "forward":
+        params.append(arg("with_grad", bool))
+        return inspect.Signature(params, return_annotation=tuple[torch.Tensor, torch.Tensor])
+    return inspect.Signature(params, return_annotation=torch.Tensor)
 
 
-@_define("sigmoid_focal_backward")
-def sigmoid_focal_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
-                           grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
-    _check("sigmoid_focal_backward", logits, target, class_weight, grad_loss)
-    return _backward(kernels.sigmoid_focal_kernel, "sigmoid_focal", logits, target, class_weight, grad_loss,
-                     gamma, ignore_index, _sigmoid_constexprs(gamma))
+def _define(family, which):
+    """Registers the op `<family>_<which>` (see the module docstring for the two ways) and returns it."""
+    name = f"{family.name}_{which}"
+    signature = _signature(family, which)
+    body = _forward if which == "forward" else _backward
+
+    def op(*args, **kwargs):
+        if kwargs:
+            args = signature.bind(*args, **kwargs).args
+        return body(name, family, *args)
+
+    op.__name__ = op.__qualname__ = name
+    op.__signature__ = signature
+    if not _INTERPRETED:
+        return triton_op(f"{NAMESPACE}::{name}", mutates_args=())(op)
+    registered = custom_op(f"{NAMESPACE}::{name}", mutates_args=())(op)
+    registered.register_fake(op)
+    return registered
 
 
-@_define("softmax_ce_forward")
-def softmax_ce_forward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
-                       label_smoothing: float, ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("softmax_ce_forward", logits, target, class_weight)
-    return _forward(kernels.softmax_ce_kernel, "softmax_ce", logits, target, class_weight, label_smoothing,
-                    ignore_index, with_grad, _softmax_constexprs("softmax_ce", logits, label_smoothing))
-
-
-@_define("softmax_ce_backward")
-def softmax_ce_backward(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
-                        grad_loss: torch.Tensor, label_smoothing: float, ignore_index: int) -> torch.Tensor:
-    _check("softmax_ce_backward", logits, target, class_weight, grad_loss)
-    return _backward(kernels.softmax_ce_kernel, "softmax_ce", logits, target, class_weight, grad_loss,
-                     label_smoothing, ignore_index, _softmax_constexprs("softmax_ce", logits, label_smoothing))
+# The two ops of every family of the registry: OPS["softmax_ce_forward"] is torch.ops.cbkernels_triton's
+# softmax_ce_forward (as registered).
+OPS = {f"{family.name}_{which}": _define(family, which) for family in FAMILIES for which in ("forward", "backward")}
 
 
 def _scale_in_place(grad, grad_loss):

@@ -7,10 +7,23 @@
 
 #include <cstdint>
 
+#include "common/families.h"
+
 namespace cbkernels {
 
-// The two loss families of docs/op-contract.md; each has a forward and a backward op.
-enum class Family { kSigmoidFocal, kSoftmaxCe };
+// The loss families of docs/op-contract.md (common/families.h), in that list's order; each has a forward
+// and a backward op.
+enum class Family {
+#define CBKERNELS_FAMILY_ENUMERATOR(enumerator, name, hyperparameters) enumerator,
+  CBKERNELS_FAMILIES(CBKERNELS_FAMILY_ENUMERATOR)
+#undef CBKERNELS_FAMILY_ENUMERATOR
+};
+
+inline constexpr int kNumFamilies = 0
+#define CBKERNELS_COUNT_FAMILY(enumerator, name, hyperparameters) +1
+    CBKERNELS_FAMILIES(CBKERNELS_COUNT_FAMILY)
+#undef CBKERNELS_COUNT_FAMILY
+    ;
 
 // Storage type of the logits and of the gradient; the arithmetic is fp32 whatever it is.
 enum class Dtype { kFloat32, kFloat16, kBFloat16 };
@@ -26,10 +39,11 @@ struct LossArgs {
   const float* class_weight;  // (num_classes,) contiguous, or nullptr (alpha_y = 1)
   const float* grad_loss;     // (num_rows,) contiguous upstream gradient of the backward ops, or nullptr (1)
   int64_t ignore_index;
-  // The families' hyperparameters, each named as in the op schemas (csrc/cbkernels.cpp); a family reads
-  // its own and ignores the other's.
-  float gamma;                // sigmoid family: the focal exponent (0: sigmoid cross entropy)
-  float label_smoothing;      // softmax family: eps in [0, 1]
+  // The families' hyperparameters (common/families.h: gamma, label_smoothing, ...), each a float named as in
+  // the op schemas; a family reads its own and ignores the others.
+#define CBKERNELS_HYPERPARAMETER_FIELD(name, in_domain, domain) float name;
+  CBKERNELS_HYPERPARAMETERS(CBKERNELS_HYPERPARAMETER_FIELD)
+#undef CBKERNELS_HYPERPARAMETER_FIELD
   float* loss;                // (num_rows,), or nullptr (the backward ops write no loss)
   void* grad;                 // (num_rows, num_classes) contiguous of logits_dtype, or nullptr (loss only)
 };

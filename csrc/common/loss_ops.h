@@ -1,6 +1,8 @@
-// The four ops of docs/op-contract.md over any backend: the hyperparameter and input checks, the
-// output allocation and the hand-off to the backend's kernels as one LossArgs. csrc/cpu/ops.cpp and
-// csrc/cuda/bindings.cpp each define a Backend and register its ops with register_loss_ops<Backend>.
+// The ops of docs/op-contract.md, two per family of common/families.h, over any backend: their schemas
+// (define_loss_ops, for csrc/cbkernels.cpp), the hyperparameter and input checks, the output allocation
+// and the hand-off to the backend's kernels as one LossArgs. csrc/cpu/ops.cpp and csrc/cuda/bindings.cpp
+// each define a Backend and register its ops with register_loss_ops<Backend>. Nothing here names a family:
+// everything per family comes from the list in common/families.h.
 //
 // A Backend is a struct with
 //   static constexpr const char* kTag;     appended to the op name in messages ("" or " (CUDA)")
@@ -26,11 +28,15 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "common/loss_args.h"
 
@@ -47,33 +53,60 @@ inline std::ostream& operator<<(std::ostream& out, const OpName& name) {
   return out << "cbkernels::" << name.op << name.tag;
 }
 
-// Per family: the schema names of its two ops (csrc/cbkernels.cpp) and the LossArgs field that holds its
-// hyperparameter, indexed by Family.
-struct FamilyInfo {
-  const char* forward;
-  const char* backward;
-  float LossArgs::*hyperparameter;
+// The hyperparameters of common/families.h by index: HyperparameterId::gamma, ... (an unscoped enum in a
+// struct, so that FamilyInfo below, which derives from it, names them as families.h does).
+struct HyperparameterId {
+  enum Id : int {
+#define CBKERNELS_HYPERPARAMETER_ID(name, in_domain, domain) name,
+    CBKERNELS_HYPERPARAMETERS(CBKERNELS_HYPERPARAMETER_ID)
+#undef CBKERNELS_HYPERPARAMETER_ID
+  };
 };
 
-inline constexpr FamilyInfo kFamilies[] = {
-    {"sigmoid_focal_forward", "sigmoid_focal_backward", &LossArgs::gamma},
-    {"softmax_ce_forward", "softmax_ce_backward", &LossArgs::label_smoothing},
+// Per hyperparameter, indexed by HyperparameterId: its schema name and the LossArgs field that holds it.
+struct HyperparameterInfo {
+  const char* name;
+  float LossArgs::*field;
 };
 
-constexpr const FamilyInfo& family_info(Family family) { return kFamilies[static_cast<int>(family)]; }
-static_assert(kFamilies[static_cast<int>(Family::kSoftmaxCe)].hyperparameter == &LossArgs::label_smoothing,
-              "kFamilies is indexed by Family: keep the two in the same order");
+inline constexpr HyperparameterInfo kHyperparameterInfo[] = {
+#define CBKERNELS_HYPERPARAMETER_INFO(name, in_domain, domain) {#name, &LossArgs::name},
+    CBKERNELS_HYPERPARAMETERS(CBKERNELS_HYPERPARAMETER_INFO)
+#undef CBKERNELS_HYPERPARAMETER_INFO
+};
 
-// The family's hyperparameter, refused unless in its domain (docs/op-contract.md).
-inline float checked_hyperparameter(Family family, OpName op, double value) {
-  if (family == Family::kSigmoidFocal) {
-    TORCH_CHECK(std::isfinite(value) && value >= 0.0, op, ": gamma must be a finite number >= 0, got ", value);
-  } else {
-    // Written so that NaN fails too.
-    TORCH_CHECK(value >= 0.0 && value <= 1.0, op, ": label_smoothing must be in [0, 1], got ", value);
+// The hyperparameter `id` as the kernels take it, refused unless in its domain (common/families.h,
+// docs/op-contract.md).
+inline float checked_hyperparameter(HyperparameterId::Id id, OpName op, double value) {
+  switch (id) {
+#define CBKERNELS_CHECK_HYPERPARAMETER(name, in_domain, domain)                    \
+  case HyperparameterId::name:                                                     \
+    TORCH_CHECK(in_domain, op, ": " #name " must be " domain ", got ", value);    \
+    break;
+    CBKERNELS_HYPERPARAMETERS(CBKERNELS_CHECK_HYPERPARAMETER)
+#undef CBKERNELS_CHECK_HYPERPARAMETER
   }
   return static_cast<float>(value);
 }
+
+template <typename... Ids>
+constexpr std::array<HyperparameterId::Id, sizeof...(Ids)> hyperparameter_list(Ids... ids) {
+  return {ids...};
+}
+
+// Per family (common/families.h): the schema names of its two ops and its hyperparameters in schema order.
+template <Family F>
+struct FamilyInfo;
+
+#define CBKERNELS_FAMILY_INFO(enumerator, name, hyperparameters)                    \
+  template <>                                                                       \
+  struct FamilyInfo<Family::enumerator> : HyperparameterId {                        \
+    static constexpr const char* kForward = #name "_forward";                      \
+    static constexpr const char* kBackward = #name "_backward";                    \
+    static constexpr auto kHyperparameters = hyperparameter_list hyperparameters;   \
+  };
+CBKERNELS_FAMILIES(CBKERNELS_FAMILY_INFO)
+#undef CBKERNELS_FAMILY_INFO
 
 // The checked tensors of one call and the LossArgs pointing into them; the tensors keep any contiguous
 // copies alive while the kernels run.
@@ -163,15 +196,24 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   return in;
 }
 
-// The ops of family F on Backend, with the signatures of their schemas (csrc/cbkernels.cpp).
-template <typename Backend, Family F>
-struct LossOps {
+// One double argument of an op per hyperparameter of its family.
+template <std::size_t>
+using HyperparameterArg = double;
+
+// The ops of family F on Backend, with the signatures of their schemas (define_family_ops below).
+template <typename Backend, Family F,
+          typename = std::make_index_sequence<FamilyInfo<F>::kHyperparameters.size()>>
+struct LossOps;
+
+template <typename Backend, Family F, std::size_t... I>
+struct LossOps<Backend, F, std::index_sequence<I...>> {
 
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& class_weight,
-                                                    double hyperparameter, int64_t ignore_index, bool with_grad) {
-    const OpName op{family_info(F).forward, Backend::kTag};
-    CheckedInputs in = checked(op, hyperparameter, logits, target, class_weight, nullptr, ignore_index);
+                                                    HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
+                                                    bool with_grad) {
+    const OpName op{FamilyInfo<F>::kForward, Backend::kTag};
+    CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     const int64_t n = in.args.num_rows;
     at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
@@ -185,9 +227,9 @@ struct LossOps {
 
   static at::Tensor backward(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
-                             double hyperparameter, int64_t ignore_index) {
-    const OpName op{family_info(F).backward, Backend::kTag};
-    CheckedInputs in = checked(op, hyperparameter, logits, target, class_weight, &grad_loss, ignore_index);
+                             HyperparameterArg<I>... hyperparameters, int64_t ignore_index) {
+    const OpName op{FamilyInfo<F>::kBackward, Backend::kTag};
+    CheckedInputs in = checked(op, logits, target, class_weight, &grad_loss, ignore_index, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     at::Tensor grad = at::empty({in.args.num_rows, in.args.num_classes}, logits.options());
     in.args.loss = nullptr;
@@ -197,28 +239,62 @@ struct LossOps {
   }
 
  private:
-  // The hyperparameter is checked first: a bad value is refused whatever the tensors are.
-  static CheckedInputs checked(OpName op, double hyperparameter, const at::Tensor& logits, const at::Tensor& target,
+  // The hyperparameters are checked first, in schema order: a bad value is refused whatever the tensors are.
+  static CheckedInputs checked(OpName op, const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
-                               int64_t ignore_index) {
-    const float value = checked_hyperparameter(F, op, hyperparameter);
+                               int64_t ignore_index, HyperparameterArg<I>... hyperparameters) {
+    // (maybe_unused: a family without hyperparameters reads neither.)
+    [[maybe_unused]] constexpr auto& ids = FamilyInfo<F>::kHyperparameters;
+    [[maybe_unused]] const std::array<float, sizeof...(I)> values{
+        checked_hyperparameter(ids[I], op, hyperparameters)...};
     CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index);
-    in.args.*family_info(F).hyperparameter = value;
+    ((in.args.*kHyperparameterInfo[ids[I]].field = values[I]), ...);
     return in;
   }
 };
 
-// Registers the four ops of Backend in a TORCH_LIBRARY_IMPL(cbkernels, <dispatch key>, m) block.
-template <typename Backend, Family F>
-void register_family_ops(torch::Library& m) {
-  m.impl(family_info(F).forward, &LossOps<Backend, F>::forward);
-  m.impl(family_info(F).backward, &LossOps<Backend, F>::backward);
+// The schemas of the two ops of family F, from its hyperparameters; for the sigmoid family
+//   sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma,
+//                         int ignore_index, bool with_grad) -> (Tensor, Tensor)
+//   sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss,
+//                          float gamma, int ignore_index) -> Tensor
+template <Family F>
+void define_family_ops(torch::Library& m) {
+  std::string floats;  // "float gamma, "
+  for (const HyperparameterId::Id id : FamilyInfo<F>::kHyperparameters) {
+    floats += std::string("float ") + kHyperparameterInfo[id].name + ", ";
+  }
+  const std::string forward = std::string(FamilyInfo<F>::kForward) +
+                              "(Tensor logits, Tensor target, Tensor? class_weight, " + floats +
+                              "int ignore_index, bool with_grad) -> (Tensor, Tensor)";
+  const std::string backward = std::string(FamilyInfo<F>::kBackward) +
+                               "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, " + floats +
+                               "int ignore_index) -> Tensor";
+  m.def(forward.c_str());
+  m.def(backward.c_str());
 }
 
+// Defines the ops of every family, in the TORCH_LIBRARY(cbkernels, m) block of csrc/cbkernels.cpp.
+inline void define_loss_ops(torch::Library& m) {
+#define CBKERNELS_DEFINE_FAMILY_OPS(enumerator, name, hyperparameters) define_family_ops<Family::enumerator>(m);
+  CBKERNELS_FAMILIES(CBKERNELS_DEFINE_FAMILY_OPS)
+#undef CBKERNELS_DEFINE_FAMILY_OPS
+}
+
+// Registers the ops of family F on Backend.
+template <typename Backend, Family F>
+void register_family_ops(torch::Library& m) {
+  m.impl(FamilyInfo<F>::kForward, &LossOps<Backend, F>::forward);
+  m.impl(FamilyInfo<F>::kBackward, &LossOps<Backend, F>::backward);
+}
+
+// Registers the ops of every family on Backend, in a TORCH_LIBRARY_IMPL(cbkernels, <dispatch key>, m) block.
 template <typename Backend>
 void register_loss_ops(torch::Library& m) {
-  register_family_ops<Backend, Family::kSigmoidFocal>(m);
-  register_family_ops<Backend, Family::kSoftmaxCe>(m);
+#define CBKERNELS_REGISTER_FAMILY_OPS(enumerator, name, hyperparameters) \
+  register_family_ops<Backend, Family::enumerator>(m);
+  CBKERNELS_FAMILIES(CBKERNELS_REGISTER_FAMILY_OPS)
+#undef CBKERNELS_REGISTER_FAMILY_OPS
 }
 
 }  // namespace cbkernels

@@ -396,7 +396,8 @@ void softmax_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// ---- entry points of this ISA variant (declared in rows.h) ----------------------------------------
+// ---- entry points of this ISA variant: <family>_rows for every family of common/families.h ----------
+// (declared by rows.h's CBKERNELS_DECLARE_ROWS, which ops.cpp indexes by Family) ----------------------
 
 void sigmoid_focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
   switch (a.logits_dtype) {

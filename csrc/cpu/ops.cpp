@@ -1,4 +1,4 @@
-// The CPU backend of the four cbkernels ops (docs/op-contract.md): the Backend of common/loss_ops.h, which
+// The CPU backend of the cbkernels ops (docs/op-contract.md): the Backend of common/loss_ops.h, which
 // does the checks and allocation. Here: the host-side target check, the choice of ISA variant and the
 // parallel loop over rows. The arithmetic lives in loss_kernels.h, compiled once per instruction set.
 #include <ATen/Parallel.h>
@@ -27,23 +27,17 @@ CBKERNELS_DECLARE_ROWS(AVX512)
 
 namespace {
 
-struct Variant {
-  RowsFn sigmoid_focal;
-  RowsFn softmax_ce;
-
-  RowsFn rows(Family family) const { return family == Family::kSigmoidFocal ? sigmoid_focal : softmax_ce; }
-};
-
-// The instruction set ATen itself runs with: its CPU detection, lowered by ATEN_CPU_CAPABILITY=avx2|default
-// when set (the tests use that to exercise every variant). at::native::get_cpu_capability() is not
-// exported from libtorch; at::get_cpu_capability() is its exported string form ("AVX512", "AVX2", or
-// "DEFAULT" / "NO AVX" depending on the torch version). Decided once per process.
-const Variant& variant() {
-  static const Variant chosen = [] {
+// The entry points of the instruction set ATen itself runs with, indexed by Family: its CPU detection,
+// lowered by ATEN_CPU_CAPABILITY=avx2|default when set (the tests use that to exercise every variant).
+// at::native::get_cpu_capability() is not exported from libtorch; at::get_cpu_capability() is its exported
+// string form ("AVX512", "AVX2", or "DEFAULT" / "NO AVX" depending on the torch version). Decided once per
+// process.
+const RowsFn* variant() {
+  static const RowsFn* const chosen = [] {
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return Variant{AVX512::sigmoid_focal_rows, AVX512::softmax_ce_rows};
-    if (capability == "AVX2") return Variant{AVX2::sigmoid_focal_rows, AVX2::softmax_ce_rows};
-    return Variant{DEFAULT::sigmoid_focal_rows, DEFAULT::softmax_ce_rows};
+    if (capability == "AVX512") return AVX512::kRows;
+    if (capability == "AVX2") return AVX2::kRows;
+    return DEFAULT::kRows;
   }();
   return chosen;
 }
@@ -80,7 +74,7 @@ struct CpuBackend {
 
     void operator()(Family family, const LossArgs& args) const {
       if (args.num_rows == 0) return;
-      const RowsFn rows = variant().rows(family);
+      const RowsFn rows = variant()[static_cast<int>(family)];
       // Rows are independent; a task gets at least ~32K elements so that short rows are not split too finely.
       const int64_t grain = std::max<int64_t>(1, 32768 / args.num_classes);
       at::parallel_for(0, args.num_rows, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });

@@ -12,11 +12,18 @@ namespace cbkernels::cpu {
 // Processes rows [begin, end). Targets are already validated: every one is ignore_index or in [0, C).
 using RowsFn = void (*)(const LossArgs&, int64_t begin, int64_t end);
 
-// Each ISA variant (namespace DEFAULT, AVX2, AVX512) defines these two.
-#define CBKERNELS_DECLARE_ROWS(isa)                                             \
-  namespace isa {                                                               \
-  void sigmoid_focal_rows(const LossArgs& args, int64_t begin, int64_t end);    \
-  void softmax_ce_rows(const LossArgs& args, int64_t begin, int64_t end);       \
+// Each ISA variant (namespace DEFAULT, AVX2, AVX512) defines <family>_rows for every family of
+// common/families.h (loss_kernels.h: sigmoid_focal_rows, softmax_ce_rows, ...). CBKERNELS_DECLARE_ROWS(isa)
+// declares them in namespace isa, with isa::kRows, the variant's entry points indexed by Family.
+#define CBKERNELS_ROWS_DECLARATION(enumerator, name, hyperparameters) \
+  void name##_rows(const LossArgs& args, int64_t begin, int64_t end);
+#define CBKERNELS_ROWS_ENTRY(enumerator, name, hyperparameters) &name##_rows,
+
+#define CBKERNELS_DECLARE_ROWS(isa)                                              \
+  namespace isa {                                                                \
+  CBKERNELS_FAMILIES(CBKERNELS_ROWS_DECLARATION)                                 \
+  inline constexpr RowsFn kRows[] = {CBKERNELS_FAMILIES(CBKERNELS_ROWS_ENTRY)};  \
+  static_assert(sizeof(kRows) / sizeof(kRows[0]) == kNumFamilies);               \
   }
 
 }  // namespace cbkernels::cpu

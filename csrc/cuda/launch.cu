@@ -1,5 +1,7 @@
 // Launchers of the CUDA kernels (kernels.cuh): pick the template instance (storage type, vector width,
 // gamma case, gradient or not), the grid, and launch on the caller's stream. No torch header.
+// The helpers every launch shares come first, then one launcher per family, launch_<name>, which
+// launch_loss dispatches to from the family list (common/families.h).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -104,7 +106,9 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
   });
 }
 
-cudaError_t sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+// ---- one launcher per family of common/families.h: launch_<name>, called by launch_loss below ----------
+
+cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
     return with_gamma(args.gamma, [&](auto g) {
       return with_write(args.grad != nullptr, [&](auto write) {
@@ -116,7 +120,7 @@ cudaError_t sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cuda
   });
 }
 
-cudaError_t softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
@@ -164,7 +168,14 @@ const char* config_error(const LaunchConfig& config, int64_t n) {
 }
 
 cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  return family == Family::kSigmoidFocal ? sigmoid_focal(args, config, stream) : softmax_ce(args, config, stream);
+  switch (family) {
+#define CBKERNELS_LAUNCH_FAMILY(enumerator, name, hyperparameters) \
+  case Family::enumerator:                                        \
+    return launch_##name(args, config, stream);
+    CBKERNELS_FAMILIES(CBKERNELS_LAUNCH_FAMILY)
+#undef CBKERNELS_LAUNCH_FAMILY
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cbkernels::cuda
