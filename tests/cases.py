@@ -44,6 +44,14 @@ REDUCTIONS = ("none", "mean", "sum")
 
 # --- loss cases --------------------------------------------------------------------------------------
 
+def family_hyperparameters(family: losses.Family) -> tuple[float, ...]:
+    """A family's hyperparameters in schema order, each at its largest test value (for the raw ops)."""
+    return tuple(max(h.test_values) for h in family.hyperparameters)
+
+
+FAMILY_PARAMS = [pytest.param(family, id=family.name) for family in losses.FAMILIES]
+
+
 def case_id(spec: losses.Loss, hyper: dict) -> str:
     return "-".join([spec.name] + [f"{k}={v:g}" for k, v in hyper.items()])
 

@@ -14,19 +14,17 @@ import textwrap
 import pytest
 import torch
 
-from cases import DTYPES, call, loss_cases, make_inputs, run_under_cpu_capability
+from cases import FAMILY_PARAMS, call, family_hyperparameters, loss_cases, make_inputs, run_under_cpu_capability
 from cbkernels import _ops, losses
 
 pytestmark = pytest.mark.skipif(not _ops.extension_has_kernel("CPU"),
                                 reason=f"cbkernels._C has no CPU kernels ({_ops.extension_error()})")
 
 ops = torch.ops.cbkernels
-FAMILIES = [pytest.param(family, id=family.name) for family in losses.FAMILIES]
+FAMILIES = FAMILY_PARAMS
 
 
-def _hyper(family):
-    """The family's hyperparameters in schema order, each at its largest test value."""
-    return tuple(max(h.test_values) for h in family.hyperparameters)
+_hyper = family_hyperparameters
 
 
 def _fwd_args(family, logits, target, weight):
@@ -82,29 +80,6 @@ def test_op_argument_checks(family):
         bad = params[:i] + (-1.0,) + params[i + 1:]
         with pytest.raises(RuntimeError, match=h.name):
             fwd(logits, target, None, *bad, -100, False)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_empty_batch(family, dtype):
-    logits, target = torch.empty(0, 5, dtype=dtype), torch.empty(0, dtype=torch.long)
-    loss, grad = family.op(ops, "forward")(*_fwd_args(family, logits, target, None), True)
-    assert loss.shape == (0,) and loss.dtype == torch.float32 and grad.shape == (0, 5) and grad.dtype == dtype
-    loss, grad = family.op(ops, "forward")(*_fwd_args(family, logits, target, None), False)
-    assert loss.shape == (0,) and grad.shape == (0,) and grad.dtype == dtype
-    grad = family.op(ops, "backward")(logits, target, None, torch.empty(0), *_hyper(family), -100)
-    assert grad.shape == (0, 5)
-    x = logits.clone().requires_grad_(True)
-    out = call(_spec_of(family), x, target, backend="cpu", reduction="sum")
-    out.backward()
-    assert out.item() == 0.0 and x.grad.shape == (0, 5)
-
-
-def test_forward_without_grad_writes_no_gradient():
-    logits, target, weight = make_inputs(4, 10, torch.bfloat16, "cpu")
-    for family in losses.FAMILIES:
-        loss, grad = family.op(ops, "forward")(*_fwd_args(family, logits, target, weight), False)
-        assert loss.shape == (4,) and grad.shape == (0,) and grad.dtype == torch.bfloat16
 
 
 # --- the fused backward's buffer ---------------------------------------------------------------------

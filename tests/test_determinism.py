@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cbkernels as cb
-from cases import call, loss_cases, make_inputs
+from cases import call, make_inputs
 from cbkernels import losses
 from conftest import BACKEND_CASES, backend_params
 

@@ -110,3 +110,29 @@ def test_one_row_of_a_million_classes(backend, spec, hyper, dtype):
     backend.require(1, 10**6)
     logits, target, weight = make_inputs(1, 10**6, dtype, backend.device)
     check_on_configs(backend, spec, hyper, logits, target, weight, configs="first", reduction="mean")
+
+
+def test_int64_offsets_on_a_gpu(kernel_backend):
+    """N * C > 2^31 elements (bf16: 4.3 GB each for logits and gradient): row offsets need int64. On a GPU
+    only (the CPU kernels' case is test_more_than_2_pow_31_elements)."""
+    if kernel_backend.device != "cuda":
+        pytest.skip(f"{kernel_backend.id}: a GPU-sized case")
+    ops = kernel_backend.record.ops
+    n, c = 16400, 131072  # 2.15e9 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * c * 2:
+        pytest.skip(f"needs {3 * n * c * 2 / 2**30:.1f} GiB free on the GPU")
+    logits = torch.zeros(n, c, dtype=torch.bfloat16, device="cuda")
+    target = torch.zeros(n, dtype=torch.long, device="cuda")
+    target[-1] = c - 1
+    logits[-1, c - 1] = 5.0
+    rows, grad = ops.softmax_ce_forward(logits, target, None, 0.0, -100, True)
+    assert abs(rows[-1].item() - (math.log(c - 1 + math.exp(5.0)) - 5.0)) < 1e-4
+    assert abs(rows[0].item() - math.log(c)) < 1e-4
+    assert grad[-1, c - 1].float().item() < 0 < grad[-1, 0].float().item()
+    del grad
+    rows_f, _ = ops.sigmoid_focal_forward(logits, target, None, 0.0, -100, False)
+    # row 0: C terms of softplus(0) = log 2; last row: C - 1 of them plus softplus(-5) for its true class
+    torch.testing.assert_close(rows_f[[0, -1]].double().cpu(), torch.tensor(
+        [c * math.log(2.0), (c - 1) * math.log(2.0) + math.log1p(math.exp(-5.0))], dtype=torch.float64),
+        rtol=2e-5, atol=0)
