@@ -1,6 +1,7 @@
 """cbkernels: fused-kernel class-balanced losses (Cui et al., CVPR 2019) for PyTorch."""
 from ._backends import available_backends
-from .functional import cb_focal_loss, cb_sigmoid_cross_entropy, cb_softmax_cross_entropy
+from .functional import *  # noqa: F403  (the public function of every registered loss: functional.__all__)
+from .functional import __all__ as _LOSS_FUNCTIONS
 from .linear import ClassBalancedLinearLoss, cb_linear_loss
 from .modules import ClassBalancedLoss
 from .weights import (class_balanced_weights, effective_number, init_prior_bias_, long_tail_counts,
@@ -8,7 +9,7 @@ from .weights import (class_balanced_weights, effective_number, init_prior_bias_
 
 __version__ = "0.1.0"
 __all__ = [
-    "cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_focal_loss", "ClassBalancedLoss",
+    *_LOSS_FUNCTIONS, "ClassBalancedLoss",
     "effective_number", "class_balanced_weights", "long_tail_counts", "long_tail_indices", "init_prior_bias_",
     "available_backends", "cb_linear_loss", "ClassBalancedLinearLoss",
 ]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from . import _backends, _checks, _ops, _reduction
-from .losses import Loss, loss as _registered
+from .losses import LOSSES, Loss, loss as _registered
 
-__all__ = ["cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_focal_loss"]
+# The public function of every registered loss (each defined below under its registry name).
+__all__ = [spec.function for spec in LOSSES]
 
 
 def kernel_rows(backend, spec: Loss, logits, target, class_weight, hyperparameters, ignore_index, reduction,
