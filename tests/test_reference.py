@@ -95,7 +95,7 @@ def test_weighted_softmax_convention_differs_from_torch_weighted_mean():
 def test_hand_computed_values():
     # One row, C = 2, z = (0, 0), y = 0, alpha = (3, 1):
     #   softmax: 3 * log 2;  sigmoid: 3 * (log 2 + log 2);  focal gamma = 1: 3 * 2 * (1/2) * log 2
-    softmax, sigmoid, focal = (losses.loss(name) for name in ("softmax", "sigmoid", "focal"))
+    softmax, sigmoid, focal = losses.loss("softmax"), losses.loss("sigmoid"), losses.loss("focal")
     z = torch.zeros(1, 2, dtype=torch.float64)
     y = torch.tensor([0])
     w = torch.tensor([3.0, 1.0], dtype=torch.float64)

@@ -1,4 +1,4 @@
-// Bodies of the fused CPU loss kernels (docs/op-contract.md, paper-notes.md section 5).
+// Bodies of the fused CPU loss kernels (docs/op-contract.md; the math: docs/math.md, sections 5-7).
 //
 // Included once by each per-ISA translation unit (loss_kernels.cpp, loss_kernels_avx2.cpp,
 // loss_kernels_avx512.cpp); CPU_CAPABILITY names the variant, so the entry points and ATen's

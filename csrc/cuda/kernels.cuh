@@ -306,7 +306,7 @@ __device__ __forceinline__ ThreadRow<E, VEC, Write> thread_row(const LossArgs& a
 
 // ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
 
-// One element (paper-notes.md section 5): t = +1 on the target column, else -1; u = t z; e = exp(-|u|).
+// One element (docs/math.md, section 5): t = +1 on the target column, else -1; u = t z; e = exp(-|u|).
 //   -log p = max(-u, 0) + log1p(e),  log(1-p) = -(max(u, 0) + log1p(e))
 //   p, q = 1 - p from e without cancellation: u >= 0: p = 1/(1+e), q = e/(1+e); else swapped
 //   mod = (1-p)^gamma, term = mod * (-log p), dterm/du = mod * (gamma p log p - q), dterm/dz = t dterm/du
