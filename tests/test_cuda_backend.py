@@ -218,11 +218,10 @@ else:
 
 @pytest.mark.parametrize("name", list(_BAD_ARGUMENTS))
 def test_bad_arguments_name_the_argument(name):
-    """Each bad call in its own process. On the H200 check of 2026-11-27 the calls whose message formats a
-    number (target_shape, gamma, grad_loss_shape, label_smoothing) ended the process with SIGSEGV instead of
-    raising, while those formatting a dtype or device raised; a subprocess keeps such a crash a failure of
-    this case alone instead of the end of the test run. (The public API checks these arguments in Python
-    before any op is called.)"""
+    """Each bad call in its own process: a build whose CUDA ops crash when a TORCH_CHECK message formats a
+    number (seen once, tools/gpu_check.sh says how the compiler is chosen against it) then fails this case
+    alone instead of ending the test run. (The public API checks these arguments in Python before any op
+    is called.)"""
     call_text, env, match = _BAD_ARGUMENTS[name]
     env = {**os.environ, **env,
            "PYTHONPATH": os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)}
