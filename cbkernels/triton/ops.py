@@ -34,9 +34,6 @@ from . import configs, kernels, scale
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# A hyperparameter's domain as the C++ ops word their refusal (csrc/common/families.h), so that a bad value
-# gets the same message from every kernel backend; one not listed is refused with its registry check's message.
-# gamma's adds what the registry check also refuses (and the C++ ops do not): a value beyond float32's range.
 
 
 def _check(op, logits, target, class_weight, grad_loss=None):
