@@ -47,3 +47,19 @@ def test_forward_without_grad_and_backward_agree(family, dtype, kernel_backend):
         unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
         expected = grad.float() * grad_loss[:, None]
         torch.testing.assert_close(scaled.float(), expected, rtol=4 * unit, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_schemas_carry_the_registry_hyperparameters_in_order(family, kernel_backend):
+    """Each backend's ops take the family's hyperparameters (losses.FAMILIES) by name, in the registry's
+    order, as floats between class_weight / grad_loss and ignore_index: the layers between the public
+    functions and the ops pass them positionally in that order."""
+    names = [h.name for h in family.hyperparameters]
+    for which, leading in (("forward", ["logits", "target", "class_weight"]),
+                           ("backward", ["logits", "target", "class_weight", "grad_loss"])):
+        schema = family.op(kernel_backend.record.ops, which).default._schema
+        arguments = [a.name for a in schema.arguments]
+        assert arguments[:len(leading)] == leading, schema
+        assert arguments[len(leading):len(leading) + len(names)] == names, schema
+        assert arguments[len(leading) + len(names)] == "ignore_index", schema
+        assert all(str(a.type) == "float" for a in schema.arguments[len(leading):len(leading) + len(names)])
