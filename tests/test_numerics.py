@@ -254,3 +254,14 @@ def test_confident_true_class_gradient_keeps_bf16_precision(backend, spec, hyper
     # The softmax loss lse - z_y cancels in fp32: its absolute error is ~ |z_y| 2^-24 (the contract's
     # formula), so the loss is held to that, not to a relative bound on its tiny value.
     torch.testing.assert_close(rows, ref_rows, rtol=LOSS_RTOL, atol=2.0**-22 * margin * float(weight.max()))
+
+
+def test_target_masked_with_minus_inf_gives_plus_inf_not_nan(backend):
+    """A target class masked out with -inf: p_y = 0, so the loss is +inf on every backend and for every
+    loss (a NaN would hide which rows went wrong); the rows around it keep their finite values."""
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0], [0.0, 1.0, 2.0]], device=backend.device)
+    target = torch.tensor([0, 1], device=backend.device)
+    for spec in losses.LOSSES:
+        rows = call(spec, logits, target, backend=backend.name, reduction="none")
+        assert rows[0].item() == float("inf"), (spec.name, rows)
+        assert torch.isfinite(rows[1]), (spec.name, rows)

@@ -350,8 +350,10 @@ inline void softmax_row(const T* z, T* g, int64_t C, int64_t y, float eps, float
   const double s = s_rest + std::exp(z_y - m);
   if constexpr (kLoss) {
     const double e = eps;
-    // lse - (1 - e) z_y - e/C sum z, with lse - z_y = log s - (z_y - m)
-    const double rows = std::log(s) - (z_y - m) + e * z_y - (e / static_cast<double>(C)) * sum_z;
+    // lse - (1 - e) z_y - e/C sum z, with lse - z_y = log s - (z_y - m). The smoothing term only when
+    // e != 0: 0 * z_y would turn the +inf loss of a target masked with -inf into NaN.
+    double rows = std::log(s) - (z_y - m);
+    if (smoothing) rows = rows + e * z_y - (e / static_cast<double>(C)) * sum_z;
     *loss = static_cast<float>(static_cast<double>(alpha) * rows);
   }
   if constexpr (kGrad) {
