@@ -121,3 +121,32 @@ def test_peers_follow_the_kernel_family():
         names = {p.name for p in providers.providers_for(spec, "cpu")}
         assert ("F.cross_entropy" in names) == (spec.family is losses.SOFTMAX_CE), spec.name
         assert ("torchvision-style" in names) == (spec.family is losses.SIGMOID_FOCAL), spec.name
+
+
+def test_overhead_preset_times_every_provider_against_cross_entropy(tmp_path):
+    from cbkernels import _backends
+    from cbkernels.bench import overhead
+
+    out = tmp_path / "overhead"
+    threads = torch.get_num_threads()
+    assert bench.main(["--preset", "overhead", "--rounds", "2", "--inner", "2", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # restored after the one-thread measurement
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["preset"] == "overhead" and data["meta"]["rounds"] == 2 and data["meta"]["measure_threads"] == 1
+    rows = data["rows"]
+    kernels = [f"{b},{s}" for b in _backends.native_kernel_backends("cpu") for s in _backends.STRATEGIES]
+    assert kernels  # the CPU extension is built in the test environment
+    expected = set()
+    for spec in losses.LOSSES:
+        names = [overhead.PEER, f"{spec.function}[reference]"]
+        names += [f"{via}[{k}]" for k in kernels for via in (spec.function, "ClassBalancedLoss")]
+        expected |= {(spec.name, n, c, red, name) for n, c in presets.PRESETS["overhead"]["shapes"]
+                     for red in ("mean", "sum") for name in names}
+    assert {(r["loss"], r["N"], r["C"], r["reduction"], r["provider"]) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for r in rows:
+        assert r["ok"], (r["provider"], r["error"])
+        assert r["us_median"] > 0 and r["ratio_to_peer"] > 0 and len(r["us_samples"]) == 2
+    table = (out / "table.md").read_text()
+    assert all(f"| {r['reduction']} | {r['provider']} |" in table for r in rows)
+    assert data["meta"]["torch"] in table and "Commit " in table

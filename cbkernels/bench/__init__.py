@@ -3,6 +3,8 @@
     python -m cbkernels bench --preset inat --device cuda --out bench/results/h100-2026-11-27
 
 prints a Markdown table per case and writes table.md, results.json, results.csv and PNG plots to --out.
+--preset overhead times host microseconds per call at tiny shapes instead (overhead.py; table.md and
+results.json only).
 The API below (speed_table, format_markdown) is what the demo uses.
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", help="comma-separated provider names to leave out (e.g. compiled)")
     p.add_argument("--render", metavar="DIR", help="only rewrite DIR's table.md and plots from its results.json")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    p.add_argument("--rounds", type=int, help="--preset overhead: interleaved timing rounds (default 15)")
+    p.add_argument("--inner", type=int, help="--preset overhead: calls per provider per round (default 200)")
     return p
 
 
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
 
 
 def _run(args, argv, device, preset) -> int:
+    if args.preset == "overhead":
+        return _run_overhead(args, argv, device, preset)
     dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
     losses = LOSS_TYPES if args.loss == "all" else (args.loss,)
     repeats, warmup = presets.default_repeats(device)
@@ -115,11 +121,43 @@ def _run(args, argv, device, preset) -> int:
     return 0
 
 
+def _run_overhead(args, argv, device, preset) -> int:
+    from . import overhead
+
+    losses = LOSS_TYPES if args.loss == "all" else (args.loss,)
+    rounds, inner = args.rounds or preset["rounds"], args.inner or preset["inner"]
+    threads = args.threads or preset["threads"]
+    meta = report.provenance(str(device), argv)
+    meta.update(preset=args.preset, rounds=rounds, inner=inner, measure_threads=threads,
+                commit=overhead.git_commit())
+    print(report.provenance_markdown(meta), flush=True)
+    rows = overhead.measure(losses, preset["shapes"], device, rounds, inner, threads,
+                            echo=lambda md: print(md, flush=True))
+    print("## Summary (host us per forward + backward call)\n\n" + overhead.summary_markdown(rows), flush=True)
+    if args.out:
+        _write_overhead(args.out, meta, rows)
+        print(f"wrote {args.out}/: table.md results.json")
+    return 0
+
+
+def _write_overhead(out: str, meta: dict, rows: list[dict]) -> None:
+    from . import overhead
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(overhead.table_markdown(meta, rows))
+    report.write_json(os.path.join(out, "results.json"), meta, rows)
+
+
 def _render(out: str) -> int:
     """Table and plots again from a run's results.json (e.g. after a change to the report's layout)."""
     with open(os.path.join(out, "results.json")) as fh:
         data = json.load(fh)
     meta = data["meta"]
+    if meta.get("preset") == "overhead":
+        _write_overhead(out, meta, data["rows"])
+        print(f"rewrote {out}/ from its results.json")
+        return 0
     _write(out, meta, data["rows"], meta.get("skipped_by_budget", []), meta.get("failed_cases", []), plots=True)
     print(f"rewrote {out}/ from its results.json")
     return 0

@@ -17,6 +17,9 @@ PRESETS = {
              "repeats": None, "threads": None},
     "sweep": {"shapes": [(max(SWEEP_ELEMENTS // c, 1), c) for c in SWEEP_CLASSES], "dtypes": [torch.float32],
               "exclude": (), "repeats": None, "threads": None},
+    # Host overhead per forward + backward at tiny shapes, one thread, interleaved rounds (overhead.py).
+    "overhead": {"shapes": [(8, 16), (64, 1000)], "dtypes": [torch.float32], "exclude": (), "repeats": None,
+                 "threads": 1, "rounds": 15, "inner": 200},
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
