@@ -15,8 +15,9 @@ from ._reduction import REDUCTIONS
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
 FLOAT_DTYPES = LOGITS_DTYPES
-_LOGITS_DTYPE_TEXT = "float32, float16, bfloat16 or float64"
-_TARGET_DTYPE_TEXT = "class indices as int64 or int32"
+# What a tensor of the wrong dtype must do instead ("logits must be ...", "target must hold ...").
+LOGITS_DTYPE_TEXT = "be float32, float16, bfloat16 or float64"
+TARGET_DTYPE_TEXT = "hold class indices as int64 or int32"
 
 
 def _shape_text(dims, names):
@@ -45,11 +46,11 @@ def check_inputs(logits, target, class_weight):
     """Validates (logits, target, class_weight) and returns class_weight as float32 contiguous (or None)."""
     if isinstance(logits, torch.Tensor) and logits.layout != torch.strided:
         raise TypeError(f"logits must be a dense tensor, got layout {logits.layout}: call .to_dense() first")
-    check_tensor(logits, "logits", (None, None), LOGITS_DTYPES, f"be {_LOGITS_DTYPE_TEXT}", names=("N", "C"))
+    check_tensor(logits, "logits", (None, None), LOGITS_DTYPES, LOGITS_DTYPE_TEXT, names=("N", "C"))
     num_rows, num_classes = logits.shape
     if num_classes < 1:
         raise ValueError("logits must have at least one class (C >= 1)")
-    check_tensor(target, "target", (num_rows,), TARGET_DTYPES, f"hold {_TARGET_DTYPE_TEXT}", names=("N",),
+    check_tensor(target, "target", (num_rows,), TARGET_DTYPES, TARGET_DTYPE_TEXT, names=("N",),
                  device=logits.device)
     return check_class_weight(class_weight, num_classes, logits.device)
 

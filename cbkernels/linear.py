@@ -189,7 +189,7 @@ def _check_linear_inputs(hidden, weight, bias, target, class_weight):
     """Metadata checks only (no host sync); returns class_weight as float32 contiguous or None."""
     same_dtype = f"have the dtype of hidden, {getattr(hidden, 'dtype', None)}"
     _checks.check_tensor(hidden, "hidden", (None, None), _checks.FLOAT_DTYPES,
-                         "be float32, float16, bfloat16 or float64", names=("N", "H"))
+                         _checks.LOGITS_DTYPE_TEXT, names=("N", "H"))
     num_rows, in_features = hidden.shape
     on_hidden = dict(device=hidden.device, device_of="hidden")
     _checks.check_tensor(weight, "weight", (None, in_features), (hidden.dtype,), same_dtype, names=("C", "H"),
@@ -199,7 +199,7 @@ def _check_linear_inputs(hidden, weight, bias, target, class_weight):
         raise ValueError("weight must have at least one class (C >= 1 rows)")
     if bias is not None:
         _checks.check_tensor(bias, "bias", (num_classes,), (hidden.dtype,), same_dtype, names=("C",), **on_hidden)
-    _checks.check_tensor(target, "target", (num_rows,), _checks.TARGET_DTYPES, "hold class indices as int64 or int32",
+    _checks.check_tensor(target, "target", (num_rows,), _checks.TARGET_DTYPES, _checks.TARGET_DTYPE_TEXT,
                          names=("N",), **on_hidden)
     return _checks.check_class_weight(class_weight, num_classes, **on_hidden)
 
