@@ -32,12 +32,15 @@ class Backend:
       on the host anyway); elsewhere the caller adds a device-side assert.
     default_strategy: its backward strategy unless CBKERNELS_BACKWARD says otherwise.
     dtypes: the logits dtypes it takes.
+    whole_call: its namespace also has `<family>_loss` (the C++ extension, csrc/common/loss_function.h),
+      which runs an eager call (checks, "mean" folding, kernel, reduction, autograd node) as one op.
     """
     name: str
     namespace: str | None
     checks_targets: bool
     default_strategy: str | None
     dtypes: tuple[torch.dtype, ...]
+    whole_call: bool = False
 
     @property
     def is_kernel(self) -> bool:
@@ -64,8 +67,8 @@ class Backend:
 #   moves fewer bytes.
 # - triton: "fused": its backward skips rows whose upstream gradient is 1 on the device (triton/scale.py).
 REFERENCE = Backend("reference", None, True, None, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-CPU = Backend("cpu", "cbkernels", True, "fused", KERNEL_DTYPES)
-CUDA = Backend("cuda", "cbkernels", False, "recompute", KERNEL_DTYPES)
+CPU = Backend("cpu", "cbkernels", True, "fused", KERNEL_DTYPES, whole_call=True)
+CUDA = Backend("cuda", "cbkernels", False, "recompute", KERNEL_DTYPES, whole_call=True)
 TRITON = Backend("triton", "cbkernels_triton", False, "fused", KERNEL_DTYPES)
 _RECORDS = {b.name: b for b in (REFERENCE, CPU, CUDA, TRITON)}
 BACKENDS = ("auto",) + tuple(_RECORDS)
@@ -154,7 +157,6 @@ def native_kernel_backends(device) -> list[str]:
 
 def resolve(backend: str, logits: torch.Tensor) -> Backend:
     """The backend record for this call; a clear error for unknown or unavailable names."""
-    check_name(backend)
     if backend == "auto":
         forced = os.environ.get("CBKERNELS_BACKEND")
         if not forced:
@@ -162,6 +164,7 @@ def resolve(backend: str, logits: torch.Tensor) -> Backend:
         if forced not in _RECORDS:
             raise ValueError(f"CBKERNELS_BACKEND must be one of {tuple(_RECORDS)}, got {forced!r}")
         backend = forced
+    check_name(backend)
     record = _RECORDS[backend]
     reason = unavailable_reason(record, logits.device)
     if reason is not None:
@@ -172,9 +175,19 @@ def resolve(backend: str, logits: torch.Tensor) -> Backend:
     return record
 
 
+# "auto"'s choice per device type: what can run there is fixed once cbkernels is imported (the extension
+# and Triton load at import), so it is looked up once per device type, not on every call.
+_AUTO_CHOICE: dict[str, Backend] = {}
+
+
 def _auto(logits: torch.Tensor) -> Backend:
-    if logits.dtype in KERNEL_DTYPES:
-        for record in _AUTO_ORDER.get(logits.device.type, ()):
-            if unavailable_reason(record, logits.device) is None:
-                return record
-    return REFERENCE
+    if logits.dtype not in KERNEL_DTYPES:
+        return REFERENCE
+    device_type = "cpu" if logits.is_cpu else logits.device.type
+    choice = _AUTO_CHOICE.get(device_type)
+    if choice is None:
+        device = torch.device(device_type)
+        choice = next((record for record in _AUTO_ORDER.get(device_type, ())
+                       if unavailable_reason(record, device) is None), REFERENCE)
+        _AUTO_CHOICE[device_type] = choice
+    return choice

@@ -136,11 +136,34 @@ def _make_autograd(backward_op, scale_in_place):
     return setup_context, backward
 
 
+def _fake_loss(logits, target, class_weight, *hyperparameters_ignore_index_reduction_fused):
+    reduction = hyperparameters_ignore_index_reduction_fused[-2]
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+
+
+def _fake_scale_rows(grad, grad_loss):
+    return None
+
+
 def register_loss_fakes(namespace: str) -> None:
     """Fake (meta) kernels for ops defined in C++ (Python-defined ops bring their own)."""
     for family in FAMILIES:
         torch.library.register_fake(f"{namespace}::{family.name}_forward")(_fake_forward)
         torch.library.register_fake(f"{namespace}::{family.name}_backward")(_fake_backward)
+
+
+# The C++ extension's whole-call ops by family name: LOSS_OPS["softmax_ce"] is
+#   cbkernels::softmax_ce_loss(logits, target, class_weight, *hyperparameters, ignore_index, reduction, fused)
+# (csrc/common/loss_function.h): checks, the "mean" folding, the kernel, the reduction and the autograd node
+# of an eager call in one op. Empty when the extension did not load.
+LOSS_OPS: dict[str, torch._ops.OpOverload] = {}
+
+
+def _register_loss_ops() -> None:
+    for family in FAMILIES:
+        torch.library.register_fake(f"cbkernels::{family.name}_loss")(_fake_loss)
+        LOSS_OPS[family.name] = family.op(torch.ops.cbkernels, "loss").default
+    torch.library.register_fake("cbkernels::scale_rows_unless_one_")(_fake_scale_rows)
 
 
 # (namespace, family name) -> the autograd.Function that eager calls from functional.py go through.
@@ -192,3 +215,4 @@ def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -
 if extension_loaded():
     register_loss_fakes("cbkernels")
     register_loss_autograd("cbkernels")
+    _register_loss_ops()

@@ -40,7 +40,25 @@ def kernel_rows(backend, spec: Loss, logits, target, class_weight, hyperparamete
 def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index, backend, hyperparameters):
     """One public loss call: checks, the backend's choice, the kernel (or the reference) and the reduction.
 
-    hyperparameters: the user's values by name (checked here by the registry)."""
+    hyperparameters: the user's values by name (checked here by the registry). Under torch.compile the
+    path after the whole-call shortcut is what is traced."""
+    if type(ignore_index) is int and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
+        # An eager call on a backend whose namespace has `<family>_loss` (the C++ extension,
+        # csrc/common/loss_function.h) runs as that one op: the same checks, folding, kernel, reduction and
+        # autograd formula as the code below, bit for bit, at C++ host costs. When anything refuses the
+        # arguments, the code below runs instead: its checks raise in the public API's words and order, or
+        # take what the op's narrower contract refuses but the API accepts (float64 class weights, a gamma
+        # given as a 0-d tensor, ...).
+        try:
+            record = _backends.resolve(backend, logits)
+            if record.whole_call:
+                return _ops.LOSS_OPS[spec.family.name](logits, target, class_weight,
+                                                       *spec.kernel_hyperparameters(hyperparameters), ignore_index,
+                                                       reduction, record.strategy() == "fused")
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, ValueError):
+            pass
     class_weight = _checks.check_inputs(logits, target, class_weight)
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)

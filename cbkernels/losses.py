@@ -48,7 +48,8 @@ class Family:
     reference_rows: Callable
 
     def op(self, namespace, which: str):
-        """The op `<name>_<which>` (which: "forward" or "backward") of a torch.ops namespace."""
+        """The op `<name>_<which>` (which: "forward", "backward", or "loss" for the C++ extension's
+        whole-call op) of a torch.ops namespace."""
         return getattr(namespace, f"{self.name}_{which}")
 
 
@@ -76,6 +77,11 @@ class Loss:
         if names != family_names:
             raise ValueError(f"loss {self.name!r}: hyperparameters {sorted(names)} must be exactly those of "
                              f"family {self.family.name!r}, {sorted(family_names)}")
+        # Per family hyperparameter in schema order: the settable Hyperparameter, or None and the pinned value
+        # (read on every call by kernel_hyperparameters, so laid out once here).
+        settable = {h.name: h for h in self.hyperparameters}
+        object.__setattr__(self, "_schema", tuple((settable.get(h.name), float(self.fixed.get(h.name, 0.0)))
+                                                  for h in self.family.hyperparameters))
 
     @property
     def hyperparameter_names(self) -> tuple[str, ...]:
@@ -87,9 +93,7 @@ class Loss:
     def kernel_hyperparameters(self, values: Mapping[str, object]) -> tuple[float, ...]:
         """The family's hyperparameters in schema order: `values` (user-settable ones, checked; missing
         ones take their defaults; others are ignored) with this loss's fixed ones."""
-        settable = {h.name: h.check(values.get(h.name, h.default)) for h in self.hyperparameters}
-        return tuple(settable[h.name] if h.name in settable else float(self.fixed[h.name])
-                     for h in self.family.hyperparameters)
+        return tuple([fixed if h is None else h.check(values.get(h.name, h.default)) for h, fixed in self._schema])
 
     def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, **hyper):
         """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""

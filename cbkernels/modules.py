@@ -36,7 +36,7 @@ class ClassBalancedLoss(torch.nn.Module):
 
     def hyperparameters(self) -> dict[str, float]:
         """The values of the loss's settable hyperparameters."""
-        return {name: getattr(self, name) for name in self.spec.hyperparameter_names}
+        return {h.name: getattr(self, h.name) for h in self.spec.hyperparameters}
 
     def forward(self, logits, target):
         return functional.apply_loss(self.spec, logits, target, self.class_weight, self.reduction,

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/loss_function.h"
 #include "common/loss_ops.h"
 
 extern "C" {
@@ -15,6 +16,16 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Two ops per family of common/families.h, with the schemas of docs/op-contract.md (built from the family's
-// hyperparameters by define_family_ops in common/loss_ops.h).
-TORCH_LIBRARY(cbkernels, m) { cbkernels::define_loss_ops(m); }
+// Per family of common/families.h, the schemas of docs/op-contract.md (built from the family's
+// hyperparameters): its two kernel ops (define_loss_ops, common/loss_ops.h) and the whole eager loss,
+// `<family>_loss`, with scale_rows_unless_one_, which its backward uses (common/loss_function.h).
+TORCH_LIBRARY(cbkernels, m) {
+  cbkernels::define_loss_ops(m);
+  cbkernels::define_loss_functions(m);
+}
+
+// `<family>_loss` is device-agnostic: it calls the device's kernel ops through the dispatcher.
+TORCH_LIBRARY_IMPL(cbkernels, Autograd, m) { cbkernels::register_loss_functions(m, /*autograd=*/true); }
+TORCH_LIBRARY_IMPL(cbkernels, CompositeExplicitAutograd, m) {
+  cbkernels::register_loss_functions(m, /*autograd=*/false);
+}

@@ -30,8 +30,8 @@ def _ids(value):
 
 
 def _fake_logits(device_type: str, dtype=torch.float32):
-    """What resolve reads of the logits (device and dtype), for a device this machine may not have."""
-    return types.SimpleNamespace(device=torch.device(device_type), dtype=dtype)
+    """What resolve reads of the logits (device, dtype, is_cpu), for a device this machine may not have."""
+    return types.SimpleNamespace(device=torch.device(device_type), dtype=dtype, is_cpu=device_type == "cpu")
 
 
 @pytest.fixture
@@ -46,6 +46,7 @@ def fake_availability(monkeypatch):
             asked.append((name, device.type))
             return None if name == "reference" or name in names else f"{name} faked unavailable"
         monkeypatch.setattr(_backends, "unavailable_reason", unavailable_reason)
+        monkeypatch.setattr(_backends, "_AUTO_CHOICE", {})  # "auto" decides once per device type: anew here
         return asked
 
     return set_available

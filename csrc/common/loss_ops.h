@@ -103,6 +103,7 @@ struct FamilyInfo;
   struct FamilyInfo<Family::enumerator> : HyperparameterId {                        \
     static constexpr const char* kForward = #name "_forward";                      \
     static constexpr const char* kBackward = #name "_backward";                    \
+    static constexpr const char* kLoss = #name "_loss";                            \
     static constexpr auto kHyperparameters = hyperparameter_list hyperparameters;   \
   };
 CBKERNELS_FAMILIES(CBKERNELS_FAMILY_INFO)

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <string>
 
+#include "common/loss_function.h"
 #include "common/loss_ops.h"
 #include "rows.h"
 
@@ -80,12 +81,24 @@ struct CpuBackend {
       at::parallel_for(0, args.num_rows, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
     }
   };
+
+  // The fused backward's scaling (common/loss_function.h), one pass; rows whose factor is 1 are multiplied
+  // by 1, which leaves them as they are. (Its caller skips the call when every factor is 1: it can read
+  // CPU values on the host.)
+  static void scale_rows_unless_one(const at::Tensor& grad, const at::Tensor& grad_loss) {
+    check_scale_rows_args<CpuBackend>(grad, grad_loss);
+    at::Tensor out = grad;
+    mul_rows_out(out, grad, grad_loss);
+  }
 };
 
 }  // namespace
 }  // namespace cbkernels::cpu
 
-TORCH_LIBRARY_IMPL(cbkernels, CPU, m) { cbkernels::register_loss_ops<cbkernels::cpu::CpuBackend>(m); }
+TORCH_LIBRARY_IMPL(cbkernels, CPU, m) {
+  cbkernels::register_loss_ops<cbkernels::cpu::CpuBackend>(m);
+  m.impl("scale_rows_unless_one_", &cbkernels::cpu::CpuBackend::scale_rows_unless_one);
+}
 
 // Sparse and MKL-DNN tensors dispatch to these keys rather than to CPU. The same ops registered there
 // answer such an argument with the checks' "<argument> must be a dense tensor" instead of the
