@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.cbkernels-installed
 TRITON_PIN := triton==3.8.0
 
-.PHONY: venv build test demo bench wheel-check gpu-check clean
+.PHONY: venv build test demo bench wheel-check gpu-check audit clean
 
 venv: $(STAMP)
 
@@ -36,7 +36,15 @@ bench: build
 wheel-check: build
 	bash tools/wheel_check.sh $(VPY)
 
-# On a lent GPU machine (see tools/gpu_check.sh): build with CUDA, GPU tests, benchmark, sweeps -> $$OUT.
+# Static GPU audit, no GPU needed: compiles every shipped kernel variant for sm_90 and checks the gates of
+# docs/roofline.md (the CUDA half is reported as skipped where nvcc is missing).
+audit: build
+	mkdir -p build
+	$(VPY) -m cbkernels audit --arch sm_90 --json build/audit.json
+
+# On a lent GPU machine, in under 8 minutes (tools/gpu_check.sh; what it needs: pyproject's gpu-check extra):
+# build with CUDA, the whole test suite with CUDA, the benchmark (eager and CUDA-graph replay), the sweeps
+# -> $$OUT/summary.md and $$OUT/gpu_check.tar.gz; exits 1 if any step failed. GPU_CHECK_DRY_RUN=1 prints the steps.
 gpu-check:
 	bash tools/gpu_check.sh
 

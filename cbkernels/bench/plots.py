@@ -18,9 +18,11 @@ from matplotlib import ticker  # noqa: E402
 from ..losses import LOSS_TYPES  # noqa: E402
 from .report import hyperparameter_label  # noqa: E402
 
-PLOTS = (  # file, row field, axis label, log scale
+PLOTS = (  # file, row field, axis label, log scale; a plot whose field no row has (a CPU run: graph_*) is skipped
     ("time.png", "ms_median", "forward + backward, ms (median)", True),
     ("bandwidth.png", "pct_copy", "% of measured copy bandwidth", False),
+    ("time_graph.png", "graph_ms", "forward + backward replayed as a CUDA graph, ms (median)", True),
+    ("bandwidth_graph.png", "graph_pct_copy", "CUDA graph replay: % of measured copy bandwidth", False),
     ("memory.png", "peak_extra_mib", "peak extra memory, MiB", True),
 )
 _STYLES = ("-", "--", ":", "-.")
