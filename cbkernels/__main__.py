@@ -1,4 +1,4 @@
-"""`python -m cbkernels demo|bench|info`."""
+"""`python -m cbkernels demo|bench|info|audit`."""
 import argparse
 import sys
 
@@ -20,12 +20,14 @@ def _info(_argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m cbkernels", description=__doc__)
-    parser.add_argument("command", choices=["demo", "bench", "info"])
+    parser.add_argument("command", choices=["demo", "bench", "info", "audit"])
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "demo":
         from .demo import main as run
     elif args.command == "bench":
         from .bench import main as run
+    elif args.command == "audit":
+        from .audit import main as run
     else:
         run = _info
     return run(argv[1:])

@@ -1,0 +1,38 @@
+"""The audit's gates (issue targets): what must hold for every shipped kernel variant.
+
+Per kernel launch (every GPU record):
+- no-local-memory: no local memory (no spills, no stack arrays);
+- ctas-per-sm>=2: at least two CTAs resident per SM (a CTA's barriers and tails overlap another's work);
+- 16-byte-accesses (float32): the N x C loads and stores are 16-byte vectors (a split store fails).
+Per loss, forward + backward, on the H200: predicted % of copy bandwidth at (8192, 8142) of at least
+PCT_COPY_TARGETS[loss, dtype].
+"""
+from __future__ import annotations
+
+MIN_CTAS_PER_SM = 2
+VECTOR_BYTES = 16
+PCT_COPY_GPU = "H200"
+PCT_COPY_TARGETS = {
+    ("softmax", "float32"): 90.0, ("sigmoid", "float32"): 90.0, ("focal", "float32"): 90.0,
+    ("softmax", "bfloat16"): 90.0, ("sigmoid", "bfloat16"): 80.0, ("focal", "bfloat16"): 70.0,
+}
+
+
+def kernel_failures(metrics, dtype: str) -> list[str]:
+    failed = []
+    if metrics.local_bytes:
+        failed.append(f"no-local-memory ({metrics.local_bytes} B/thread)")
+    if metrics.ctas_per_sm < MIN_CTAS_PER_SM:
+        failed.append(f"ctas-per-sm>={MIN_CTAS_PER_SM} ({metrics.ctas_per_sm})")
+    if dtype == "float32":
+        for what, width in (("loads", metrics.load_width), ("stores", metrics.store_width)):
+            if width is not None and width < VECTOR_BYTES:
+                failed.append(f"16-byte-accesses ({what} {width} B)")
+    return failed
+
+
+def loss_failures(loss: str, dtype: str, gpu: str, pct_copy: float) -> list[str]:
+    target = PCT_COPY_TARGETS.get((loss, dtype))
+    if gpu != PCT_COPY_GPU or target is None or pct_copy >= target:
+        return []
+    return [f"pct-copy>={target:g}% on {gpu} ({pct_copy:.1f}%)"]

@@ -1,0 +1,66 @@
+"""The record a variant file gives for each kernel launch: what to compile and how it runs at (N, C).
+
+triton_variants.py and cuda_variants.py return lists of `Launch`; the rest of the audit reads only these
+fields and never names a kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+LOSSES = ("softmax", "sigmoid", "focal")
+DTYPES = ("float32", "bfloat16")
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    """A @triton.jit function and the arguments of the launch, as the launcher passes them.
+
+    args: the positional arguments; a tensor is given as its torch.dtype (compiled as a 16-byte aligned
+    pointer, as Triton specialises a freshly allocated tensor), None and Python numbers as they are passed
+    (Triton specialises integers divisible by 16 and equal to 1, as at a real launch).
+    constexprs: the keyword constexpr arguments. num_warps / num_stages: the launch options.
+    """
+    fn: Callable
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaKernel:
+    """A template instance of the CUDA translation unit, named by a substring of its demangled name that
+    matches exactly one kernel (e.g. "sigmoid_focal_kernel<cbkernels::cuda::device::F32, 4, ...>(")."""
+    demangled: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch of the forward + backward of a loss at (N, C).
+
+    kernel: the label printed in the report (e.g. "sigmoid_focal_kernel[loss+grad]").
+    code: TritonKernel or CudaKernel (what to compile).
+    ctas: CTAs (programs) in the grid; threads_per_cta: threads of one CTA.
+    threads_per_row: threads that share one row; a thread handles ceil(C / threads_per_row) elements of a row.
+    elems_per_iter: elements per thread in one iteration of the source-level main loop (for a kernel that
+      holds the row in registers and has no loop: the elements per thread per row).
+    read_bytes_per_elem / write_bytes_per_elem: N x C bytes this launch moves per element (logits read,
+      gradient written or read back), in the audited scenario (docs/roofline.md); per-row vectors are
+      negligible and not counted.
+    rows_per_thread: rows a thread walks one after the other (a persistent grid: > 1).
+    per_element_work: False for a launch whose programs, in the audited scenario, read a per-row value and
+      exit (the fused backward's scaling pass when the upstream gradient is 1): only its launch and latency
+      count, not the per-element instructions of the path it skips.
+    """
+    kernel: str
+    code: Any
+    ctas: int
+    threads_per_cta: int
+    threads_per_row: int
+    elems_per_iter: int
+    read_bytes_per_elem: float
+    write_bytes_per_elem: float
+    rows_per_thread: int = 1
+    per_element_work: bool = True

@@ -1,0 +1,97 @@
+"""The shipped Triton kernels, as the audit compiles and models them (cbkernels/triton/*).
+
+Contract (whoever changes the Triton kernels, their launch table or the backward strategy updates this file,
+and only this file, for the audit to follow):
+
+    launches(loss, dtype, n, c) -> list[launches.Launch]
+
+loss: "softmax" | "sigmoid" | "focal" (losses.LOSSES names, at the registry's default hyperparameters:
+focal at gamma 0.5); dtype: "float32" | "bfloat16". The list holds every kernel that the default backward
+strategy (_backends.TRITON.default_strategy) launches for one forward + backward of the loss at (n, c), in
+order, each with:
+- code: TritonKernel(fn, args, constexprs, num_warps, num_stages), the exact arguments of the launch
+  (tensors as their dtype), so that Triton specialises it as a real launch does;
+- the grid (ctas), threads per CTA, threads per row, elements per thread per main-loop iteration;
+- the N x C bytes it moves per element in the audited scenario: loss.backward() of a mean-reduced loss,
+  whose upstream gradient is 1 on every row, with class weights and int64 targets.
+Launch configurations come from configs.py's table and the launcher's own rule (ops._plan), never from
+numbers written here.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+import triton
+
+from .. import _backends
+from ..losses import loss as registered_loss
+from ..triton import kernels, ops, scale
+from .launches import ELEMENT_BYTES, Launch, TritonKernel
+from .roofline import H200
+
+_TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IGNORE_INDEX = -100
+_SMS = H200.sms  # the persistent grid's programs per SM x this (H100 and H200 alike: 132)
+
+
+def _scale_num_warps() -> int:
+    """num_warps of the launch in scale.scale_rows_unless_one_ (read from its source, not restated)."""
+    found = re.search(r"num_warps\s*=\s*(\d+)", inspect.getsource(scale.scale_rows_unless_one_))
+    if found is None:
+        raise RuntimeError("triton_variants: cannot find num_warps in scale.scale_rows_unless_one_")
+    return int(found.group(1))
+
+
+def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
+    """The family kernel's launch as ops._launch makes it (class weights on, int64 targets), on the
+    persistent grid (grid.programs) of the audited GPU's SM count."""
+    torch_dtype = _TORCH_DTYPE[dtype]
+    hyper = tuple(spec.kernel_hyperparameters({}))
+    plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper)
+    options = dict(plan.options)  # constexprs and the compile options (num_warps, maxnreg) of the launch
+    num_warps = options.pop("num_warps")
+    args = (torch_dtype, torch.int64, torch.float32, torch.float32 if scale_grad else None,
+            torch.float32 if write_loss else None, torch_dtype if write_grad else None,
+            n, c, *hyper, IGNORE_INDEX)
+    # maxnreg rides with the constexprs: the audit's compile hands them to Triton's binder with the options
+    constexprs = dict(HAS_WEIGHT=True, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad, **options)
+    threads = num_warps * 32
+    flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad)) if on)
+    elem = ELEMENT_BYTES[dtype]
+    blocks = triton.cdiv(n, plan.rows)
+    return Launch(
+        kernel=f"{plan.kernel.__name__}[{flags}]",
+        code=TritonKernel(plan.kernel, args, constexprs, num_warps, options["STAGES"]),
+        ctas=min(blocks, plan.programs_per_sm * _SMS), threads_per_cta=threads,
+        threads_per_row=max(1, threads // plan.rows),
+        elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),
+        read_bytes_per_elem=elem, write_bytes_per_elem=elem if write_grad else 0)
+
+
+def _scale_kernel(dtype, n, c):
+    """The fused backward's pass (scale.py): with an upstream gradient of 1 every program reads its chunk
+    of upstream values (one vector load) and exits."""
+    torch_dtype = _TORCH_DTYPE[dtype]
+    warps = _scale_num_warps()
+    vec = 16 // ELEMENT_BYTES[dtype]
+    return Launch(
+        kernel=f"{scale.scale_rows_unless_one_kernel.__name__}[upstream grad 1]",
+        code=TritonKernel(scale.scale_rows_unless_one_kernel, (torch_dtype, torch.float32, n, c),
+                          {"CHUNK": scale.CHUNK, "TILE": scale.TILE, "VEC": vec}, warps),
+        ctas=triton.cdiv(n, scale.CHUNK), threads_per_cta=warps * 32, threads_per_row=warps * 32,
+        elems_per_iter=max(1, scale.TILE // (warps * 32)), read_bytes_per_elem=0, write_bytes_per_elem=0,
+        per_element_work=False)
+
+
+def launches(loss: str, dtype: str, n: int, c: int) -> list[Launch]:
+    spec = registered_loss(loss)
+    strategy = _backends.TRITON.default_strategy
+    if strategy == "fused":  # forward writes loss and gradient; backward scales it in place
+        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=True, scale_grad=False),
+                _scale_kernel(dtype, n, c)]
+    if strategy == "recompute":  # forward writes the loss; backward recomputes the scaled gradient
+        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=False, scale_grad=False),
+                _loss_kernel(spec, dtype, n, c, write_loss=False, write_grad=True, scale_grad=True)]
+    raise ValueError(f"triton_variants: unknown backward strategy {strategy!r}")
