@@ -27,6 +27,7 @@ write), so 67%. Only a forward that already writes the final gradient (upstream 
 could approach 100%.
 """
 import argparse
+import dataclasses
 import itertools
 import os
 import platform
@@ -55,10 +56,12 @@ DRY_SHAPES = [(family.name, n, c, dtype) for family, (n, c, dtype)
 def config_grid(c, dry_run, first=None):
     """Configurations worth trying for C columns, most promising first (`first`, then about 16 values
     per thread). Tiles wider than next_pow2(C) would duplicate the single-tile one (the launcher clips
-    them), several rows per program only pays when a row is one tile, and software pipelining
-    (num_stages 2) only applies to the loop over tiles."""
+    them); several rows per tile only pays when a row is one tile. The pipelined loop's depth
+    (num_stages), the persistent grid's programs per SM, and for a single tile a register cap of 64
+    (2 CTAs/SM at 16 warps) are swept with it."""
     if dry_run:
-        return [configs.LaunchConfig(block=16, rows=1, num_warps=1), configs.LaunchConfig(block=128, rows=2, num_warps=1)]
+        return [configs.LaunchConfig(block=16, rows=1, num_warps=1, num_stages=2, programs_per_sm=1),
+                configs.LaunchConfig(block=128, rows=2, num_warps=1)]
     c_pow2 = 1 << (c - 1).bit_length()
     grid = []
     for block in sorted({min(b, c_pow2) for b in (1024, 2048, 4096, 8192, 16384, 32768)}):
@@ -68,13 +71,16 @@ def config_grid(c, dry_run, first=None):
                 per_thread = block * rows // (32 * num_warps)
                 if block * rows > 32768 or not 4 <= per_thread <= 64:
                     continue
-                for num_stages in ((1,) if single_tile else (1, 2)):
-                    grid.append(configs.LaunchConfig(block=block, rows=rows, num_warps=num_warps,
-                                                     num_stages=num_stages))
+                for num_stages in ((1, 2) if single_tile else (2, 3, 4)):
+                    for programs_per_sm in (2, 4):
+                        for maxnreg in ((None, 64) if single_tile and num_warps >= 16 else (None,)):
+                            grid.append(configs.LaunchConfig(block=block, rows=rows, num_warps=num_warps,
+                                                             num_stages=num_stages, programs_per_sm=programs_per_sm,
+                                                             maxnreg=maxnreg))
 
     def promise(config):
         per_thread = config.block * config.rows // (32 * config.num_warps)
-        return (config != first, abs(per_thread.bit_length() - 5), config.num_stages, -config.block)
+        return (config != first, abs(per_thread.bit_length() - 5), -config.num_stages, -config.block)
 
     return sorted(grid, key=promise)
 
@@ -97,8 +103,7 @@ def timer(dry_run):
 
 
 def as_dict(config):
-    return None if config is None else {"block": config.block, "rows": config.rows,
-                                        "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return None if config is None else dataclasses.asdict(config)
 
 
 def sweep_shape(family, n, c, dtype, device, time_ms, copy_gbps, deadline, dry_run):
@@ -159,8 +164,8 @@ def paste_ready_table(shapes):
         for i, c in enumerate(cs):
             cfg = per_c[c]
             c_max = "None" if i == len(cs) - 1 else str(1 << (c - 1).bit_length())
-            lines.append(f"    ({c_max}, LaunchConfig(block={cfg['block']}, rows={cfg['rows']}, "
-                         f"num_warps={cfg['num_warps']}, num_stages={cfg['num_stages']})),")
+            fields = ", ".join(f"{k}={v}" for k, v in cfg.items())
+            lines.append(f"    ({c_max}, LaunchConfig({fields})),")
         lines.append("]")
     return "\n".join(lines)
 
@@ -209,7 +214,7 @@ def main(argv=None):
 
     print(f"copy bandwidth {copy_gbps:.0f} GB/s on {report['device']}; {report['elapsed_s']} s; "
           f"complete: {report['complete']}")
-    print(f"{'family':14} {'N':>6} {'C':>7} {'dtype':9} {'best (block,rows,warps,stages)':32} "
+    print(f"{'family':14} {'N':>6} {'C':>7} {'dtype':9} {'best (LaunchConfig fields)':32} "
           f"{'fused ms':>9} {'recomp ms':>9} {'% copy':>7} {'table %':>7}")
     for e in report["shapes"]:
         b = e["best"]
@@ -219,7 +224,7 @@ def main(argv=None):
             continue
         cfg = b["config"]
         print(f"{e['family']:14} {e['n']:6} {e['c']:7} {e['dtype']:9} "
-              f"{str((cfg['block'], cfg['rows'], cfg['num_warps'], cfg['num_stages'])):32} "
+              f"{str(tuple(cfg.values())):32} "
               f"{b['fused']['ms']:9.4f} {b['recompute'].get('ms', float('nan')):9.4f} {b['pct_copy']:7.1f} "
               f"{table_pct:7.1f}")
     print(paste_ready_table(report["shapes"]))

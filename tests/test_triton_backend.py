@@ -73,6 +73,20 @@ def test_scale_rows_unless_one(dtype):
     assert torch.isnan(grad[3]).all()
 
 
+def test_scale_rows_skips_whole_chunks_at_one():
+    """Two chunks of rows (scale.CHUNK each, the second partial): a chunk all at 1 is left as it is, a
+    chunk with one row not at 1 scales exactly that row; rows of 7 columns (head, body and tail)."""
+    from cbkernels.triton import scale
+    n = scale.CHUNK + 3
+    grad = torch.randn(n, 7, device=DEVICE)
+    grad_loss = torch.ones(n, device=DEVICE)
+    grad_loss[n - 2] = -3.0
+    expected = grad.clone()
+    expected[n - 2] *= -3.0
+    scale.scale_rows_unless_one_(grad, grad_loss)
+    assert torch.equal(grad, expected)
+
+
 @pytest.mark.parametrize("spec,hyper", loss_cases(where=lambda spec, _: spec.family is SOFTMAX_CE))
 def test_softmax_confident_true_class_gradient_survives(spec, hyper, tiles):
     """p_y within fp32's epsilon of 1: the true-class gradient -(1 - p_y) ~ -32 e^-30 must not round to 0
@@ -87,6 +101,27 @@ def test_softmax_confident_true_class_gradient_survives(spec, hyper, tiles):
         _, grad = _op(SOFTMAX_CE, "forward")(logits, target, weight, *spec.kernel_hyperparameters(hyper), -100, True)
         if not any(spec.kernel_hyperparameters(hyper)):  # without smoothing the true class's gradient is < 0
             assert (grad[[0, 1, 2], [0, 32, 17]] < 0).all()
+
+
+# One row per tile: the per-row branches (ignored rows, the tile holding the target column) that the GPU
+# table's rows take; held (one tile holds the row) and streamed (the pipelined loop over 16-column tiles,
+# the target in a head, body or tail position), several rows per program (the persistent loop).
+PER_ROW_CONFIGS = [
+    pytest.param(configs.LaunchConfig(block=64, rows=1, num_warps=1, num_stages=2, programs_per_sm=1), id="held"),
+    pytest.param(configs.LaunchConfig(block=16, rows=1, num_warps=1, num_stages=3, programs_per_sm=1), id="streamed"),
+]
+
+
+@pytest.mark.parametrize("config", PER_ROW_CONFIGS)
+@pytest.mark.parametrize("spec,hyper", loss_cases())
+def test_one_row_per_tile_matches_reference(spec, hyper, config, monkeypatch):
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "recompute" if spec.family is SOFTMAX_CE else "fused")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, target, weight = make_inputs(6, 37, dtype, DEVICE, ignore_frac=0.3)
+        target[0], target[1] = 0, 36  # the first and last columns (a head and a tail at row offsets 0 and 37)
+        with configs.override(config):
+            for reduction in ("none", "mean"):
+                assert_matches_reference("triton", spec, hyper, logits, target, weight, reduction=reduction)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -222,33 +257,47 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cbkernels.triton import kernels as K
 ALIGNED = [["tt.divisibility", 16]]
-def ptx(fn, dt, extra, consts, warps):
+def build(fn, dt, extra, consts, warps, stages):
     sig = {"logits_ptr": "*" + dt, "target_ptr": "*i64", "weight_ptr": "*fp32", "grad_loss_ptr": "*fp32",
            "loss_ptr": "*fp32", "grad_ptr": "*" + dt, "N": "i32", "C": "i32", **extra, "ignore_index": "i32"}
     sig.update({k: "constexpr" for k in consts})
     attrs = {(i,): ALIGNED for i in (0, 2, 4, 5)}  # what a launch with 16-byte aligned tensors specialises
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-focal = ptx(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
-            {"HAS_WEIGHT": True, "GAMMA_MODE": 1, "WRITE_LOSS": True, "WRITE_GRAD": True, "SCALE_GRAD": False,
-             "ROWS": 1, "BLOCK": 2048, "VEC": 8, "grad_loss_ptr": None}, 8)
-softmax = ptx(K.softmax_ce_kernel, "fp32", {"eps": "fp32"},
-              {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "WRITE_LOSS": False, "WRITE_GRAD": True, "SCALE_GRAD": True,
-               "ROWS": 2, "BLOCK": 1024, "VEC": 4, "SINGLE_BLOCK": False, "loss_ptr": None}, 4)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+common = {"HAS_WEIGHT": True, "WRITE_LOSS": True, "WRITE_GRAD": True, "SCALE_GRAD": False, "ROWS": 1,
+          "grad_loss_ptr": None}
+kernels = {
+    "sigmoid_focal bf16": build(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
+                                {**common, "GAMMA_MODE": 1, "BLOCK": 2048, "VEC": 8, "STAGES": 3}, 8, 3),
+    "softmax_ce streaming fp32": build(K.softmax_ce_kernel, "fp32", {"eps": "fp32"},
+                                      {**common, "HAS_SMOOTHING": True, "BLOCK": 1024, "VEC": 4, "HELD": False,
+                                       "STAGES": 3}, 4, 3),
+    "softmax_ce held fp32": build(K.softmax_ce_kernel, "fp32", {"eps": "fp32"},
+                                 {**common, "HAS_SMOOTHING": False, "BLOCK": 2048, "VEC": 4, "HELD": True,
+                                  "STAGES": 2}, 4, 2),
+}
 from cbkernels.triton import scale as S
-scale_src = ASTSource(fn=S.scale_rows_unless_one_kernel, constexprs={"TILE": S.TILE},
-                      signature={"grad_ptr": "*bf16", "grad_loss_ptr": "*fp32", "C": "i32", "TILE": "constexpr"})
-triton.compile(scale_src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-for name, text in (("sigmoid_focal_kernel", focal), ("softmax_ce_kernel", softmax)):
-    assert re.search(r"ld\\.global[.\\w:]*\\.v4\\.b32", text), name + ": body loads are not 16-byte vectors"
+scale_src = ASTSource(fn=S.scale_rows_unless_one_kernel, constexprs={"CHUNK": S.CHUNK, "TILE": S.TILE, "VEC": 8},
+                      signature={"grad_ptr": "*bf16", "grad_loss_ptr": "*fp32", "N": "i32", "C": "i32",
+                                 "CHUNK": "constexpr", "TILE": "constexpr", "VEC": "constexpr"},
+                      attrs={(0,): ALIGNED, (1,): ALIGNED})
+kernels["scale bf16"] = triton.compile(scale_src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+for name, compiled in kernels.items():
+    text = compiled.asm["ptx"]
     assert re.search(r"st\\.global[.\\w:]*\\.v4\\.b32", text), name + ": body stores are not 16-byte vectors"
+    assert ".local" not in text, name + ": local memory (spills or a stack array)"
+    if name.startswith("scale"):
+        assert re.search(r"ld\\.global[.\\w:]*\\.v4\\.b32", text), name + ": body loads are not 16-byte vectors"
+    else:  # the pipelined loop: the body's loads are 16-byte asynchronous copies
+        assert re.search(r"cp\\.async\\.cg\\.shared\\.global[^;]*, 0x10,", text), name + ": no 16-byte cp.async"
 print("sm_90 ok")
 """
 
 
 def test_kernels_compile_for_sm90_with_vector_access():
     """The real compiler (not the interpreter) accepts the kernels, for sm_90 without a GPU (Triton ships
-    ptxas), and the aligned body of a row uses 16-byte loads and stores (the bandwidth design)."""
+    ptxas): no local memory, the aligned body of a row moves in 16-byte accesses (asynchronous copies in
+    the pipelined loops), the bandwidth design."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,

@@ -5,28 +5,22 @@ breaks CUDA-graph capture and makes torch.compile traces depend on timing. Inste
 table, keyed by loss family, number of classes C and dtype group; bench/sweep_triton.py measures a
 grid of configurations on a GPU and prints replacement rows for TABLE.
 
-Where the rows come from: compiling the kernels for sm_90 on a CPU machine (triton.compile + ptxas -v,
-no GPU needed) and reading register counts, spills and vector widths:
-- A program handles rows * block elements per tile; 8-16 values per thread keep each thread on
-  16-byte vector accesses (4 fp32 or 8 bf16/fp16 values) with a couple in flight, at 40-80 registers,
-  i.e. 2-4 resident blocks per SM. 16 values per thread in the sigmoid kernel cost ~150 registers.
-- Small C: several rows per program, so a program still moves a useful amount of data.
-- Sigmoid family: one pass, so a 2048-column tile looped over the row is enough.
-- Softmax: when the whole row fits one tile the logits are read once (the row stays in registers):
-  8192 fp32 columns at 16 warps (64 registers, no spill), 16384 half columns at 32 warps (54
-  registers); 16384 fp32 columns spill. Above that, two passes over 4096-column tiles.
-
-What a GPU measured: bench/results/gpu-h200-2026-11-27/sweep_triton.log and .json (H200, triton 3.6)
-time these rows (the JSON's "table" entries are exactly this TABLE's configurations) next to a grid of
-alternatives, forward + backward kernels, both strategies. The sweep stopped at its 50 s budget
-("complete": false: no alternative was timed at (256, 262144) or (67108, 1000)), so the rows it prints
-cover only part of the table. Among the configurations it did time:
-- sigmoid_focal: the table row (block 2048, 1 row, 8 warps) was the fastest at every shape.
-- softmax_ce: the table rows were slower than the best alternative at every shape, e.g. (8192, 8142)
-  fp32 fused / recompute 0.5052 / 0.4997 ms against 0.3837 / 0.2775 ms for block 2048, 1 row, 4 warps,
-  and bf16 0.7000 / 0.6736 ms against 0.4728 / 0.2556 ms for the same configuration.
-To change rows, rerun bench/sweep_triton.py on a GPU with a budget that completes the grid and paste the
-rows it prints.
+Where today's rows come from: NOT from a GPU measurement of these kernels (none has been made yet), but
+from the static model of an sm_90 compile on a CPU machine (triton.compile for GPUTarget("cuda", 90, 32),
+cuobjdump -res-usage and -sass; H200: 64K registers, 228 KB shared memory, 64 warps per SM), at C = 8142:
+- sigmoid family, 2048-column tiles, 8 warps, 3 pipeline stages (cp.async): 59-64 registers for every
+  modulator in bf16 (4 CTAs/SM) and 64-102 in fp32 (2-4 CTAs/SM; gamma 1 takes the most). Programs per SM:
+  2 for fp32 and 4 for half (what is resident for every modulator), which keeps 2 tiles ahead x 8 KB
+  (fp32) or 4 KB (half) per program, about 32 KB in flight per SM (about 25 KB hides the H200's latency).
+- softmax, row held on chip (one tile of 8192 columns, 16 warps): 97 (fp32) / 105 (bf16) registers, one
+  CTA per SM; capped at 64 with maxnreg (no spill, no local memory) for 2 CTAs/SM. Its row loop is
+  pipelined 2 deep: the next row (32 KB fp32) is copied to shared memory while this one computes.
+- softmax, streaming (longer rows): 2048-column tiles, 4 warps, 3 stages: 168 (fp32) / 118 (bf16)
+  registers, 3 / 4 CTAs per SM.
+- short rows (C <= 512): several rows per tile, as before (their rows were not recompiled for this table).
+What a GPU measured before these kernels: bench/results/gpu-h200-2026-11-27 (the previous kernels, triton
+3.6). To change rows, run bench/sweep_triton.py on a GPU with a budget that completes the grid and paste
+the rows it prints (they say "measured").
 """
 from __future__ import annotations
 
@@ -41,9 +35,11 @@ from ..losses import FAMILIES as _REGISTERED
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     block: int       # columns per tile (power of two); the launcher uses min(block, next_pow2(C))
-    rows: int        # rows per program (power of two)
+    rows: int        # rows per tile (power of two); 1 gives the per-row branches (ignored rows, target tile)
     num_warps: int
-    num_stages: int = 1
+    num_stages: int = 1      # depth of the pipelined loop (the tile loop, or the held softmax's row loop)
+    programs_per_sm: int = 2  # persistent grid: programs = programs_per_sm x SMs (at most the row blocks)
+    maxnreg: int | None = None  # register cap per thread (a compile option), for 2 CTAs/SM where needed
 
     def __post_init__(self):
         for name in ("block", "rows"):
@@ -54,6 +50,8 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.num_warps must be a power of two up to 32, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"LaunchConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.programs_per_sm < 1:
+            raise ValueError(f"LaunchConfig.programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
 
 FAMILIES = tuple(family.name for family in _REGISTERED)
@@ -61,31 +59,29 @@ DTYPE_GROUPS = ("fp32", "half")  # half: float16 and bfloat16 (same bytes per el
 
 # TABLE[family][dtype group]: rows (c_max, config), C ascending; the first row with C <= c_max applies,
 # the last row (c_max None) covers everything larger. A family not in TABLE uses DEFAULT_TABLE (below).
-# Small C: several rows per program, so that a program still moves a useful amount of data.
+# Rows from the static model (module docstring), not measured.
+# Small C: several rows per tile, so that a program still moves a useful amount of data per step.
 _SMALL_C = [
     (64, LaunchConfig(block=64, rows=32, num_warps=4)),
     (512, LaunchConfig(block=512, rows=4, num_warps=4)),
 ]
-# One pass streaming the row in 2048-column tiles, one configuration for both dtype groups: the sigmoid
-# family's rows, and the default of a family that TABLE does not list.
-_STREAMING_ROWS = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8))]
-# The table of a family without its own TABLE entry (a new family of the registry, until
-# bench/sweep_triton.py has measured it): the streaming rows. The kernels of kernels.py loop over a row in
-# BLOCK-wide tiles, so they run correctly at any of these rows: a default that works, not a tuned one.
-DEFAULT_TABLE = {"fp32": _STREAMING_ROWS, "half": _STREAMING_ROWS}
+# One pass streaming the row in pipelined 2048-column tiles: the sigmoid family's rows, and the default of
+# a family that TABLE does not list (a default that works at any C, not a tuned one).
+_STREAMING_FP32 = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8, num_stages=3, programs_per_sm=2))]
+_STREAMING_HALF = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8, num_stages=3, programs_per_sm=4))]
+DEFAULT_TABLE = {"fp32": _STREAMING_FP32, "half": _STREAMING_HALF}
+# Softmax: the row held on chip up to 8192 columns, streamed (two reads) above.
+_HELD_UP_TO_8192 = [
+    (2048, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=2, programs_per_sm=4)),
+    (8192, LaunchConfig(block=8192, rows=1, num_warps=16, num_stages=2, programs_per_sm=2, maxnreg=64)),
+]
 TABLE = {
     "sigmoid_focal": DEFAULT_TABLE,
     "softmax_ce": {
-        "fp32": _SMALL_C + [
-            (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
-            (8192, LaunchConfig(block=8192, rows=1, num_warps=16)),
-            (None, LaunchConfig(block=4096, rows=1, num_warps=16)),
-        ],
-        "half": _SMALL_C + [
-            (2048, LaunchConfig(block=2048, rows=1, num_warps=8)),
-            (16384, LaunchConfig(block=16384, rows=1, num_warps=32)),
-            (None, LaunchConfig(block=4096, rows=1, num_warps=16)),
-        ],
+        "fp32": _SMALL_C + _HELD_UP_TO_8192
+        + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=3))],
+        "half": _SMALL_C + _HELD_UP_TO_8192
+        + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=4))],
     },
 }
 
@@ -105,6 +101,11 @@ def pick(family: str, num_classes: int, dtype: torch.dtype) -> LaunchConfig:
         if c_max is None or num_classes <= c_max:
             return config
     raise AssertionError(f"the table of {family!r} has no catch-all row (c_max None)")
+
+
+def active_override(family: str) -> LaunchConfig | None:
+    """The override in force for this family, or None (ops.py keys its cached launch plans on it)."""
+    return _OVERRIDES.get(family)
 
 
 @contextlib.contextmanager

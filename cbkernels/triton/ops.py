@@ -18,18 +18,18 @@ Importing this module imports triton; cbkernels._backends imports it lazily. No 
 (no `from __future__ import annotations`): triton_op infers the schema from the real annotations, here
 those of the inspect.Signature each op function carries (_signature).
 """
+import dataclasses
 import inspect
 import os
 from typing import Optional
 
 import torch
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
 from ..losses import FAMILIES
-from . import configs, kernels, scale
+from . import configs, grid, kernels, scale
 
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
@@ -44,7 +44,7 @@ def _check(op, logits, target, class_weight, grad_loss=None):
     n, c = logits.shape
     if c < 1:
         raise ValueError(f"{op}: logits must have at least one class (C >= 1)")
-    if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if logits.device.type == "cpu" and not _INTERPRETED:
         raise RuntimeError(f"{op}: Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton "
                            "is imported; use a CUDA tensor or another backend")
     if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
@@ -76,35 +76,65 @@ def _check_hyperparameters(op, family, values):
             raise ValueError(f"{op}: {exc}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that depends on (family, C, dtype, hyperparameters, override) only,
+    built once per such key (_plan): the kernel, rows per program step, programs per SM, and the
+    keyword arguments (constexprs and compile options) of the launch."""
+    kernel: object
+    rows: int
+    programs_per_sm: int
+    options: dict
+
+
+_PLANS: dict = {}
+
+
+def _plan(family, c, logits, hyperparameters):
+    """The cached _Plan of this call. C is made a static int here (under torch.compile with dynamic shapes
+    that is a guard on C; N stays symbolic). A symbolic hyperparameter (torch.compile) bypasses the cache:
+    the trace builds its plan once anyway."""
+    c = int(c)
+    key = (family.name, c, logits.dtype, *hyperparameters, configs.active_override(family.name))
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable SymFloat
+        return _build_plan(family, c, logits, hyperparameters)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(family, c, logits, hyperparameters)
+    return plan
+
+
+def _build_plan(family, c, logits, hyperparameters):
+    config = configs.pick(family.name, c, logits.dtype)
+    block = min(config.block, 1 << (c - 1).bit_length())
+    entry = kernels.FAMILY_KERNELS[family.name]
+    options = dict(ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(), STAGES=config.num_stages,
+                   num_warps=config.num_warps, **entry.constexprs(hyperparameters, c, block))
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options)
+
+
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
             write_loss, write_grad):
-    """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits.
+    """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits, on the
+    persistent grid of grid.py.
 
     Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
     must not see an output tensor twice."""
     n, c = logits.shape
-    config, block = _plan(family.name, logits)
-    entry = kernels.FAMILY_KERNELS[family.name]
-    constexprs = entry.constexprs(hyperparameters, int(c), block)
-    grid = (triton.cdiv(n, config.rows),)
+    plan = _plan(family, c, logits, hyperparameters)
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
-    wrap_triton(entry.kernel)[grid](
+    blocks = (n + plan.rows - 1) // plan.rows
+    wrap_triton(plan.kernel)[(grid.programs(logits.device, blocks, plan.programs_per_sm),)](
         logits, target, class_weight, grad_loss, loss, grad,
         n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-        SCALE_GRAD=grad_loss is not None, ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(),
-        num_warps=config.num_warps, num_stages=config.num_stages, **constexprs,
+        SCALE_GRAD=grad_loss is not None, **plan.options,
     )
-
-
-def _plan(family, logits):
-    """(LaunchConfig, tile width) for these logits. The choice depends on C, so C is made a static int
-    here (under torch.compile with dynamic shapes that is a guard on C; N stays symbolic)."""
-    c = int(logits.shape[1])
-    config = configs.pick(family, c, logits.dtype)
-    return config, min(config.block, 1 << (c - 1).bit_length())
 
 
 def _row_major(logits, target):

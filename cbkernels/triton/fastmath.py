@@ -1,0 +1,30 @@
+"""The one switch between GPU instructions and what Triton's CPU interpreter can run.
+
+Triton lowers most element math to the instruction wanted on sm_90 by itself (checked in the PTX):
+tl.exp2 is `ex2.approx.ftz.f32` (one MUFU.EX2, so exp(x) is exp2(x * log2 e) with the constant folded
+into an FMA), tl.sqrt is `sqrt.approx.ftz.f32`. A division, though, is `div.full.f32` (a range-scaled
+reciprocal, about 8 instructions). The sigmoid family needs reciprocals of values in [2, 6] only, where
+`rcp.approx.ftz.f32` (one MUFU.RCP, at most 1 ulp from the exact reciprocal) is as accurate as the
+division and needs no range scaling. That instruction is inline PTX, which the interpreter cannot run:
+under TRITON_INTERPRET=1 the same reciprocal is a division (same math, correctly rounded).
+
+PTX is read once, when this module is imported: Triton reads TRITON_INTERPRET once too, at its import.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)    # log(x) = log2(x) * LN2
+
+
+@triton.jit
+def rcp(x):
+    """1 / x for normal fp32 x (the callers' x lie in [2, 6]): one MUFU.RCP on the GPU."""
+    if PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x

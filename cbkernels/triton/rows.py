@@ -1,0 +1,79 @@
+"""Per-row setup shared by the kernels: which rows a program walks, the row's target data, and where its
+aligned body lies.
+
+Persistent grid: a launch has P programs (a few per SM, cbkernels/triton/grid.py) and program p walks
+the row blocks p, p + P, p + 2P, ... (`tl.range`, so the loads of the next block can be issued while
+this one computes). A row block is ROWS consecutive rows; ROWS > 1 only for short rows.
+
+Row geometry. The logits and the gradient are contiguous (N, C), so row i is the flat range
+[a, b) = [i C, i C + C), and a row of C = 8142 classes starts on a 16-byte boundary only every few rows.
+Triton emits 16-byte vector accesses only where it can prove a base aligned and a mask constant over
+each vector, so each row is split (VEC = 16 bytes of elements):
+    head [a, a_up)  |  body [a_up, b_dn): whole aligned vectors  |  tail [b_dn, b)
+with a_up = a rounded up and b_dn = b rounded down to a multiple of VEC. The body is addressed from the
+aligned pointer base + a_up with int32 offsets (a row has C < 2^31 elements; only the row base a needs
+int64, since i * C passes 2^31 once N * C does). The head and tail (< VEC elements each) form one edge
+tile of 2 * VEC lanes with exact element masks. No access ever leaves the row.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_block(block, N, ROWS: tl.constexpr):
+    """The rows of row block `block` (int64, clamped to N - 1) and which of them exist (< N).
+
+    Padding rows recompute row N - 1; every store is masked by the second value, so no load needs it."""
+    rows = (block * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # block * ROWS < N + ROWS: no int32 overflow
+    return tl.minimum(rows, N - 1), rows < N
+
+
+@triton.jit
+def row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr):
+    """(y, valid, alpha) per row: y the target as an int32 column in [0, C) (safe as an address),
+    valid = target != ignore_index, alpha = class_weight[y] (1 without weights).
+
+    A target outside [0, C) that is not ignore_index is never used as an address: its alpha is NaN, so
+    that row's loss and gradient are NaN (the op contract's GPU convention)."""
+    target = tl.load(target_ptr + rows).to(tl.int64)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < C)
+    y = tl.where(in_range, target, 0).to(tl.int32)
+    if HAS_WEIGHT:
+        alpha = tl.load(weight_ptr + y)
+    else:
+        alpha = tl.full([ROWS], 1.0, tl.float32)
+    return y, valid, tl.where(valid & ~in_range, float("nan"), alpha)
+
+
+@triton.jit
+def row_split(rows, C, VEC: tl.constexpr):
+    """(a, a_up, head, body): the row base a = i C and the body's flat start a_up (int64), the body's first
+    column head = a_up - a and its length body = max(b_dn - a_up, 0) (int32). Pointers to the body are
+    formed from a_up, which the compiler sees as a multiple of VEC (from a + head it could not tell)."""
+    a = rows * C
+    a_up = (a + (VEC - 1)) // VEC * VEC
+    b_dn = (a + C) // VEC * VEC
+    head = (a_up - a).to(tl.int32)
+    body = tl.maximum(b_dn - a_up, 0).to(tl.int32)
+    return a, a_up, head, body
+
+
+@triton.jit
+def edge_columns(head, body, C, VEC: tl.constexpr):
+    """Columns (int32, [ROWS, 2 VEC]) and mask of the head (lanes < VEC) and tail (lanes >= VEC) of each
+    row: head columns [0, min(head, C)), tail columns [head + body, C) (empty when the row is shorter than
+    the head, which then holds it all)."""
+    lane = tl.arange(0, 2 * VEC)[None, :]
+    head_end = tl.minimum(head, C)[:, None]
+    tail_start = (head + body)[:, None]
+    is_head = lane < VEC
+    cols = tl.where(is_head, lane, tail_start + (lane - VEC))
+    mask = tl.where(is_head, lane < head_end, (cols >= head_end) & (cols < C))
+    return cols, mask
+
+
+@triton.jit
+def row_scalar(x):
+    """The one value of a [1]-shaped per-row tensor, as a scalar (for per-row branches when ROWS == 1)."""
+    return tl.sum(x, axis=0)

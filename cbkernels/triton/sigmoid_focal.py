@@ -1,0 +1,161 @@
+"""The sigmoid family's kernel (C binary tasks per row, focal modulator (1 - p)^gamma; gamma 0 is sigmoid
+cross entropy): one read of the logits, one write of the gradient, per-row loss. Math: docs/math.md,
+section 5; the op contract: docs/op-contract.md.
+
+One launch gives the per-row loss and/or the gradient:
+    forward, with_grad=True    WRITE_LOSS, WRITE_GRAD               grad = alpha_y * d loss_i / dz
+    forward, with_grad=False   WRITE_LOSS                           no gradient written
+    backward ("recompute")     WRITE_GRAD, SCALE_GRAD               grad = grad_loss[i] * alpha_y * d loss_i / dz
+Math in fp32 whatever the logits' dtype; the gradient is rounded once, when stored.
+
+Work per element. Every class but the target has t = -1, so the body loop computes the element as a
+negative (v = -t z = z, below) with no per-element target test; the one tile that holds the target column
+(a scalar test per tile) takes the general form with a select. Ignored rows take a per-row branch that
+stores zeros (no select per element, and NaN/inf logits of an ignored row cannot leak). Padding lanes
+load -inf, whose term is exactly 0, so the loss accumulates with no mask. With ROWS > 1 (short rows,
+several per tile) the per-row branches become selects.
+"""
+import triton
+import triton.language as tl
+
+from ..gamma_cases import GammaCase
+from .fastmath import LOG2E, rcp
+from .rows import edge_columns, row_block, row_scalar, row_split, row_targets
+
+# GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
+# (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum).
+GAMMA_ZERO = tl.constexpr(int(GammaCase.ZERO))
+GAMMA_HALF = tl.constexpr(int(GammaCase.HALF))
+GAMMA_ONE = tl.constexpr(int(GammaCase.ONE))
+GAMMA_TWO = tl.constexpr(int(GammaCase.TWO))
+
+
+@triton.jit
+def _focal_of_v(v, gamma, GAMMA_MODE: tl.constexpr):
+    """(term, d term / dv) of one binary task, in v = -t z (v = z off the target, -z on it), stable for
+    any |v| (docs/math.md, section 5, with u = t z = -v):
+      e = exp(-|v|) in (0, 1], l = log1p(e), softplus(v) = max(v, 0) + l = -log p,
+      p = sigmoid(-v) and q = 1 - p = sigmoid(v) from e without cancellation,
+      mod = q^gamma = exp(-gamma softplus(-v)), term = mod softplus(v),
+      d term / dv = mod (q + gamma p softplus(v)).
+    One reciprocal gives both fractions: w = 1 / ((1 + e)(2 + e)), 1 / (1 + e) = (2 + e) w and
+    e / (2 + e) = e (1 + e) w, the argument of the log1p series (docs/math.md, section 8:
+    log1p(e) = 2 atanh(e / (2 + e)), its first eight terms, relative remainder below 1.6e-9).
+    NaN: e, hence every result, is NaN. v = -inf (a padding lane): term 0, slope 0.
+    """
+    e = tl.exp2(tl.abs(v) * -LOG2E)
+    one_e = 1.0 + e
+    two_e = 2.0 + e
+    w = rcp(one_e * two_e)
+    r = two_e * w                 # 1 / (1 + e)
+    s = (e * w) * one_e           # e / (2 + e), in [0, 1/3]
+    s2 = s * s
+    c = s2 * (2.0 / 15.0) + (2.0 / 13.0)
+    c = c * s2 + (2.0 / 11.0)
+    c = c * s2 + (2.0 / 9.0)
+    c = c * s2 + (2.0 / 7.0)
+    c = c * s2 + (2.0 / 5.0)
+    c = c * s2 + (2.0 / 3.0)
+    c = c * s2 + 2.0
+    l = s * c                     # log1p(e) = 2 atanh(s)
+    softplus_v = tl.maximum(v, 0.0) + l
+    er = e * r
+    v_pos = v > 0.0
+    q = tl.where(v_pos, r, er)    # sigmoid(v): 1 / (1 + e) for v > 0, e / (1 + e) otherwise
+    if GAMMA_MODE == GAMMA_ZERO:
+        return softplus_v, q
+    else:
+        p = tl.where(v_pos, er, r)
+        if GAMMA_MODE == GAMMA_HALF:
+            mod = tl.sqrt(q)
+        elif GAMMA_MODE == GAMMA_ONE:
+            mod = q
+        elif GAMMA_MODE == GAMMA_TWO:
+            mod = q * q
+        else:
+            mod = tl.exp2((tl.maximum(-v, 0.0) + l) * (-gamma * LOG2E))
+        return mod * softplus_v, mod * (q + gamma * p * softplus_v)
+
+
+@triton.jit
+def _focal_of_z(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
+    """(term, d term / dz) with the target column(s) is_y: v = -z there, and d/dz = -d/dv. is_y must be
+    False on padding lanes (their -inf is a term of 0 only as a negative)."""
+    term, slope = _focal_of_v(tl.where(is_y, -z, z), gamma, GAMMA_MODE)
+    return term, tl.where(is_y, -slope, slope)
+
+
+@triton.jit
+def _store_grad(grad_ptr, offs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
+    g = coef[:, None] * dz
+    if not PER_ROW:  # several rows per tile: ignored rows are zeroed here (with ROWS == 1 by a branch)
+        g = tl.where(valid[:, None], g, 0.0)
+    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sigmoid_focal_kernel(
+    logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+    N, C, gamma, ignore_index,
+    HAS_WEIGHT: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
+):
+    """loss_i = alpha_y sum_c term_c; grad_ic = (grad_loss_i) alpha_y t_c d term / du. Grid: the persistent
+    programs of rows.py; each walks its row blocks, and each row's body in BLOCK-wide tiles through a
+    loop pipelined STAGES deep (the next tiles' loads in flight while one computes)."""
+    PER_ROW: tl.constexpr = ROWS == 1
+    cols = tl.arange(0, BLOCK)[None, :]
+    n_blocks = tl.cdiv(N, ROWS)
+    for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        rows, row_mask = row_block(block, N, ROWS)
+        y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+        a, a_up, head, body = row_split(rows, C, VEC)
+        coef = alpha
+        if SCALE_GRAD:
+            coef = alpha * tl.load(grad_loss_ptr + rows)
+        z_row = logits_ptr + a[:, None]
+        body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
+        body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
+        y_body = (y - head)[:, None]    # the target's offset inside the body (may lie outside it)
+        row_store = row_mask[:, None]
+        if PER_ROW:
+            compute = row_scalar(valid.to(tl.int32)) != 0
+        else:
+            compute = True
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        e_cols, e_mask = edge_columns(head, body, C, VEC)
+        if compute:
+            body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
+            y_1 = row_scalar(y_body) if PER_ROW else 0
+            for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+                offs = start + cols
+                mask = offs < body[:, None]
+                z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                if PER_ROW:
+                    if (y_1 >= start) & (y_1 < start + BLOCK):  # the one tile with the target column
+                        term, dz = _focal_of_z(z, (offs == y_body) & mask, gamma, GAMMA_MODE)
+                    else:
+                        term, dz = _focal_of_v(z, gamma, GAMMA_MODE)
+                else:
+                    term, dz = _focal_of_z(z, (offs == y_body) & mask, gamma, GAMMA_MODE)
+                if WRITE_GRAD:
+                    _store_grad(grad_ptr + body_at, offs, mask & row_store, coef, dz, valid, PER_ROW)
+                acc += term
+            z = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
+            term, dz = _focal_of_z(z, (e_cols == y[:, None]) & e_mask, gamma, GAMMA_MODE)
+            if WRITE_GRAD:
+                _store_grad(grad_ptr + a[:, None], e_cols, e_mask & row_store, coef, dz, valid, PER_ROW)
+            if WRITE_LOSS:
+                total = tl.sum(acc, axis=1) + tl.sum(term, axis=1)
+                tl.store(loss_ptr + rows, tl.where(valid, alpha * total, 0.0), mask=row_mask)
+        else:  # an ignored row (ROWS == 1): loss 0, gradient 0, the logits unread
+            if WRITE_GRAD:
+                zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
+                for start in tl.range(0, row_scalar(body), BLOCK):
+                    offs = start + cols
+                    tl.store(grad_ptr + body_at + offs, zero, mask=(offs < body[:, None]) & row_store)
+                tl.store(grad_ptr + a[:, None] + e_cols, tl.zeros([ROWS, 2 * VEC], dtype=grad_ptr.dtype.element_ty),
+                         mask=e_mask & row_store)
+            if WRITE_LOSS:
+                tl.store(loss_ptr + rows, tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)

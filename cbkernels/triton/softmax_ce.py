@@ -1,0 +1,217 @@
+"""The softmax cross-entropy kernel (label smoothing eps): per-row loss and/or gradient, as the sigmoid
+family's kernel (same flags: WRITE_LOSS, WRITE_GRAD, SCALE_GRAD; see sigmoid_focal.py). Math:
+docs/math.md, sections 6 and 7; the op contract: docs/op-contract.md.
+
+    loss_i = alpha_y (lse - (1 - eps) z_y - eps/C sum_c z_c)
+    grad_ic = (grad_loss_i) alpha_y (softmax_c - (1 - eps) [c == y] - eps/C), formed in fp32.
+
+Two paths, chosen at compile time (HELD = the body of a row fits one BLOCK-wide tile):
+- Held (C up to the table's largest tile, 8192 fp32 / 16384 half at the table's rows): the row is read
+  once into registers; max first (one block-wide reduction), exp once per element, kept for the sum (a
+  second reduction) and the gradient. The loop over this program's rows is pipelined STAGES deep, so the
+  next rows' loads are in flight while this one computes.
+- Streaming (longer rows): pass 1 walks the row in tiles keeping a running (max, sum) per lane, one exp
+  per element (below), and merges the lanes once per row; pass 2 reads the tiles again for the gradient
+  (from L2 while the rows in flight fit in it: at C = 262144 fp32, 2 programs per SM walk 264 MB of rows,
+  more than the L2, so that pass reads DRAM again). Both loops are pipelined.
+
+The true class. p_y - 1 is formed as -s_ny / s, with s_ny the sum without the target's own term, so the
+true-class gradient keeps its relative precision when p_y is within fp32's epsilon of 1 (docs/math.md,
+section 7): the held path leaves the target out of its sum with a select, the streaming path only in the
+one tile that holds the target column (a scalar test per tile) and adds exp(z_y - m) once per row.
+Ignored rows take a per-row branch that stores zeros (ROWS == 1; with several rows per tile, a select).
+NaN: a max-reduction may drop a NaN, but exp(NaN - m) still makes s, hence lse, loss and gradient, NaN.
+"""
+import triton
+import triton.language as tl
+
+from .fastmath import LN2, LOG2E
+from .rows import edge_columns, row_block, row_scalar, row_split, row_targets
+
+# The running max of the streaming pass starts at the lowest finite float, not -inf: a lane that sees
+# only padding (-inf) keeps (m, s) = (lowest, 0), and no -inf - -inf is ever formed.
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _log1p_pos(x):
+    """log1p(x) for x >= 0: 2 atanh(x / (2 + x)) on [0, 1] (docs/math.md, section 8), log(1 + x) above."""
+    xs = tl.minimum(x, 1.0)
+    s = xs / (2.0 + xs)
+    s2 = s * s
+    c = s2 * (2.0 / 15.0) + (2.0 / 13.0)
+    c = c * s2 + (2.0 / 11.0)
+    c = c * s2 + (2.0 / 9.0)
+    c = c * s2 + (2.0 / 7.0)
+    c = c * s2 + (2.0 / 5.0)
+    c = c * s2 + (2.0 / 3.0)
+    c = c * s2 + 2.0
+    return tl.where(x <= 1.0, s * c, tl.log(1.0 + x))
+
+
+@triton.jit
+def _row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING: tl.constexpr):
+    """lse - (1 - eps) z_y - eps/C sum z with lse = m + log s. lse - z_y = (m - z_y) + log s; when the
+    target holds the max (z_y == m), s = 1 + s_ny and log1p(s_ny) keeps the loss's relative precision for
+    a confident prediction (log s rounds to 0 once s_ny < 2^-24). Grouped so each bracket is exactly 0
+    when C == 1."""
+    loss = (m - z_y) + tl.where(z_y == m, _log1p_pos(s_ny), tl.log(s))
+    if HAS_SMOOTHING:
+        loss += eps * (z_y - sum_z / C)
+    return loss
+
+
+@triton.jit
+def _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING: tl.constexpr,
+                SCALE_GRAD: tl.constexpr):
+    """(k, off, g_y) per row: off the target the gradient is k exp(z - m) - off (k = coef / s,
+    off = coef eps / C); on it, g_y = coef (eps (1 - 1/C) - s_ny / s) (coef = alpha (* grad_loss))."""
+    coef = alpha
+    if SCALE_GRAD:
+        coef = alpha * tl.load(grad_loss_ptr + rows)
+    inv_s = 1.0 / s
+    g_y = -s_ny * inv_s
+    if HAS_SMOOTHING:
+        g_y += eps * (1.0 - 1.0 / C)
+        off = coef * (eps / C)
+    else:
+        off = tl.zeros_like(coef)
+    return coef * inv_s, off, coef * g_y
+
+
+@triton.jit
+def _store_grad(grad_ptr, offs, mask, g, valid, PER_ROW: tl.constexpr):
+    if not PER_ROW:  # several rows per tile: ignored rows are zeroed here (with ROWS == 1 by a branch)
+        g = tl.where(valid[:, None], g, 0.0)
+    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_zeros(grad_ptr, body_at, a, e_cols, e_mask, body, row_store, loss_ptr, rows, row_mask,
+                 WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 VEC: tl.constexpr):
+    """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread."""
+    if WRITE_GRAD:
+        zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
+        cols = tl.arange(0, BLOCK)[None, :]
+        for start in tl.range(0, row_scalar(body), BLOCK):
+            tl.store(grad_ptr + body_at + start + cols, zero, mask=(start + cols < body[:, None]) & row_store)
+        tl.store(grad_ptr + a[:, None] + e_cols, tl.zeros([ROWS, 2 * VEC], dtype=grad_ptr.dtype.element_ty),
+                 mask=e_mask & row_store)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + rows, tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)
+
+
+@triton.jit
+def _lane_update(m, s, z):
+    """Running (max, sum exp(z - max)) per lane, extended by z with one exp:
+    e = exp(-|z - m|); if z > m the sum is rescaled, s e + 1, else s + e; m = max(m, z).
+    z = -inf adds 0; z = NaN makes s NaN (m may drop it: s carries it)."""
+    d = z - m
+    e = tl.exp2(tl.abs(d) * -LOG2E)
+    grow = d > 0.0
+    return tl.maximum(m, z), tl.where(grow, s * e + 1.0, s + e)
+
+
+@triton.jit
+def softmax_ce_kernel(
+    logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+    N, C, eps, ignore_index,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Grid: the persistent programs of rows.py; HELD and the streaming path: the module docstring."""
+    PER_ROW: tl.constexpr = ROWS == 1
+    cols = tl.arange(0, BLOCK)[None, :]
+    n_blocks = tl.cdiv(N, ROWS)
+    for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES if HELD else 1):
+        rows, row_mask = row_block(block, N, ROWS)
+        y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+        a, a_up, head, body = row_split(rows, C, VEC)
+        z_row = logits_ptr + a[:, None]
+        body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
+        body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
+        y_body = (y - head)[:, None]
+        row_store = row_mask[:, None]
+        e_cols, e_mask = edge_columns(head, body, C, VEC)
+        e_is_y = e_cols == y[:, None]
+        if PER_ROW:
+            compute = row_scalar(valid.to(tl.int32)) != 0
+        else:
+            compute = True
+        z_y = tl.load(logits_ptr + a + y).to(tl.float32)  # one element, from the cache lines of the row
+        if HELD:
+            # loaded before the branch, so the pipelined loop prefetches them for every row
+            b_mask = cols < body[:, None]
+            z_b = tl.load(body_z + cols, mask=b_mask, other=float("-inf")).to(tl.float32)
+            z_e = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
+        if compute:
+            if HELD:
+                m = tl.maximum(tl.max(z_b, axis=1), tl.max(z_e, axis=1))
+                mb = (m * LOG2E)[:, None]
+                ex_b = tl.exp2(z_b * LOG2E - mb)
+                ex_e = tl.exp2(z_e * LOG2E - mb)
+                b_is_y = cols == y_body
+                s_ny = tl.sum(tl.where(b_is_y, 0.0, ex_b), axis=1) + tl.sum(tl.where(e_is_y, 0.0, ex_e), axis=1)
+                s = s_ny + tl.exp2((z_y - m) * LOG2E)
+                sum_z = tl.zeros_like(m)
+                if HAS_SMOOTHING:
+                    sum_z = tl.sum(tl.where(b_mask, z_b, 0.0), axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
+            else:
+                y_1 = row_scalar(y_body) if PER_ROW else 0
+                body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
+                m_l = tl.full([ROWS, BLOCK], _LOWEST, tl.float32)
+                s_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                sz_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+                    offs = start + cols
+                    mask = offs < body[:, None]
+                    z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    if HAS_SMOOTHING:
+                        sz_l += tl.where(mask, z, 0.0)
+                    if PER_ROW:
+                        if (y_1 >= start) & (y_1 < start + BLOCK):  # the one tile with the target
+                            z = tl.where(offs == y_body, float("-inf"), z)
+                    else:
+                        z = tl.where(offs == y_body, float("-inf"), z)
+                    m_l, s_l = _lane_update(m_l, s_l, z)
+                z_e = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
+                m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=1))
+                m = tl.maximum(m_ny, z_y)
+                mb = (m * LOG2E)[:, None]
+                ex_e = tl.exp2(z_e * LOG2E - mb)
+                s_ny = (tl.sum(s_l * tl.exp2(m_l * LOG2E - mb), axis=1)
+                        + tl.sum(tl.where(e_is_y, 0.0, ex_e), axis=1))
+                s = s_ny + tl.exp2((z_y - m) * LOG2E)
+                sum_z = tl.zeros_like(m)
+                if HAS_SMOOTHING:
+                    sum_z = tl.sum(sz_l, axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
+            if WRITE_LOSS:
+                row_loss = _row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING)
+                tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
+            if WRITE_GRAD:
+                k, off, g_y = _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING, SCALE_GRAD)
+                k = k[:, None]
+                off = off[:, None]
+                g_y = g_y[:, None]
+                if HELD:
+                    _store_grad(grad_ptr + body_at, cols, b_mask & row_store, tl.where(b_is_y, g_y, ex_b * k - off), valid,
+                                PER_ROW)
+                else:
+                    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+                        offs = start + cols
+                        mask = offs < body[:, None]
+                        z = tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32)
+                        g = tl.exp2(z * LOG2E - mb) * k - off
+                        if PER_ROW:
+                            if (y_1 >= start) & (y_1 < start + BLOCK):
+                                g = tl.where(offs == y_body, g_y, g)
+                        else:
+                            g = tl.where(offs == y_body, g_y, g)
+                        _store_grad(grad_ptr + body_at, offs, mask & row_store, g, valid, PER_ROW)
+                _store_grad(grad_ptr + a[:, None], e_cols, e_mask & row_store, tl.where(e_is_y, g_y, ex_e * k - off), valid,
+                            PER_ROW)
+        else:
+            _store_zeros(grad_ptr, body_at, a, e_cols, e_mask, body, row_store, loss_ptr, rows, row_mask,
+                         WRITE_LOSS, WRITE_GRAD, ROWS, BLOCK, VEC)
