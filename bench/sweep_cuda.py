@@ -4,8 +4,8 @@
 
 (cbkernels must be importable: installed, as `make venv` does in editable mode, or on PYTHONPATH.)
 
-A configuration is (threads per block, rows per block, vector width in bytes, cached softmax rows), passed
-to the extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
+A configuration is (threads per block, rows per block, vector width in bytes, cached softmax rows, blocks
+per SM of the persistent grid, 0 = as many as stay resident at 64 registers), passed to the extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
 default_config in csrc/cuda/launch.cu). For each (family, N, C, dtype), every kernel family of the
 registry at its default hyperparameters (cbkernels/bench/sweeps.py), the (8192, 8142) speed-target
 shapes first, then a class sweep at N * C ~ 64M elements:
@@ -48,9 +48,11 @@ class Config:
     rows: int          # per block
     vec: int = 16      # bytes per vector access (16, 8) or 1 (one element)
     cache: int = 1     # softmax: keep rows that fit in registers (read once)
+    ctas: int = 0      # blocks per SM of the persistent grid (0: 1024 / threads, launch.cu)
 
     def env(self) -> str:
-        return f"threads={self.threads},rows={self.rows},vec={self.vec},cache={self.cache}"
+        text = f"threads={self.threads},rows={self.rows},vec={self.vec},cache={self.cache}"
+        return text + (f",ctas={self.ctas}" if self.ctas else "")
 
 
 def default_tpr(c: int) -> int:
@@ -64,7 +66,8 @@ def default_tpr(c: int) -> int:
 def config_grid(family: str, c: int) -> list[Config]:
     """Configurations worth trying for rows of C, most promising first: threads per row around the
     default's (about 16 elements per thread), several rows per block only where a row needs few threads,
-    16- then 8-byte vectors, and for the softmax the streaming (two-read) variant of each."""
+    16- then 8-byte vectors, and for the softmax the streaming (two-read) variant of each; the default's
+    persistent-grid depth varied right after the default itself."""
     tpr0 = default_tpr(c)
     tprs = sorted({t for t in (tpr0 // 4, tpr0 // 2, tpr0, tpr0 * 2) if 32 <= t <= 1024},
                   key=lambda t: (abs((t // tpr0).bit_length() - (tpr0 // t).bit_length()), -t))
@@ -79,7 +82,27 @@ def config_grid(family: str, c: int) -> list[Config]:
                     if cache and family == CACHED_FAMILY and c > 16 * tpr:
                         continue  # would run the streaming kernel anyway: a duplicate
                     grid.append(Config(threads, rows, vec, cache))
+    # Right after the default, the persistent grid's depth around it: fewer blocks per SM than stay
+    # resident, or more (the surplus waits for a free slot, as a non-persistent grid would).
+    first = grid[0]
+    grid[1:1] = [Config(first.threads, first.rows, first.vec, first.cache, ctas)
+                 for ctas in (1, 2, 4, 8) if ctas != max(1, 1024 // first.threads)]
     return grid
+
+
+def table_rows(report) -> list[str]:
+    """The measured best configuration per shape as rows for launch.cu's default_config, to replace the
+    static-model table there by hand (one row per family, C and dtype; the table is keyed on C and dtype)."""
+    lines = []
+    for e in report["shapes"]:
+        b = e["best"]
+        if b["config"] == "default":
+            lines.append(f"// {e['family']} C={e['c']} {e['dtype']}: the default table was fastest")
+            continue
+        cfg = Config(**b["config"])
+        lines.append(f"// {e['family']} C={e['c']} {e['dtype']}: {{threads={cfg.threads}, rows={cfg.rows}, "
+                     f"vec={cfg.vec}, cache={cfg.cache}, ctas={cfg.ctas}}} ({b['pct_copy']}% of copy)")
+    return lines
 
 
 def gpu_timer():
@@ -224,6 +247,7 @@ def main(argv=None):
     report["elapsed_s"] = round(time.monotonic() - start, 1)
     write_report(report, args.out)
     print("\n".join(summary_lines(report)))
+    print("\n".join(["launch.cu default_config, measured rows:"] + table_rows(report)))
     return 0
 
 

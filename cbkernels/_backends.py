@@ -59,16 +59,18 @@ class Backend:
         return self.default_strategy
 
 
-# Default backward strategies, each chosen by measurement (bench/results/*/NOTES.md hold the runs):
-# - cpu: "fused". The CPU kernels are arithmetic-bound; fused does the exp/log work once where recompute
-#   does it twice (forward loss, then backward gradient), and its backward is one in-place scaling pass,
-#   or none at all for loss.backward() (_ops.scale_rows_in_place).
-# - cuda: "recompute". Its fused backward scales with torch.mul (two more passes over N x C), so recompute
-#   moves fewer bytes.
-# - triton: "fused": its backward skips rows whose upstream gradient is 1 on the device (triton/scale.py).
+# Default backward strategies:
+# - cpu: "fused", by measurement (bench/results/*/NOTES.md hold the runs). The CPU kernels are
+#   arithmetic-bound; fused does the exp/log work once where recompute does it twice (forward loss, then
+#   backward gradient), and its backward is one in-place scaling pass, or none at all for loss.backward().
+# - cuda and triton: "fused", by bytes moved (not yet measured on a GPU): the backward skips rows whose
+#   upstream gradient is exactly 1 on the device (the scale_rows_unless_one_ op of csrc/cuda, triton/scale.py),
+#   so loss.backward() of "mean" or "sum" moves one read of the logits and one write of the gradient, where
+#   recompute reads the logits twice. (Under torch.compile the traced backward scales out of place, one
+#   more read and write: there fused moves four N x C passes and recompute three.)
 REFERENCE = Backend("reference", None, True, None, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 CPU = Backend("cpu", "cbkernels", True, "fused", KERNEL_DTYPES, whole_call=True)
-CUDA = Backend("cuda", "cbkernels", False, "recompute", KERNEL_DTYPES, whole_call=True)
+CUDA = Backend("cuda", "cbkernels", False, "fused", KERNEL_DTYPES, whole_call=True)
 TRITON = Backend("triton", "cbkernels_triton", False, "fused", KERNEL_DTYPES)
 _RECORDS = {b.name: b for b in (REFERENCE, CPU, CUDA, TRITON)}
 BACKENDS = ("auto",) + tuple(_RECORDS)

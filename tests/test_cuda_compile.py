@@ -43,7 +43,8 @@ def test_cuda_sources_compile_without_warnings_or_spills(tmp_path):
     for sm in (80, 90):
         report = (tmp_path / f"ptxas_sm{sm}.txt").read_text()
         # Every kernel family is instantiated (a dispatch typo would silently drop one).
-        for kernel in ("sigmoid_focal_kernel", "softmax_stream_kernel", "softmax_cached_kernel"):
+        for kernel in ("sigmoid_focal_kernel", "softmax_stream_kernel", "softmax_cached_kernel",
+                       "scale_rows_unless_one_kernel"):
             assert kernel in report, f"{kernel} missing from the sm_{sm} build"
 
 
@@ -67,11 +68,13 @@ def test_sweep_config_grid_matches_the_launcher_rules():
             for config in grid:  # the rules of config_error in csrc/cuda/launch.cu
                 tpr = config.threads // config.rows
                 assert config.threads % config.rows == 0 and tpr % 32 == 0 and 32 <= config.threads <= 1024
-                assert config.vec in (16, 8, 1) and config.cache in (0, 1)
+                assert config.vec in (16, 8, 1) and config.cache in (0, 1) and 0 <= config.ctas <= 32
             assert grid[0].threads // grid[0].rows == sweep_cuda.default_tpr(c)
     assert sweep_cuda.default_tpr(8142) == 512 and sweep_cuda.default_tpr(1) == 32
     assert sweep_cuda.default_tpr(10**6) == 1024
     assert sweep_cuda.Config(512, 2, 8, 0).env() == "threads=512,rows=2,vec=8,cache=0"
+    assert sweep_cuda.Config(256, 1, 16, 1, 2).env() == "threads=256,rows=1,vec=16,cache=1,ctas=2"
+    assert any(config.ctas for config in sweep_cuda.config_grid("softmax_ce", 8142)[1:4])
 
 
 def test_sweep_config_env_is_restored(monkeypatch):
@@ -104,3 +107,5 @@ def test_sweep_arguments_report_and_table(tmp_path):
     assert json.loads(path.read_text()) == report
     lines = sweep_cuda.summary_lines(report)
     assert "threads=512,rows=1,vec=16,cache=1" in lines[-1] and "90.0" in lines[-1] and "80.0" in lines[-1]
+    (row,) = sweep_cuda.table_rows(report)
+    assert "softmax_ce C=8142 bfloat16" in row and "threads=512, rows=1, vec=16, cache=1, ctas=0" in row

@@ -107,7 +107,8 @@ void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& grad_loss) 
 // float32 (a float32 factor with at least one dimension takes part in type promotion, unlike a 0-d one,
 // which half-precision grads would round first), rounded once to out's dtype. out may be grad.
 inline void mul_rows_out(at::Tensor& out, const at::Tensor& grad, const at::Tensor& grad_loss) {
-  const at::Tensor factor = grad_loss.numel() == 1 ? grad_loss.reshape({1, 1}) : grad_loss.unsqueeze(1);
+  // (Shapes by dim(), not numel(): a traced backward's sizes are symbolic.)
+  const at::Tensor factor = grad_loss.dim() == 0 ? grad_loss.reshape({1, 1}) : grad_loss.unsqueeze(1);
   at::mul_out(out, grad, factor);
 }
 
@@ -118,15 +119,17 @@ inline void mul_rows_out(at::Tensor& out, const at::Tensor& grad, const at::Tens
 // For eager CPU tensors the same values come from one host loop instead of five small ops: the count is
 // exact and ATen divides float32 by the count's float32 conversion with one IEEE division per element,
 // which is what w[c] / float(count) is (no fast-math in this file's flags).
-inline at::Tensor mean_class_weight(const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-                                    int64_t num_classes, int64_t ignore_index) {
-  const bool host_weight = !class_weight.has_value() ||
-                           (class_weight->is_cpu() && is_plain(*class_weight) && class_weight->dim() == 1 &&
-                            class_weight->size(0) == num_classes && class_weight->scalar_type() == at::kFloat &&
-                            class_weight->is_contiguous());
-  if (host_weight && target.is_cpu() && is_plain(target) && target.dim() == 1 && target.is_contiguous() &&
-      (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt)) {
-    const int64_t n = target.size(0);
+inline at::Tensor mean_class_weight(const at::Tensor& logits, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& class_weight, int64_t ignore_index) {
+  // (Sizes are read only once the tensors are known to be eager ones: a tracer's may be symbolic.)
+  const bool host = is_plain(logits) && logits.dim() == 2 && target.is_cpu() && is_plain(target) &&
+                    target.dim() == 1 && target.is_contiguous() &&
+                    (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt);
+  if (host && (!class_weight.has_value() ||
+               (class_weight->is_cpu() && is_plain(*class_weight) && class_weight->dim() == 1 &&
+                class_weight->size(0) == logits.size(1) && class_weight->scalar_type() == at::kFloat &&
+                class_weight->is_contiguous()))) {
+    const int64_t n = target.size(0), num_classes = logits.size(1);
     int64_t count = 0;
     if (target.scalar_type() == at::kLong) {
       const int64_t* y = target.const_data_ptr<int64_t>();
@@ -145,7 +148,7 @@ inline at::Tensor mean_class_weight(const at::Tensor& target, const std::optiona
   const at::Tensor count = at::ne(target, ignore_index).sum().clamp_min(1);
   const at::Tensor base = class_weight.has_value()
                               ? *class_weight
-                              : at::ones({num_classes}, target.options().dtype(at::kFloat));
+                              : at::ones_symint({logits.sym_size(1)}, target.options().dtype(at::kFloat));
   return at::div(base, count);
 }
 
@@ -184,12 +187,12 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     std::optional<at::Tensor> weight = class_weight;
     if (reduction == Reduction::kMean) {
       TORCH_CHECK(logits.dim() == 2, "cbkernels::", kName, ": logits must have shape (N, C), got ", logits.sizes());
-      weight = mean_class_weight(target, class_weight, logits.size(1), ignore_index);
+      weight = mean_class_weight(logits, target, class_weight, ignore_index);
     }
     if (!logits.is_cpu()) {
       // The CPU ops check the targets on the host; elsewhere that would be a device sync, so the kernels
       // write NaN for a bad target and this device-side assert raises (as F.cross_entropy's does).
-      const at::Tensor ok = at::bitwise_or(at::logical_and(at::ge(target, 0), at::lt(target, logits.size(-1))),
+      const at::Tensor ok = at::bitwise_or(at::logical_and(at::ge(target, 0), at::lt(target, logits.sym_size(1))),
                                            at::eq(target, ignore_index));
       at::_assert_async(at::all(ok), "target holds a class index outside [0, C) that is not ignore_index");
     }
@@ -275,7 +278,8 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     const at::Tensor& logits = saved[0];
     const std::optional<at::Tensor> weight = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const std::vector<double> values = ctx->saved_data["hyperparameters"].toDoubleVector();
-    const at::Tensor per_row = grad_loss.dim() == 0 ? grad_loss.expand({logits.size(0)}).contiguous() : grad_loss;
+    const at::Tensor per_row =
+        grad_loss.dim() == 0 ? grad_loss.expand_symint({logits.sym_size(0)}).contiguous() : grad_loss;
     grads[0] = backward_op.call(logits, saved[1], weight, per_row, values[I]..., ctx->saved_data["ignore_index"].toInt());
     return grads;
   }

@@ -14,13 +14,14 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/loss_function.h"
 #include "common/loss_ops.h"
 #include "launch.h"
 
 namespace cbkernels::cuda {
 namespace {
 
-// CBKERNELS_CUDA_CONFIG="threads=512,rows=1,vec=16,cache=1" overrides fields of the default launch
+// CBKERNELS_CUDA_CONFIG="threads=512,rows=1,vec=16,cache=1,ctas=2" overrides fields of the default launch
 // configuration (launch.cu default_config) for every call; bench/sweep_cuda.py sets it per trial. Read
 // per call: a getenv and a short parse, no device work.
 LaunchConfig launch_config(OpName op, const LossArgs& args) {
@@ -51,14 +52,16 @@ LaunchConfig launch_config(OpName op, const LossArgs& args) {
         config.vec_bytes = static_cast<int>(v);
       } else if (key == "cache") {
         config.cache_rows = v != 0;
+      } else if (key == "ctas") {
+        config.ctas_per_sm = static_cast<int>(v);
       } else {
-        TORCH_CHECK(false, op, ": CBKERNELS_CUDA_CONFIG keys are threads, rows, vec, cache; got '", key, "'");
+        TORCH_CHECK(false, op, ": CBKERNELS_CUDA_CONFIG keys are threads, rows, vec, cache, ctas; got '", key, "'");
       }
     }
   }
-  const char* error = config_error(config, args.num_rows);
+  const char* error = config_error(config, args.num_classes);
   TORCH_CHECK(error == nullptr, op, ": bad CUDA launch configuration (threads=", config.threads,
-              ", rows=", config.rows_per_block, ", vec=", config.vec_bytes, "): ", error);
+              ", rows=", config.rows_per_block, ", vec=", config.vec_bytes, ", ctas=", config.ctas_per_sm, "): ", error);
   return config;
 }
 
@@ -72,6 +75,20 @@ struct CudaBackend {
   // ignore_index nor in [0, C) is never used as an index; the kernels write that row's loss and gradient
   // as NaN (kernels.cuh row_state), and functional.py asserts on the device.
   static void check_values(OpName, const LossArgs&) {}
+
+  // The fused backward's scaling, in place and in one pass (launch.cu): row i of grad times grad_loss[i], or
+  // every row times grad_loss's one value when it has one element (the upstream gradient of a "sum" or
+  // "mean" loss); rows whose factor is exactly 1 are not touched. The factors stay on the device (no sync).
+  // grad: (N, C) contiguous CUDA float32/float16/bfloat16; grad_loss: float32 contiguous, N or 1 elements,
+  // on grad's device. Runs on the current stream of grad's device.
+  static void scale_rows_unless_one(const at::Tensor& grad, const at::Tensor& grad_loss) {
+    check_scale_rows_args<CudaBackend>(grad, grad_loss);
+    const c10::cuda::CUDAGuard guard(grad.device());
+    C10_CUDA_CHECK(launch_scale_rows_unless_one(grad.data_ptr(), logits_dtype({"scale_rows_unless_one_", kTag}, grad),
+                                                grad.size(0), grad.size(1), grad_loss.data_ptr<float>(),
+                                                grad_loss.numel() == 1,
+                                                c10::cuda::getCurrentCUDAStream(grad.get_device())));
+  }
 
   class Launch {
    public:
@@ -93,7 +110,10 @@ struct CudaBackend {
 }  // namespace
 }  // namespace cbkernels::cuda
 
-TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) { cbkernels::register_loss_ops<cbkernels::cuda::CudaBackend>(m); }
+TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) {
+  cbkernels::register_loss_ops<cbkernels::cuda::CudaBackend>(m);
+  m.impl("scale_rows_unless_one_", &cbkernels::cuda::CudaBackend::scale_rows_unless_one);
+}
 
 // Sparse tensors dispatch to these keys rather than to CUDA. The same ops registered there answer such an
 // argument with the checks' "<argument> must be a dense tensor" instead of the dispatcher's

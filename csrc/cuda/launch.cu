@@ -4,12 +4,14 @@
 // launch_loss dispatches to from the family list (common/families.h).
 #include <cuda_runtime.h>
 
-#include <climits>
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "common/gamma_case.h"
 #include "kernels.cuh"
 #include "launch.h"
+#include "scale_rows.cuh"
 
 namespace cbkernels::cuda {
 namespace {
@@ -80,36 +82,70 @@ cudaError_t with_gamma(float gamma, Fn&& fn) {
   return fn(GammaC<GammaCase::kGeneral>{});
 }
 
+// Per-device constants the grids are sized from, queried once per device and cached (attribute queries
+// are host calls, but not free ones; the values never change). A race between two first calls stores the
+// same value twice.
+constexpr int kMaxDevices = 64;
+
+struct DeviceFacts {
+  int sms;
+  int l2_bytes;
+};
+
+cudaError_t device_facts(DeviceFacts& facts) {
+  static std::atomic<int> sms[kMaxDevices], l2[kMaxDevices];
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (sms[device].load(std::memory_order_relaxed) == 0) {
+    int count = 0, bytes = 0;
+    if (const cudaError_t e = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
+      return e;
+    if (const cudaError_t e = cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device); e != cudaSuccess)
+      return e;
+    l2[device].store(bytes, std::memory_order_relaxed);
+    sms[device].store(count, std::memory_order_relaxed);
+  }
+  facts = {sms[device].load(std::memory_order_relaxed), l2[device].load(std::memory_order_relaxed)};
+  return cudaSuccess;
+}
+
 struct Grid {
   dim3 blocks;
   dim3 threads;
   int tpr;
 };
 
-Grid grid_of(const LossArgs& a, const LaunchConfig& config) {
-  const int64_t blocks = (a.num_rows + config.rows_per_block - 1) / config.rows_per_block;
+// The persistent grid: ctas_per_sm blocks per SM (0: 1024 / threads, the blocks that stay resident when a
+// kernel uses all 64 registers its __launch_bounds__ allows), never more than there are row groups.
+Grid grid_of(const LossArgs& a, const LaunchConfig& config, const DeviceFacts& facts) {
+  const int per_sm = config.ctas_per_sm > 0 ? config.ctas_per_sm : std::max(1, device::kMaxThreads / config.threads);
+  const int64_t groups = (a.num_rows + config.rows_per_block - 1) / config.rows_per_block;
+  const int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(facts.sms) * per_sm);
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(config.threads)),
           config.threads / config.rows_per_block};
 }
 
-// What every launch shares: refuse a bad configuration, launch nothing without rows, then call
-// fn(E{}, IntC<VEC>{}, grid) for the storage type and the widest vector access the call's rows allow.
+// What every launch shares: launch nothing without rows, then call fn(E{}, IntC<VEC>{}, grid, facts) for
+// the storage type and the widest vector access the call's rows allow.
 template <typename Fn>
 cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn) {
-  if (config_error(config, args.num_rows) != nullptr) return cudaErrorInvalidValue;
+  if (config_error(config, args.num_classes) != nullptr) return cudaErrorInvalidValue;
   if (args.num_rows == 0) return cudaSuccess;
-  const Grid grid = grid_of(args, config);
+  DeviceFacts facts{};
+  if (const cudaError_t e = device_facts(facts); e != cudaSuccess) return e;
+  const Grid grid = grid_of(args, config, facts);
   const int vec_bytes = effective_vec_bytes(args, config.vec_bytes);
   return with_storage(args.logits_dtype, [&](auto e) {
     using E = decltype(e);
-    return with_vec<E>(vec_bytes, [&](auto vec) { return fn(e, vec, grid); });
+    return with_vec<E>(vec_bytes, [&](auto vec) { return fn(e, vec, grid, facts); });
   });
 }
 
 // ---- one launcher per family of common/families.h: launch_<name>, called by launch_loss below ----------
 
 cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts&) {
     return with_gamma(args.gamma, [&](auto g) {
       return with_write(args.grad != nullptr, [&](auto write) {
         device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value>
@@ -120,8 +156,21 @@ cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& confi
   });
 }
 
+// The streaming softmax reads each row twice. Its second read is served by L2 when the rows in flight fit
+// there: the grid is cut to half of L2's worth of rows, but never below one block per SM (fewer blocks
+// would lose more bandwidth than the re-read costs).
+Grid stream_grid(const LossArgs& args, Grid grid, const DeviceFacts& facts) {
+  if (args.grad == nullptr) return grid;  // one read only
+  const int64_t row_bytes = args.num_classes * elem_bytes(args.logits_dtype);
+  const int64_t rows_per_block = grid.threads.x / grid.tpr;
+  const int64_t fit = facts.l2_bytes / 2 / (row_bytes * rows_per_block);
+  const int64_t blocks = std::max<int64_t>(std::min<int64_t>(grid.blocks.x, fit), std::min<int64_t>(grid.blocks.x, facts.sms));
+  grid.blocks.x = static_cast<unsigned>(blocks);
+  return grid;
+}
+
 cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts& facts) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
@@ -134,9 +183,9 @@ cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, 
         return cudaGetLastError();
       }
     }
+    const Grid g = stream_grid(args, grid, facts);
     return with_write(args.grad != nullptr, [&](auto write) {
-      device::softmax_stream_kernel<E, VEC, decltype(write)::value>
-          <<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+      device::softmax_stream_kernel<E, VEC, decltype(write)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
       return cudaGetLastError();
     });
   });
@@ -145,16 +194,19 @@ cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, 
 }  // namespace
 
 LaunchConfig default_config(int64_t c, Dtype) {
-  // Threads per row: enough that a row is at most 16 elements per thread (the cached softmax holds
-  // such a row in registers), from one warp to 1024 threads; short rows share a 256-thread block.
-  // The row sweep of bench/sweep_cuda.py measures the alternatives; this table is the one to change.
+  // Chosen from the static model (not yet from a sweep; bench/sweep_cuda.py prints the rows that replace
+  // it): threads per row enough that a row is at most 16 elements per thread (the cached softmax holds such
+  // a row in registers; the sigmoid family then issues its 16-byte loads in one or two unrolled steps),
+  // from one warp to 1024 threads; short rows share a 256-thread block. Up to C = 8192 a block has at most
+  // 512 threads, so two blocks per SM stay resident at 64 registers, and the persistent grid takes
+  // 1024 / threads blocks per SM.
   int tpr = 32;
   while (tpr < device::kMaxThreads && static_cast<int64_t>(tpr) * device::kCachedElemsPerThread < c) tpr *= 2;
   const int rows = tpr >= 256 ? 1 : 256 / tpr;
-  return {tpr * rows, rows, 16, true};
+  return {tpr * rows, rows, 16, true, 0};
 }
 
-const char* config_error(const LaunchConfig& config, int64_t n) {
+const char* config_error(const LaunchConfig& config, int64_t c) {
   if (config.threads < 32 || config.threads > device::kMaxThreads || config.threads % 32 != 0)
     return "threads per block must be a multiple of 32 in [32, 1024]";
   if (config.rows_per_block < 1 || config.threads % config.rows_per_block != 0 ||
@@ -162,8 +214,9 @@ const char* config_error(const LaunchConfig& config, int64_t n) {
     return "rows per block must divide threads per block into a multiple of 32 threads per row";
   if (config.vec_bytes != 16 && config.vec_bytes != 8 && config.vec_bytes != 1)
     return "vector width must be 16, 8 (bytes) or 1 (one element)";
-  if ((n + config.rows_per_block - 1) / config.rows_per_block > INT_MAX)
-    return "too many rows for one grid: raise rows per block";
+  if (config.ctas_per_sm < 0 || config.ctas_per_sm > 32)
+    return "blocks per SM must be in [0, 32] (0: as many as stay resident)";
+  if (c > device::kMaxColumns) return "rows of more than 2^31 - 65 classes are not supported by the CUDA kernels";
   return nullptr;
 }
 
@@ -176,6 +229,24 @@ cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig&
 #undef CBKERNELS_LAUNCH_FAMILY
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_scale_rows_unless_one(void* grad, Dtype dtype, int64_t n, int64_t c, const float* grad_loss,
+                                         bool broadcast, cudaStream_t stream) {
+  if (c > device::kMaxColumns) return cudaErrorInvalidValue;
+  if (n == 0 || c == 0) return cudaSuccess;
+  DeviceFacts facts{};
+  if (const cudaError_t e = device_facts(facts); e != cudaSuccess) return e;
+  // One warp per row; enough warps for every row, at most 4 blocks (32 warps) per SM.
+  constexpr int kWarps = device::kScaleThreads / 32;
+  const int64_t blocks = std::min<int64_t>((n + kWarps - 1) / kWarps, static_cast<int64_t>(facts.sms) * 4);
+  return with_storage(dtype, [&](auto e) {
+    using E = decltype(e);
+    constexpr int VEC = 16 / sizeof(typename E::bits);
+    device::scale_rows_unless_one_kernel<E, VEC><<<static_cast<unsigned>(blocks), device::kScaleThreads, 0, stream>>>(
+        static_cast<typename E::bits*>(grad), grad_loss, n, static_cast<int>(c), broadcast);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cbkernels::cuda

@@ -12,26 +12,35 @@
 
 namespace cbkernels::cuda {
 
-// How rows map onto the GPU. A block of `threads` threads handles `rows_per_block` rows, each with
-// threads / rows_per_block threads (a multiple of 32); `vec_bytes` (16, 8, or 1 = one element) is the
-// widest vector access tried: a call falls back to narrower accesses when the logits and gradient rows
-// cannot share one alignment. `cache_rows`: the softmax keeps a row that fits in registers and reads the
-// logits once; otherwise (or when false) it reads them twice.
+// How rows map onto the GPU. A block of `threads` threads handles `rows_per_block` rows at a time, each
+// with threads / rows_per_block threads (a multiple of 32), and walks the rows with a persistent grid of
+// `ctas_per_sm` blocks per SM (0: as many as stay resident at the kernels' 64-register cap, 1024 / threads;
+// never more blocks than row groups). `vec_bytes` (16, 8, or 1 = one element) is the widest vector access
+// tried: a call falls back to narrower accesses when the logits and gradient rows cannot share one
+// alignment. `cache_rows`: the softmax keeps a row that fits in registers and reads the logits once;
+// otherwise (or when false) it reads them twice.
 struct LaunchConfig {
   int threads;
   int rows_per_block;
   int vec_bytes;
   bool cache_rows;
+  int ctas_per_sm;
 };
 
 // The default configuration for rows of c classes: the one table the sweep (bench/sweep_cuda.py) tunes.
 LaunchConfig default_config(int64_t c, Dtype dtype);
 
-// nullptr when `config` is usable for this call, else a sentence saying what is wrong.
-const char* config_error(const LaunchConfig& config, int64_t n);
+// nullptr when `config` is usable for a call on logits of c classes, else a sentence saying what is wrong.
+const char* config_error(const LaunchConfig& config, int64_t c);
 
 // Queues the kernels of `family` on `stream` and returns the launch's error (cudaSuccess when launched;
 // no rows launch nothing). The caller has already checked the arguments and config_error.
 cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream);
+
+// The fused backward's in-place scaling (scale_rows.cuh): grad (n, c) contiguous of `dtype` on the current
+// device, row i multiplied by grad_loss[i] (by grad_loss[0] for every row when `broadcast`), rows whose
+// factor is exactly 1 left untouched. Reads no value on the host.
+cudaError_t launch_scale_rows_unless_one(void* grad, Dtype dtype, int64_t n, int64_t c, const float* grad_loss,
+                                         bool broadcast, cudaStream_t stream);
 
 }  // namespace cbkernels::cuda

@@ -1,0 +1,290 @@
+// How the CUDA kernels read and write one row of an (N, C) array: storage types, 16-byte vector words,
+// the split of a row into an unaligned head, an aligned body and a tail, and the row's target state.
+// No torch header (launch.cu compiles with a CPU-only torch).
+//
+// A row of C = 8142 bf16 (16284 bytes) starts at a different offset modulo 16 than the row before it, so
+// each row finds its own head from its address. The gradient row is written with the logits row's split,
+// which is right only when both rows have the same address modulo the vector size: the launcher
+// (launch.cu) checks that once per call and otherwise picks a narrower vector.
+//
+// Offsets: the row base is int64 (row * stride exceeds 2^31 on large problems); inside a row, columns are
+// int (the launcher refuses C above kMaxColumns), so the per-element address is one 32-bit index added to
+// a 64-bit row pointer.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+#include "common/loss_args.h"
+
+namespace cbkernels::cuda::device {
+
+// The widest row the kernels index with int columns: col + a vector's width never overflows.
+constexpr int64_t kMaxColumns = 2147483647 - 64;
+
+// ---- storage types: what the arrays hold (bits) and the conversions to and from fp32 -------------------
+// Half types travel as their 16-bit patterns so that vector words stay trivial types.
+struct F32 {
+  using bits = float;
+  static __device__ __forceinline__ float load(bits b) { return b; }
+  static __device__ __forceinline__ bits store(float v) { return v; }
+};
+struct F16 {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float load(bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ bits store(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+struct BF16 {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float load(bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ bits store(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+// VEC elements as one machine word (ld/st.global.v4.b32 for 16 bytes), held as 32-bit registers: what a
+// prefetch keeps (4 registers for 8 bf16), converted to fp32 only when used. The elements are taken out
+// of and put into the 32-bit lanes with shifts, never through an array of 16-bit values (which ptxas
+// splits into 16-bit pieces and may spill), and a 16-byte word is stored from one uint4 (a union store
+// of four floats is split into narrower stores).
+template <int Bytes> struct RawWord;
+template <> struct RawWord<16> { using type = uint4; };
+template <> struct RawWord<8> { using type = uint2; };
+template <> struct RawWord<4> { using type = unsigned int; };
+template <> struct RawWord<2> { using type = unsigned short; };
+
+template <typename E, int VEC>
+struct Word {
+  static constexpr int kBytes = VEC * static_cast<int>(sizeof(typename E::bits));
+  using Raw = typename RawWord<kBytes>::type;
+  Raw raw;
+};
+
+// The 32-bit lane i of a raw word (a 2-byte word is its own lane).
+__device__ __forceinline__ unsigned lane_of(const uint4& r, int i) { return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w; }
+__device__ __forceinline__ unsigned lane_of(const uint2& r, int i) { return i == 0 ? r.x : r.y; }
+__device__ __forceinline__ unsigned lane_of(unsigned r, int) { return r; }
+__device__ __forceinline__ unsigned lane_of(unsigned short r, int) { return r; }
+
+// Element j of a word as its storage bits.
+template <typename E, int VEC>
+__device__ __forceinline__ typename E::bits element_bits(const Word<E, VEC>& w, int j) {
+  if constexpr (sizeof(typename E::bits) == 4) {
+    return __uint_as_float(lane_of(w.raw, j));
+  } else {
+    return static_cast<unsigned short>(lane_of(w.raw, j / 2) >> (16 * (j % 2)));
+  }
+}
+
+template <typename E, int VEC>
+__device__ __forceinline__ Word<E, VEC> load_word(const typename E::bits* p) {
+  return {*reinterpret_cast<const typename Word<E, VEC>::Raw*>(p)};
+}
+
+template <typename E, int VEC>
+__device__ __forceinline__ void unpack(const Word<E, VEC>& w, float (&z)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) z[j] = E::load(element_bits(w, j));
+}
+
+// The 32-bit lane holding elements 2i, 2i+1 (16-bit types) or element i (fp32) of g, each rounded once.
+template <typename E, int VEC>
+__device__ __forceinline__ unsigned lane_from(const float (&g)[VEC], int i) {
+  if constexpr (sizeof(typename E::bits) == 4) {
+    return __float_as_uint(g[i]);
+  } else if constexpr (VEC == 1) {
+    return E::store(g[0]);
+  } else {
+    return static_cast<unsigned>(E::store(g[2 * i])) | (static_cast<unsigned>(E::store(g[2 * i + 1])) << 16);
+  }
+}
+
+// One vector store of VEC results. The 16- and 8-byte stores are written as st.global.v4 / .v2 in PTX: a
+// plain store through a uint4 pointer is split into 4-byte stores when the compiler loses track of the
+// address's alignment (seen in the scaling kernel, whose stores reuse its loads' addresses).
+template <typename E, int VEC>
+__device__ __forceinline__ void store_word(typename E::bits* p, const float (&g)[VEC]) {
+  using Raw = typename Word<E, VEC>::Raw;
+  if constexpr (Word<E, VEC>::kBytes == 16) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(lane_from<E>(g, 0)),
+                 "r"(lane_from<E>(g, 1)), "r"(lane_from<E>(g, 2)), "r"(lane_from<E>(g, 3))
+                 : "memory");
+  } else if constexpr (Word<E, VEC>::kBytes == 8) {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(lane_from<E>(g, 0)), "r"(lane_from<E>(g, 1))
+                 : "memory");
+  } else {
+    *reinterpret_cast<Raw*>(p) = static_cast<Raw>(lane_from<E>(g, 0));
+  }
+}
+
+// ---- the row split: head | aligned body | tail ---------------------------------------------------------
+struct Span {
+  int head;        // elements before the first aligned vector (< VEC)
+  int nvec;        // aligned vectors
+  int tail_start;  // first element after the body; tail = [tail_start, len), < VEC elements
+  int len;         // columns processed (0 for rows that compute nothing)
+
+  // The aligned vector holding column col, or -1 for a head or tail column.
+  __device__ __forceinline__ int vector_of(int col, int vec) const {
+    return col >= head && col < tail_start ? (col - head) / vec : -1;
+  }
+};
+
+template <int VEC, typename Bits>
+__device__ __forceinline__ Span split_row(const Bits* x, int len) {
+  Span s;
+  s.len = len;
+  if (VEC == 1) {
+    s.head = 0;
+    s.nvec = len;
+    s.tail_start = len;
+    return s;
+  }
+  // Tensors are element-aligned, so the misalignment is a whole number of elements.
+  constexpr uintptr_t kBytes = VEC * sizeof(Bits);
+  const uintptr_t past = reinterpret_cast<uintptr_t>(x) % kBytes;
+  const int head = past == 0 ? 0 : static_cast<int>((kBytes - past) / sizeof(Bits));
+  s.head = head < len ? head : len;
+  s.nvec = (len - s.head) / VEC;
+  s.tail_start = s.head + s.nvec * VEC;
+  return s;
+}
+
+// ---- the body loop -----------------------------------------------------------------------------------
+// Vectors a thread computes per step: two of 4 elements (fp32's 16-byte vectors, 16-bit types' 8-byte
+// ones), else one: at most 8 elements. More keep too many element computations live for the 64 registers
+// of the kernels' launch bounds (ptxas spills: tools/check_cuda_compile.sh fails on any).
+template <int VEC>
+constexpr int kStep = VEC == 4 ? 2 : 1;
+
+// Calls f(v, z) for the body vectors v = tid, tid + tpr, ... of a row (body: its first aligned element,
+// nvec vectors), z the vector's VEC values in fp32. Software-pipelined: the next step's vectors are loaded
+// before f runs on the current ones, so each thread keeps two steps of 16-byte loads in flight (64 bytes
+// for fp32, 32 for 16-bit types: 32 or 16 KB per 512-thread block, two such blocks per SM against the
+// ~25 KB per SM that keeps an H200's memory busy) while it computes one.
+template <typename E, int VEC, typename F>
+__device__ __forceinline__ void for_each_vector(const typename E::bits* body, int nvec, int tid, int tpr, F&& f) {
+  constexpr int U = kStep<VEC>;
+  Word<E, VEC> next[U];
+  auto fetch = [&](int v0) {
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int v = v0 + k * tpr;
+      if (v < nvec) next[k] = load_word<E, VEC>(body + v * VEC);
+    }
+  };
+  fetch(tid);
+  for (int v0 = tid; v0 < nvec; v0 += U * tpr) {
+    Word<E, VEC> cur[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) cur[k] = next[k];
+    fetch(v0 + U * tpr);
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int v = v0 + k * tpr;
+      if (v >= nvec) break;
+      float z[VEC];
+      unpack(cur[k], z);
+      f(v, z);
+    }
+  }
+}
+
+// ---- prefetch of the next row into L2 ----------------------------------------------------------------
+// A block asks L2 for the start of its next row (up to kPrefetchBytes) before it computes the current one:
+// fire-and-forget requests that hold no register, so the memory system stays busy through the current
+// row's reductions and stores, and the next row's loads find their lines in L2. One prefetch.global.L2
+// per 128-byte line, spread over the row's threads (one instruction per thread for a row of up to
+// tpr * 128 bytes). Capped so that the lines prefetched by all resident blocks stay far below L2's size.
+constexpr int kPrefetchBytes = 32 * 1024;
+
+template <typename Bits>
+__device__ __forceinline__ void prefetch_row_l2(const Bits* x, int64_t row_bytes, int tid, int tpr) {
+  const int64_t bytes = row_bytes < kPrefetchBytes ? row_bytes : kPrefetchBytes;
+  const char* base = reinterpret_cast<const char*>(x);
+  for (int64_t off = static_cast<int64_t>(tid) * 128; off < bytes; off += static_cast<int64_t>(tpr) * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+}
+
+// ---- the row's target, weight and fate --------------------------------------------------------------------
+enum RowKind : int { kCompute = 0, kIgnored = 1, kBadTarget = 2, kNoRow = 3 };
+
+struct Row {
+  int kind;
+  int y;        // the target column (kCompute only)
+  float alpha;  // class_weight[y] (1 without weights)
+  float coef;   // alpha * upstream grad of the row (1 in forward): the gradient's row factor
+};
+
+// The row's target and upstream gradient, loaded without being used: a prefetch issues these for the next
+// row and classifies it (row_of) once they are needed, so no load waits on another.
+struct RowInputs {
+  int64_t y;       // target value as stored (unchecked)
+  float upstream;  // grad_loss[row], 1 without it
+};
+
+__device__ __forceinline__ RowInputs row_inputs(const LossArgs& a, int64_t row) {
+  RowInputs in{a.ignore_index, 1.f};
+  if (row >= a.num_rows) return in;
+  in.y = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(a.target)[row]);
+  if (a.grad_loss != nullptr) in.upstream = a.grad_loss[row];
+  return in;
+}
+
+__device__ __forceinline__ Row row_of(const LossArgs& a, int64_t row, const RowInputs& in) {
+  Row r{kNoRow, -1, 0.f, 0.f};
+  if (row >= a.num_rows) return r;
+  if (in.y == a.ignore_index) {
+    r.kind = kIgnored;
+    return r;
+  }
+  if (in.y < 0 || in.y >= a.num_classes) {  // never used as an index: NaN row (functional.py also asserts on the device)
+    r.kind = kBadTarget;
+    return r;
+  }
+  r.kind = kCompute;
+  r.y = static_cast<int>(in.y);
+  r.alpha = a.class_weight != nullptr ? a.class_weight[in.y] : 1.f;
+  r.coef = r.alpha * in.upstream;
+  return r;
+}
+
+__device__ __forceinline__ Row row_state(const LossArgs& a, int64_t row) { return row_of(a, row, row_inputs(a, row)); }
+
+// The loss written for a row that computed `value` (alpha_y already applied); 0 ignored, NaN bad target.
+__device__ __forceinline__ float row_loss(const Row& r, float value) {
+  return r.kind == kCompute ? value : (r.kind == kIgnored ? 0.f : CUDART_NAN_F);
+}
+
+// Gradient rows of ignored (0) and bad-target (NaN) rows.
+template <typename E>
+__device__ __forceinline__ void fill_row(typename E::bits* g, int c, float value, int tid, int tpr) {
+  const typename E::bits b = E::store(value);
+  for (int col = tid; col < c; col += tpr) g[col] = b;
+}
+
+// ---- the persistent walk ------------------------------------------------------------------------------
+// A block holds rows_per_block row slots of tpr threads each (tpr a multiple of 32: a warp never straddles
+// two rows). The grid is bounded (a few blocks per SM, launch.cu); block b takes rows b * rpb, b * rpb +
+// gridDim * rpb, ... so every thread of a block runs the same number of iterations and reaches the same
+// barriers; a slot past the last row computes nothing but still takes part in the reductions.
+struct Slot {
+  int group;       // row slot within the block
+  int tid;         // thread within the row, 0 .. tpr-1
+  int64_t first;   // the block's first row of this iteration (uniform over the block)
+  int64_t stride;  // rows from one iteration to the next
+};
+
+__device__ __forceinline__ Slot slot_of(int tpr) {
+  Slot s;
+  const int rpb = static_cast<int>(blockDim.x) / tpr;
+  s.group = static_cast<int>(threadIdx.x) / tpr;
+  s.tid = static_cast<int>(threadIdx.x) - s.group * tpr;
+  s.first = static_cast<int64_t>(blockIdx.x) * rpb;
+  s.stride = static_cast<int64_t>(gridDim.x) * rpb;
+  return s;
+}
+
+}  // namespace cbkernels::cuda::device
