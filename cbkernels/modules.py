@@ -39,7 +39,9 @@ class ClassBalancedLoss(torch.nn.Module):
         return {h.name: getattr(self, h.name) for h in self.spec.hyperparameters}
 
     def forward(self, logits, target):
-        return functional.apply_loss(self.spec, logits, target, self.class_weight, self.reduction,
+        # The buffer straight from _buffers: self.class_weight goes through nn.Module.__getattr__, a Python
+        # fallback measured at ~0.8 us, a tenth of a small call's host time.
+        return functional.apply_loss(self.spec, logits, target, self._buffers["class_weight"], self.reduction,
                                      self.ignore_index, self.backend, self.hyperparameters())
 
     def extra_repr(self) -> str:
