@@ -49,11 +49,11 @@ def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index
         # arguments, the code below runs instead: its checks raise in the public API's words and order, or
         # take what the op's narrower contract refuses but the API accepts (float64 class weights, a gamma
         # given as a 0-d tensor, ...).
+        values = spec.plain_kernel_hyperparameters(hyperparameters)  # the op checks their domains
         try:
             record = _backends.resolve(backend, logits)
-            if record.whole_call:
-                return _ops.LOSS_OPS[spec.family.name](logits, target, class_weight,
-                                                       *spec.kernel_hyperparameters(hyperparameters), ignore_index,
+            if record.whole_call and values is not None:
+                return _ops.LOSS_OPS[spec.family.name](logits, target, class_weight, *values, ignore_index,
                                                        reduction, record.strategy() == "fused")
         except torch.OutOfMemoryError:
             raise

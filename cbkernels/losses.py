@@ -95,6 +95,13 @@ class Loss:
         ones take their defaults; others are ignored) with this loss's fixed ones."""
         return tuple([fixed if h is None else h.check(values.get(h.name, h.default)) for h, fixed in self._schema])
 
+    def plain_kernel_hyperparameters(self, values: Mapping[str, object]) -> tuple[float, ...] | None:
+        """kernel_hyperparameters without the Python checks, for a callee that checks the same domains itself
+        (the C++ whole-call op, csrc/common/families.h): None unless every value is a plain int or float,
+        so that no bool, tensor or other type reaches it unconverted."""
+        out = [fixed if h is None else values.get(h.name, h.default) for h, fixed in self._schema]
+        return tuple(out) if all(type(v) is float or type(v) is int for v in out) else None
+
     def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, **hyper):
         """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
         rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper))
