@@ -8,15 +8,17 @@ grid of configurations on a GPU and prints replacement rows for TABLE.
 Where today's rows come from: NOT from a GPU measurement of these kernels (none has been made yet), but
 from the static model of an sm_90 compile on a CPU machine (triton.compile for GPUTarget("cuda", 90, 32),
 cuobjdump -res-usage and -sass; H200: 64K registers, 228 KB shared memory, 64 warps per SM), at C = 8142:
-- sigmoid family, 2048-column tiles, 8 warps, 3 pipeline stages (cp.async): 59-64 registers for every
-  modulator in bf16 (4 CTAs/SM) and 64-102 in fp32 (2-4 CTAs/SM; gamma 1 takes the most). Programs per SM:
-  2 for fp32 and 4 for half (what is resident for every modulator), which keeps 2 tiles ahead x 8 KB
-  (fp32) or 4 KB (half) per program, about 32 KB in flight per SM (about 25 KB hides the H200's latency).
-- softmax, row held on chip (one tile of 8192 columns, 16 warps): 97 (fp32) / 105 (bf16) registers, one
-  CTA per SM; capped at 64 with maxnreg (no spill, no local memory) for 2 CTAs/SM. Its row loop is
-  pipelined 2 deep: the next row (32 KB fp32) is copied to shared memory while this one computes.
-- softmax, streaming (longer rows): 2048-column tiles, 4 warps, 3 stages: 168 (fp32) / 118 (bf16)
-  registers, 3 / 4 CTAs per SM.
+- sigmoid family, 4 warps, 3 pipeline stages (cp.async), tiles of 2048 columns in fp32 and 4096 in half:
+  16 (fp32) / 32 (half) elements a thread per tile, 64 a thread per row, over which the row's own work
+  (setup, edge tile, loss) is amortised. At gamma 0 and 0.5: 92-95 registers (5 CTAs/SM) except half
+  focal, 80 (6). Programs per SM: 5; per tile 8 KB per program, about 40 KB in flight per SM with one
+  tile ahead (about 24 KB hides the H200's assumed latency).
+- softmax, row held on chip (one tile of 8192 columns, 4 warps: 64 elements a thread, over which the
+  row's own work, about 450-600 instructions a thread, is amortised; at 16 warps a thread held 16):
+  168 (fp32) / 167 (bf16) registers, 3 CTAs per SM, no local memory. Its row loop is pipelined 2 deep:
+  the next row (32 KB fp32) is copied to shared memory while this one computes.
+- softmax, streaming (longer rows): 2048-column tiles, 4 warps, 3 stages: 116 (fp32) / 80 (bf16)
+  registers (compiled at C = 8142), up to 4 / 6 CTAs per SM; the rows start 3 / 4 programs per SM.
 - short rows (C <= 512): several rows per tile, as before (their rows were not recompiled for this table).
 What a GPU measured before these kernels: bench/results/gpu-h200-2026-11-27 (the previous kernels, triton
 3.6). To change rows, run bench/sweep_triton.py on a GPU with a budget that completes the grid and paste
@@ -67,13 +69,13 @@ _SMALL_C = [
 ]
 # One pass streaming the row in pipelined 2048-column tiles: the sigmoid family's rows, and the default of
 # a family that TABLE does not list (a default that works at any C, not a tuned one).
-_STREAMING_FP32 = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8, num_stages=3, programs_per_sm=2))]
-_STREAMING_HALF = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=8, num_stages=3, programs_per_sm=4))]
+_STREAMING_FP32 = _SMALL_C + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=5))]
+_STREAMING_HALF = _SMALL_C + [(None, LaunchConfig(block=4096, rows=1, num_warps=4, num_stages=3, programs_per_sm=5))]
 DEFAULT_TABLE = {"fp32": _STREAMING_FP32, "half": _STREAMING_HALF}
 # Softmax: the row held on chip up to 8192 columns, streamed (two reads) above.
 _HELD_UP_TO_8192 = [
     (2048, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=2, programs_per_sm=4)),
-    (8192, LaunchConfig(block=8192, rows=1, num_warps=16, num_stages=2, programs_per_sm=2, maxnreg=64)),
+    (8192, LaunchConfig(block=8192, rows=1, num_warps=4, num_stages=2, programs_per_sm=3)),
 ]
 TABLE = {
     "sigmoid_focal": DEFAULT_TABLE,

@@ -17,7 +17,6 @@ import triton.language as tl
 
 PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)    # log(x) = log2(x) * LN2
 
 
 @triton.jit

@@ -12,8 +12,10 @@ each vector, so each row is split (VEC = 16 bytes of elements):
     head [a, a_up)  |  body [a_up, b_dn): whole aligned vectors  |  tail [b_dn, b)
 with a_up = a rounded up and b_dn = b rounded down to a multiple of VEC. The body is addressed from the
 aligned pointer base + a_up with int32 offsets (a row has C < 2^31 elements; only the row base a needs
-int64, since i * C passes 2^31 once N * C does). The head and tail (< VEC elements each) form one edge
-tile of 2 * VEC lanes with exact element masks. No access ever leaves the row.
+int64, since i * C passes 2^31 once N * C does). The head and tail (< VEC elements each) and the vector
+that holds the target column form one edge tile with exact element masks (edge_columns): the kernels
+treat every body element as a non-target class, with no per-element test for the target, and give the
+target its own formula in the edge tile, once per row. No access ever leaves the row.
 """
 import triton
 import triton.language as tl
@@ -60,16 +62,40 @@ def row_split(rows, C, VEC: tl.constexpr):
 
 
 @triton.jit
-def edge_columns(head, body, C, VEC: tl.constexpr):
-    """Columns (int32, [ROWS, 2 VEC]) and mask of the head (lanes < VEC) and tail (lanes >= VEC) of each
-    row: head columns [0, min(head, C)), tail columns [head + body, C) (empty when the row is shorter than
-    the head, which then holds it all)."""
-    lane = tl.arange(0, 2 * VEC)[None, :]
-    head_end = tl.minimum(head, C)[:, None]
-    tail_start = (head + body)[:, None]
-    is_head = lane < VEC
-    cols = tl.where(is_head, lane, tail_start + (lane - VEC))
-    mask = tl.where(is_head, lane < head_end, (cols >= head_end) & (cols < C))
+def target_vector(y, head, body, VEC: tl.constexpr):
+    """The index within the body of the VEC-wide vector that holds the target column y, or -1 when y lies
+    in the head or tail (int32, per row). The body's accesses leave that vector out with a mask that is
+    constant over each vector (body_mask), so they stay 16-byte vectors; the edge tile handles it."""
+    y_body = y - head
+    return tl.where((y_body >= 0) & (y_body < body), y_body // VEC, -1)
+
+
+@triton.jit
+def body_mask(offs, body, y_vec, VEC: tl.constexpr):
+    """Which body lanes offs ([ROWS, BLOCK] int32) a body tile loads and stores: inside the body, outside
+    the target's vector."""
+    return (offs < body[:, None]) & (offs // VEC != y_vec[:, None])
+
+
+@triton.jit
+def edge_columns(head, body, y_vec, C, VEC: tl.constexpr):
+    """Columns (int32) and mask of the edge tile, the elements of a row that the body tiles leave out, in
+    groups of VEC lanes: the head (columns [0, min(head, C))), the tail ([head + body, C); empty when the
+    row is shorter than the head, which then holds it all), the target's vector (when y_vec >= 0), and a
+    fourth group that is always masked (the lane count must be a power of two).
+
+    The tile is [4 VEC, ROWS], lanes along the first axis: Triton then gives each thread one lane (a
+    [ROWS, 4 VEC] tile would take the body's layout, VEC lanes per thread, every thread computing VEC of
+    them), and its sums over axis 0 stay inside a warp."""
+    lane = tl.arange(0, 4 * VEC)[:, None]
+    group = lane // VEC
+    within = lane % VEC
+    head_end = tl.minimum(head, C)[None, :]
+    tail_start = (head + body)[None, :]
+    y_start = (head + y_vec * VEC)[None, :]
+    cols = tl.where(group == 0, within, tl.where(group == 1, tail_start, y_start) + within)
+    mask = tl.where(group == 0, within < head_end,
+                    tl.where(group == 1, (cols >= head_end) & (cols < C), (group == 2) & (y_vec[None, :] >= 0)))
     return cols, mask
 
 

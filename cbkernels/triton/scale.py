@@ -41,8 +41,8 @@ def scale_rows_unless_one_kernel(grad_ptr, grad_loss_ptr, N, C, CHUNK: tl.conste
                     mask = offs < body[:, None]
                     x = tl.load(body_ptr + offs, mask=mask).to(tl.float32) * g
                     tl.store(body_ptr + offs, x.to(grad_ptr.dtype.element_ty), mask=mask)
-                e_cols, e_mask = edge_columns(head, body, C, VEC)
-                e_ptr = grad_ptr + a[:, None] + e_cols
+                e_cols, e_mask = edge_columns(head, body, tl.full([1], -1, tl.int32), C, VEC)  # no target vector
+                e_ptr = grad_ptr + a[None, :] + e_cols
                 x = tl.load(e_ptr, mask=e_mask).to(tl.float32) * g
                 tl.store(e_ptr, x.to(grad_ptr.dtype.element_ty), mask=e_mask)
 

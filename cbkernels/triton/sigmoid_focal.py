@@ -8,19 +8,20 @@ One launch gives the per-row loss and/or the gradient:
     backward ("recompute")     WRITE_GRAD, SCALE_GRAD               grad = grad_loss[i] * alpha_y * d loss_i / dz
 Math in fp32 whatever the logits' dtype; the gradient is rounded once, when stored.
 
-Work per element. Every class but the target has t = -1, so the body loop computes the element as a
-negative (v = -t z = z, below) with no per-element target test; the one tile that holds the target column
-(a scalar test per tile) takes the general form with a select. Ignored rows take a per-row branch that
-stores zeros (no select per element, and NaN/inf logits of an ignored row cannot leak). Padding lanes
-load -inf, whose term is exactly 0, so the loss accumulates with no mask. With ROWS > 1 (short rows,
-several per tile) the per-row branches become selects.
+Work per element. Every class but the target has t = -1, so the body loop computes every element as a
+negative (v = -t z = z, below) with no per-element target test: the body tiles leave out the 16-byte
+vector that holds the target column (a mask constant over each vector), and the row's edge tile (head,
+tail and that vector, one lane a thread: rows.py) takes the general form with a select. Ignored rows take
+a per-row branch that stores zeros (no select per element, and NaN/inf logits of an ignored row cannot
+leak). Padding lanes load -inf, whose term is exactly 0, so the loss accumulates with no mask. With
+ROWS > 1 (short rows, several per tile) the ignored-row branch becomes a select.
 """
 import triton
 import triton.language as tl
 
 from ..gamma_cases import GammaCase
 from .fastmath import LOG2E, rcp
-from .rows import edge_columns, row_block, row_scalar, row_split, row_targets
+from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
 # (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum).
@@ -86,11 +87,12 @@ def _focal_of_z(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
 
 
 @triton.jit
-def _store_grad(grad_ptr, offs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
-    g = coef[:, None] * dz
+def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
+    """Stores coef dz rounded to the gradient's dtype; coef and valid (per row) broadcast against dz."""
+    g = coef * dz
     if not PER_ROW:  # several rows per tile: ignored rows are zeroed here (with ROWS == 1 by a branch)
-        g = tl.where(valid[:, None], g, 0.0)
-    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        g = tl.where(valid, g, 0.0)
+    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -103,7 +105,8 @@ def sigmoid_focal_kernel(
 ):
     """loss_i = alpha_y sum_c term_c; grad_ic = (grad_loss_i) alpha_y t_c d term / du. Grid: the persistent
     programs of rows.py; each walks its row blocks, and each row's body in BLOCK-wide tiles through a
-    loop pipelined STAGES deep (the next tiles' loads in flight while one computes)."""
+    loop pipelined STAGES deep (the next tiles' loads in flight while one computes). Row values are
+    [ROWS] tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS] (rows.py)."""
     PER_ROW: tl.constexpr = ROWS == 1
     cols = tl.arange(0, BLOCK)[None, :]
     n_blocks = tl.cdiv(N, ROWS)
@@ -111,51 +114,45 @@ def sigmoid_focal_kernel(
         rows, row_mask = row_block(block, N, ROWS)
         y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
         a, a_up, head, body = row_split(rows, C, VEC)
+        y_vec = target_vector(y, head, body, VEC)
         coef = alpha
         if SCALE_GRAD:
             coef = alpha * tl.load(grad_loss_ptr + rows)
-        z_row = logits_ptr + a[:, None]
         body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
         body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
-        y_body = (y - head)[:, None]    # the target's offset inside the body (may lie outside it)
         row_store = row_mask[:, None]
+        e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
+        e_at = a[None, :] + e_cols
+        e_store = e_mask & row_mask[None, :]
+        body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
         if PER_ROW:
             compute = row_scalar(valid.to(tl.int32)) != 0
         else:
             compute = True
-        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        e_cols, e_mask = edge_columns(head, body, C, VEC)
         if compute:
-            body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
-            y_1 = row_scalar(y_body) if PER_ROW else 0
+            acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
                 offs = start + cols
-                mask = offs < body[:, None]
+                mask = body_mask(offs, body, y_vec, VEC)
                 z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                if PER_ROW:
-                    if (y_1 >= start) & (y_1 < start + BLOCK):  # the one tile with the target column
-                        term, dz = _focal_of_z(z, (offs == y_body) & mask, gamma, GAMMA_MODE)
-                    else:
-                        term, dz = _focal_of_v(z, gamma, GAMMA_MODE)
-                else:
-                    term, dz = _focal_of_z(z, (offs == y_body) & mask, gamma, GAMMA_MODE)
+                term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
                 if WRITE_GRAD:
-                    _store_grad(grad_ptr + body_at, offs, mask & row_store, coef, dz, valid, PER_ROW)
+                    _store_grad(grad_ptr + body_at + offs, mask & row_store, coef[:, None], dz, valid[:, None],
+                                PER_ROW)
                 acc += term
-            z = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
-            term, dz = _focal_of_z(z, (e_cols == y[:, None]) & e_mask, gamma, GAMMA_MODE)
+            z = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+            term, dz = _focal_of_z(z, (e_cols == y[None, :]) & e_mask, gamma, GAMMA_MODE)
             if WRITE_GRAD:
-                _store_grad(grad_ptr + a[:, None], e_cols, e_mask & row_store, coef, dz, valid, PER_ROW)
+                _store_grad(grad_ptr + e_at, e_store, coef[None, :], dz, valid[None, :], PER_ROW)
             if WRITE_LOSS:
-                total = tl.sum(acc, axis=1) + tl.sum(term, axis=1)
+                total = tl.sum(acc, axis=1) + tl.sum(term, axis=0)
                 tl.store(loss_ptr + rows, tl.where(valid, alpha * total, 0.0), mask=row_mask)
         else:  # an ignored row (ROWS == 1): loss 0, gradient 0, the logits unread
             if WRITE_GRAD:
                 zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
-                for start in tl.range(0, row_scalar(body), BLOCK):
+                for start in tl.range(0, body_1, BLOCK):
                     offs = start + cols
-                    tl.store(grad_ptr + body_at + offs, zero, mask=(offs < body[:, None]) & row_store)
-                tl.store(grad_ptr + a[:, None] + e_cols, tl.zeros([ROWS, 2 * VEC], dtype=grad_ptr.dtype.element_ty),
-                         mask=e_mask & row_store)
+                    tl.store(grad_ptr + body_at + offs, zero, mask=body_mask(offs, body, y_vec, VEC) & row_store)
+                tl.store(grad_ptr + e_at, tl.zeros([4 * VEC, ROWS], dtype=grad_ptr.dtype.element_ty), mask=e_store)
             if WRITE_LOSS:
                 tl.store(loss_ptr + rows, tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)

@@ -6,10 +6,11 @@ docs/math.md, sections 6 and 7; the op contract: docs/op-contract.md.
     grad_ic = (grad_loss_i) alpha_y (softmax_c - (1 - eps) [c == y] - eps/C), formed in fp32.
 
 Two paths, chosen at compile time (HELD = the body of a row fits one BLOCK-wide tile):
-- Held (C up to the table's largest tile, 8192 fp32 / 16384 half at the table's rows): the row is read
-  once into registers; max first (one block-wide reduction), exp once per element, kept for the sum (a
-  second reduction) and the gradient. The loop over this program's rows is pipelined STAGES deep, so the
-  next rows' loads are in flight while this one computes.
+- Held (C up to the table's largest tile): the row is read once into registers; max first (one
+  block-wide reduction), exp once per element, kept for the sum (a second reduction) and the gradient.
+  The loop over this program's rows is pipelined STAGES deep, so the next rows' loads are in flight
+  while this one computes. Per-row work (row geometry, edge tile, reductions, loss) is amortised over the
+  elements a thread holds: the table gives this path few warps, so many elements per thread.
 - Streaming (longer rows): pass 1 walks the row in tiles keeping a running (max, sum) per lane, one exp
   per element (below), and merges the lanes once per row; pass 2 reads the tiles again for the gradient
   (from L2 while the rows in flight fit in it: at C = 262144 fp32, 2 programs per SM walk 264 MB of rows,
@@ -17,16 +18,18 @@ Two paths, chosen at compile time (HELD = the body of a row fits one BLOCK-wide 
 
 The true class. p_y - 1 is formed as -s_ny / s, with s_ny the sum without the target's own term, so the
 true-class gradient keeps its relative precision when p_y is within fp32's epsilon of 1 (docs/math.md,
-section 7): the held path leaves the target out of its sum with a select, the streaming path only in the
-one tile that holds the target column (a scalar test per tile) and adds exp(z_y - m) once per row.
+section 7). The body tiles leave out the 16-byte vector that holds the target column (rows.py), so they
+need no per-element test for it; the row's edge tile (head, tail and that vector, one lane a thread)
+leaves the target out of its sum with a select, stores its gradient g_y, and exp(z_y - m) is added once
+per row.
 Ignored rows take a per-row branch that stores zeros (ROWS == 1; with several rows per tile, a select).
 NaN: a max-reduction may drop a NaN, but exp(NaN - m) still makes s, hence lse, loss and gradient, NaN.
 """
 import triton
 import triton.language as tl
 
-from .fastmath import LN2, LOG2E
-from .rows import edge_columns, row_block, row_scalar, row_split, row_targets
+from .fastmath import LOG2E
+from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
 
 # The running max of the streaming pass starts at the lowest finite float, not -inf: a lane that sees
 # only padding (-inf) keeps (m, s) = (lowest, 0), and no -inf - -inf is ever formed.
@@ -80,24 +83,27 @@ def _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING: tl.c
 
 
 @triton.jit
-def _store_grad(grad_ptr, offs, mask, g, valid, PER_ROW: tl.constexpr):
+def _store_grad(ptrs, mask, g, valid, PER_ROW: tl.constexpr):
+    """Stores g (fp32) rounded to the gradient's dtype; valid broadcasts against g."""
     if not PER_ROW:  # several rows per tile: ignored rows are zeroed here (with ROWS == 1 by a branch)
-        g = tl.where(valid[:, None], g, 0.0)
-    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        g = tl.where(valid, g, 0.0)
+    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _store_zeros(grad_ptr, body_at, a, e_cols, e_mask, body, row_store, loss_ptr, rows, row_mask,
-                 WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                 VEC: tl.constexpr):
-    """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread."""
+def _store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+                 WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HELD: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread (one store for a held row)."""
     if WRITE_GRAD:
         zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
-        cols = tl.arange(0, BLOCK)[None, :]
-        for start in tl.range(0, row_scalar(body), BLOCK):
-            tl.store(grad_ptr + body_at + start + cols, zero, mask=(start + cols < body[:, None]) & row_store)
-        tl.store(grad_ptr + a[:, None] + e_cols, tl.zeros([ROWS, 2 * VEC], dtype=grad_ptr.dtype.element_ty),
-                 mask=e_mask & row_store)
+        if HELD:
+            tl.store(grad_ptr + body_at + cols, zero, mask=body_mask(cols, body, y_vec, VEC) & row_store)
+        else:
+            for start in tl.range(0, row_scalar(body), BLOCK):
+                offs = start + cols
+                tl.store(grad_ptr + body_at + offs, zero, mask=body_mask(offs, body, y_vec, VEC) & row_store)
+        tl.store(grad_ptr + e_at, tl.zeros([4 * VEC, ROWS], dtype=grad_ptr.dtype.element_ty), mask=e_store)
     if WRITE_LOSS:
         tl.store(loss_ptr + rows, tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)
 
@@ -121,7 +127,8 @@ def softmax_ce_kernel(
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Grid: the persistent programs of rows.py; HELD and the streaming path: the module docstring."""
+    """Grid: the persistent programs of rows.py; HELD and the streaming path: the module docstring.
+    Row values are [ROWS] tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS] (rows.py)."""
     PER_ROW: tl.constexpr = ROWS == 1
     cols = tl.arange(0, BLOCK)[None, :]
     n_blocks = tl.cdiv(N, ROWS)
@@ -129,13 +136,14 @@ def softmax_ce_kernel(
         rows, row_mask = row_block(block, N, ROWS)
         y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
         a, a_up, head, body = row_split(rows, C, VEC)
-        z_row = logits_ptr + a[:, None]
+        y_vec = target_vector(y, head, body, VEC)
         body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
         body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
-        y_body = (y - head)[:, None]
         row_store = row_mask[:, None]
-        e_cols, e_mask = edge_columns(head, body, C, VEC)
-        e_is_y = e_cols == y[:, None]
+        e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
+        e_at = a[None, :] + e_cols
+        e_store = e_mask & row_mask[None, :]
+        e_is_y = e_cols == y[None, :]
         if PER_ROW:
             compute = row_scalar(valid.to(tl.int32)) != 0
         else:
@@ -143,75 +151,59 @@ def softmax_ce_kernel(
         z_y = tl.load(logits_ptr + a + y).to(tl.float32)  # one element, from the cache lines of the row
         if HELD:
             # loaded before the branch, so the pipelined loop prefetches them for every row
-            b_mask = cols < body[:, None]
+            b_mask = body_mask(cols, body, y_vec, VEC)
             z_b = tl.load(body_z + cols, mask=b_mask, other=float("-inf")).to(tl.float32)
-            z_e = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
+            z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
         if compute:
             if HELD:
-                m = tl.maximum(tl.max(z_b, axis=1), tl.max(z_e, axis=1))
-                mb = (m * LOG2E)[:, None]
-                ex_b = tl.exp2(z_b * LOG2E - mb)
-                ex_e = tl.exp2(z_e * LOG2E - mb)
-                b_is_y = cols == y_body
-                s_ny = tl.sum(tl.where(b_is_y, 0.0, ex_b), axis=1) + tl.sum(tl.where(e_is_y, 0.0, ex_e), axis=1)
-                s = s_ny + tl.exp2((z_y - m) * LOG2E)
+                m = tl.maximum(tl.max(z_b, axis=1), tl.max(z_e, axis=0))
+                mb = m * LOG2E
+                ex_b = tl.exp2(z_b * LOG2E - mb[:, None])
+                ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))  # the target's term left out
+                s_ny = tl.sum(ex_b, axis=1) + tl.sum(ex_e, axis=0)
                 sum_z = tl.zeros_like(m)
                 if HAS_SMOOTHING:
-                    sum_z = tl.sum(tl.where(b_mask, z_b, 0.0), axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
+                    sum_z = tl.sum(tl.where(b_mask, z_b, 0.0), axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=0)
             else:
-                y_1 = row_scalar(y_body) if PER_ROW else 0
                 body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
                 m_l = tl.full([ROWS, BLOCK], _LOWEST, tl.float32)
                 s_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
                 sz_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
                 for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
                     offs = start + cols
-                    mask = offs < body[:, None]
+                    mask = body_mask(offs, body, y_vec, VEC)
                     z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     if HAS_SMOOTHING:
                         sz_l += tl.where(mask, z, 0.0)
-                    if PER_ROW:
-                        if (y_1 >= start) & (y_1 < start + BLOCK):  # the one tile with the target
-                            z = tl.where(offs == y_body, float("-inf"), z)
-                    else:
-                        z = tl.where(offs == y_body, float("-inf"), z)
                     m_l, s_l = _lane_update(m_l, s_l, z)
-                z_e = tl.load(z_row + e_cols, mask=e_mask, other=float("-inf")).to(tl.float32)
-                m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=1))
+                z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+                m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=0))
                 m = tl.maximum(m_ny, z_y)
-                mb = (m * LOG2E)[:, None]
-                ex_e = tl.exp2(z_e * LOG2E - mb)
-                s_ny = (tl.sum(s_l * tl.exp2(m_l * LOG2E - mb), axis=1)
-                        + tl.sum(tl.where(e_is_y, 0.0, ex_e), axis=1))
-                s = s_ny + tl.exp2((z_y - m) * LOG2E)
+                mb = m * LOG2E
+                ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))
+                s_ny = tl.sum(s_l * tl.exp2(m_l * LOG2E - mb[:, None]), axis=1) + tl.sum(ex_e, axis=0)
                 sum_z = tl.zeros_like(m)
                 if HAS_SMOOTHING:
-                    sum_z = tl.sum(sz_l, axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=1)
+                    sum_z = tl.sum(sz_l, axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=0)
+            s = s_ny + tl.exp2((z_y - m) * LOG2E)
             if WRITE_LOSS:
                 row_loss = _row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING)
                 tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
             if WRITE_GRAD:
                 k, off, g_y = _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING, SCALE_GRAD)
-                k = k[:, None]
-                off = off[:, None]
-                g_y = g_y[:, None]
                 if HELD:
-                    _store_grad(grad_ptr + body_at, cols, b_mask & row_store, tl.where(b_is_y, g_y, ex_b * k - off), valid,
-                                PER_ROW)
+                    _store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
+                                valid[:, None], PER_ROW)
                 else:
                     for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
                         offs = start + cols
-                        mask = offs < body[:, None]
+                        mask = body_mask(offs, body, y_vec, VEC)
                         z = tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32)
-                        g = tl.exp2(z * LOG2E - mb) * k - off
-                        if PER_ROW:
-                            if (y_1 >= start) & (y_1 < start + BLOCK):
-                                g = tl.where(offs == y_body, g_y, g)
-                        else:
-                            g = tl.where(offs == y_body, g_y, g)
-                        _store_grad(grad_ptr + body_at, offs, mask & row_store, g, valid, PER_ROW)
-                _store_grad(grad_ptr + a[:, None], e_cols, e_mask & row_store, tl.where(e_is_y, g_y, ex_e * k - off), valid,
-                            PER_ROW)
+                        _store_grad(grad_ptr + body_at + offs, mask & row_store,
+                                    tl.exp2(z * LOG2E - mb[:, None]) * k[:, None] - off[:, None], valid[:, None],
+                                    PER_ROW)
+                _store_grad(grad_ptr + e_at, e_store, tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]),
+                            valid[None, :], PER_ROW)
         else:
-            _store_zeros(grad_ptr, body_at, a, e_cols, e_mask, body, row_store, loss_ptr, rows, row_mask,
-                         WRITE_LOSS, WRITE_GRAD, ROWS, BLOCK, VEC)
+            _store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+                         WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)
