@@ -7,6 +7,7 @@ without it. Skipped with the reason when Triton's NVIDIA tools (ptxas, cuobjdump
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cbkernels.audit import occupancy, sass
+from cbkernels.audit import lineinfo, metrics, occupancy, roofline, sass
+from cbkernels.audit.launches import Launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,9 @@ def _compiler_env():
 # Each kernel's answer follows from its source: one exp2 per element; a 16-byte aligned contiguous tile;
 # the same tile at a runtime stride (no vector access possible); a 16384-element row held by one warp (512
 # fp32 values a thread, more than the 255 registers a thread may have); a loop with num_stages=3
-# (Triton's pipeliner issues the next tiles' loads as cp.async) and the same loop without.
+# (Triton's pipeliner issues the next tiles' loads as cp.async) and the same loop without; a tile loop with
+# a uniform branch to a helper of three exp2 per element in one tile, one exp2 per element in the others;
+# a loop over rows (one per-row load) around a tile loop.
 _KERNELS = '''
 import triton
 import triton.language as tl
@@ -80,6 +84,34 @@ def prefetch_loop(x_ptr, y_ptr, n, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     for start in tl.range(0, n, BLOCK, num_stages=STAGES):
         acc += tl.load(x_ptr + start + offs)
     tl.store(y_ptr + offs, acc)
+
+
+@triton.jit
+def _rare_fixup(x):
+    return tl.exp2(tl.exp2(tl.exp2(x * 3.0)))  # nothing in common with the other path's exp2(x)
+
+
+@triton.jit
+def rare_branch_loop(x_ptr, y_ptr, n, special, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        x = tl.load(x_ptr + start + offs)
+        if (special >= start) & (special < start + BLOCK):  # a uniform branch, taken in one tile
+            y = _rare_fixup(x)
+        else:
+            y = tl.exp2(x)
+        tl.store(y_ptr + start + offs, y)
+
+
+@triton.jit
+def rows_of_tiles(x_ptr, t_ptr, y_ptr, n_rows, C, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        t = tl.load(t_ptr + row)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            acc += tl.exp2(tl.load(x_ptr + row * C + start + offs))
+        tl.store(y_ptr + row, tl.sum(acc, axis=0) * t)
 '''
 
 _ANALYSE = '''
@@ -98,12 +130,15 @@ cases = {
     "row_in_registers": (tk.row_in_registers, (f32, f32), {"BLOCK": 16384}, 1),
     "prefetch_1": (tk.prefetch_loop, (f32, f32, 4096), {"BLOCK": 512, "STAGES": 1}, 4),
     "prefetch_3": (tk.prefetch_loop, (f32, f32, 4096), {"BLOCK": 512, "STAGES": 3}, 4),
+    "rare_branch": (tk.rare_branch_loop, (f32, f32, 4096, 7), {"BLOCK": 128}, 1),
+    "rows_of_tiles": (tk.rows_of_tiles, (f32, f32, f32, 64, 4096), {"BLOCK": 128}, 1),
 }
 out = {}
 for name, (fn, args, constexprs, warps) in cases.items():
     k = compile_triton.compile_kernel(TritonKernel(fn, args, constexprs, warps), 90)
-    out[name] = {"local": k.resources.local_memory_bytes, "code": dataclasses.asdict(k.code),
-                 "pipelined": k.code.pipelined}
+    out[name] = {"local": k.resources.local_memory_bytes, "code": dataclasses.asdict(k.code()),
+                 "pipelined": k.code().pipelined,
+                 "rare_code": dataclasses.asdict(k.code(("_rare_fixup",))) if name == "rare_branch" else None}
 print(json.dumps(out))
 '''
 
@@ -208,3 +243,88 @@ def test_cli_triton_half_writes_json(tmp_path):
     for r in records:
         assert r["predicted_ms"] > 0 and r["registers"] > 0 and r["ctas_per_sm"] >= 0
     assert ("GATE FAILED" in done.stdout) == (done.returncode == 1)
+
+
+@needs_triton_tools
+def test_rare_uniform_branch_counts_apart(tiny):
+    """Undeclared, both paths of the uniform branch count every tile (1 + 3 exp2 per element); with the
+    helper declared rare, its block leaves the per-tile count (1 exp2 per element) for the rare count."""
+    (plain,) = tiny["rare_branch"]["code"]["main_loops"]
+    (split,) = tiny["rare_branch"]["rare_code"]["main_loops"]
+    elements = sum(plain["body"]["load_widths"]) / 4
+    assert plain["body"]["mufu"] == 4 * elements and plain["rare"]["mufu"] == 0
+    assert split["body"]["mufu"] == elements and split["rare"]["mufu"] == 3 * elements
+    assert split["body"]["instructions"] + split["rare"]["instructions"] == plain["body"]["instructions"]
+
+
+@needs_triton_tools
+def test_loop_over_rows_is_a_row_loop_around_the_tile_loop(tiny):
+    loops = tiny["rows_of_tiles"]["code"]["main_loops"]
+    (row,) = [loop for loop in loops if loop["per_row"]]
+    (tile,) = [loop for loop in loops if not loop["per_row"]]
+    assert row["start"] < tile["start"] and tile["end"] < row["end"]
+    # the row's scalar is loaded once per row, in the row loop (beside any tile iterations the compiler
+    # peeled off the tile loop, which also run once per row)
+    assert 4 in row["body"]["load_widths"] and 4 not in tile["body"]["load_widths"]
+    assert tile["body"]["mufu"] == sum(tile["body"]["load_widths"]) / 4
+
+
+def test_line_table_chains_and_function_spans(tmp_path):
+    listing = textwrap.dedent("""
+        .text.k:
+        \t//## File "a.py", line 3 inlined at "b.py", line 9
+        \t//## File "b.py", line 9
+                /*0000*/                   MUFU.EX2 R1, R1 ;
+                /*0010*/                   FADD R1, R1, R1 ;
+        \t//## File "b.py", line 10
+                /*0020*/                   EXIT ;
+    """)
+    chains = lineinfo.parse(listing)["k"]
+    assert chains[0x0] == chains[0x10] == (("a.py", 3), ("b.py", 9)) and chains[0x20] == (("b.py", 10),)
+    py = tmp_path / "a.py"
+    py.write_text("import x\n\n\ndef helper(v):\n    return v\n")
+    assert lineinfo.function_spans(str(py), "helper") == ((4, 5),)
+    cpp = tmp_path / "k.cuh"
+    cpp.write_text("// helper(x) { in a comment }\n__device__ float helper(float x) {\n  return x;\n}\n"
+                   "__device__ float user(float x) { return helper(x); }\nfloat helper(float);\n")
+    assert lineinfo.function_spans(str(cpp), "helper") == ((2, 4),)
+    chains = {0x0: ((str(cpp), 3), (str(cpp), 5)), 0x10: ((str(cpp), 5),)}
+    assert lineinfo.addresses_in(chains, ("helper",)) == {0x0}
+
+
+def test_rare_blocks_and_rows_per_thread_on_a_listing():
+    listing = textwrap.dedent("""
+        \t\tFunction : k
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/              @P0 BRA 0x40 ;
+        /*0020*/                   MUFU.EX2 R4, R4 ;
+        /*0030*/                   BRA 0x50 ;
+        /*0040*/                   MUFU.RCP R4, R4 ;
+        /*0050*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0060*/              @P1 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+    """)
+    (_, instructions), = sass.parse_sass(listing).items()
+    (loop,) = sass.analyse(instructions, frozenset({0x40})).main_loops
+    assert loop.rare.instructions == 1 and loop.rare.mufu == 1 and loop.body.mufu == 1
+    launch = Launch("k", None, ctas=264, threads_per_cta=512, threads_per_row=512, elems_per_iter=16,
+                    read_bytes_per_elem=4, write_bytes_per_elem=4)
+    assert metrics.rows_per_thread(launch, 8192) == 32  # ceil(8192 rows / 264 CTAs)
+    with pytest.raises(ValueError, match="contradicts"):
+        metrics.rows_per_thread(dataclasses.replace(launch, rows_per_thread=1), 8192)
+
+
+def test_critical_path_adds_up_without_overlap():
+    """One CTA per SM that loads, then computes: its round trips, its bytes at the SM's share of the
+    bandwidth and its instructions (16 warps on 4 schedulers) add up; pipelined with 2 CTAs, they overlap."""
+    gpu = roofline.H200
+    load = roofline.KernelLoad(elements=132 * 8192, nc_bytes=132 * 8192 * 8.0, instr_per_elem=0.0,
+                               mufu_per_elem=0.0, ctas=132, ctas_per_sm=1, threads_per_cta=512,
+                               load_bytes_in_flight_per_thread=64.0, pipelined=False, dependent_round_trips=2,
+                               thread_instructions=1000.0)
+    trips = 2 * gpu.latency_us * 1e-3
+    transfer = 8192 * 8.0 / (gpu.copy_gbps * 1e9 / gpu.sms) * 1e3
+    compute = 1000.0 * 4 / (gpu.clock_ghz * 1e6)
+    assert roofline.predict(gpu, load).latency_ms == pytest.approx(trips + transfer + compute)
+    both = dataclasses.replace(load, pipelined=True, ctas_per_sm=2, ctas=264)
+    assert roofline.predict(gpu, both).latency_ms == pytest.approx(max(trips, transfer / 2, compute))

@@ -35,13 +35,17 @@ def _arch(text: str) -> int:
     return arch
 
 
+def kernel_metrics(launch, kernel, n, c, dtype, arch) -> metrics.KernelMetrics:
+    """One launch's metrics: its resident CTAs per SM, then the SASS counts (metrics.measure)."""
+    cps = occupancy.ctas_per_sm(arch, kernel.resources.registers, launch.threads_per_cta,
+                                kernel.resources.shared_bytes + kernel.dynamic_shared_bytes)
+    return metrics.measure(launch, kernel, n, c, dtype, cps)
+
+
 def _records(backend, loss, dtype, compiled_launches, arch):
     """Kernel records and the loss's forward + backward record, for each GPU of the model."""
-    measured = []
-    for launch, kernel in compiled_launches:
-        cps = occupancy.ctas_per_sm(arch, kernel.resources.registers, launch.threads_per_cta,
-                                    kernel.resources.shared_bytes + kernel.dynamic_shared_bytes)
-        measured.append((launch, kernel, metrics.measure(launch, kernel, N, C, dtype, cps)))
+    measured = [(launch, kernel, kernel_metrics(launch, kernel, N, C, dtype, arch))
+                for launch, kernel in compiled_launches]
     out = []
     for gpu in roofline.GPUS:
         common = dict(backend=backend, loss=loss, dtype=dtype, gpu=gpu.name, arch=f"sm_{arch}", n=N, c=C)
@@ -55,7 +59,9 @@ def _records(backend, loss, dtype, compiled_launches, arch):
             rows.append(dict(
                 common, level="kernel", kernel=launch.kernel, symbol=kernel.symbol, registers=m.registers,
                 ctas_per_sm=m.ctas_per_sm, local_bytes=m.local_bytes, shared_bytes=m.shared_bytes,
-                instr_per_elem=m.instr_per_elem, mufu_per_elem=m.mufu_per_elem, load_width_bytes=m.load_width,
+                instr_per_elem=m.instr_per_elem, rare_instr_per_elem=m.rare_instr_per_elem,
+                rare_functions=list(launch.rare_functions), mufu_per_elem=m.mufu_per_elem,
+                load_width_bytes=m.load_width,
                 store_width_bytes=m.store_width, barriers_in_main_loop=m.barriers_in_main_loop,
                 calls_in_main_loop=m.calls_in_main_loop, main_loops=m.main_loops, unroll=list(m.unroll),
                 pipelined=m.pipelined, overlapped=p.overlapped, grid_ctas=launch.ctas,

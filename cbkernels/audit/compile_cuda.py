@@ -7,8 +7,13 @@ Flags, as `setup.py build_ext` compiles csrc/cuda/*.cu through torch.utils.cpp_e
 - -I csrc (setup.py's include_dirs) and -gencode arch=compute_XX,code=sm_XX for the audited arch.
 One nvcc call builds a small host program (cuda_variants.PROBE_SOURCE) linked with the kernels' translation
 unit: running it prints the launcher's own default configuration (no GPU needed, it calls no CUDA API), and
-its embedded sm_XX cubin is what cuobjdump reads (-res-usage, -sass). Kernels are named by demangling
-(c++filt) and matched against the variant file's demangled names.
+its embedded sm_XX cubin is what cuobjdump reads (-res-usage, -sass) and, extracted (cuobjdump -xelf),
+what nvdisasm -gi reads for the source line of each instruction (setup.py's -lineinfo writes the line
+table; it does not change the code). Kernels are named by demangling (c++filt) and matched against the
+variant file's demangled names.
+
+Build takes the tree to compile (root), its sources and its probe, the shipped tree's by default;
+cbkernels.audit.validate passes those of an older tree.
 """
 from __future__ import annotations
 
@@ -20,15 +25,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import cuda_variants, sass, toolchain
+from . import cuda_variants, lineinfo, sass, toolchain
 from .compiled import CompiledKernel
 
 ROOT = Path(__file__).absolute().parents[2]  # not resolved: the audit follows the tree it is imported from
 
 
-def _setup_py_value(key: str):
+def _setup_py_value(key: str, root: Path = ROOT):
     """The literal assigned to kwargs[...][key] or kwargs[key] in setup.py (e.g. "nvcc", "define_macros")."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
+    tree = ast.parse((root / "setup.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Subscript):
             sub = node.targets[0].slice
@@ -43,11 +48,11 @@ def _cxx_standard() -> str:
     return f"-std={found.group(1) if found else 'c++17'}"
 
 
-def shipped_flags(arch: int) -> list[str]:
+def shipped_flags(arch: int, root: Path = ROOT) -> list[str]:
     from torch.utils import cpp_extension
-    macros = [f"-D{name}={value}" for name, value in _setup_py_value("define_macros")]
-    return (list(cpp_extension.COMMON_NVCC_FLAGS) + list(_setup_py_value("nvcc")) + macros
-            + [_cxx_standard(), "-I", str(ROOT / "csrc"), "-gencode", f"arch=compute_{arch},code=sm_{arch}"])
+    macros = [f"-D{name}={value}" for name, value in _setup_py_value("define_macros", root)]
+    return (list(cpp_extension.COMMON_NVCC_FLAGS) + list(_setup_py_value("nvcc", root)) + macros
+            + [_cxx_standard(), "-I", str(root / "csrc"), "-gencode", f"arch=compute_{arch},code=sm_{arch}"])
 
 
 def check_tools() -> None:
@@ -55,19 +60,21 @@ def check_tools() -> None:
     toolchain.nvcc()
     toolchain.demangler()
     toolchain.triton_tool("cuobjdump")
+    toolchain.triton_tool("nvdisasm")
 
 
 class Build:
     """The probe program with the kernels, compiled in the background (nvcc runs while Triton compiles)."""
 
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, root: Path = ROOT, sources=None, probe: str | None = None):
         self.arch = arch
         self._tmp = tempfile.TemporaryDirectory(prefix="cbk-audit-cuda-")
         tmp = Path(self._tmp.name)
-        (tmp / "probe.cu").write_text(cuda_variants.PROBE_SOURCE)
+        (tmp / "probe.cu").write_text(cuda_variants.PROBE_SOURCE if probe is None else probe)
         self.exe = tmp / "probe"
-        argv = [str(toolchain.nvcc()), *shipped_flags(arch), str(tmp / "probe.cu"),
-                *(str(ROOT / s) for s in cuda_variants.SOURCES), "-o", str(self.exe)]
+        sources = cuda_variants.SOURCES if sources is None else sources
+        argv = [str(toolchain.nvcc()), *shipped_flags(arch, Path(root)), str(tmp / "probe.cu"),
+                *(str(Path(root) / s) for s in sources), "-o", str(self.exe)]
         self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._kernels = None
 
@@ -80,8 +87,14 @@ class Build:
         cuobjdump = toolchain.triton_tool("cuobjdump")
         resources = sass.parse_resources(toolchain.run([cuobjdump, "-res-usage", self.exe]))
         functions = sass.parse_sass(toolchain.run([cuobjdump, "-sass", self.exe]))
+        elf = Path(self._tmp.name) / "elf"
+        elf.mkdir()
+        toolchain.run([cuobjdump, "-xelf", "all", self.exe], cwd=elf)
+        lines = {}
+        for cubin in sorted(elf.glob(f"*.sm_{self.arch}*.cubin")):
+            lines.update(lineinfo.parse(toolchain.run([toolchain.triton_tool("nvdisasm"), "-gi", "-c", cubin])))
         names = toolchain.demangle(sorted(functions))
-        self._kernels = {names[m]: (m, resources[m], functions[m]) for m in functions}
+        self._kernels = {names[m]: (m, resources[m], functions[m], lines.get(m, {})) for m in functions}
 
     def config(self, c: int, dtype: str) -> dict:
         """The launcher's default configuration for rows of c classes of this dtype (the probe's JSON)."""
@@ -93,8 +106,8 @@ class Build:
         matches = [name for name in self._kernels if demangled in name]
         if len(matches) != 1:
             raise RuntimeError(f"compile_cuda: {len(matches)} kernels match {demangled!r} (need exactly one)")
-        mangled, resources, instructions = self._kernels[matches[0]]
-        return CompiledKernel(matches[0], resources, sass.analyse(instructions))
+        mangled, resources, instructions, lines = self._kernels[matches[0]]
+        return CompiledKernel(matches[0], resources, tuple(instructions), lines)
 
     def close(self):
         if self._process.poll() is None:

@@ -49,10 +49,19 @@ class Launch:
     read_bytes_per_elem / write_bytes_per_elem: N x C bytes this launch moves per element (logits read,
       gradient written or read back), in the audited scenario (docs/roofline.md); per-row vectors are
       negligible and not counted.
-    rows_per_thread: rows a thread walks one after the other (a persistent grid: > 1).
+    rows_per_thread: rows a thread walks one after the other. Optional: the audit derives it from the grid
+      (ceil(row groups / ctas), a row group being the threads_per_cta / threads_per_row rows a CTA handles at
+      once) and refuses a stated value that differs.
     per_element_work: False for a launch whose programs, in the audited scenario, read a per-row value and
       exit (the fused backward's scaling pass when the upstream gradient is 1): only its launch and latency
       count, not the per-element instructions of the path it skips.
+    rare_functions: names of source functions (Triton @jit helpers, C++ device functions) whose code, where
+      it sits in a tile loop behind a uniform branch, runs in at most one tile per row: typically the path
+      of the tile that holds the target column. The audit finds their instructions through the cubin's line
+      table (inlined calls included), takes the basic blocks made mostly of them out of the per-tile count
+      and counts them once per row (docs/roofline.md, "Counting instructions"). Declare a function only if
+      every call of it inside a tile loop is behind such a branch; a name no instruction comes from is an
+      error. The default, none, counts every block of a tile loop once per tile.
     """
     kernel: str
     code: Any
@@ -62,5 +71,6 @@ class Launch:
     elems_per_iter: int
     read_bytes_per_elem: float
     write_bytes_per_elem: float
-    rows_per_thread: int = 1
+    rows_per_thread: int | None = None
     per_element_work: bool = True
+    rare_functions: tuple[str, ...] = ()

@@ -1,12 +1,19 @@
 """Per-launch metrics from a compiled kernel and its variant record (docs/roofline.md, "Counting").
 
-Elements a thread handles in one row: e_row = ceil(C / threads_per_row). A main loop whose source iteration
-covers e_iter elements per thread may be unrolled by the compiler: the unroll factor is its global load
-bytes per SASS iteration over e_iter x element bytes (at least 1). Then per element:
-    count = sum over main loops (loop count / (e_iter x unroll)) + straight-line count / (e_row x rows_per_thread)
-i.e. the code outside the main loops (row setup, reductions, the loss store) runs once per row and is
-amortised over the row's elements. Access widths: the narrowest width among the widest global accesses that
-together move at least 90% of the N x C bytes a thread reads (writes) per row.
+Elements a thread handles in one row: e_row = ceil(C / threads_per_row). Rows a thread walks over the launch:
+r = ceil(row groups / CTAs), a row group being the threads_per_cta / threads_per_row rows a CTA handles at
+once (1 for a grid of one CTA per row group; more on a persistent grid). A tile loop whose source iteration
+covers e_iter elements per thread may be unrolled by the compiler: the unroll factor u is the bytes of its
+widest global loads per SASS iteration (the row's vectors, not the per-row scalars a row-held loop also
+loads) over e_iter x element bytes (at least 1). Then per element:
+
+    count = sum over tile loops (loop count / (e_iter u) + rare-block count / (u e_row))
+            + sum over row loops (loop count / e_row) + straight-line count / (e_row r)
+
+Tile loops run once per tile; their rare blocks (the declared rare functions' blocks: a copy per unrolled
+tile, one of which runs in a row) and the row loops' own code once per row; the straight-line code once per
+thread. Access widths: the narrowest width among the widest global accesses that together move at least
+90% of the N x C bytes a thread reads (writes) per row.
 """
 from __future__ import annotations
 
@@ -29,11 +36,12 @@ class KernelMetrics:
     ctas_per_sm: int
     instr_per_elem: float
     mufu_per_elem: float
+    rare_instr_per_elem: float  # of instr_per_elem: the rare blocks' share (once per row)
     load_width: int | None      # bytes; None when the launch reads no N x C data
     store_width: int | None
-    barriers_in_main_loop: int
+    barriers_in_main_loop: int  # in the tile loops
     calls_in_main_loop: int
-    main_loops: int
+    main_loops: int             # tile loops
     unroll: tuple[int, ...]
     pipelined: bool
     load: KernelLoad
@@ -50,51 +58,73 @@ def _width(accesses: list[tuple[int, float]], expected: float) -> int | None:
     return min((w for w, _ in accesses), default=0)
 
 
+def rows_per_thread(launch: Launch, n: int) -> int:
+    """Rows a thread walks one after the other (the grid's row groups over its CTAs, rounded up). A
+    variant that states it must state this value."""
+    rows_per_cta = max(1, launch.threads_per_cta // launch.threads_per_row)
+    derived = math.ceil(math.ceil(n / rows_per_cta) / launch.ctas)
+    if launch.rows_per_thread is not None and launch.rows_per_thread != derived:
+        raise ValueError(f"{launch.kernel}: rows_per_thread {launch.rows_per_thread} contradicts its grid "
+                         f"({launch.ctas} CTAs of {rows_per_cta} rows for {n} rows: {derived})")
+    return derived
+
+
 def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, ctas_per_sm: int) -> KernelMetrics:
     elem = ELEMENT_BYTES[dtype]
     e_row = math.ceil(c / launch.threads_per_row)
-    per_thread_rows = e_row * launch.rows_per_thread
-    instr = mufu = 0.0
+    rows = rows_per_thread(launch, n)
+    code = kernel.code(launch.rare_functions)
+    instr = mufu = rare_instr = 0.0
     loads: list[tuple[int, float]] = []
     stores: list[tuple[int, float]] = []
     unrolls = []
-    iterations = 0.0
+    iterations = 0.0  # SASS tile-loop iterations per row
 
-    def add(region: Region, times: float):
-        loads.extend((w, times) for w in region.load_widths)
-        stores.extend((w, times) for w in region.store_widths)
+    def add(region: Region, per_row: float, per_elem: float):
+        nonlocal instr, mufu
+        instr += region.instructions * per_elem
+        mufu += region.mufu * per_elem
+        loads.extend((w, per_row) for w in region.load_widths)
+        stores.extend((w, per_row) for w in region.store_widths)
 
-    for loop in kernel.code.main_loops:
-        unroll = max(1, round(loop.body.load_bytes / (launch.elems_per_iter * elem)))
+    for loop in code.main_loops:
+        if loop.per_row:
+            add(loop.body, 1.0, 1 / e_row)
+            continue
+        widest = max(loop.body.load_widths, default=0)
+        vector_bytes = sum(w for w in loop.body.load_widths if w == widest)
+        unroll = max(1, round(vector_bytes / (launch.elems_per_iter * elem)))
         per_iteration = launch.elems_per_iter * unroll
         unrolls.append(unroll)
-        instr += loop.body.instructions / per_iteration
-        mufu += loop.body.mufu / per_iteration
-        add(loop.body, e_row / per_iteration)
+        add(loop.body, e_row / per_iteration, 1 / per_iteration)
+        before = instr
+        add(loop.rare, 1 / unroll, 1 / (unroll * e_row))
+        rare_instr += instr - before
         iterations += e_row / per_iteration
-    straight = kernel.code.straight
-    instr += straight.instructions / per_thread_rows
-    mufu += straight.mufu / per_thread_rows
-    add(straight, 1 / launch.rows_per_thread)
+    add(code.straight, 1 / rows, 1 / (e_row * rows))
 
-    if kernel.code.main_loops:
-        in_flight = max(loop.body.load_bytes for loop in kernel.code.main_loops)
-        trips = 1 + (1 if kernel.code.pipelined else math.ceil(iterations)) * launch.rows_per_thread
-    else:
-        in_flight = straight.load_bytes
-        trips = 2 if launch.per_element_work else 1
+    tiles = code.tile_loops
     work = launch.per_element_work
+    if not work:
+        in_flight, trips = code.straight.load_bytes, 1
+    elif tiles:
+        in_flight = max(loop.body.load_bytes * loop.copy_groups for loop in tiles)
+        trips = 1 + (1 if code.pipelined else math.ceil(iterations)) * rows
+    else:
+        in_flight, trips = code.straight.load_bytes, 2
     load = KernelLoad(
         elements=n * c, nc_bytes=n * c * (launch.read_bytes_per_elem + launch.write_bytes_per_elem),
         instr_per_elem=instr if work else 0.0, mufu_per_elem=mufu if work else 0.0,
         ctas=launch.ctas, ctas_per_sm=ctas_per_sm, threads_per_cta=launch.threads_per_cta,
-        load_bytes_in_flight_per_thread=in_flight, pipelined=kernel.code.pipelined, dependent_round_trips=trips)
+        load_bytes_in_flight_per_thread=in_flight, pipelined=code.pipelined, dependent_round_trips=trips,
+        thread_instructions=(instr * e_row * rows) if work else 0.0)
     return KernelMetrics(
         registers=kernel.resources.registers, local_bytes=kernel.resources.local_memory_bytes,
         shared_bytes=kernel.resources.shared_bytes + kernel.dynamic_shared_bytes, ctas_per_sm=ctas_per_sm,
         instr_per_elem=load.instr_per_elem, mufu_per_elem=load.mufu_per_elem,
+        rare_instr_per_elem=rare_instr if work else 0.0,
         load_width=_width(loads, e_row * launch.read_bytes_per_elem),
         store_width=_width(stores, e_row * launch.write_bytes_per_elem),
-        barriers_in_main_loop=sum(loop.body.barriers for loop in kernel.code.main_loops),
-        calls_in_main_loop=sum(loop.body.calls for loop in kernel.code.main_loops),
-        main_loops=len(kernel.code.main_loops), unroll=tuple(unrolls), pipelined=kernel.code.pipelined, load=load)
+        barriers_in_main_loop=sum(loop.body.barriers for loop in tiles),
+        calls_in_main_loop=sum(loop.body.calls for loop in tiles),
+        main_loops=len(tiles), unroll=tuple(unrolls), pipelined=code.pipelined, load=load)

@@ -20,6 +20,11 @@ class Gpu:
     latency_us: float          # DRAM round trip under load (an assumption: sets the bytes in flight needed)
 
     @property
+    def schedulers(self) -> int:
+        """Warp schedulers per SM, each issuing one warp instruction (32 thread-instructions) per clock."""
+        return self.issue_per_sm_clk // 32
+
+    @property
     def bytes_in_flight_needed_per_sm(self) -> float:
         """Little's law: per-SM bandwidth x latency."""
         return self.copy_gbps * 1e9 / self.sms * self.latency_us * 1e-6
@@ -44,7 +49,8 @@ class KernelLoad:
     threads_per_cta: int
     load_bytes_in_flight_per_thread: float
     pipelined: bool
-    dependent_round_trips: int      # DRAM round trips one after the other in a CTA's life
+    dependent_round_trips: int      # DRAM round trips one after the other in a thread's life
+    thread_instructions: float      # instructions one thread issues in its life (its rows' share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +58,25 @@ class Prediction:
     memory_ms: float        # bytes / copy bandwidth, raised when too few bytes are in flight
     issue_ms: float
     mufu_ms: float
-    latency_ms: float       # waves x dependent round trips x latency
+    latency_ms: float       # the critical path of a CTA (round trips, its bytes, its instructions) per wave
     in_flight_factor: float # >= 1: how much too few bytes in flight stretch the memory time
     tail_factor: float      # >= 1: the last, partial wave of CTAs
-    overlapped: bool
+    overlapped: bool        # the next tile's loads in flight while a warp computes (pipelined, >= 2 CTAs/SM)
     ms: float
 
 
 def predict(gpu: Gpu, k: KernelLoad) -> Prediction:
+    """The larger of the SM's throughput bound and a warp's critical path (docs/roofline.md, "The model")."""
+    resident = max(1, k.ctas_per_sm) * gpu.sms
+    waves = k.ctas / resident
+    # A grid of at least one wave: its last, partial wave costs a full one. A smaller grid (a persistent
+    # grid of a few CTAs per SM) runs in one go with the CTAs it has on each SM, on the SMs it reaches.
+    if waves >= 1:
+        tail, per_sm = math.ceil(waves) / waves, max(1, k.ctas_per_sm)
+    else:
+        tail, per_sm = gpu.sms / min(gpu.sms, max(1, k.ctas)), math.ceil(k.ctas / gpu.sms)
     memory = k.nc_bytes / (gpu.copy_gbps * 1e9) * 1e3
-    in_flight = k.ctas_per_sm * k.threads_per_cta * k.load_bytes_in_flight_per_thread
+    in_flight = per_sm * k.threads_per_cta * k.load_bytes_in_flight_per_thread
     factor = 1.0
     if k.nc_bytes > 0:
         factor = max(1.0, gpu.bytes_in_flight_needed_per_sm / in_flight) if in_flight > 0 else math.inf
@@ -69,13 +84,18 @@ def predict(gpu: Gpu, k: KernelLoad) -> Prediction:
     per_ms = gpu.sms * gpu.clock_ghz * 1e6  # SM-clocks per millisecond
     issue = k.elements * k.instr_per_elem / (per_ms * gpu.issue_per_sm_clk)
     mufu = k.elements * k.mufu_per_elem / (per_ms * gpu.mufu_per_sm_clk)
-    resident = max(1, k.ctas_per_sm) * gpu.sms
-    waves = k.ctas / resident
-    tail = math.ceil(waves) / waves if waves > 0 else 1.0
-    overlapped = k.pipelined and k.ctas_per_sm >= 2
-    compute = max(issue, mufu)
-    throughput = (max(memory, compute) if overlapped else memory + compute) * tail
-    latency = math.ceil(waves) * k.dependent_round_trips * gpu.latency_us * 1e-3
+    throughput = max(memory, issue, mufu) * tail
+    # One CTA's own life, whatever else runs on its SM: its DRAM round trips one after the other, its bytes
+    # at no more than the SM's share of the bandwidth, and its instructions at no more than one per clock
+    # per warp and four warps per clock (the SM's schedulers) for all of its warps. They add up unless the
+    # next tile's loads are in flight while it computes.
+    trips_ms = k.dependent_round_trips * gpu.latency_us * 1e-3
+    transfer_ms = k.nc_bytes / max(1, k.ctas) / (gpu.copy_gbps * 1e9 / gpu.sms) * 1e3
+    warps = math.ceil(k.threads_per_cta / 32)
+    compute_ms = k.thread_instructions * max(1.0, warps / gpu.schedulers) / (gpu.clock_ghz * 1e6)
+    overlapped = k.pipelined and per_sm >= 2
+    path = max(trips_ms, transfer_ms, compute_ms) if overlapped else trips_ms + transfer_ms + compute_ms
+    latency = math.ceil(waves) * path
     return Prediction(memory, issue, mufu, latency, factor, tail, overlapped, max(throughput, latency))
 
 

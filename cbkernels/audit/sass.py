@@ -2,9 +2,15 @@
 
 What the audit needs from a kernel's machine code, found without running it:
 - loops: a branch to an earlier (or its own) address closes a loop [target, branch];
-- main loops: for every global load of the kernel (outside called subroutines), the innermost loop that
-  encloses it. Those are the loops that stream the N x C data; per-row values are loaded outside them. A
-  kernel with no such loop (a row held in registers) is straight-line: all of its code runs once per row;
+- tile loops: for every global load of the kernel (outside called subroutines), the innermost loop that
+  encloses it, unless that loop encloses another such loop. They stream the N x C data. A row loop is the
+  innermost loop around a tile loop: one iteration per row (a persistent grid walking its rows), whose own
+  code (row setup, per-row loads, reductions, the loss store) runs once per row. Tile and row loops are the
+  main loops. A kernel whose only loads loop is the walk over its rows, a row held in registers, has that
+  walk as its tile loop (one tile per row); a kernel with no loop at all is straight-line code;
+- rare blocks: in a tile loop, the basic blocks that come from functions the launch declares rare (through
+  the cubin's line table, lineinfo.py): a uniform branch taken in one tile of a row (the tile holding the
+  target column) costs its instructions once per row, not once per tile;
 - out-of-line subroutines (the targets of CALL, up to their RET: library slow paths) are excluded from every
   count, as the fast path does not run them;
 - per region: instructions (NOPs and the closing self-branch excluded), MUFU ops, barriers (BAR.*),
@@ -14,9 +20,9 @@ What the audit needs from a kernel's machine code, found without running it:
   registers that the loop first reads *before* the load in program order, i.e. in the next iteration
   (the loads of tile i+1 are issued before tile i is computed).
 
-Counts are static: every instruction between a loop's head and its back edge counts once per iteration,
-including blocks a data-dependent branch may skip. That makes the per-element count an upper bound of
-what the fast path executes; the difference is a few instructions per skipped block.
+Counts are static: every instruction between a loop's head and its back edge, rare blocks aside, counts
+once per iteration, including blocks a data-dependent branch may skip. That makes the per-element count
+an upper bound of what the fast path executes where no rare function is declared.
 """
 from __future__ import annotations
 
@@ -156,8 +162,11 @@ def count(instructions) -> Region:
 class Loop:
     start: int      # address of the loop head (the back edge's target)
     end: int        # address of the back edge
-    body: Region    # this loop's instructions, without main loops nested in it
+    body: Region    # instructions run every iteration (without nested main loops and rare blocks)
+    rare: Region    # blocks that come from the declared rare functions (see analyse): once per row
     pipelined: bool
+    per_row: bool   # a row loop: one iteration per row, around the tile loops that stream the row
+    copy_groups: int = 1  # asynchronous copy groups a warp keeps in flight (DEPBAR.LE SB0, k: k + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +177,14 @@ class KernelCode:
     total: Region            # the whole kernel without subroutines
 
     @property
+    def tile_loops(self) -> tuple[Loop, ...]:
+        return tuple(loop for loop in self.main_loops if not loop.per_row)
+
+    @property
     def pipelined(self) -> bool:
         """Loads of the next tile in flight while the current one is computed (see the module docstring)."""
-        return self.async_copies or (bool(self.main_loops) and all(loop.pipelined for loop in self.main_loops))
+        tiles = self.tile_loops
+        return self.async_copies or (bool(tiles) and all(loop.pipelined for loop in tiles))
 
 
 def _subroutines(instructions) -> list[tuple[int, int]]:
@@ -252,8 +266,48 @@ def _reaches(instructions: list[Instruction], start: int, goal: int) -> bool:
     return False
 
 
-def analyse(instructions: list[Instruction]) -> KernelCode:
-    """Main loops and straight-line code of one kernel (see the module docstring)."""
+def _blocks(body: list[Instruction], targets: set[int]) -> list[list[Instruction]]:
+    """Basic blocks of a run of instructions: a block starts at a branch target and after a branch."""
+    blocks: list[list[Instruction]] = []
+    for ins in body:
+        if not blocks or ins.address in targets or blocks[-1][-1].base in ("BRA", "BRX", "JMX", "EXIT", "RET"):
+            blocks.append([])
+        blocks[-1].append(ins)
+    return blocks
+
+
+def _split_rare(body: list[Instruction], targets: set[int], rare: frozenset[int]):
+    """(common, rare) instructions of a loop body: a basic block is rare when at least half of its
+    instructions come from a declared rare function (a block the compiler shares between both paths
+    stays common; an if-converted, predicated rare path has no block of its own and stays common too,
+    which is right: predicated instructions take their issue slot)."""
+    if not rare:
+        return body, []
+    common, seldom = [], []
+    for block in _blocks(body, targets):
+        real = [i for i in block if not _is_padding(i)]
+        hits = sum(i.address in rare for i in real)
+        (seldom if hits and 2 * hits >= len(real) else common).extend(block)
+    return common, seldom
+
+
+_DEPBAR = re.compile(r"SB0\s*,\s*(0x[0-9a-f]+|\d+)")
+
+
+def _copy_groups(body: list[Instruction]) -> int:
+    """Copy groups in flight in a loop of asynchronous copies: it waits with DEPBAR.LE SB0, k (cp.async
+    wait_group k) until at most k groups are outstanding, then issues the next, so k + 1 are in flight
+    while it waits; 1 for a loop without that wait."""
+    if not any(i.base in ASYNC_COPY_OPCODES for i in body):
+        return 1
+    waits = [int(m.group(1), 0) for i in body if i.opcode.startswith("DEPBAR")
+             and (m := _DEPBAR.search(",".join(i.operands)))]
+    return 1 + min(waits) if waits else 1
+
+
+def analyse(instructions: list[Instruction], rare: frozenset[int] = frozenset()) -> KernelCode:
+    """Main loops and straight-line code of one kernel (see the module docstring). `rare`: addresses of
+    the instructions from the launch's declared rare functions (lineinfo.addresses_in)."""
     subs = _subroutines(instructions)
     own = [i for i in instructions if not _inside(i.address, subs)]
     loops: dict[int, int] = {}
@@ -262,16 +316,26 @@ def analyse(instructions: list[Instruction]) -> KernelCode:
         if ins.base == "BRA" and target is not None and target < ins.address:
             loops[target] = max(loops.get(target, target), ins.address)
     spans = sorted((t, b) for t, b in loops.items() if _reaches(own, t, b))
+    targets = {t for i in own if i.base == "BRA" and (t := _branch_target(i)) is not None}
 
-    def innermost(address):
-        enclosing = [(a, b) for a, b in spans if a <= address <= b]
+    def innermost(address, among):
+        enclosing = [(a, b) for a, b in among if a <= address <= b]
         return min(enclosing, key=lambda s: s[1] - s[0]) if enclosing else None
 
-    main_spans = sorted({s for i in own if is_global_load(i) and (s := innermost(i.address)) is not None})
+    def encloses(outer, inner):
+        return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+    with_loads = {s for i in own if is_global_load(i) and (s := innermost(i.address, spans)) is not None}
+    tiles = sorted(s for s in with_loads if not any(encloses(s, t) for t in with_loads))
+    rows = sorted({r for t in tiles
+                   if (r := innermost(t[0], [s for s in spans if encloses(s, t)])) is not None} - set(tiles))
     main_loops = []
-    for a, b in main_spans:
-        nested = [(c, d) for c, d in main_spans if (c, d) != (a, b) and a <= c and d <= b]
+    for a, b in sorted(tiles + rows):
+        per_row = (a, b) in rows
+        nested = [t for t in tiles if encloses((a, b), t)]
         body = [i for i in own if a <= i.address <= b and not _inside(i.address, nested)]
-        main_loops.append(Loop(a, b, count(body), _pipelined(body)))
-    straight = [i for i in own if not _inside(i.address, main_spans)]
+        common, seldom = (body, []) if per_row else _split_rare(body, targets, rare)
+        main_loops.append(Loop(a, b, count(common), count(seldom), _pipelined(common), per_row,
+                               _copy_groups(common)))
+    straight = [i for i in own if not _inside(i.address, tiles + rows)]
     return KernelCode(tuple(main_loops), count(straight), any(i.base in ASYNC_COPY_OPCODES for i in own), count(own))
