@@ -5,7 +5,8 @@
 (cbkernels must be importable: installed, as `make venv` does in editable mode, or on PYTHONPATH.)
 
 A configuration is (threads per block, rows per block, vector width in bytes, cached softmax rows, blocks
-per SM of the persistent grid, 0 = as many as stay resident at 64 registers), passed to the extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
+per SM of the persistent grid, 0 = as many as the kernel's launch bound keeps resident), passed to the
+extension through CBKERNELS_CUDA_CONFIG (bindings.cpp reads it per call; the default table is
 default_config in csrc/cuda/launch.cu). For each (family, N, C, dtype), every kernel family of the
 registry at its default hyperparameters (cbkernels/bench/sweeps.py), the (8192, 8142) speed-target
 shapes first, then a class sweep at N * C ~ 64M elements:
@@ -40,6 +41,13 @@ GPU_SHAPES = family_shapes([(8192, 8142, torch.bfloat16), (8192, 8142, torch.flo
                            + [(max(1, 2**26 // c), c, torch.bfloat16) for c in (1000, 32768, 262144)])
 # The family whose CUDA kernel comes in two variants: rows cached in registers, or streamed (launch.cu).
 CACHED_FAMILY = losses.SOFTMAX_CE.name
+# The launcher's rules (csrc/cuda/kernels.cuh, launch.cu): elements a thread holds in the cached softmax
+# (default_config gives each row enough threads for at most this many), the cached kernel's largest block,
+# and the threads per SM each kernel's launch bound keeps resident (the persistent grid's default depth).
+ELEMS_PER_THREAD = 64
+CACHED_MAX_THREADS = 128
+CACHED_RESIDENT_THREADS = 3 * 128
+RESIDENT_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class Config:
     rows: int          # per block
     vec: int = 16      # bytes per vector access (16, 8) or 1 (one element)
     cache: int = 1     # softmax: keep rows that fit in registers (read once)
-    ctas: int = 0      # blocks per SM of the persistent grid (0: 1024 / threads, launch.cu)
+    ctas: int = 0      # blocks per SM of the persistent grid (0: resident threads / threads, launch.cu)
 
     def env(self) -> str:
         text = f"threads={self.threads},rows={self.rows},vec={self.vec},cache={self.cache}"
@@ -56,16 +64,28 @@ class Config:
 
 
 def default_tpr(c: int) -> int:
-    """Threads per row of launch.cu's default_config (at most 16 elements per thread, 32 .. 1024)."""
+    """Threads per row of launch.cu's default_config (at most 64 elements per thread, 32 .. 1024)."""
     tpr = 32
-    while tpr < 1024 and tpr * 16 < c:
+    while tpr < 1024 and tpr * ELEMS_PER_THREAD < c:
         tpr *= 2
     return tpr
 
 
+def cached(threads: int, tpr: int, c: int) -> bool:
+    """Whether a softmax configuration runs the cached kernel on rows of C (launch.cu: cached_softmax)."""
+    return threads <= CACHED_MAX_THREADS and c <= ELEMS_PER_THREAD * tpr
+
+
+def default_ctas(family: str, config: Config, c: int) -> int:
+    """Blocks per SM the launcher takes for ctas=0 (launch.cu: blocks_per_sm)."""
+    tpr = config.threads // config.rows
+    on_cache = family == CACHED_FAMILY and config.cache and config.vec == 16 and cached(config.threads, tpr, c)
+    return max(1, (CACHED_RESIDENT_THREADS if on_cache else RESIDENT_THREADS) // config.threads)
+
+
 def config_grid(family: str, c: int) -> list[Config]:
     """Configurations worth trying for rows of C, most promising first: threads per row around the
-    default's (about 16 elements per thread), several rows per block only where a row needs few threads,
+    default's (about 64 elements per thread), several rows per block only where a row needs few threads,
     16- then 8-byte vectors, and for the softmax the streaming (two-read) variant of each; the default's
     persistent-grid depth varied right after the default itself."""
     tpr0 = default_tpr(c)
@@ -79,14 +99,14 @@ def config_grid(family: str, c: int) -> list[Config]:
                 if threads > 1024 or (rows > 1 and threads > 512) or (rows > 1 and tpr > 256):
                     continue
                 for cache in ((1, 0) if family == CACHED_FAMILY else (1,)):
-                    if cache and family == CACHED_FAMILY and c > 16 * tpr:
+                    if cache and family == CACHED_FAMILY and not cached(threads, tpr, c):
                         continue  # would run the streaming kernel anyway: a duplicate
                     grid.append(Config(threads, rows, vec, cache))
     # Right after the default, the persistent grid's depth around it: fewer blocks per SM than stay
     # resident, or more (the surplus waits for a free slot, as a non-persistent grid would).
     first = grid[0]
     grid[1:1] = [Config(first.threads, first.rows, first.vec, first.cache, ctas)
-                 for ctas in (1, 2, 4, 8) if ctas != max(1, 1024 // first.threads)]
+                 for ctas in (1, 2, 4, 8) if ctas != default_ctas(family, first, c)]
     return grid
 
 

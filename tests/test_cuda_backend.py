@@ -123,6 +123,26 @@ def test_extreme_logits_under_launch_configs(spec, hyper, dtype, launch_strategy
     assert_matches_reference("cuda", spec, hyper, logits, target, weight, reduction="none")
 
 
+@pytest.mark.parametrize("spec,hyper", loss_cases(full=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [70, 8192, 8193])
+def test_target_in_every_part_of_the_row(spec, hyper, dtype, c, launch):
+    """The kernels' body loops skip the 16-byte vector holding the target, which the row's edge step
+    computes with the head and tail (row_io.cuh: edge_column). C = 70 shifts each row's alignment and puts
+    the target at every column of some row: head, tail, each lane of a body vector. C = 8192 is the
+    largest row the default configuration's cached softmax holds (64 elements a thread), 8193 streams; their
+    targets sit at both ends of the row and in between."""
+    if c == 70:
+        n = 2 * c
+        target = torch.arange(n, device=DEVICE) % c
+    else:
+        n = 40
+        ends = torch.arange(12, device=DEVICE)
+        target = torch.cat([ends, c - 1 - ends, torch.randint(0, c, (16,), device=DEVICE)])
+    logits, _, weight = make_inputs(n, c, dtype, DEVICE)
+    assert_matches_reference("cuda", spec, hyper, logits, target, weight, reduction="none")
+
+
 def _misaligned(n, c, dtype, offset):
     """(n, c) logits starting `offset` elements into their storage (not 16-byte aligned)."""
     logits, target, weight = make_inputs(n, c, dtype, DEVICE)

@@ -15,13 +15,26 @@ launches(loss, dtype, n, c, config) -> list[launches.Launch]
   threads, threads per row, elements per thread per main-loop iteration; and the N x C bytes it moves per
   element in the audited scenario (loss.backward() of a mean: upstream gradient 1; class weights; int64
   targets; 16-byte aligned tensors, so the launcher keeps its widest vector).
+
+The CUDA backend's default strategy is "fused": the eager call's forward launches the family kernel with
+the gradient written (csrc/common/loss_function.h), and its backward launches the in-place scaling kernel
+(csrc/cuda/scale_rows.cuh), whose warps, with an upstream gradient of 1, read their row's factor and move on.
+Every kernel walks the rows with a persistent grid (launch.cu: grid_of, blocks_per_sm): the grid of the
+audited GPU is its SM count times the launcher's blocks per SM (the audit derives the rows a thread walks).
+The body loops skip the vector holding the target column (row_io.cuh: for_each_vector), which the row's edge
+step computes with the head and tail, one column per thread, outside the loop: no rare path to declare.
+The cached softmax has its own launch bound (kernels.cuh: kCachedMaxThreads, kCachedMinBlocks), hence its own
+blocks per SM.
 """
 from __future__ import annotations
+
+import math
 
 from .. import _backends
 from ..gamma_cases import gamma_case
 from ..losses import loss as registered_loss
 from .launches import ELEMENT_BYTES, CudaKernel, Launch
+from .roofline import H200
 
 SOURCES = ("csrc/cuda/launch.cu",)
 
@@ -32,64 +45,92 @@ PROBE_SOURCE = r"""
 
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
+#include "cuda/scale_rows.cuh"
 
 int main(int argc, char** argv) {
+  namespace d = cbkernels::cuda::device;
   if (argc != 3) return 2;
   const long long c = std::atoll(argv[1]);
   const bool fp32 = std::strcmp(argv[2], "float32") == 0;
   const auto dtype = fp32 ? cbkernels::Dtype::kFloat32 : cbkernels::Dtype::kBFloat16;
   const cbkernels::cuda::LaunchConfig k = cbkernels::cuda::default_config(c, dtype);
+  const char* error = cbkernels::cuda::config_error(k, c);
   std::printf("{\"threads\": %d, \"rows_per_block\": %d, \"vec_bytes\": %d, \"cache_rows\": %d, "
-              "\"cached_elems_per_thread\": %d, \"cached_vec_bytes\": %d}\n",
-              k.threads, k.rows_per_block, k.vec_bytes, k.cache_rows ? 1 : 0,
-              cbkernels::cuda::device::kCachedElemsPerThread, cbkernels::cuda::device::kCachedVecBytes);
+              "\"ctas_per_sm\": %d, \"blocks_per_sm\": %d, \"cached_blocks_per_sm\": %d, \"cached\": %d, "
+              "\"config_error\": \"%s\", \"step_vectors\": %d, \"cached_elems_per_thread\": %d, "
+              "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d}\n",
+              k.threads, k.rows_per_block, k.vec_bytes, k.cache_rows ? 1 : 0, k.ctas_per_sm,
+              cbkernels::cuda::blocks_per_sm(k, d::kMaxThreads),
+              cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kCachedMinBlocks),
+              cbkernels::cuda::cached_softmax(k, c) ? 1 : 0, error ? error : "", d::kStep,
+              d::kCachedElemsPerThread, d::kScaleThreads, d::kScaleBlocksPerSm);
   return 0;
 }
 """
 
 _STORAGE = {"float32": "F32", "bfloat16": "BF16"}
 _NS = "cbkernels::cuda::device::"
+_SMS = H200.sms  # the persistent grids' blocks per SM x this (H100 and H200 alike: 132)
 
 
 def _b(flag: bool) -> str:
     return "true" if flag else "false"
 
 
+def _persistent(groups: int, per_sm: int) -> int:
+    """Blocks of a persistent grid of per_sm blocks per SM over `groups` row groups (launch.cu: grid_of)."""
+    return min(groups, _SMS * per_sm)
+
+
+def _scale_launch(dtype: str, n: int, config: dict) -> Launch:
+    """scale_rows_unless_one_kernel: one warp per row, at most scale_blocks_per_sm blocks per SM. With an
+    upstream gradient of 1 each warp reads its rows' factors and skips them."""
+    warps = config["scale_threads"] // 32
+    blocks = _persistent(math.ceil(n / warps), config["scale_blocks_per_sm"])
+    vec = 16 // ELEMENT_BYTES[dtype]
+    return Launch(kernel="scale_rows_unless_one_kernel[upstream grad 1]",
+                  code=CudaKernel(f"{_NS}scale_rows_unless_one_kernel<{_NS}{_STORAGE[dtype]}, {vec}>("),
+                  ctas=blocks, threads_per_cta=config["scale_threads"], threads_per_row=32,
+                  elems_per_iter=vec * config["step_vectors"], read_bytes_per_elem=0,
+                  write_bytes_per_elem=0, per_element_work=False)
+
+
 def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch]:
-    if _backends.CUDA.default_strategy != "recompute":
-        raise ValueError("cuda_variants describes the 'recompute' strategy (forward: loss only; backward: "
-                         f"gradient); the default is now {_backends.CUDA.default_strategy!r}: update this file")
+    if _backends.CUDA.default_strategy != "fused":
+        raise ValueError("cuda_variants describes the 'fused' strategy (forward: loss and gradient; backward: "
+                         f"in-place scaling); the default is now {_backends.CUDA.default_strategy!r}: update "
+                         "this file")
+    if config["config_error"]:
+        raise ValueError(f"cuda_variants: the launcher's default configuration is refused: {config['config_error']}")
     spec = registered_loss(loss)
     elem = ELEMENT_BYTES[dtype]
     storage = f"{_NS}{_STORAGE[dtype]}"
-    vec = config["vec_bytes"] // elem
+    vec = config["vec_bytes"] // elem if config["vec_bytes"] > elem else 1
     tpr = config["threads"] // config["rows_per_block"]
-    common = dict(ctas=-(-n // config["rows_per_block"]), threads_per_cta=config["threads"], threads_per_row=tpr)
+    blocks = _persistent(math.ceil(n / config["rows_per_block"]), config["blocks_per_sm"])
+    common = dict(ctas=blocks, threads_per_cta=config["threads"], threads_per_row=tpr)
     if spec.family.name == "sigmoid_focal":
         (gamma,) = spec.kernel_hyperparameters({})
         case = int(gamma_case(gamma))
-
-        def focal(write):
-            return Launch(kernel=f"sigmoid_focal_kernel[{'grad' if write else 'loss'}]",
-                          code=CudaKernel(f"{_NS}sigmoid_focal_kernel<{storage}, {vec}, "
-                                          f"(cbkernels::GammaCase){case}, {_b(write)}>("),
-                          elems_per_iter=vec, read_bytes_per_elem=elem, write_bytes_per_elem=elem if write else 0,
-                          **common)
-        return [focal(False), focal(True)]
-    # softmax_ce: forward streams the row once for the loss; backward keeps a short row in registers
-    # (launch.cu: cache_rows, 16-byte vectors, C <= kCachedElemsPerThread * tpr), else streams it twice.
-    forward = Launch(kernel="softmax_stream_kernel[loss]",
-                     code=CudaKernel(f"{_NS}softmax_stream_kernel<{storage}, {vec}, false>("),
-                     elems_per_iter=vec, read_bytes_per_elem=elem, write_bytes_per_elem=0, **common)
-    cached = (config["cache_rows"] and config["vec_bytes"] == config["cached_vec_bytes"]
-              and c <= config["cached_elems_per_thread"] * tpr)
-    if cached:
-        backward = Launch(kernel="softmax_cached_kernel[grad]",
-                          code=CudaKernel(f"{_NS}softmax_cached_kernel<{storage}, {vec}>("),
-                          elems_per_iter=config["cached_elems_per_thread"], read_bytes_per_elem=elem,
-                          write_bytes_per_elem=elem, **common)
+        forward = Launch(kernel="sigmoid_focal_kernel[loss+grad]",
+                         code=CudaKernel(f"{_NS}sigmoid_focal_kernel<{storage}, {vec}, "
+                                         f"(cbkernels::GammaCase){case}, true>("),
+                         elems_per_iter=vec * config["step_vectors"], read_bytes_per_elem=elem,
+                         write_bytes_per_elem=elem, **common)
+        return [forward, _scale_launch(dtype, n, config)]
+    # softmax_ce: a row that fits in registers (launch.cu: cached_softmax) is read once; its only loop is the
+    # row walk, each iteration one row of up to cached_elems_per_thread elements a thread. The audited
+    # scenario has no label smoothing: the instance without the sum of z. Otherwise the row is streamed
+    # twice (the second read usually from L2, charged as DRAM here).
+    if config["cached"]:
+        blocks = _persistent(math.ceil(n / config["rows_per_block"]), config["cached_blocks_per_sm"])
+        forward = Launch(kernel="softmax_cached_kernel[loss+grad]",
+                         code=CudaKernel(f"{_NS}softmax_cached_kernel<{storage}, {vec}, false>("),
+                         ctas=blocks, threads_per_cta=config["threads"], threads_per_row=tpr,
+                         elems_per_iter=config["cached_elems_per_thread"], read_bytes_per_elem=elem,
+                         write_bytes_per_elem=elem)
     else:
-        backward = Launch(kernel="softmax_stream_kernel[grad]",
-                          code=CudaKernel(f"{_NS}softmax_stream_kernel<{storage}, {vec}, true>("),
-                          elems_per_iter=vec, read_bytes_per_elem=2 * elem, write_bytes_per_elem=elem, **common)
-    return [forward, backward]
+        raise ValueError("cuda_variants: the streaming softmax's grid is cut to the rows that fit in L2 "
+                         "(launch.cu: stream_grid), a size the roofline model does not hold; describe it "
+                         "before the default configuration takes that path at the audited shape")
+    return [forward, _scale_launch(dtype, n, config)]

@@ -28,10 +28,20 @@
 namespace cbkernels::cuda {
 namespace device {
 
-// The cached softmax keeps this many elements of its row per thread in registers: a row of up to
-// 16 * tpr columns is read from memory once.
-constexpr int kCachedElemsPerThread = 16;
+// The cached softmax keeps up to this many elements of its row per thread in registers: a row of up to
+// 64 * tpr columns is read from memory once. Holding them takes more than the 64 registers of the other
+// kernels' bound, so it has its own: blocks of at most kCachedMaxThreads threads, kCachedMinBlocks of
+// them resident per SM, i.e. at most 65536 / (128 * 3) = 170 (168 allocated) registers a thread; 128
+// did not hold the row without spills. Rows of up to 64 * 128 = 8192 columns.
+constexpr int kCachedElemsPerThread = 64;
 constexpr int kCachedVecBytes = 16;
+constexpr int kCachedMaxThreads = 128;
+constexpr int kCachedMinBlocks = 3;
+
+// Vectors per step of the streaming softmax's loops: its pass 1 keeps a running max and the target test
+// live per element, which with two 8-element vectors a step passes the 64 registers (sm_80 spills).
+template <int VEC>
+constexpr int kStreamStep = VEC == 8 ? 1 : kStep;
 
 // ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
 
@@ -77,17 +87,18 @@ __device__ __forceinline__ void focal_element(float z, float gamma, float& term,
   dz = Positive ? ddu : -ddu;
 }
 
-// One column of a row that may be the target: the head, tail and target-vector path, not the vector loop.
+// One column of a row that may be the target (the edge step): the negative form at -z is the positive form
+// at z (u = t z either way), and its slope is d/d(-z) = -d/dz. Selects, not a branch: the edge step's
+// lanes of a warp take both kinds.
 template <GammaCase G>
 __device__ __forceinline__ void focal_at(float z, bool target, float gamma, float& term, float& dz) {
-  if (target) {
-    focal_element<G, true>(z, gamma, term, dz);
-  } else {
-    focal_element<G, false>(z, gamma, term, dz);
-  }
+  focal_element<G, false>(target ? -z : z, gamma, term, dz);
+  dz = target ? -dz : dz;
 }
 
-// Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read.
+// Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read. The body
+// loop skips the vector holding the target column, so it computes every element as a non-target column;
+// the row's edge step (head, tail, that vector: row_io.cuh edge_column) takes one column per thread.
 template <typename E, int VEC, GammaCase G, bool Write>
 __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
@@ -107,39 +118,26 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
     float acc = 0.f;
     if (r.kind == kCompute) {
       const Span s = split_row<VEC>(x, c);
-      // The row's head and tail: fewer than VEC elements each, one per thread.
-      auto scalar = [&](int col) {
-        float term, dz;
-        focal_at<G>(E::load(x[col]), col == r.y, gamma, term, dz);
-        acc += term;
-        if (Write) g[col] = E::store(r.coef * dz);
-      };
-      if (at.tid < s.head) scalar(at.tid);
-      if (at.tid < s.len - s.tail_start) scalar(s.tail_start + at.tid);
-
-      const int vy = s.vector_of(r.y, VEC);
-      for_each_vector<E, VEC>(x + s.head, s.nvec, at.tid, tpr, [&](int v, const float (&z)[VEC]) {
-        const int col = s.head + v * VEC;
+      const int target_v = s.vector_of(r.y, VEC);
+      B* const g_body = Write ? g + s.head : nullptr;
+      for_each_vector<E, VEC>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
         float out[VEC];
-        if (v != vy) {
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            float term, dz;
-            focal_element<G, false>(z[j], gamma, term, dz);
-            acc += term;
-            out[j] = r.coef * dz;
-          }
-        } else {  // once per row: the vector holding the target column
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            float term, dz;
-            focal_at<G>(z[j], col + j == r.y, gamma, term, dz);
-            acc += term;
-            out[j] = r.coef * dz;
-          }
+        for (int j = 0; j < VEC; ++j) {
+          float term, dz;
+          focal_element<G, false>(z[j], gamma, term, dz);
+          acc += term;
+          out[j] = r.coef * dz;
         }
-        if (Write) store_word<E, VEC>(g + col, out);
+        if (Write) store_word<E, VEC>(g_body + col, out);
       });
+      const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
+      if (e.present) {
+        float term, dz;
+        focal_at<G>(E::load(x[e.col]), e.col == r.y, gamma, term, dz);
+        acc += term;
+        if (Write) g[e.col] = E::store(r.coef * dz);
+      }
     }
     if (a.loss != nullptr) {
       float total[1] = {acc};
@@ -244,7 +242,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
     const B* x = static_cast<const B*>(a.logits) + base * a.row_stride;
     const Span s = split_row<VEC>(x, r.kind == kCompute ? c : 0);
     const TargetPlace ty = target_place(s, r.y, VEC, at.tid, tpr);
-    const int vy = s.vector_of(r.y, VEC);
+    const int target_col = s.vector_of(r.y, VEC) * VEC;  // the target's vector (< 0: not in the body)
 
     // Pass 1. The running max m moves rarely: when a vector raises it, sr is rescaled once.
     float m = -CUDART_INF_F, sr = 0.f, sz = 0.f, z_y = -CUDART_INF_F;
@@ -269,12 +267,12 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
     };
     if (at.tid < s.head) scalar(at.tid);
     if (at.tid < s.len - s.tail_start) scalar(s.tail_start + at.tid);
-    for_each_vector<E, VEC>(x + s.head, s.nvec, at.tid, tpr, [&](int v, const float (&z)[VEC]) {
+    for_each_vector<E, VEC, kStreamStep<VEC>>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
       float cm = z[0];
 #pragma unroll
       for (int j = 1; j < VEC; ++j) cm = fmaxf(cm, z[j]);
       raise_max(cm);
-      if (v != vy) {
+      if (col != target_col) {
         const float shift = lse_shift(m);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -283,7 +281,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) add(z[j], s.head + v * VEC + j == r.y);
+        for (int j = 0; j < VEC; ++j) add(z[j], s.head + col + j == r.y);
       }
     });
 
@@ -308,11 +306,11 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
         const int col = s.tail_start + at.tid;
         g[col] = E::store(grad_at(E::load(x[col])));
       }
-      for_each_vector<E, VEC>(x + s.head, s.nvec, at.tid, tpr, [&](int v, const float (&z)[VEC]) {
+      for_each_vector<E, VEC, kStreamStep<VEC>>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
         float out[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out[j] = grad_at(z[j]);
-        store_word<E, VEC>(g + s.head + v * VEC, out);
+        store_word<E, VEC>(g + s.head + col, out);
       });
       // The target column, over the value the loop wrote there (same thread, so in program order).
       if (ty.mine) g[r.y] = E::store(q.target);
@@ -329,10 +327,16 @@ __device__ __forceinline__ const typename E::bits* logits_row(const LossArgs& a,
 
 // Rows of at most kCachedElemsPerThread * tpr columns, gradient always written: each row is read once,
 // into registers (the next row is already on its way to L2, prefetch_row_l2); the max, then exp once per
-// element (kept in the same registers), the sums, and the gradient from the registers. Only for 16-byte vectors: narrower accesses would need more addresses
-// than the 64 registers of a 1024-thread block hold (such calls take the streaming kernel).
-template <typename E, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(LossArgs a, int tpr) {
+// element (kept in the same registers), the sums, and the gradient from the registers. Only for 16-byte
+// vectors. Smooth: label smoothing eps != 0, the only case that needs the sum of z.
+//
+// The target column without a per-element test: the body vectors are loaded except the one holding the
+// target (and past the body's end), whose slots hold -inf (they leave the max alone and add exp(-inf) = 0
+// to the sums); that vector, the head and the tail go to the edge step (row_io.cuh: edge_column), one
+// column per thread, which alone tells the target from the rest. So sr, the sum off the target, is formed
+// by adding, never by subtracting e_y (see above for why).
+template <typename E, int VEC, bool Smooth>
+__global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_cached_kernel(LossArgs a, int tpr) {
   static_assert(VEC * sizeof(typename E::bits) == kCachedVecBytes, "the cached softmax uses 16-byte vectors");
   constexpr int KV = kCachedElemsPerThread / VEC;
   using B = typename E::bits;
@@ -357,97 +361,78 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_cached_kernel(LossArgs a,
     const Row r = row_of(a, row, in);
     const B* x = logits_row<E>(a, row);
     const Span s = split_row<VEC>(x, row < a.num_rows ? c : 0);
-    // Absent slots hold -inf: they leave the max alone and add exp(-inf) = 0; sum z skips them.
-    const bool has_head = at.tid < s.head, has_tail = at.tid < s.len - s.tail_start;
-    float zh = has_head ? E::load(x[at.tid]) : -CUDART_INF_F;
-    float zt = has_tail ? E::load(x[s.tail_start + at.tid]) : -CUDART_INF_F;
+    const int target_v = s.vector_of(r.kind == kCompute ? r.y : -1, VEC);
+    const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
+    const bool is_y = e.present && e.col == r.y;
     // All of this thread's loads of the row before any use.
+    const float ze = e.present ? E::load(x[e.col]) : -CUDART_INF_F;
     float z[KV][VEC];
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
-      if (at.tid + k * tpr < s.nvec) {
-        unpack(load_word<E, VEC>(x + s.head + (at.tid + k * tpr) * VEC), z[k]);
+      const int v = at.tid + k * tpr;
+      if (v < s.nvec && v != target_v) {
+        unpack(load_word<E, VEC>(x + s.head + v * VEC), z[k]);
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) z[k][j] = -CUDART_INF_F;
       }
     }
-    float m = fmaxf(zh, zt), sz = (has_head ? zh : 0.f) + (has_tail ? zt : 0.f);
+    float m = ze;
 #pragma unroll
-    for (int k = 0; k < KV; ++k) {
-      const bool present = at.tid + k * tpr < s.nvec;
+    for (int k = 0; k < KV; ++k)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        m = fmaxf(m, z[k][j]);
-        sz += present ? z[k][j] : 0.f;
+      for (int j = 0; j < VEC; ++j) m = fmaxf(m, z[k][j]);
+    float sz = 0.f;
+    if constexpr (Smooth) {
+      sz = e.present ? ze : 0.f;
+#pragma unroll
+      for (int k = 0; k < KV; ++k) {
+        float part = 0.f;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) part += z[k][j];
+        const int v = at.tid + k * tpr;
+        sz += v < s.nvec && v != target_v ? part : 0.f;  // a left-out vector's -inf is no logit
       }
     }
-    const TargetPlace ty = target_place(s, r.kind == kCompute ? r.y : -1, VEC, at.tid, tpr);
 
     float mx[1] = {m};
     row_reduce<MaxOp>(mx, tpr, at.group, max_slots);
     const float shift = lse_shift(mx[0]);
     // exp once per element, kept where z was: the sum and the gradient below both use it.
-    zh = exp_shifted(zh, shift);
-    zt = exp_shifted(zt, shift);
+    const float ee = exp_shifted(ze, shift);
+    float sr = is_y ? 0.f : ee;
 #pragma unroll
     for (int k = 0; k < KV; ++k)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) z[k][j] = exp_shifted(z[k][j], shift);
-    // The thread holding the target moves e_y out of its registers (to 0), so the sums below are sr on
-    // every thread: a fix-up once per row, not a select on every element. The gradient loop then writes
-    // coef * (0 - off) at the target column, which this thread overwrites afterwards; it reads z_y back
-    // from memory (one element, for the loss).
-    float ey = 0.f;
-    if (ty.mine) {
-      if (ty.head) {
-        ey = zh;
-        zh = 0.f;
-      } else if (ty.tail) {
-        ey = zt;
-        zt = 0.f;
-      } else {
-#pragma unroll
-        for (int k = 0; k < KV; ++k)
-#pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            if (k == ty.k && j == ty.j) {
-              ey = z[k][j];
-              z[k][j] = 0.f;
-            }
+      for (int j = 0; j < VEC; ++j) {
+        z[k][j] = exp_shifted(z[k][j], shift);
+        sr += z[k][j];
       }
-    }
-    float sr = zh + zt;
-#pragma unroll
-    for (int k = 0; k < KV; ++k)
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) sr += z[k][j];
-    float sums[3] = {sr, ey, sz};
+    float sums[3] = {sr, is_y ? ee : 0.f, sz};
     row_reduce<SumOp>(sums, tpr, at.group, sum_slots);
     const SoftmaxRow t{mx[0], sums[0], sums[1], sums[2]};
 
-    if (a.loss != nullptr) {
-      if (ty.mine) a.loss[row] = r.alpha * softmax_row_loss(t, E::load(x[r.y]), eps, c);
-      if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0) a.loss[row] = row_loss(r, 0.f);
-    }
+    // The gradient first, then the loss: the row's registers are free before the loss's log and exp.
     B* g = static_cast<B*>(a.grad) + (r.kind == kNoRow ? 0 : row) * a.num_classes;
     if (r.kind == kCompute) {
-      const SoftmaxGrad q = softmax_grad(t, r.coef, eps, c);
-      if (has_head) g[at.tid] = E::store(fmaf(zh, q.scale, q.offset));
+      const SoftmaxGrad q = softmax_grad(t, r.coef, Smooth ? eps : 0.f, c);
 #pragma unroll
       for (int k = 0; k < KV; ++k) {
         const int v = at.tid + k * tpr;
-        if (v < s.nvec) {
+        if (v < s.nvec && v != target_v) {
           float out[VEC];
 #pragma unroll
           for (int j = 0; j < VEC; ++j) out[j] = fmaf(z[k][j], q.scale, q.offset);
           store_word<E, VEC>(g + s.head + v * VEC, out);
         }
       }
-      if (has_tail) g[s.tail_start + at.tid] = E::store(fmaf(zt, q.scale, q.offset));
-      if (ty.mine) g[r.y] = E::store(q.target);
+      if (e.present) g[e.col] = E::store(is_y ? q.target : fmaf(ee, q.scale, q.offset));
     } else if (r.kind != kNoRow) {
       fill_row<E>(g, c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
+    }
+    if (a.loss != nullptr) {
+      if (is_y) a.loss[row] = r.alpha * softmax_row_loss(t, ze, Smooth ? eps : 0.f, c);
+      if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0) a.loss[row] = row_loss(r, 0.f);
     }
   }
 }

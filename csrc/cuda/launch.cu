@@ -61,9 +61,10 @@ cudaError_t with_vec(int vec_bytes, Fn&& fn) {
   return fn(IntC<1>{});
 }
 
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a template flag (gradient written, smoothing) from flag.
 template <typename Fn>
-cudaError_t with_write(bool write, Fn&& fn) {
-  return write ? fn(std::true_type{}) : fn(std::false_type{});
+cudaError_t with_flag(bool flag, Fn&& fn) {
+  return flag ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
 template <GammaCase G>
@@ -116,10 +117,9 @@ struct Grid {
   int tpr;
 };
 
-// The persistent grid: ctas_per_sm blocks per SM (0: 1024 / threads, the blocks that stay resident when a
-// kernel uses all 64 registers its __launch_bounds__ allows), never more than there are row groups.
-Grid grid_of(const LossArgs& a, const LaunchConfig& config, const DeviceFacts& facts) {
-  const int per_sm = config.ctas_per_sm > 0 ? config.ctas_per_sm : std::max(1, device::kMaxThreads / config.threads);
+// The persistent grid: blocks_per_sm(config, resident) blocks per SM, never more than there are row groups.
+Grid grid_of(const LossArgs& a, const LaunchConfig& config, const DeviceFacts& facts, int resident_threads) {
+  const int per_sm = blocks_per_sm(config, resident_threads);
   const int64_t groups = (a.num_rows + config.rows_per_block - 1) / config.rows_per_block;
   const int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(facts.sms) * per_sm);
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(config.threads)),
@@ -134,7 +134,7 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
   if (args.num_rows == 0) return cudaSuccess;
   DeviceFacts facts{};
   if (const cudaError_t e = device_facts(facts); e != cudaSuccess) return e;
-  const Grid grid = grid_of(args, config, facts);
+  const Grid grid = grid_of(args, config, facts, device::kMaxThreads);
   const int vec_bytes = effective_vec_bytes(args, config.vec_bytes);
   return with_storage(args.logits_dtype, [&](auto e) {
     using E = decltype(e);
@@ -147,7 +147,7 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
 cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts&) {
     return with_gamma(args.gamma, [&](auto g) {
-      return with_write(args.grad != nullptr, [&](auto write) {
+      return with_flag(args.grad != nullptr, [&](auto write) {
         device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value>
             <<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
         return cudaGetLastError();
@@ -174,17 +174,17 @@ cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, 
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
-      // A row that fits in registers is read once (with 16-byte vectors); without a gradient one pass
-      // suffices anyway.
-      const bool cached = config.cache_rows && args.grad != nullptr &&
-                          args.num_classes <= static_cast<int64_t>(device::kCachedElemsPerThread) * grid.tpr;
-      if (cached) {
-        device::softmax_cached_kernel<E, VEC><<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
-        return cudaGetLastError();
+      if (cached_softmax(config, args.num_classes) && args.grad != nullptr) {
+        // Its own launch bound: the blocks its registers leave resident per SM.
+        const Grid g = grid_of(args, config, facts, device::kCachedMaxThreads * device::kCachedMinBlocks);
+        return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
+          device::softmax_cached_kernel<E, VEC, decltype(smooth)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+          return cudaGetLastError();
+        });
       }
     }
     const Grid g = stream_grid(args, grid, facts);
-    return with_write(args.grad != nullptr, [&](auto write) {
+    return with_flag(args.grad != nullptr, [&](auto write) {
       device::softmax_stream_kernel<E, VEC, decltype(write)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
       return cudaGetLastError();
     });
@@ -195,15 +195,24 @@ cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, 
 
 LaunchConfig default_config(int64_t c, Dtype) {
   // Chosen from the static model (not yet from a sweep; bench/sweep_cuda.py prints the rows that replace
-  // it): threads per row enough that a row is at most 16 elements per thread (the cached softmax holds such
-  // a row in registers; the sigmoid family then issues its 16-byte loads in one or two unrolled steps),
-  // from one warp to 1024 threads; short rows share a 256-thread block. Up to C = 8192 a block has at most
-  // 512 threads, so two blocks per SM stay resident at 64 registers, and the persistent grid takes
-  // 1024 / threads blocks per SM.
+  // it): threads per row enough that a row is at most kCachedElemsPerThread = 64 elements per thread (the
+  // cached softmax holds such a row in registers; the sigmoid family spreads its per-row work, the edge
+  // step and the reduction, over as many elements), from one warp to 1024 threads; short rows share a
+  // 128-thread block. At C = 8142: 128 threads a row, one row a block.
   int tpr = 32;
   while (tpr < device::kMaxThreads && static_cast<int64_t>(tpr) * device::kCachedElemsPerThread < c) tpr *= 2;
-  const int rows = tpr >= 256 ? 1 : 256 / tpr;
+  const int rows = tpr >= 128 ? 1 : 128 / tpr;
   return {tpr * rows, rows, 16, true, 0};
+}
+
+int blocks_per_sm(const LaunchConfig& config, int resident_threads) {
+  return config.ctas_per_sm > 0 ? config.ctas_per_sm : std::max(1, resident_threads / config.threads);
+}
+
+bool cached_softmax(const LaunchConfig& config, int64_t c) {
+  const int tpr = config.threads / config.rows_per_block;
+  return config.cache_rows && config.vec_bytes == device::kCachedVecBytes && config.threads <= device::kCachedMaxThreads &&
+         c <= static_cast<int64_t>(device::kCachedElemsPerThread) * tpr;
 }
 
 const char* config_error(const LaunchConfig& config, int64_t c) {
@@ -237,9 +246,10 @@ cudaError_t launch_scale_rows_unless_one(void* grad, Dtype dtype, int64_t n, int
   if (n == 0 || c == 0) return cudaSuccess;
   DeviceFacts facts{};
   if (const cudaError_t e = device_facts(facts); e != cudaSuccess) return e;
-  // One warp per row; enough warps for every row, at most 4 blocks (32 warps) per SM.
+  // One warp per row; enough warps for every row, at most kScaleBlocksPerSm blocks per SM.
   constexpr int kWarps = device::kScaleThreads / 32;
-  const int64_t blocks = std::min<int64_t>((n + kWarps - 1) / kWarps, static_cast<int64_t>(facts.sms) * 4);
+  const int64_t blocks =
+      std::min<int64_t>((n + kWarps - 1) / kWarps, static_cast<int64_t>(facts.sms) * device::kScaleBlocksPerSm);
   return with_storage(dtype, [&](auto e) {
     using E = decltype(e);
     constexpr int VEC = 16 / sizeof(typename E::bits);

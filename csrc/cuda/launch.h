@@ -14,11 +14,11 @@ namespace cbkernels::cuda {
 
 // How rows map onto the GPU. A block of `threads` threads handles `rows_per_block` rows at a time, each
 // with threads / rows_per_block threads (a multiple of 32), and walks the rows with a persistent grid of
-// `ctas_per_sm` blocks per SM (0: as many as stay resident at the kernels' 64-register cap, 1024 / threads;
+// `ctas_per_sm` blocks per SM (0: as many as each kernel's launch bound keeps resident, see blocks_per_sm;
 // never more blocks than row groups). `vec_bytes` (16, 8, or 1 = one element) is the widest vector access
 // tried: a call falls back to narrower accesses when the logits and gradient rows cannot share one
-// alignment. `cache_rows`: the softmax keeps a row that fits in registers and reads the logits once;
-// otherwise (or when false) it reads them twice.
+// alignment. `cache_rows`: the softmax keeps a row that fits in registers and reads the logits once
+// (cached_softmax); otherwise (or when false) it reads them twice.
 struct LaunchConfig {
   int threads;
   int rows_per_block;
@@ -29,6 +29,16 @@ struct LaunchConfig {
 
 // The default configuration for rows of c classes: the one table the sweep (bench/sweep_cuda.py) tunes.
 LaunchConfig default_config(int64_t c, Dtype dtype);
+
+// Blocks per SM of the persistent grid for `config` and a kernel whose launch bound keeps
+// `resident_threads` threads resident per SM: config.ctas_per_sm, or for 0 resident_threads / threads.
+// (kernels.cuh: kMaxThreads for the 64-register kernels, kCachedMaxThreads * kCachedMinBlocks for the
+// cached softmax.)
+int blocks_per_sm(const LaunchConfig& config, int resident_threads);
+
+// Whether a softmax call with a gradient on rows of c classes takes the cached kernel under `config`
+// (with 16-byte vectors; a call whose rows allow only narrower ones streams).
+bool cached_softmax(const LaunchConfig& config, int64_t c);
 
 // nullptr when `config` is usable for a call on logits of c classes, else a sentence saying what is wrong.
 const char* config_error(const LaunchConfig& config, int64_t c);

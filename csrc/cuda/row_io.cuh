@@ -152,43 +152,69 @@ __device__ __forceinline__ Span split_row(const Bits* x, int len) {
 }
 
 // ---- the body loop -----------------------------------------------------------------------------------
-// Vectors a thread computes per step: two of 4 elements (fp32's 16-byte vectors, 16-bit types' 8-byte
-// ones), else one: at most 8 elements. More keep too many element computations live for the 64 registers
-// of the kernels' launch bounds (ptxas spills: tools/check_cuda_compile.sh fails on any).
-template <int VEC>
-constexpr int kStep = VEC == 4 ? 2 : 1;
+// Vectors a thread loads per step by default: two, whatever their width (8 fp32 or 16 16-bit elements for
+// 16-byte vectors), so that two independent 16-byte loads are in flight while the previous step computes.
+constexpr int kStep = 2;
 
-// Calls f(v, z) for the body vectors v = tid, tid + tpr, ... of a row (body: its first aligned element,
-// nvec vectors), z the vector's VEC values in fp32. Software-pipelined: the next step's vectors are loaded
-// before f runs on the current ones, so each thread keeps two steps of 16-byte loads in flight (64 bytes
-// for fp32, 32 for 16-bit types: 32 or 16 KB per 512-thread block, two such blocks per SM against the
-// ~25 KB per SM that keeps an H200's memory busy) while it computes one.
-template <typename E, int VEC, typename F>
-__device__ __forceinline__ void for_each_vector(const typename E::bits* body, int nvec, int tid, int tpr, F&& f) {
-  constexpr int U = kStep<VEC>;
-  Word<E, VEC> next[U];
+// Calls f(col, z) for the body vectors v = tid, tid + tpr, ... of a row (body: its first aligned element,
+// nvec vectors), except vector `skip` (-1: none), with col = v * VEC the vector's first column in the body
+// and z its VEC values in fp32. The skipped vector is the one that holds the target column: the kernels
+// give it to the row's edge step (edge_column below), so every vector f sees holds only non-target
+// columns; the test is one compare per vector, constant over its elements.
+// Step vectors a step (kStep unless a kernel needs fewer registers). Software-pipelined: the next step's
+// vectors are loaded before f runs on the current ones, so with kStep each thread has two independent
+// 16-byte loads in flight while it computes the step before (32 KB per SM at the 1024 resident threads of
+// the 64-register kernels, against the ~24 KB per SM that keeps an H200's memory busy). The loop counts
+// vectors, not columns: v + Step * tpr stays far below 2^31 for every row the launcher accepts
+// (kMaxColumns), where a column count could pass it.
+template <typename E, int VEC, int Step = kStep, typename F>
+__device__ __forceinline__ void for_each_vector(const typename E::bits* body, int nvec, int skip, int tid, int tpr,
+                                                F&& f) {
+  Word<E, VEC> next[Step];
   auto fetch = [&](int v0) {
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
+    for (int k = 0; k < Step; ++k) {
       const int v = v0 + k * tpr;
       if (v < nvec) next[k] = load_word<E, VEC>(body + v * VEC);
     }
   };
   fetch(tid);
-  for (int v0 = tid; v0 < nvec; v0 += U * tpr) {
-    Word<E, VEC> cur[U];
+  for (int v0 = tid; v0 < nvec; v0 += Step * tpr) {
+    Word<E, VEC> cur[Step];
 #pragma unroll
-    for (int k = 0; k < U; ++k) cur[k] = next[k];
-    fetch(v0 + U * tpr);
+    for (int k = 0; k < Step; ++k) cur[k] = next[k];
+    fetch(v0 + Step * tpr);
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
+    for (int k = 0; k < Step; ++k) {
       const int v = v0 + k * tpr;
       if (v >= nvec) break;
+      if (v == skip) continue;
       float z[VEC];
       unpack(cur[k], z);
-      f(v, z);
+      f(v * VEC, z);
     }
   }
+}
+
+// ---- the edge step: head, tail and the target's vector, one column per thread --------------------------
+// The columns a row's body loop leaves to the edge step: the head [0, head), the tail [tail_start, len) and
+// the VEC columns of the body vector target_v (when target_v >= 0), at most 3 VEC <= 24 columns. Thread
+// tid takes column `col` of lane tid of three groups of VEC lanes (head, tail, target vector); `present`
+// is false for a lane past its group's columns and for every thread from 3 VEC on. Each thread computes at
+// most one edge element, with the general (target or not) form, once per row; tpr >= 32 >= 3 VEC.
+struct EdgeColumn {
+  int col;
+  bool present;
+};
+
+template <int VEC>
+__device__ __forceinline__ EdgeColumn edge_column(const Span& s, int target_v, int tid) {
+  static_assert(3 * VEC <= 32, "the edge step's columns must fit in the smallest row slot, one warp");
+  const int group = tid / VEC, lane = tid - group * VEC;
+  if (group == 0) return {lane, lane < s.head};
+  if (group == 1) return {s.tail_start + lane, s.tail_start + lane < s.len};
+  if (group == 2) return {s.head + target_v * VEC + lane, target_v >= 0};
+  return {0, false};
 }
 
 // ---- prefetch of the next row into L2 ----------------------------------------------------------------

@@ -19,6 +19,7 @@
 namespace cbkernels::cuda::device {
 
 constexpr int kScaleThreads = 256;
+constexpr int kScaleBlocksPerSm = 4;  // 32 warps per SM: enough rows' factors in flight
 
 template <typename E, int VEC>
 __global__ void __launch_bounds__(kScaleThreads) scale_rows_unless_one_kernel(typename E::bits* grad,
@@ -37,11 +38,11 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_unless_one_kernel(ty
       const int col = s.tail_start + lane;
       g[col] = E::store(E::load(g[col]) * f);
     }
-    for_each_vector<E, VEC>(g + s.head, s.nvec, lane, 32, [&](int v, const float (&z)[VEC]) {
+    for_each_vector<E, VEC>(g + s.head, s.nvec, -1, lane, 32, [&](int col, const float (&z)[VEC]) {
       float out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = z[j] * f;
-      store_word<E, VEC>(g + s.head + v * VEC, out);
+      store_word<E, VEC>(g + s.head + col, out);
     });
   }
 }
