@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..gamma_cases import GammaCase
-from .fastmath import LOG2E, rcp
+from .fastmath import LOG2E, rcp, two_atanh
 from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
@@ -50,15 +50,7 @@ def _focal_of_v(v, gamma, GAMMA_MODE: tl.constexpr):
     w = rcp(one_e * two_e)
     r = two_e * w                 # 1 / (1 + e)
     s = (e * w) * one_e           # e / (2 + e), in [0, 1/3]
-    s2 = s * s
-    c = s2 * (2.0 / 15.0) + (2.0 / 13.0)
-    c = c * s2 + (2.0 / 11.0)
-    c = c * s2 + (2.0 / 9.0)
-    c = c * s2 + (2.0 / 7.0)
-    c = c * s2 + (2.0 / 5.0)
-    c = c * s2 + (2.0 / 3.0)
-    c = c * s2 + 2.0
-    l = s * c                     # log1p(e) = 2 atanh(s)
+    l = two_atanh(s)              # log1p(e)
     softplus_v = tl.maximum(v, 0.0) + l
     er = e * r
     v_pos = v > 0.0

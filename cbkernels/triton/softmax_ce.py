@@ -28,7 +28,7 @@ NaN: a max-reduction may drop a NaN, but exp(NaN - m) still makes s, hence lse, 
 import triton
 import triton.language as tl
 
-from .fastmath import LOG2E
+from .fastmath import LOG2E, two_atanh
 from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
 
 # The running max of the streaming pass starts at the lowest finite float, not -inf: a lane that sees
@@ -40,16 +40,7 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)
 def _log1p_pos(x):
     """log1p(x) for x >= 0: 2 atanh(x / (2 + x)) on [0, 1] (docs/math.md, section 8), log(1 + x) above."""
     xs = tl.minimum(x, 1.0)
-    s = xs / (2.0 + xs)
-    s2 = s * s
-    c = s2 * (2.0 / 15.0) + (2.0 / 13.0)
-    c = c * s2 + (2.0 / 11.0)
-    c = c * s2 + (2.0 / 9.0)
-    c = c * s2 + (2.0 / 7.0)
-    c = c * s2 + (2.0 / 5.0)
-    c = c * s2 + (2.0 / 3.0)
-    c = c * s2 + 2.0
-    return tl.where(x <= 1.0, s * c, tl.log(1.0 + x))
+    return tl.where(x <= 1.0, two_atanh(xs / (2.0 + xs)), tl.log(1.0 + x))
 
 
 @triton.jit
