@@ -88,6 +88,7 @@ class _Plan:
 
 
 _PLANS: dict = {}
+_MAX_PLANS = 4096  # the key holds float hyperparameters: a gamma schedule must not grow the cache forever
 
 
 def _plan(family, c, logits, hyperparameters):
@@ -101,6 +102,8 @@ def _plan(family, c, logits, hyperparameters):
     except TypeError:  # an unhashable SymFloat
         return _build_plan(family, c, logits, hyperparameters)
     if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
         plan = _PLANS[key] = _build_plan(family, c, logits, hyperparameters)
     return plan
 

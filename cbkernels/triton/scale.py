@@ -6,8 +6,8 @@ docs/math.md, section 4), hands every row an upstream gradient of 1: then the fo
 the final gradient. Deciding that on the host would need a device sync; here it is decided on the device
 (no sync, CUDA-graph safe), and cheaply: each program owns a chunk of CHUNK consecutive rows, reads their
 CHUNK upstream values with one vector load and returns when all are 1, so forward + backward moves one
-read of the logits and one write of the gradient plus N floats, in cdiv(N, CHUNK) programs (64 at
-N = 8192). Otherwise it walks its rows and scales each row that is not at 1 (NaN != 1 as well: a NaN
+read of the logits and one write of the gradient plus N floats, in cdiv(N, CHUNK) programs (512 at
+N = 8192: about four per SM, enough to spread the general case, rows that do need scaling, over the GPU). Otherwise it walks its rows and scales each row that is not at 1 (NaN != 1 as well: a NaN
 upstream gradient still reaches its row), split as the loss kernels split rows (rows.py: an aligned
 body in 16-byte vectors, head and tail apart). The product is formed in fp32 and rounded once to grad's
 dtype, as torch.mul(grad, grad_loss[:, None]) does.
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .rows import edge_columns, row_split
 
-CHUNK = 128  # rows per program
+CHUNK = 16  # rows per program
 TILE = 2048  # columns per step of a row
 
 
