@@ -25,6 +25,7 @@
 #include <ATen/ops/all.h>
 #include <ATen/ops/bitwise_or.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/eq.h>
 #include <ATen/ops/ge.h>
@@ -33,7 +34,6 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/ones.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -166,7 +166,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     at::Tensor loss, grad, class_weight;  // class_weight: the weights the kernel ran with ("mean" folded)
   };
 
-  // Everything the eager loss does before the backward: argument-independent of autograd.
+  // Everything an eager call does but the backward; shared by the two kernels below.
   static Forward run(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
                      const Hyperparameters& hyperparameters, int64_t ignore_index, Reduction reduction, bool with_grad) {
     using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
