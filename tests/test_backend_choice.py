@@ -1,6 +1,6 @@
 """Which backend and backward strategy a call gets (cbkernels/_backends.py), as README.md and the module promise:
 
-- backend="auto" on CUDA tensors prefers "cuda", then "triton", then "reference"; on CPU tensors "cpu", then
+- backend="auto" on CUDA tensors prefers "triton", then "cuda", then "reference"; on CPU tensors "cpu", then
   "reference" (never the Triton interpreter); float64 always goes to "reference". The choice logic is tested
   without a GPU by faking which backends are available (`_backends.unavailable_reason` is what it asks), and
   on a real device by a gpu-marked test.
@@ -56,15 +56,15 @@ def fake_availability(monkeypatch):
 
 @pytest.mark.parametrize("dtype", _backends.KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("available, expected", [
-    ({"cuda", "triton", "cpu"}, "cuda"),
-    ({"cuda", "triton"}, "cuda"),
+    ({"cuda", "triton", "cpu"}, "triton"),
+    ({"cuda", "triton"}, "triton"),
     ({"cuda"}, "cuda"),
     ({"triton"}, "triton"),
-    ({"triton", "cpu"}, "triton"),  # the CPU kernels never take CUDA tensors
+    ({"cuda", "cpu"}, "cuda"),  # the CPU kernels never take CUDA tensors
     ({"cpu"}, "reference"),
     (set(), "reference"),
 ], ids=_ids)
-def test_auto_on_cuda_prefers_cuda_then_triton_then_reference(fake_availability, available, expected, dtype):
+def test_auto_on_cuda_prefers_triton_then_cuda_then_reference(fake_availability, available, expected, dtype):
     asked = fake_availability(available)
     record = _backends.resolve("auto", _fake_logits("cuda", dtype))
     assert record is _backends.get(expected)
@@ -116,7 +116,7 @@ def test_auto_on_a_real_cuda_device(monkeypatch, spec):
     monkeypatch.delenv("CBKERNELS_BACKEND", raising=False)
     monkeypatch.delenv("CBKERNELS_BACKWARD", raising=False)
     available = cb.available_backends("cuda")
-    expected = next((name for name in ("cuda", "triton") if name in available), "reference")
+    expected = next((name for name in ("triton", "cuda") if name in available), "reference")
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, 37, generator=g).cuda()
     t = torch.randint(0, 37, (16,), generator=g).cuda()
