@@ -34,6 +34,7 @@ class Backend:
     dtypes: the logits dtypes it takes.
     whole_call: its namespace also has `<family>_loss` (the C++ extension, csrc/common/loss_function.h),
       which runs an eager call (checks, "mean" folding, kernel, reduction, autograd node) as one op.
+    traced_strategy: its default under torch.compile, where it differs from the eager one (None: the same).
     """
     name: str
     namespace: str | None
@@ -41,6 +42,7 @@ class Backend:
     default_strategy: str | None
     dtypes: tuple[torch.dtype, ...]
     whole_call: bool = False
+    traced_strategy: str | None = None
 
     @property
     def is_kernel(self) -> bool:
@@ -56,6 +58,8 @@ class Backend:
             if forced not in STRATEGIES:
                 raise ValueError(f"CBKERNELS_BACKWARD must be one of {STRATEGIES}, got {forced!r}")
             return forced
+        if self.traced_strategy is not None and torch.compiler.is_compiling():
+            return self.traced_strategy
         return self.default_strategy
 
 
@@ -66,12 +70,13 @@ class Backend:
 # - cuda and triton: "fused", by bytes moved (not yet measured on a GPU): the backward skips rows whose
 #   upstream gradient is exactly 1 on the device (the scale_rows_unless_one_ op of csrc/cuda, triton/scale.py),
 #   so loss.backward() of "mean" or "sum" moves one read of the logits and one write of the gradient, where
-#   recompute reads the logits twice. (Under torch.compile the traced backward scales out of place, one
-#   more read and write: there fused moves four N x C passes and recompute three.)
+#   recompute reads the logits twice. Under torch.compile, though, the traced backward cannot skip: it
+#   scales out of place (a functional graph), one more read and write, so fused would move four N x C
+#   passes and recompute moves three: there the default is "recompute".
 REFERENCE = Backend("reference", None, True, None, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
 CPU = Backend("cpu", "cbkernels", True, "fused", KERNEL_DTYPES, whole_call=True)
-CUDA = Backend("cuda", "cbkernels", False, "fused", KERNEL_DTYPES, whole_call=True)
-TRITON = Backend("triton", "cbkernels_triton", False, "fused", KERNEL_DTYPES)
+CUDA = Backend("cuda", "cbkernels", False, "fused", KERNEL_DTYPES, whole_call=True, traced_strategy="recompute")
+TRITON = Backend("triton", "cbkernels_triton", False, "fused", KERNEL_DTYPES, traced_strategy="recompute")
 _RECORDS = {b.name: b for b in (REFERENCE, CPU, CUDA, TRITON)}
 BACKENDS = ("auto",) + tuple(_RECORDS)
 # On CUDA tensors "auto" takes Triton first, then the CUDA extension: correct first. Both GPU backends were

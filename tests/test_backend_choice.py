@@ -141,6 +141,18 @@ def test_backward_strategy_default_and_forced(monkeypatch, record):
 
 
 @pytest.mark.parametrize("record", KERNEL_RECORDS, ids=lambda r: r.name)
+def test_backward_strategy_under_torch_compile(monkeypatch, record):
+    """Traced, the GPU backends default to "recompute" (the traced fused backward cannot skip its scaling
+    pass: four passes over N x C against three); the CPU keeps "fused"; CBKERNELS_BACKWARD still wins."""
+    monkeypatch.delenv("CBKERNELS_BACKWARD", raising=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    expected = {"cpu": "fused", "cuda": "recompute", "triton": "recompute"}[record.name]
+    assert record.strategy() == expected
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "fused")
+    assert record.strategy() == "fused"
+
+
+@pytest.mark.parametrize("record", KERNEL_RECORDS, ids=lambda r: r.name)
 @pytest.mark.parametrize("value", BAD_STRATEGIES)
 def test_bad_backward_strategy_is_a_clear_error(monkeypatch, record, value):
     monkeypatch.setenv("CBKERNELS_BACKWARD", value)
