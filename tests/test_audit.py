@@ -328,3 +328,76 @@ def test_critical_path_adds_up_without_overlap():
     assert roofline.predict(gpu, load).latency_ms == pytest.approx(trips + transfer + compute)
     both = dataclasses.replace(load, pipelined=True, ctas_per_sm=2, ctas=264)
     assert roofline.predict(gpu, both).latency_ms == pytest.approx(max(trips, transfer / 2, compute))
+
+
+def test_reread_served_by_l2_only_when_the_rows_in_flight_fit():
+    """A streamed softmax launch (read twice, written once) by hand from the H200's documented constants:
+    50 MiB of L2, of which L2_FIT_FRACTION = 1/2 holds the rows in flight. 264 CTAs of one fp32 row:
+    at C = 16384 (64 KiB rows) 16.5 MiB fit and the re-read leaves DRAM (two passes' bytes); at C = 262144
+    (1 MiB rows) 264 MiB do not, and DRAM moves all three."""
+    gpu = roofline.H200
+    assert gpu.l2_bytes == 50 * 2**20 and roofline.L2_FIT_FRACTION == 0.5
+
+    def load(c):
+        n = 8192
+        return roofline.KernelLoad(elements=n * c, nc_bytes=n * c * 12.0, instr_per_elem=0.0, mufu_per_elem=0.0,
+                                   ctas=264, ctas_per_sm=2, threads_per_cta=512,
+                                   load_bytes_in_flight_per_thread=1024.0, pipelined=True,
+                                   dependent_round_trips=1, thread_instructions=0.0, reread_bytes=n * c * 4.0,
+                                   reread_row_bytes=c * 4.0, rows_per_cta=1)
+
+    fits, spills = load(16384), load(262144)
+    assert fits.reread_footprint(gpu) == 264 * 65536 and fits.reread_hits_l2(gpu)
+    assert spills.reread_footprint(gpu) == 264 * 2**20 and not spills.reread_hits_l2(gpu)
+    p_fit, p_spill = roofline.predict(gpu, fits), roofline.predict(gpu, spills)
+    assert p_fit.reread_from_l2 and not p_spill.reread_from_l2
+    assert p_fit.memory_ms == pytest.approx(8192 * 16384 * 8.0 / (gpu.copy_gbps * 1e9) * 1e3)
+    assert p_spill.memory_ms == pytest.approx(8192 * 262144 * 12.0 / (gpu.copy_gbps * 1e9) * 1e3)
+    assert p_fit.l2_ms == pytest.approx(8192 * 16384 * 12.0 / (gpu.l2_gbps * 1e9) * 1e3)
+    # the boundary: 25 MiB of rows in flight still fit, one byte more does not
+    edge = dataclasses.replace(fits, ctas=200, reread_row_bytes=25 * 2**20 / 200)
+    assert edge.reread_hits_l2(gpu)
+    assert not dataclasses.replace(edge, reread_row_bytes=edge.reread_row_bytes + 1).reread_hits_l2(gpu)
+    # no re-read declared: nothing is served from L2 and DRAM moves every byte
+    plain = dataclasses.replace(fits, reread_bytes=0.0, reread_row_bytes=0.0)
+    assert not roofline.predict(gpu, plain).reread_from_l2
+
+
+def test_shape_option_and_the_pct_copy_gate_at_its_shape_only():
+    from cbkernels.audit import _shape, gates
+    assert _shape("8192,8142") == (8192, 8142) and _shape(" 64 , 262144 ") == (64, 262144)
+    for bad in ("8192", "8192x8142", "0,10", "8,1"):
+        with pytest.raises(Exception):
+            _shape(bad)
+    assert gates.loss_failures("softmax", "float32", "H200", (8192, 8142), 50.0)
+    assert not gates.loss_failures("softmax", "float32", "H200", (64, 262144), 50.0)
+    assert not gates.loss_failures("softmax", "float32", "H100", (8192, 8142), 50.0)
+
+
+def test_reread_must_be_part_of_the_reads():
+    launch = Launch("k", None, ctas=1, threads_per_cta=128, threads_per_row=128, elems_per_iter=4,
+                    read_bytes_per_elem=4, write_bytes_per_elem=4, reread_bytes_per_elem=8)
+    with pytest.raises(ValueError, match="reread_bytes_per_elem"):
+        metrics.measure(launch, None, 8, 1024, "float32", 2)
+
+
+def test_sweep_table_marks_where_the_reread_is_served():
+    from cbkernels.audit import report
+    loss = dict(level="loss", gpu="H200", backend="cuda", loss="softmax", dtype="float32")
+    records = [dict(loss, n=8192, c=8142, predicted_pct_copy=99.2, reread_from=None),
+               dict(loss, n=64, c=262144, predicted_pct_copy=22.6, reread_from="DRAM"),
+               dict(loss, gpu="H100", n=64, c=262144, predicted_pct_copy=1.0, reread_from="DRAM")]
+    table = report.sweep_table(records, [(8192, 8142), (64, 262144)], "H200")
+    assert table.splitlines()[-1] == "| cuda | softmax | float32 | 99% | 23% (DRAM) |"
+    assert report.reread_source([{"reread_from_l2": True}, {"reread_from_l2": None}]) == "L2"
+    assert report.reread_source([{"reread_from_l2": None}]) is None
+
+
+def test_cuda_streaming_grid_follows_the_launchers_l2_rule():
+    """launch.cu's stream_grid, as cuda_variants restates it with the share read from launch.cu: rows in
+    flight within L2 / 2 (50 MiB / 2 over fp32 rows), never below one block per SM."""
+    from cbkernels.audit import cuda_variants
+    assert cuda_variants._stream_l2_divisor() == 2
+    assert cuda_variants._stream_blocks(264, 16384, 4, 1) == 264      # 400 rows of 64 KiB fit
+    assert cuda_variants._stream_blocks(264, 65536, 4, 1) == 132      # 100 fit: one block per SM
+    assert cuda_variants._stream_blocks(64, 262144, 4, 1) == 64       # fewer blocks than SMs: all of them

@@ -24,11 +24,15 @@ audited GPU is its SM count times the launcher's blocks per SM (the audit derive
 The body loops skip the vector holding the target column (row_io.cuh: for_each_vector), which the row's edge
 step computes with the head and tail, one column per thread, outside the loop: no rare path to declare.
 The cached softmax has its own launch bound (kernels.cuh: kCachedMaxThreads, kCachedMinBlocks), hence its own
-blocks per SM.
+blocks per SM. The streaming softmax (rows longer than the cached kernel holds) reads each row twice; its
+persistent grid is cut so that the rows in flight fit in a share of L2 (launch.cu: stream_grid, whose share
+is read from its source), which the audit computes with the model's L2 size.
 """
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 from .. import _backends
 from ..gamma_cases import gamma_case
@@ -37,6 +41,7 @@ from .launches import ELEMENT_BYTES, CudaKernel, Launch
 from .roofline import H200
 
 SOURCES = ("csrc/cuda/launch.cu",)
+_ROOT = Path(__file__).resolve().parents[2]
 
 PROBE_SOURCE = r"""
 #include <cstdio>
@@ -58,12 +63,13 @@ int main(int argc, char** argv) {
   std::printf("{\"threads\": %d, \"rows_per_block\": %d, \"vec_bytes\": %d, \"cache_rows\": %d, "
               "\"ctas_per_sm\": %d, \"blocks_per_sm\": %d, \"cached_blocks_per_sm\": %d, \"cached\": %d, "
               "\"config_error\": \"%s\", \"step_vectors\": %d, \"cached_elems_per_thread\": %d, "
-              "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d}\n",
+              "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d, \"stream_step_vectors\": %d}\n",
               k.threads, k.rows_per_block, k.vec_bytes, k.cache_rows ? 1 : 0, k.ctas_per_sm,
               cbkernels::cuda::blocks_per_sm(k, d::kMaxThreads),
               cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kCachedMinBlocks),
               cbkernels::cuda::cached_softmax(k, c) ? 1 : 0, error ? error : "", d::kStep,
-              d::kCachedElemsPerThread, d::kScaleThreads, d::kScaleBlocksPerSm);
+              d::kCachedElemsPerThread, d::kScaleThreads, d::kScaleBlocksPerSm,
+              fp32 ? d::kStreamStep<16 / 4> : d::kStreamStep<16 / 2>);
   return 0;
 }
 """
@@ -71,6 +77,25 @@ int main(int argc, char** argv) {
 _STORAGE = {"float32": "F32", "bfloat16": "BF16"}
 _NS = "cbkernels::cuda::device::"
 _SMS = H200.sms  # the persistent grids' blocks per SM x this (H100 and H200 alike: 132)
+_L2_BYTES = H200.l2_bytes  # the streaming softmax's grid is cut to this L2 (H100 and H200 alike: 50 MiB)
+
+
+def _stream_l2_divisor() -> int:
+    """The launcher keeps the streaming softmax's rows in flight within L2 / this (launch.cu: stream_grid,
+    `facts.l2_bytes / D / ...`), read from its source, not restated."""
+    source = (_ROOT / SOURCES[0]).read_text()
+    body = re.search(r"Grid stream_grid\(.*?\n}\n", source, re.S)
+    found = body and re.search(r"facts\.l2_bytes\s*/\s*(\d+)\s*/", body.group(0))
+    if not found:
+        raise RuntimeError("cuda_variants: cannot find the L2 share in launch.cu's stream_grid; update this file")
+    return int(found.group(1))
+
+
+def _stream_blocks(blocks: int, c: int, elem: int, rows_per_block: int) -> int:
+    """launch.cu: stream_grid. The persistent grid cut to the blocks whose rows fit in L2 / divisor, but
+    never below one block per SM (nor above the grid)."""
+    fit = _L2_BYTES // _stream_l2_divisor() // (c * elem * rows_per_block)
+    return max(min(blocks, fit), min(blocks, _SMS))
 
 
 def _b(flag: bool) -> str:
@@ -120,8 +145,9 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch
         return [forward, _scale_launch(dtype, n, config)]
     # softmax_ce: a row that fits in registers (launch.cu: cached_softmax) is read once; its only loop is the
     # row walk, each iteration one row of up to cached_elems_per_thread elements a thread. The audited
-    # scenario has no label smoothing: the instance without the sum of z. Otherwise the row is streamed
-    # twice (the second read usually from L2, charged as DRAM here).
+    # scenario has no label smoothing: the instance without the sum of z. Otherwise the row is streamed:
+    # pass 1 reads it for the max and the sums, pass 2 reads it again for the gradient (a re-read, which
+    # the model serves from L2 when the grid's rows in flight fit there), on a grid cut by stream_grid.
     if config["cached"]:
         blocks = _persistent(math.ceil(n / config["rows_per_block"]), config["cached_blocks_per_sm"])
         forward = Launch(kernel="softmax_cached_kernel[loss+grad]",
@@ -130,7 +156,10 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch
                          elems_per_iter=config["cached_elems_per_thread"], read_bytes_per_elem=elem,
                          write_bytes_per_elem=elem)
     else:
-        raise ValueError("cuda_variants: the streaming softmax's grid is cut to the rows that fit in L2 "
-                         "(launch.cu: stream_grid), a size the roofline model does not hold; describe it "
-                         "before the default configuration takes that path at the audited shape")
+        step = 1 if vec == 1 else config["stream_step_vectors"]
+        forward = Launch(kernel="softmax_stream_kernel[loss+grad]",
+                         code=CudaKernel(f"{_NS}softmax_stream_kernel<{storage}, {vec}, true>("),
+                         ctas=_stream_blocks(blocks, c, elem, config["rows_per_block"]),
+                         threads_per_cta=config["threads"], threads_per_row=tpr, elems_per_iter=vec * step,
+                         read_bytes_per_elem=2 * elem, write_bytes_per_elem=elem, reread_bytes_per_elem=elem)
     return [forward, _scale_launch(dtype, n, config)]

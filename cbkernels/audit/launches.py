@@ -49,6 +49,10 @@ class Launch:
     read_bytes_per_elem / write_bytes_per_elem: N x C bytes this launch moves per element (logits read,
       gradient written or read back), in the audited scenario (docs/roofline.md); per-row vectors are
       negligible and not counted.
+    reread_bytes_per_elem: of read_bytes_per_elem, the bytes per element that the launch reads a second time
+      from rows it read earlier (a softmax whose second pass re-reads the row to write the gradient). The
+      model serves them from L2 when the rows in flight (the resident CTAs x their rows) times C x these
+      bytes fit in roofline.L2_FIT_FRACTION of L2, else from DRAM (docs/roofline.md, "Re-reads").
     rows_per_thread: rows a thread walks one after the other. Optional: the audit derives it from the grid
       (ceil(row groups / ctas), a row group being the threads_per_cta / threads_per_row rows a CTA handles at
       once) and refuses a stated value that differs.
@@ -71,6 +75,7 @@ class Launch:
     elems_per_iter: int
     read_bytes_per_elem: float
     write_bytes_per_elem: float
+    reread_bytes_per_elem: float = 0.0
     rows_per_thread: int | None = None
     per_element_work: bool = True
     rare_functions: tuple[str, ...] = ()

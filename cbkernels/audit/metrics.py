@@ -70,6 +70,9 @@ def rows_per_thread(launch: Launch, n: int) -> int:
 
 
 def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, ctas_per_sm: int) -> KernelMetrics:
+    if not 0 <= launch.reread_bytes_per_elem <= launch.read_bytes_per_elem:
+        raise ValueError(f"{launch.kernel}: reread_bytes_per_elem {launch.reread_bytes_per_elem} is not a part of "
+                         f"read_bytes_per_elem {launch.read_bytes_per_elem}")
     elem = ELEMENT_BYTES[dtype]
     e_row = math.ceil(c / launch.threads_per_row)
     rows = rows_per_thread(launch, n)
@@ -117,7 +120,9 @@ def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, 
         instr_per_elem=instr if work else 0.0, mufu_per_elem=mufu if work else 0.0,
         ctas=launch.ctas, ctas_per_sm=ctas_per_sm, threads_per_cta=launch.threads_per_cta,
         load_bytes_in_flight_per_thread=in_flight, pipelined=code.pipelined, dependent_round_trips=trips,
-        thread_instructions=(instr * e_row * rows) if work else 0.0)
+        thread_instructions=(instr * e_row * rows) if work else 0.0,
+        reread_bytes=n * c * launch.reread_bytes_per_elem, reread_row_bytes=c * launch.reread_bytes_per_elem,
+        rows_per_cta=max(1, launch.threads_per_cta // launch.threads_per_row))
     return KernelMetrics(
         registers=kernel.resources.registers, local_bytes=kernel.resources.local_memory_bytes,
         shared_bytes=kernel.resources.shared_bytes + kernel.dynamic_shared_bytes, ctas_per_sm=ctas_per_sm,

@@ -41,6 +41,28 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+def reread_source(kernel_rows) -> str | None:
+    """Where the loss's launches serve their second reads: "L2", "DRAM", "L2+DRAM", or None (no re-read)."""
+    served = {"L2" if r["reread_from_l2"] else "DRAM" for r in kernel_rows if r["reread_from_l2"] is not None}
+    return "+".join(sorted(served, key=("L2", "DRAM").index)) or None
+
+
+def sweep_table(records, shapes, gpu: str) -> str:
+    """One row per backend x loss x dtype, one column per shape: the loss's predicted % of copy on `gpu`,
+    with where a streamed row's second read is served (a markdown table)."""
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        if r["level"] == "loss" and r["gpu"] == gpu:
+            where = f" ({r['reread_from']})" if r.get("reread_from") else ""
+            cells.setdefault((r["backend"], r["loss"], r["dtype"]), {})[(r["n"], r["c"])] = \
+                f"{r['predicted_pct_copy']:.0f}%{where}"
+    header = ["backend", "loss", "dtype"] + [f"{n} x {c}" for n, c in shapes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(shapes)]
+    for key, row in cells.items():
+        lines.append("| " + " | ".join([*key, *(row.get(tuple(s), "-") for s in shapes)]) + " |")
+    return "\n".join(lines)
+
+
 def write_json(records, path) -> None:
     with open(path, "w") as f:
         json.dump(list(records), f, indent=1)

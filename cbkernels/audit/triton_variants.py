@@ -13,7 +13,8 @@ order, each with:
   (tensors as their dtype), so that Triton specialises it as a real launch does;
 - the grid (ctas), threads per CTA, threads per row, elements per thread per main-loop iteration;
 - the N x C bytes it moves per element in the audited scenario: loss.backward() of a mean-reduced loss,
-  whose upstream gradient is 1 on every row, with class weights and int64 targets.
+  whose upstream gradient is 1 on every row, with class weights and int64 targets; of the bytes read,
+  those a second pass re-reads (reread_bytes_per_elem: the streaming softmax's gradient pass).
 Launch configurations come from configs.py's table and the launcher's own rule (ops._plan), never from
 numbers written here.
 """
@@ -60,6 +61,9 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     threads = num_warps * 32
     flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad)) if on)
     elem = ELEMENT_BYTES[dtype]
+    # A softmax row longer than one tile (HELD false) is streamed: pass 1 reads it for the max and the sum,
+    # pass 2, when the gradient is written, reads it again (softmax_ce.py).
+    reread = elem if write_grad and options.get("HELD") is False else 0
     blocks = triton.cdiv(n, plan.rows)
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",
@@ -67,7 +71,8 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
         ctas=min(blocks, plan.programs_per_sm * _SMS), threads_per_cta=threads,
         threads_per_row=max(1, threads // plan.rows),
         elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),
-        read_bytes_per_elem=elem, write_bytes_per_elem=elem if write_grad else 0)
+        read_bytes_per_elem=elem + reread, write_bytes_per_elem=elem if write_grad else 0,
+        reread_bytes_per_elem=reread)
 
 
 def _scale_kernel(dtype, n, c):

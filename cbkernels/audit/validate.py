@@ -93,7 +93,8 @@ def main(argv=None) -> int:
                 f"{m.instr_per_elem:.0f}, {m.ctas_per_sm}, "
                 + max((("mem", p.memory_ms * p.tail_factor), ("issue", p.issue_ms * p.tail_factor),
                        ("mufu", p.mufu_ms * p.tail_factor), ("path", p.latency_ms)), key=lambda kv: kv[1])[0]
-                for _, m, p in parts)
+                + (f", re-read from {'L2' if p.reread_from_l2 else 'DRAM'}" if launch.reread_bytes_per_elem else "")
+                for launch, m, p in parts)
             print(f"| {case.label} | {case.measured_ms:.3f} | {predicted:.3f} | {ratio:.2f} | {detail} |")
     finally:
         if build is not None:
