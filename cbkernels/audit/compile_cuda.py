@@ -57,6 +57,9 @@ def shipped_flags(arch: int, root: Path = ROOT) -> list[str]:
 
 def check_tools() -> None:
     """Raises toolchain.ToolMissing when the CUDA half cannot run here."""
+    if not (ROOT / "csrc").is_dir() or not (ROOT / "setup.py").is_file():
+        # An installed package has no csrc/ beside it: the CUDA half compiles the sources of a checkout.
+        raise toolchain.ToolMissing(f"the CUDA sources (csrc/, setup.py) of a source checkout, looked for in {ROOT}")
     toolchain.nvcc()
     toolchain.demangler()
     toolchain.triton_tool("cuobjdump")
