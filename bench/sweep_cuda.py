@@ -43,11 +43,13 @@ GPU_SHAPES = family_shapes([(8192, 8142, torch.bfloat16), (8192, 8142, torch.flo
 CACHED_FAMILY = losses.SOFTMAX_CE.name
 # The launcher's rules (csrc/cuda/kernels.cuh, launch.cu): elements a thread holds in the cached softmax
 # (default_config gives each row enough threads for at most this many), the cached kernel's largest block,
-# and the threads per SM each kernel's launch bound keeps resident (the persistent grid's default depth).
+# the threads per SM each kernel's launch bound keeps resident (the persistent grid's default depth), and
+# the most threads default_config gives a row (half of those: two blocks per SM).
 ELEMS_PER_THREAD = 64
 CACHED_MAX_THREADS = 128
 CACHED_RESIDENT_THREADS = 3 * 128
 RESIDENT_THREADS = 1024
+MAX_DEFAULT_ROW_THREADS = RESIDENT_THREADS // 2
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,9 @@ class Config:
 
 
 def default_tpr(c: int) -> int:
-    """Threads per row of launch.cu's default_config (at most 64 elements per thread, 32 .. 1024)."""
+    """Threads per row of launch.cu's default_config (at most 64 elements per thread, 32 .. 512)."""
     tpr = 32
-    while tpr < 1024 and tpr * ELEMS_PER_THREAD < c:
+    while tpr < MAX_DEFAULT_ROW_THREADS and tpr * ELEMS_PER_THREAD < c:
         tpr *= 2
     return tpr
 

@@ -394,10 +394,12 @@ def test_sweep_table_marks_where_the_reread_is_served():
 
 
 def test_cuda_streaming_grid_follows_the_launchers_l2_rule():
-    """launch.cu's stream_grid, as cuda_variants restates it with the share read from launch.cu: rows in
-    flight within L2 / 2 (50 MiB / 2 over fp32 rows), never below one block per SM."""
+    """launch.cu's stream_grid, as cuda_variants restates it with the share read from launch.cu: the grid
+    cut to the rows that fit L2 / 2 (50 MiB / 2 over fp32 rows) when one block per SM still fits, else
+    left as it is (the second read comes from DRAM either way; cutting would only lose bytes in flight)."""
     from cbkernels.audit import cuda_variants
     assert cuda_variants._stream_l2_divisor() == 2
     assert cuda_variants._stream_blocks(264, 16384, 4, 1) == 264      # 400 rows of 64 KiB fit
-    assert cuda_variants._stream_blocks(264, 65536, 4, 1) == 132      # 100 fit: one block per SM
+    assert cuda_variants._stream_blocks(264, 32768, 4, 1) == 200      # 200 rows of 128 KiB fit: cut to them
+    assert cuda_variants._stream_blocks(264, 65536, 4, 1) == 264      # 100 fit, fewer than the SMs: kept
     assert cuda_variants._stream_blocks(64, 262144, 4, 1) == 64       # fewer blocks than SMs: all of them

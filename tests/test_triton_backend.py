@@ -322,6 +322,42 @@ def test_config_table_and_override():
             pass
 
 
+def test_persistent_grid_keeps_reread_rows_within_half_of_l2():
+    """grid.program_cap at the H200's numbers (132 SMs, 50 MiB of L2): the streamed softmax (fp32, 3
+    programs per SM) at C = 32768 keeps 200 rows of 128 KiB in flight, half of L2 (the CUDA launcher's
+    stream_grid cuts its grid to the same 200); rows too long for one program per SM to fit, shorter rows
+    and kernels that read once keep programs_per_sm x SMs."""
+    from cbkernels.triton import grid
+    l2 = 50 * 2**20
+    assert grid.program_cap(3, 132, l2, 32768 * 4) == 200
+    assert grid.program_cap(3, 132, l2, 65536 * 4) == 396
+    assert grid.program_cap(3, 132, l2, 16384 * 4) == 396
+    assert grid.program_cap(3, 132, l2) == 396
+
+
+@pytest.mark.parametrize("spec,hyper", loss_cases(full=False, where=lambda spec, _: spec.family is SOFTMAX_CE))
+def test_streamed_softmax_grid_is_cut_to_l2_and_matches_reference(spec, hyper, monkeypatch):
+    """The table's streamed softmax (C > 8192) re-reads its rows for the gradient: its plan carries their
+    bytes, held rows and the sigmoid family none; under the interpreter's L2 stand-in (grid.py) a launch
+    that writes the gradient is cut to the rows that fit half of it, and its results match the reference."""
+    c, n = 8200, 5
+    logits, target, weight = make_inputs(n, c, torch.float32, DEVICE)
+    hyper_values = tuple(spec.kernel_hyperparameters(hyper))
+    plan = triton_ops._plan(SOFTMAX_CE, c, logits, hyper_values)
+    assert plan.reread_bytes == c * 4
+    assert triton_ops._plan(SOFTMAX_CE, 8142, logits[:, :8142], hyper_values).reread_bytes == 0
+    focal = losses.family("sigmoid_focal")
+    assert triton_ops._plan(focal, c, logits, tuple(_hyper(focal))).reread_bytes == 0
+    if DEVICE == "cpu":
+        from cbkernels.triton import grid
+        fit = grid.INTERPRETER_L2_BYTES // 2 // (c * 4)
+        full = plan.programs_per_sm * grid.INTERPRETER_SMS
+        assert grid.INTERPRETER_SMS <= fit < min(n, full)  # the stand-in makes the cap bind
+        assert triton_ops.programs(plan, logits.device, n, True) == fit
+        assert triton_ops.programs(plan, logits.device, n, False) == min(n, full)
+    monkeypatch.setenv("CBKERNELS_BACKWARD", "fused")
+    assert_matches_reference("triton", spec, hyper, logits, target, weight, reduction="mean")
+
 def test_sweep_dry_run(tmp_path):
     """bench/sweep_triton.py's code paths on tiny shapes under the interpreter."""
     if DEVICE != "cpu":

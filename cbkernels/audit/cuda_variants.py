@@ -52,6 +52,9 @@ PROBE_SOURCE = r"""
 #include "cuda/launch.h"
 #include "cuda/scale_rows.cuh"
 
+// The architecture this probe's kernels are compiled for (nvcc's list, one entry: the audited arch).
+constexpr int kArchs[] = {__CUDA_ARCH_LIST__};
+
 int main(int argc, char** argv) {
   namespace d = cbkernels::cuda::device;
   if (argc != 3) return 2;
@@ -69,7 +72,7 @@ int main(int argc, char** argv) {
               cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kCachedMinBlocks),
               cbkernels::cuda::cached_softmax(k, c) ? 1 : 0, error ? error : "", d::kStep,
               d::kCachedElemsPerThread, d::kScaleThreads, d::kScaleBlocksPerSm,
-              fp32 ? d::kStreamStep<16 / 4> : d::kStreamStep<16 / 2>);
+              d::stream_step(fp32 ? 16 / 4 : 16 / 2, kArchs[0]));
   return 0;
 }
 """
@@ -92,10 +95,10 @@ def _stream_l2_divisor() -> int:
 
 
 def _stream_blocks(blocks: int, c: int, elem: int, rows_per_block: int) -> int:
-    """launch.cu: stream_grid. The persistent grid cut to the blocks whose rows fit in L2 / divisor, but
-    never below one block per SM (nor above the grid)."""
+    """launch.cu: stream_grid. The persistent grid cut to the blocks whose rows fit in L2 / divisor when
+    one block per SM fits; otherwise the grid unchanged."""
     fit = _L2_BYTES // _stream_l2_divisor() // (c * elem * rows_per_block)
-    return max(min(blocks, fit), min(blocks, _SMS))
+    return min(blocks, fit) if fit >= _SMS else blocks
 
 
 def _b(flag: bool) -> str:

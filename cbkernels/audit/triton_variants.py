@@ -28,13 +28,14 @@ import triton
 
 from .. import _backends
 from ..losses import loss as registered_loss
-from ..triton import kernels, ops, scale
+from ..triton import grid, kernels, ops, scale
 from .launches import ELEMENT_BYTES, Launch, TritonKernel
 from .roofline import H200
 
 _TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IGNORE_INDEX = -100
 _SMS = H200.sms  # the persistent grid's programs per SM x this (H100 and H200 alike: 132)
+_L2_BYTES = H200.l2_bytes  # the streamed softmax's grid is cut to a share of this L2 (H100 and H200 alike)
 
 
 def _scale_num_warps() -> int:
@@ -47,7 +48,7 @@ def _scale_num_warps() -> int:
 
 def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     """The family kernel's launch as ops._launch makes it (class weights on, int64 targets), on the
-    persistent grid (grid.programs) of the audited GPU's SM count."""
+    persistent grid (ops.programs: grid.program_cap) of the audited GPU's SM count and L2 size."""
     torch_dtype = _TORCH_DTYPE[dtype]
     hyper = tuple(spec.kernel_hyperparameters({}))
     plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper)
@@ -68,7 +69,9 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",
         code=TritonKernel(plan.kernel, args, constexprs, num_warps, options["STAGES"]),
-        ctas=min(blocks, plan.programs_per_sm * _SMS), threads_per_cta=threads,
+        ctas=min(blocks, grid.program_cap(plan.programs_per_sm, _SMS, _L2_BYTES,
+                                          plan.reread_bytes if write_grad else 0)),
+        threads_per_cta=threads,
         threads_per_row=max(1, threads // plan.rows),
         elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),
         read_bytes_per_elem=elem + reread, write_bytes_per_elem=elem if write_grad else 0,

@@ -18,7 +18,8 @@ cuobjdump -res-usage and -sass; H200: 64K registers, 228 KB shared memory, 64 wa
   168 (fp32) / 167 (bf16) registers, 3 CTAs per SM, no local memory. Its row loop is pipelined 2 deep:
   the next row (32 KB fp32) is copied to shared memory while this one computes.
 - softmax, streaming (longer rows): 2048-column tiles, 4 warps, 3 stages: 116 (fp32) / 80 (bf16)
-  registers (compiled at C = 8142), up to 4 / 6 CTAs per SM; the rows start 3 / 4 programs per SM.
+  registers (compiled at C = 8142), up to 4 / 6 CTAs per SM; the rows start 3 / 4 programs per SM, fewer
+  where the rows in flight would not fit half of L2 for their second read (grid.py: program_cap).
 - short rows (C <= 512): several rows per tile, as before (their rows were not recompiled for this table).
 What a GPU measured before these kernels: bench/results/gpu-h200-2026-11-27 (the previous kernels, triton
 3.6). To change rows, run bench/sweep_triton.py on a GPU with a budget that completes the grid and paste

@@ -79,12 +79,15 @@ def _check_hyperparameters(op, family, values):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything about a launch that depends on (family, C, dtype, hyperparameters, override) only,
-    built once per such key (_plan): the kernel, rows per program step, programs per SM, and the
-    keyword arguments (constexprs and compile options) of the launch."""
+    built once per such key (_plan): the kernel, rows per program step, programs per SM, the keyword
+    arguments (constexprs and compile options) of the launch, and reread_bytes: the bytes of rows a
+    program holds between two reads of them when the gradient is written (the streamed softmax's rows,
+    softmax_ce.py; 0 for a kernel that reads its rows once), which bound its grid (grid.program_cap)."""
     kernel: object
     rows: int
     programs_per_sm: int
     options: dict
+    reread_bytes: int = 0
 
 
 _PLANS: dict = {}
@@ -116,13 +119,21 @@ def _build_plan(family, c, logits, hyperparameters):
                    num_warps=config.num_warps, **entry.constexprs(hyperparameters, c, block))
     if config.maxnreg is not None:
         options["maxnreg"] = config.maxnreg
-    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options)
+    streamed = options.get("HELD") is False  # a softmax row longer than one tile: read twice for the gradient
+    reread_bytes = config.rows * c * logits.element_size() if streamed else 0
+    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, reread_bytes)
+
+
+def programs(plan, device, blocks, write_grad):
+    """The persistent grid of one launch (grid.py): a launch that re-reads its rows keeps them within
+    grid.py's share of L2."""
+    return grid.programs(device, blocks, plan.programs_per_sm, plan.reread_bytes if write_grad else 0)
 
 
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
             write_loss, write_grad):
     """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits, on the
-    persistent grid of grid.py.
+    persistent grid of `programs`.
 
     Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
@@ -132,7 +143,7 @@ def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperpa
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
     blocks = (n + plan.rows - 1) // plan.rows
-    wrap_triton(plan.kernel)[(grid.programs(logits.device, blocks, plan.programs_per_sm),)](
+    wrap_triton(plan.kernel)[(programs(plan, logits.device, blocks, write_grad),)](
         logits, target, class_weight, grad_loss, loss, grad,
         n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,

@@ -13,8 +13,8 @@ Two paths, chosen at compile time (HELD = the body of a row fits one BLOCK-wide 
   elements a thread holds: the table gives this path few warps, so many elements per thread.
 - Streaming (longer rows): pass 1 walks the row in tiles keeping a running (max, sum) per lane, one exp
   per element (below), and merges the lanes once per row; pass 2 reads the tiles again for the gradient
-  (from L2 while the rows in flight fit in it: at C = 262144 fp32, 2 programs per SM walk 264 MB of rows,
-  more than the L2, so that pass reads DRAM again). Both loops are pipelined.
+  (from L2 while the rows in flight fit in it: the launcher bounds the grid to that, grid.program_cap,
+  as long as one program per SM still fits; beyond, pass 2 reads DRAM again). Both loops are pipelined.
 
 The true class. p_y - 1 is formed as -s_ny / s, with s_ny the sum without the target's own term, so the
 true-class gradient keeps its relative precision when p_y is within fp32's epsilon of 1 (docs/math.md,

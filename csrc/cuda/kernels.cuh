@@ -38,10 +38,20 @@ constexpr int kCachedVecBytes = 16;
 constexpr int kCachedMaxThreads = 128;
 constexpr int kCachedMinBlocks = 3;
 
-// Vectors per step of the streaming softmax's loops: its pass 1 keeps a running max and the target test
-// live per element, which with two 8-element vectors a step passes the 64 registers (sm_80 spills).
+// Vectors per step of the streaming softmax's loops on a target architecture (arch: 800, 900, ...). One
+// 8-element (16-bit) vector a step leaves a thread 16 bytes in flight, half of what the other kernels keep
+// (row_io.cuh: kStep), too few for long bf16 rows. Two of them fit the 64 registers of the launch bound
+// on sm_90, but not on sm_80, whose ptxas spills them (its pass 1 keeps a running max and the target test
+// live per element): sm_80 keeps one.
+constexpr int stream_step(int vec, int arch) { return vec == 8 && arch < 900 ? 1 : kStep; }
+
+#ifdef __CUDA_ARCH__
 template <int VEC>
-constexpr int kStreamStep = VEC == 8 ? 1 : kStep;
+constexpr int kStreamStep = stream_step(VEC, __CUDA_ARCH__);
+#else
+template <int VEC>
+constexpr int kStreamStep = stream_step(VEC, 0);  // the host pass compiles no kernel body
+#endif
 
 // ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
 

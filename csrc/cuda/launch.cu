@@ -157,15 +157,15 @@ cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& confi
 }
 
 // The streaming softmax reads each row twice. Its second read is served by L2 when the rows in flight fit
-// there: the grid is cut to half of L2's worth of rows, but never below one block per SM (fewer blocks
-// would lose more bandwidth than the re-read costs).
+// there: the grid is cut to half of L2's worth of rows, provided one block per SM fits. When it does not,
+// the second read comes from DRAM whatever the grid, and fewer blocks would only hold fewer bytes in
+// flight: the grid stays.
 Grid stream_grid(const LossArgs& args, Grid grid, const DeviceFacts& facts) {
   if (args.grad == nullptr) return grid;  // one read only
   const int64_t row_bytes = args.num_classes * elem_bytes(args.logits_dtype);
   const int64_t rows_per_block = grid.threads.x / grid.tpr;
   const int64_t fit = facts.l2_bytes / 2 / (row_bytes * rows_per_block);
-  const int64_t blocks = std::max<int64_t>(std::min<int64_t>(grid.blocks.x, fit), std::min<int64_t>(grid.blocks.x, facts.sms));
-  grid.blocks.x = static_cast<unsigned>(blocks);
+  if (fit >= facts.sms) grid.blocks.x = static_cast<unsigned>(std::min<int64_t>(grid.blocks.x, fit));
   return grid;
 }
 
@@ -191,16 +191,23 @@ cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, 
   });
 }
 
+// The most threads default_config gives a row: half of the 64-register kernels' launch bound, so that two
+// blocks stay resident per SM and one block's per-row phases (reductions, edge step, the streaming
+// softmax's switch between its passes) overlap the other's loads. With the whole bound (1024 threads) a
+// long row's block is alone on its SM and every such phase leaves the memory system idle.
+constexpr int kMaxDefaultRowThreads = device::kMaxThreads / 2;
+
 }  // namespace
 
 LaunchConfig default_config(int64_t c, Dtype) {
   // Chosen from the static model (not yet from a sweep; bench/sweep_cuda.py prints the rows that replace
   // it): threads per row enough that a row is at most kCachedElemsPerThread = 64 elements per thread (the
   // cached softmax holds such a row in registers; the sigmoid family spreads its per-row work, the edge
-  // step and the reduction, over as many elements), from one warp to 1024 threads; short rows share a
-  // 128-thread block. At C = 8142: 128 threads a row, one row a block.
+  // step and the reduction, over as many elements), from one warp to kMaxDefaultRowThreads (rows longer
+  // than 32768 columns take more elements a thread); short rows share a 128-thread block. At C = 8142:
+  // 128 threads a row, one row a block.
   int tpr = 32;
-  while (tpr < device::kMaxThreads && static_cast<int64_t>(tpr) * device::kCachedElemsPerThread < c) tpr *= 2;
+  while (tpr < kMaxDefaultRowThreads && static_cast<int64_t>(tpr) * device::kCachedElemsPerThread < c) tpr *= 2;
   const int rows = tpr >= 128 ? 1 : 128 / tpr;
   return {tpr * rows, rows, 16, true, 0};
 }
