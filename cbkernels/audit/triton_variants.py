@@ -28,7 +28,7 @@ import triton
 
 from .. import _backends
 from ..losses import loss as registered_loss
-from ..triton import grid, kernels, ops, scale
+from ..triton import grid, ops, scale
 from .launches import ELEMENT_BYTES, Launch, TritonKernel
 from .roofline import H200
 
