@@ -2,8 +2,10 @@
 
 A backend registers the ops of docs/op-contract.md under its namespace ("cbkernels" for the C++
 extension, "cbkernels_triton" for Triton), two per kernel family of the registry (losses.FAMILIES):
-    <family>_forward(logits, target, class_weight, *hyperparameters, ignore_index, with_grad) -> (loss, grad)
-    <family>_backward(logits, target, class_weight, grad_loss, *hyperparameters, ignore_index) -> grad
+    <family>_forward(logits, target, class_weight, *hyperparameters, ignore_index, with_grad,
+                     logit_offset=None, target_margin=None) -> (loss, grad)
+    <family>_backward(logits, target, class_weight, grad_loss, *hyperparameters, ignore_index,
+                      logit_offset=None, target_margin=None) -> grad
 where *hyperparameters are the family's named floats in schema order. register_loss_autograd(namespace)
 gives them one backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad,
 in place, so it runs once per forward: a second backward through a retained graph raises) or
@@ -47,14 +49,25 @@ def extension_has_kernel(dispatch_key: str) -> bool:
     return _EXTENSION_KERNELS[dispatch_key]
 
 
-def _fake_forward(logits, target, class_weight, *hyperparameters_ignore_index_with_grad):
-    with_grad = hyperparameters_ignore_index_with_grad[-1]
-    loss = logits.new_empty((logits.shape[0],), dtype=torch.float32)
-    grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
-    return loss, grad
+def _argument(args, kwargs, index, name):
+    """An op argument after the family's hyperparameters, which the caller may have passed by position or
+    by name (the logit adjustments have defaults: a call may leave them out)."""
+    return args[index] if len(args) > index else kwargs[name]
 
 
-def _fake_backward(logits, target, class_weight, grad_loss, *hyperparameters_ignore_index):
+def _fake_forward_of(family):
+    after = len(family.hyperparameters) + 1  # *args: the hyperparameters, ignore_index, with_grad, ...
+
+    def fake_forward(logits, target, class_weight, *args, **kwargs):
+        with_grad = _argument(args, kwargs, after, "with_grad")
+        loss = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+        grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
+        return loss, grad
+
+    return fake_forward
+
+
+def _fake_backward(logits, target, class_weight, grad_loss, *args, **kwargs):
     return logits.new_empty(logits.shape)
 
 
@@ -82,7 +95,8 @@ def scale_rows_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
 
 def _make_autograd(backward_op, scale_in_place):
     def setup_context(ctx, inputs, output):
-        logits, target, class_weight, *scalars, with_grad = inputs  # scalars: *hyperparameters, ignore_index
+        # scalars: *hyperparameters, ignore_index (every argument: torch fills in the schema's defaults)
+        logits, target, class_weight, *scalars, with_grad, logit_offset, target_margin = inputs
         ctx.with_grad = with_grad
         ctx.grad_consumed = False
         ctx.scalars = scalars
@@ -90,7 +104,7 @@ def _make_autograd(backward_op, scale_in_place):
         if with_grad:
             ctx.save_for_backward(output[1])
         else:
-            ctx.save_for_backward(logits, target, class_weight)
+            ctx.save_for_backward(logits, target, class_weight, logit_offset, target_margin)
         ctx.mark_non_differentiable(output[1])
         # The second output (the fused gradient, N x C) never receives a gradient; left on, autograd would
         # hand backward a zero-filled N x C tensor for it (measured: a 32 MB torch.zeros, 8 ms of a 12 ms
@@ -129,16 +143,22 @@ def _make_autograd(backward_op, scale_in_place):
             else:
                 grad_logits = scale_rows(grad, grad_loss, in_place=False)
         else:
-            logits, target, class_weight = ctx.saved_tensors
-            grad_logits = backward_op(logits, target, class_weight, grad_loss, *ctx.scalars)
+            logits, target, class_weight, logit_offset, target_margin = ctx.saved_tensors
+            grad_logits = backward_op(logits, target, class_weight, grad_loss, *ctx.scalars, logit_offset,
+                                      target_margin)
         return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
 
     return setup_context, backward
 
 
-def _fake_loss(logits, target, class_weight, *hyperparameters_ignore_index_reduction_fused):
-    reduction = hyperparameters_ignore_index_reduction_fused[-2]
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+def _fake_loss_of(family):
+    after = len(family.hyperparameters) + 1  # *args: the hyperparameters, ignore_index, reduction, ...
+
+    def fake_loss(logits, target, class_weight, *args, **kwargs):
+        reduction = _argument(args, kwargs, after, "reduction")
+        return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+
+    return fake_loss
 
 
 def _fake_scale_rows(grad, grad_loss):
@@ -148,12 +168,13 @@ def _fake_scale_rows(grad, grad_loss):
 def register_loss_fakes(namespace: str) -> None:
     """Fake (meta) kernels for ops defined in C++ (Python-defined ops bring their own)."""
     for family in FAMILIES:
-        torch.library.register_fake(f"{namespace}::{family.name}_forward")(_fake_forward)
+        torch.library.register_fake(f"{namespace}::{family.name}_forward")(_fake_forward_of(family))
         torch.library.register_fake(f"{namespace}::{family.name}_backward")(_fake_backward)
 
 
 # The C++ extension's whole-call ops by family name: LOSS_OPS["softmax_ce"] calls
-#   cbkernels::softmax_ce_loss(logits, target, class_weight, *hyperparameters, ignore_index, reduction, fused)
+#   cbkernels::softmax_ce_loss(logits, target, class_weight, *hyperparameters, ignore_index, reduction, fused,
+#                              logit_offset, target_margin)
 # (csrc/common/loss_function.h): checks, the "mean" folding, the kernel, the reduction and the autograd node
 # of an eager call in one op. Held as the OpOverload's C++ entry point where torch exposes it (`_op`):
 # OpOverload.__call__ is one more Python frame around it, ~0.3 us of a ~25 us call. Empty when the
@@ -163,7 +184,7 @@ LOSS_OPS: dict[str, object] = {}
 
 def _register_loss_ops() -> None:
     for family in FAMILIES:
-        torch.library.register_fake(f"cbkernels::{family.name}_loss")(_fake_loss)
+        torch.library.register_fake(f"cbkernels::{family.name}_loss")(_fake_loss_of(family))
         overload = family.op(torch.ops.cbkernels, "loss").default
         LOSS_OPS[family.name] = getattr(overload, "_op", overload)
     torch.library.register_fake("cbkernels::scale_rows_unless_one_")(_fake_scale_rows)
@@ -190,7 +211,8 @@ def _make_eager_function(name, forward_op, setup_context, backward):
                                                    "backward": staticmethod(backward)})
 
 
-def loss_forward(namespace: str, family, logits, target, class_weight, hyperparameters, ignore_index, with_grad):
+def loss_forward(namespace: str, family, logits, target, class_weight, hyperparameters, ignore_index, with_grad,
+                 logit_offset=None, target_margin=None):
     """The op `namespace::<family>_forward` with its autograd formula: what functional.py calls.
     hyperparameters: the family's floats in schema order (losses.Loss.kernel_hyperparameters).
 
@@ -199,9 +221,10 @@ def loss_forward(namespace: str, family, logits, target, class_weight, hyperpara
     autograd (tests/*: opcheck and fullgraph compiles)."""
     if torch.compiler.is_compiling():
         op = family.op(getattr(torch.ops, namespace), "forward")
-        return op(logits, target, class_weight, *hyperparameters, ignore_index, with_grad)
+        return op(logits, target, class_weight, *hyperparameters, ignore_index, with_grad, logit_offset,
+                  target_margin)
     return _EAGER_FORWARD[namespace, family.name].apply(logits, target, class_weight, *hyperparameters,
-                                                        ignore_index, with_grad)
+                                                        ignore_index, with_grad, logit_offset, target_margin)
 
 
 def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -> None:

@@ -37,6 +37,11 @@ struct LossArgs {
   const void* target;         // (num_rows,) contiguous, int64 when target_is_int64 else int32
   bool target_is_int64;
   const float* class_weight;  // (num_classes,) contiguous, or nullptr (alpha_y = 1)
+  // The logit adjustments (docs/op-contract.md): the kernels compute the loss and its gradient at the
+  // adjusted logits z'_ic = z_ic + logit_offset[c] - [c == y_i] target_margin[y_i], each term only when
+  // its pointer is set. The gradient with respect to z is the one at z' (dz'/dz is the identity).
+  const float* logit_offset;   // (num_classes,) contiguous, or nullptr (no offset)
+  const float* target_margin;  // (num_classes,) contiguous, or nullptr (no margin)
   const float* grad_loss;     // (num_rows,) contiguous upstream gradient of the backward ops, or nullptr (1)
   int64_t ignore_index;
   // The families' hyperparameters (common/families.h: gamma, label_smoothing, ...), each a float named as in

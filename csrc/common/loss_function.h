@@ -8,12 +8,13 @@
 // The results are bit-identical to functional.py's path: the same ops in the same order, called through
 // the dispatcher (so that CPU, CUDA, fake and traced tensors all reach their own kernels), namely
 //   "mean":  w' = (class_weight or ones(C)) / max(1, #{i : target_i != ignore_index})   (float32 (C,))
-//            rows, grad = <family>_forward(logits, target, w', ...);  loss = rows.sum()
+//            rows, grad = <family>_forward(logits, target, w', ..., logit_offset, target_margin);
+//            loss = rows.sum()
 //   "sum":   the same with w' = class_weight;  "none": loss = rows.
 // and for the backward, the upstream gradient g (0-d for "sum"/"mean", (N,) for "none") in float32:
 //   fused:     the forward's gradient buffer scaled in place by g per row (scale_rows_unless_one_, which
 //              skips rows whose factor is exactly 1: loss.backward() costs no pass at all);
-//   recompute: <family>_backward(logits, target, w', g expanded to (N,)).
+//   recompute: <family>_backward(logits, target, w', g expanded to (N,), ..., logit_offset, target_margin).
 // Device-agnostic: registered once for the Autograd key and for CompositeExplicitAutograd (calls without
 // autograd, e.g. under torch.inference_mode()).
 #pragma once
@@ -158,8 +159,9 @@ struct LossFunction;
 template <Family F, std::size_t... I>
 struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<LossFunction<F, std::index_sequence<I...>>> {
   using Hyperparameters = std::array<double, sizeof...(I)>;
-  // Forward inputs: logits, target, class_weight, the hyperparameters, ignore_index, reduction, fused.
-  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 3;
+  // Forward inputs: logits, target, class_weight, the hyperparameters, ignore_index, reduction, fused,
+  // logit_offset, target_margin.
+  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 5;
   static constexpr const char* kName = FamilyInfo<F>::kLoss;
 
   struct Forward {
@@ -168,22 +170,27 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
 
   // Everything an eager call does but the backward; shared by the two kernels below.
   static Forward run(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-                     const Hyperparameters& hyperparameters, int64_t ignore_index, Reduction reduction, bool with_grad) {
-    using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                                   HyperparameterArg<I>..., int64_t, bool);
+                     const Hyperparameters& hyperparameters, int64_t ignore_index, Reduction reduction, bool with_grad,
+                     LogitAdjustments adjust) {
+    using Opt = const std::optional<at::Tensor>&;
+    using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, Opt, HyperparameterArg<I>...,
+                                                   int64_t, bool, Opt, Opt);
     static const auto forward = find_op(FamilyInfo<F>::kForward).template typed<Sig>();
-    // Checked before the folding, which would otherwise turn an integer class_weight into float32.
-    if (class_weight.has_value()) {
-      TORCH_CHECK_TYPE(class_weight->scalar_type() == at::kFloat, "cbkernels::", kName,
-                       ": class_weight must be float32, got ", class_weight->scalar_type());
-      TORCH_CHECK_VALUE(!class_weight->requires_grad(), "cbkernels::", kName,
-                        ": class_weight must not require grad: the losses give no gradient for the class weights");
-    }
-    // The devices first: a tensor on another device (meta included) would take the dispatch of every op below.
+    // Checked before the folding, which would otherwise turn an integer class_weight into float32; the
+    // devices first: a tensor on another device (meta included) would take the dispatch of every op below.
     TORCH_CHECK_VALUE(target.device() == logits.device(), "cbkernels::", kName, ": target is on ", target.device(),
                       " but logits are on ", logits.device());
-    TORCH_CHECK_VALUE(!class_weight.has_value() || class_weight->device() == logits.device(), "cbkernels::", kName,
-                      ": class_weight is on ", class_weight->device(), " but logits are on ", logits.device());
+    const std::pair<const char*, Opt> vectors[] = {
+        {"class_weight", class_weight}, {"logit_offset", adjust.logit_offset}, {"target_margin", adjust.target_margin}};
+    for (const auto& [name, t] : vectors) {
+      if (!t.has_value()) continue;
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "cbkernels::", kName, ": ", name, " must be float32, got ",
+                       t->scalar_type());
+      TORCH_CHECK_VALUE(!t->requires_grad(), "cbkernels::", kName, ": ", name,
+                        " must not require grad: the losses give a gradient for the logits only");
+      TORCH_CHECK_VALUE(t->device() == logits.device(), "cbkernels::", kName, ": ", name, " is on ", t->device(),
+                        " but logits are on ", logits.device());
+    }
     std::optional<at::Tensor> weight = class_weight;
     if (reduction == Reduction::kMean) {
       TORCH_CHECK(logits.dim() == 2, "cbkernels::", kName, ": logits must have shape (N, C), got ", logits.sizes());
@@ -196,7 +203,8 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                                            at::eq(target, ignore_index));
       at::_assert_async(at::all(ok), "target holds a class index outside [0, C) that is not ignore_index");
     }
-    auto [rows, grad] = forward.call(logits, target, weight, hyperparameters[I]..., ignore_index, with_grad);
+    auto [rows, grad] = forward.call(logits, target, weight, hyperparameters[I]..., ignore_index, with_grad,
+                                     adjust.logit_offset, adjust.target_margin);
     at::Tensor loss = reduction == Reduction::kNone ? rows : rows.sum();
     return {std::move(loss), std::move(grad), weight.value_or(at::Tensor())};
   }
@@ -204,34 +212,44 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
   // CompositeExplicitAutograd: a call without autograd (no input tracked, or inference mode).
   static at::Tensor without_autograd(const at::Tensor& logits, const at::Tensor& target,
                                      const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
-                                     int64_t ignore_index, c10::string_view reduction, bool /*fused*/) {
+                                     int64_t ignore_index, c10::string_view reduction, bool /*fused*/,
+                                     const std::optional<at::Tensor>& logit_offset,
+                                     const std::optional<at::Tensor>& target_margin) {
     return run(logits, target, class_weight, {hyperparameters...}, ignore_index,
-               parse_reduction(kName, std::string_view(reduction.data(), reduction.size())), false)
+               parse_reduction(kName, std::string_view(reduction.data(), reduction.size())), false,
+               {logit_offset, target_margin})
         .loss;
   }
 
   // The Autograd kernel.
   static at::Tensor with_autograd(const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
-                                  int64_t ignore_index, c10::string_view reduction, bool fused) {
+                                  int64_t ignore_index, c10::string_view reduction, bool fused,
+                                  const std::optional<at::Tensor>& logit_offset,
+                                  const std::optional<at::Tensor>& target_margin) {
     // Read before apply(), which runs forward with grad mode off.
     const bool with_grad = fused && c10::GradMode::is_enabled() && logits.requires_grad();
-    return LossFunction::apply(logits, target, class_weight, hyperparameters..., ignore_index, reduction, with_grad);
+    return LossFunction::apply(logits, target, class_weight, hyperparameters..., ignore_index, reduction, with_grad,
+                               logit_offset, target_margin);
   }
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
-                            int64_t ignore_index, c10::string_view reduction, bool with_grad) {
+                            int64_t ignore_index, c10::string_view reduction, bool with_grad,
+                            const std::optional<at::Tensor>& logit_offset,
+                            const std::optional<at::Tensor>& target_margin) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Hyperparameters values{hyperparameters...};
     const Reduction reduce = parse_reduction(kName, std::string_view(reduction.data(), reduction.size()));
-    Forward out = run(logits, target, class_weight, values, ignore_index, reduce, with_grad);
+    Forward out = run(logits, target, class_weight, values, ignore_index, reduce, with_grad,
+                      {logit_offset, target_margin});
     if (with_grad) {
       // Not save_for_backward: the buffer is no input or output, and the backward scales it in place (then
       // replaces it by None: a second backward finds it consumed). One entry: the map's growth is measurable.
       ctx->saved_data["grad"] = out.grad;
     } else {
-      ctx->save_for_backward({logits, target, out.class_weight});
+      ctx->save_for_backward({logits, target, out.class_weight, logit_offset.value_or(at::Tensor()),
+                              target_margin.value_or(at::Tensor())});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["hyperparameters"] = std::vector<double>(values.begin(), values.end());
     }
@@ -271,23 +289,25 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
       grads[0] = grad;
       return grads;
     }
-    using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                           HyperparameterArg<I>..., int64_t);
+    using Opt = const std::optional<at::Tensor>&;
+    using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, Opt, const at::Tensor&, HyperparameterArg<I>...,
+                           int64_t, Opt, Opt);
     static const auto backward_op = find_op(FamilyInfo<F>::kBackward).template typed<Sig>();
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
-    const std::optional<at::Tensor> weight = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const std::vector<double> values = ctx->saved_data["hyperparameters"].toDoubleVector();
     const at::Tensor per_row =
         grad_loss.dim() == 0 ? grad_loss.expand_symint({logits.sym_size(0)}).contiguous() : grad_loss;
-    grads[0] = backward_op.call(logits, saved[1], weight, per_row, values[I]..., ctx->saved_data["ignore_index"].toInt());
+    grads[0] = backward_op.call(logits, saved[1], optional(saved[2]), per_row, values[I]...,
+                                ctx->saved_data["ignore_index"].toInt(), optional(saved[3]), optional(saved[4]));
     return grads;
   }
 };
 
 // The schemas of the `<family>_loss` ops and of scale_rows_unless_one_, for the TORCH_LIBRARY block.
-//   softmax_ce_loss(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing,
-//                   int ignore_index, str reduction, bool fused) -> Tensor
+//   softmax_ce_loss(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, int ignore_index,
+//                   str reduction, bool fused, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor
 template <Family F>
 void define_loss_function(torch::Library& m) {
   std::string floats;
@@ -295,7 +315,7 @@ void define_loss_function(torch::Library& m) {
     floats += std::string("float ") + kHyperparameterInfo[id].name + ", ";
   }
   m.def((std::string(FamilyInfo<F>::kLoss) + "(Tensor logits, Tensor target, Tensor? class_weight, " + floats +
-         "int ignore_index, str reduction, bool fused) -> Tensor")
+         "int ignore_index, str reduction, bool fused" + kLogitAdjustmentArgs + ") -> Tensor")
             .c_str());
 }
 

@@ -112,9 +112,20 @@ CBKERNELS_FAMILIES(CBKERNELS_FAMILY_INFO)
 // The checked tensors of one call and the LossArgs pointing into them; the tensors keep any contiguous
 // copies alive while the kernels run.
 struct CheckedInputs {
-  at::Tensor logits, target, class_weight, grad_loss;
+  at::Tensor logits, target, class_weight, grad_loss, logit_offset, target_margin;
   LossArgs args{};
 };
+
+// The logit adjustments of docs/op-contract.md, the last two (optional) arguments of every op: (C,) float32
+// tensors or None.
+struct LogitAdjustments {
+  const std::optional<at::Tensor>& logit_offset;
+  const std::optional<at::Tensor>& target_margin;
+};
+
+// Their schema text, appended to every op's arguments (defaults None: calls written before they existed
+// keep working).
+inline constexpr const char* kLogitAdjustmentArgs = ", Tensor? logit_offset=None, Tensor? target_margin=None";
 
 inline Dtype logits_dtype(OpName op, const at::Tensor& logits) {
   switch (logits.scalar_type()) {
@@ -144,7 +155,8 @@ inline void check_vector_shape(OpName op, const char* name, const at::Tensor& t,
               length, ",), got ", t.sizes());
 }
 
-// class_weight (C,) and grad_loss (N,): float32 vectors beside the logits, read contiguously.
+// class_weight, logit_offset, target_margin (C,) and grad_loss (N,): float32 vectors beside the logits,
+// read contiguously.
 inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Tensor& t, const at::Tensor& logits,
                                        const char* length_name, int64_t length) {
   check_beside_logits(op, name, t, logits);
@@ -157,7 +169,7 @@ inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Te
 template <typename Backend>
 CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
-                           int64_t ignore_index) {
+                           int64_t ignore_index, LogitAdjustments adjust) {
   check_dense(op, "logits", logits);
   TORCH_CHECK(Backend::on_device(logits), op, ": logits must be a ", Backend::kDevice, " tensor, got ",
               logits.device());
@@ -175,9 +187,12 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   // dimension's stride is meaningless, so only C > 1 needs the check.
   in.logits = (num_classes == 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
   in.target = target.contiguous();
-  if (class_weight.has_value()) {
-    in.class_weight = checked_float_vector(op, "class_weight", *class_weight, logits, "C", num_classes);
-  }
+  const auto class_vector = [&](const char* name, const std::optional<at::Tensor>& t) {
+    return t.has_value() ? checked_float_vector(op, name, *t, logits, "C", num_classes) : at::Tensor();
+  };
+  in.class_weight = class_vector("class_weight", class_weight);
+  in.logit_offset = class_vector("logit_offset", adjust.logit_offset);
+  in.target_margin = class_vector("target_margin", adjust.target_margin);
   if (grad_loss != nullptr) {
     in.grad_loss = checked_float_vector(op, "grad_loss", *grad_loss, logits, "N", n);
   }
@@ -190,7 +205,10 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   a.logits_dtype = dtype;
   a.target = in.target.data_ptr();
   a.target_is_int64 = in.target.scalar_type() == at::kLong;
-  a.class_weight = in.class_weight.defined() ? in.class_weight.data_ptr<float>() : nullptr;
+  const auto pointer = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
+  a.class_weight = pointer(in.class_weight);
+  a.logit_offset = pointer(in.logit_offset);
+  a.target_margin = pointer(in.target_margin);
   a.grad_loss = in.grad_loss.defined() ? in.grad_loss.data_ptr<float>() : nullptr;
   a.ignore_index = ignore_index;
   Backend::check_values(op, a);
@@ -212,9 +230,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& class_weight,
                                                     HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
-                                                    bool with_grad) {
+                                                    bool with_grad, const std::optional<at::Tensor>& logit_offset,
+                                                    const std::optional<at::Tensor>& target_margin) {
     const OpName op{FamilyInfo<F>::kForward, Backend::kTag};
-    CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index, hyperparameters...);
+    CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index, {logit_offset, target_margin},
+                               hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     const int64_t n = in.args.num_rows;
     at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
@@ -228,9 +248,12 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
 
   static at::Tensor backward(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
-                             HyperparameterArg<I>... hyperparameters, int64_t ignore_index) {
+                             HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
+                             const std::optional<at::Tensor>& logit_offset,
+                             const std::optional<at::Tensor>& target_margin) {
     const OpName op{FamilyInfo<F>::kBackward, Backend::kTag};
-    CheckedInputs in = checked(op, logits, target, class_weight, &grad_loss, ignore_index, hyperparameters...);
+    CheckedInputs in = checked(op, logits, target, class_weight, &grad_loss, ignore_index,
+                               {logit_offset, target_margin}, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     at::Tensor grad = at::empty({in.args.num_rows, in.args.num_classes}, logits.options());
     in.args.loss = nullptr;
@@ -243,22 +266,23 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
   // The hyperparameters are checked first, in schema order: a bad value is refused whatever the tensors are.
   static CheckedInputs checked(OpName op, const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
-                               int64_t ignore_index, HyperparameterArg<I>... hyperparameters) {
+                               int64_t ignore_index, LogitAdjustments adjust,
+                               HyperparameterArg<I>... hyperparameters) {
     // (maybe_unused: a family without hyperparameters reads neither.)
     [[maybe_unused]] constexpr auto& ids = FamilyInfo<F>::kHyperparameters;
     [[maybe_unused]] const std::array<float, sizeof...(I)> values{
         checked_hyperparameter(ids[I], op, hyperparameters)...};
-    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index);
+    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index, adjust);
     ((in.args.*kHyperparameterInfo[ids[I]].field = values[I]), ...);
     return in;
   }
 };
 
 // The schemas of the two ops of family F, from its hyperparameters; for the sigmoid family
-//   sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma,
-//                         int ignore_index, bool with_grad) -> (Tensor, Tensor)
-//   sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss,
-//                          float gamma, int ignore_index) -> Tensor
+//   sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma, int ignore_index,
+//                         bool with_grad, Tensor? logit_offset=None, Tensor? target_margin=None) -> (Tensor, Tensor)
+//   sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, float gamma,
+//                          int ignore_index, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor
 template <Family F>
 void define_family_ops(torch::Library& m) {
   std::string floats;  // "float gamma, "
@@ -267,10 +291,10 @@ void define_family_ops(torch::Library& m) {
   }
   const std::string forward = std::string(FamilyInfo<F>::kForward) +
                               "(Tensor logits, Tensor target, Tensor? class_weight, " + floats +
-                              "int ignore_index, bool with_grad) -> (Tensor, Tensor)";
+                              "int ignore_index, bool with_grad" + kLogitAdjustmentArgs + ") -> (Tensor, Tensor)";
   const std::string backward = std::string(FamilyInfo<F>::kBackward) +
                                "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, " + floats +
-                               "int ignore_index) -> Tensor";
+                               "int ignore_index" + kLogitAdjustmentArgs + ") -> Tensor";
   m.def(forward.c_str());
   m.def(backward.c_str());
 }
