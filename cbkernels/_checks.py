@@ -55,15 +55,30 @@ def check_inputs(logits, target, class_weight):
     return check_class_weight(class_weight, num_classes, logits.device)
 
 
-def check_class_weight(class_weight, num_classes, device, device_of="logits"):
-    """Validates class_weight against C and the device; returns it as float32 contiguous (or None)."""
-    if class_weight is None:
+def check_class_vector(value, name, num_classes, device, device_of="logits"):
+    """A per-class input (class_weight, logit_offset, target_margin) validated against C and the device;
+    returned as float32 contiguous (or None)."""
+    if value is None:
         return None
-    check_tensor(class_weight, "class_weight", (num_classes,), FLOAT_DTYPES, "be a floating-point tensor",
-                 names=("C",), device=device, device_of=device_of)
-    if class_weight.requires_grad:
-        raise ValueError("class_weight must not require grad: the losses give no gradient for the class weights")
-    return class_weight.to(torch.float32).contiguous()
+    check_tensor(value, name, (num_classes,), FLOAT_DTYPES, "be a floating-point tensor", names=("C",),
+                 device=device, device_of=device_of)
+    if value.requires_grad:
+        raise ValueError(f"{name} must not require grad: the losses give a gradient for the logits only")
+    return value.to(torch.float32).contiguous()
+
+
+def check_class_weight(class_weight, num_classes, device, device_of="logits"):
+    return check_class_vector(class_weight, "class_weight", num_classes, device, device_of)
+
+
+def check_logit_adjustments(family, logit_offset, target_margin, num_classes, device, device_of="logits"):
+    """(logit_offset, target_margin) validated (check_class_vector), a target_margin only for a family whose
+    losses take one (losses.Family.takes_target_margin)."""
+    if target_margin is not None and not family.takes_target_margin:
+        raise ValueError("target_margin applies to the softmax losses (LDAM margins on the target logit); "
+                         f"this loss's family is {family.name!r}")
+    return (check_class_vector(logit_offset, "logit_offset", num_classes, device, device_of),
+            check_class_vector(target_margin, "target_margin", num_classes, device, device_of))
 
 
 def check_reduction(reduction):

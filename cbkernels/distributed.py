@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from . import _checks, _reduction, losses
 
 __all__ = ["class_shard_range", "cb_softmax_cross_entropy_parallel", "cb_focal_loss_parallel",
-           "cb_sigmoid_cross_entropy_parallel", "global_class_counts"]
+           "cb_sigmoid_cross_entropy_parallel", "cb_softmax_focal_loss_parallel", "global_class_counts"]
 
 
 def _group(group):
@@ -100,7 +100,8 @@ def _resolve_shard(logits, class_weight, class_start, num_classes, group):
     return class_start, num_classes
 
 
-def _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group):
+def _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group, family,
+                  logit_offset, target_margin):
     _checks.check_inputs(logits, target, None)  # shapes, dtypes, devices of logits and target
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
@@ -108,21 +109,29 @@ def _check_inputs(logits, target, class_weight, class_start, num_classes, reduct
     if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
         raise ValueError("class_weight must be a 1-D tensor (C,) of the global class weights, or None")
     class_start, num_classes = _resolve_shard(logits, class_weight, class_start, num_classes, group)
-    _checks.check_class_weight(class_weight, num_classes, logits.device)
+    class_weight = _checks.check_class_weight(class_weight, num_classes, logits.device)
+    logit_offset, target_margin = _checks.check_logit_adjustments(family, logit_offset, target_margin, num_classes,
+                                                                  logits.device)
     # Targets are global: a device-side check against the global C (raises at once on CPU tensors,
     # before any collective, so every rank raises alike: the targets are identical on every rank).
     _checks.check_target_range_async(target, num_classes, ignore_index)
-    return class_start, num_classes, ignore_index, group
+    return class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin
 
 
-def _row_setup(logits, target, class_weight, class_start, num_classes, ignore_index):
-    """Compute-dtype logits, valid-row mask, the local column of each row's target (owned rows), alpha_y."""
+def _row_setup(logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, ignore_index):
+    """Compute-dtype logits (adjusted: this shard's columns of z + logit_offset, the owned target logits minus
+    their margin), valid-row mask, the local column of each row's target (owned rows), alpha_y."""
     dtype = _reduction.compute_dtype(logits.dtype)
     z = logits.to(dtype)
     valid = target != ignore_index
     local = target.long() - class_start
     owned = valid & (local >= 0) & (local < logits.shape[1])
     local = torch.where(owned, local, torch.zeros_like(local))  # a safe index for rows owned elsewhere
+    if logit_offset is not None:  # out of place: z may be the caller's logits
+        z = z + logit_offset[class_start:class_start + logits.shape[1]].to(dtype)
+    if target_margin is not None:
+        margin = target_margin.to(dtype).gather(0, target.long().clamp(0, num_classes - 1))
+        z = z - torch.zeros_like(z).scatter(1, local.unsqueeze(1), torch.where(owned, margin, 0.0).unsqueeze(1))
     if class_weight is None:
         alpha = torch.ones(target.shape, dtype=dtype, device=logits.device)
     else:
@@ -142,33 +151,39 @@ class _FusedParallel(torch.autograd.Function):
         return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
+def _softmax_statistics(z, owned, local, group, extra=()):
+    """The replicated per-row softmax statistics of every shard (docs/math.md, section 9): m, s_rest (the sum
+    of exp(z_c - m) over c != y), z_y and s = s_rest + exp(z_y - m), plus the shard's exp(z - m) (N, C_local)
+    and the sum over ranks of each (N,) tensor `extra(ex)` returns (in the same SUM collective)."""
+    m = z.amax(dim=1)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    index = local.unsqueeze(1)
+    z_y = torch.where(owned, z.gather(1, index).squeeze(1), torch.zeros_like(m))
+    ex = (z - m.unsqueeze(1)).exp_()
+    # The sum over the classes other than y, s_rest, not s - exp(z_y - m): for a confident row s_rest is
+    # far below s's rounding error. The target column is zeroed in place for the sum, then put back.
+    ex_y = ex.gather(1, index)
+    ex.scatter_(1, index, torch.where(owned.unsqueeze(1), torch.zeros_like(ex_y), ex_y))
+    parts = [ex.sum(dim=1), z_y, *extra]
+    ex.scatter_(1, index, ex_y)
+    stats = torch.stack(parts)
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    s_rest, z_y = stats[0], stats[1]
+    return m, s_rest, z_y, s_rest + torch.exp(z_y - m), ex, stats[2:]
+
+
 class _SoftmaxParallel(_FusedParallel):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, class_start, num_classes, eps, ignore_index, group):
-        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
-                                                        ignore_index)
-        m = z.amax(dim=1)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        index = local.unsqueeze(1)
-        z_y = torch.where(owned, z.gather(1, index).squeeze(1), torch.zeros_like(m))
-        ex = (z - m.unsqueeze(1)).exp_()
-        # The sum over the classes other than y, s_rest, not s - exp(z_y - m): for a confident row s_rest is
-        # far below s's rounding error. The target column is zeroed in place for the sum, then put back.
-        ex_y = ex.gather(1, index)
-        ex.scatter_(1, index, torch.where(owned.unsqueeze(1), torch.zeros_like(ex_y), ex_y))
-        parts = [ex.sum(dim=1), z_y]
-        ex.scatter_(1, index, ex_y)
-        if eps:
-            parts.append(z.sum(dim=1))
-        stats = torch.stack(parts)
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        s_rest, z_y = stats[0], stats[1]
-        s = s_rest + torch.exp(z_y - m)
+    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, eps,
+                ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
+                                                   class_start, num_classes, ignore_index)
+        m, s_rest, z_y, s, ex, sum_z = _softmax_statistics(z, owned, local, group, [z.sum(dim=1)] if eps else [])
         # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md, section 7): finite and exact to fp32's
         # relative precision when p_y -> 1, where m + log s - z_y rounds to 0.
         rows = F.softplus(torch.log(s_rest) + m - z_y)
         if eps:
-            rows = rows + eps * (z_y - stats[2] / num_classes)
+            rows = rows + eps * (z_y - sum_z[0] / num_classes)
         # where, not a multiply by the mask: an ignored row's NaN or inf must not leak into the loss.
         rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
         grad = None
@@ -178,6 +193,7 @@ class _SoftmaxParallel(_FusedParallel):
             # place on ex. At c = y: p_y - 1 + eps = eps - s_rest / s, from s_rest for the same reason as the loss.
             inv_s = torch.reciprocal(s)
             grad = ex.mul_(inv_s.unsqueeze(1))
+            index = local.unsqueeze(1)
             true_class = torch.where(owned, eps - s_rest * inv_s, grad.gather(1, index).squeeze(1))
             grad.scatter_(1, index, true_class.unsqueeze(1))
             if eps:
@@ -188,12 +204,66 @@ class _SoftmaxParallel(_FusedParallel):
         return rows
 
 
+class _SoftmaxFocalParallel(_FusedParallel):
+    """The softmax focal loss (docs/math.md, section 13) on the softmax statistics of section 9. The target's
+    terms come from x = s_rest / exp(z_y - m), replicated after the first SUM. With label smoothing each rank
+    also sums mod_c l_c and h_c over its own classes other than y (they need lse, hence a second SUM of
+    (2, N)); every gradient entry is then local."""
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, gamma, eps,
+                ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
+                                                   class_start, num_classes, ignore_index)
+        m, s_rest, z_y, s, ex, _ = _softmax_statistics(z, owned, local, group)
+        x = s_rest / torch.exp(z_y - m)
+        l_y = torch.log1p(x)  # -log p_y
+        q_y = x / (1 + x)     # 1 - p_y
+        mod_y = q_y.pow(gamma)  # 0^0 = 1: gamma = 0 is the cross entropy
+        h_y = -mod_y * (1 + gamma * torch.where(x > 0, l_y / x, torch.ones_like(x)))  # p_y l_y / q_y = l_y / x
+        rows = mod_y * l_y
+        index = local.unsqueeze(1)
+        if eps:
+            # Off the target: p = exp(z - m) / s, l = log s - (z - m), q = 1 - p (docs/math.md, 13.3).
+            p = ex / s.unsqueeze(1)
+            l = torch.log(s).unsqueeze(1) - (z - m.unsqueeze(1))
+            q = 1 - p
+            mod = q.pow(gamma)
+            small = q < torch.finfo(q.dtype).eps ** 0.5  # l / q = 1 + q / 2 + q^2 / 3 + ...
+            h = -mod * (1 + gamma * p * torch.where(small, 1 + q / 2, l / torch.where(small, 1, q)))
+            terms = mod * l
+            not_y = torch.ones_like(p).scatter_(1, index, (~owned).to(p.dtype).unsqueeze(1))
+            sums = torch.stack([(terms * not_y).sum(dim=1), (h * not_y).sum(dim=1)])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            rows = (1 - eps) * rows + (eps / num_classes) * (sums[0] + rows)
+            sum_h = sums[1] + h_y
+        rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # grad_j = alpha ((eps/C) h_j - p_j G), G = (1 - eps) h_y + (eps/C) sum_c h_c; at the target,
+            # grad_y = (1 - eps) h_y q_y + (eps/C) (h_y - p_y sum_c h_c), from q_y = s_rest / s (no cancellation).
+            p_y = 1 / (1 + x)
+            if eps:
+                big_g = (1 - eps) * h_y + (eps / num_classes) * sum_h
+                grad = h.mul_(eps / num_classes).sub_(p * big_g.unsqueeze(1))
+                true_class = (1 - eps) * h_y * q_y + (eps / num_classes) * (h_y - p_y * sum_h)
+            else:
+                grad = ex.mul_((-h_y / s).unsqueeze(1))
+                true_class = h_y * q_y
+            true_class = torch.where(owned, true_class, grad.gather(1, index).squeeze(1))
+            grad.scatter_(1, index, true_class.unsqueeze(1))
+            grad = _scale_valid_rows_(grad, alpha, valid)
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
+        return rows
+
 
 class _FocalParallel(_FusedParallel):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, class_start, num_classes, gamma, ignore_index, group):
-        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, class_start, num_classes,
-                                                        ignore_index)
+    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, gamma,
+                ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
+                                                   class_start, num_classes, ignore_index)
         # The op contract's stable forms, with u = t * z and e = exp(-|u|) shared by everything below:
         #   -log p = softplus(-u) = max(-u, 0) + log1p(e),  (1 - p)^gamma = exp(-gamma * softplus(u)).
         u = _times_t(z, owned, local)
@@ -241,51 +311,72 @@ def _scale_valid_rows_(grad, alpha, valid):
 
 
 # The class-parallel implementation of each kernel family of the registry (losses.FAMILIES).
-_PARALLEL = {losses.SOFTMAX_CE.name: _SoftmaxParallel, losses.SIGMOID_FOCAL.name: _FocalParallel}
+_PARALLEL = {losses.SOFTMAX_CE.name: _SoftmaxParallel, losses.SIGMOID_FOCAL.name: _FocalParallel,
+             losses.SOFTMAX_FOCAL.name: _SoftmaxFocalParallel}
 
 
 def parallel_loss(spec: losses.Loss, logits, target, class_weight, reduction, ignore_index, hyperparameters,
-                  class_start, num_classes, group):
-    """One class-parallel loss call for a registered loss; hyperparameters by name (checked here)."""
-    class_start, num_classes, ignore_index, group = _check_inputs(
-        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group)
+                  class_start, num_classes, group, logit_offset=None, target_margin=None):
+    """One class-parallel loss call for a registered loss; hyperparameters by name (checked here); the logit
+    adjustments global (C,), as class_weight."""
+    class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin = _check_inputs(
+        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group, spec.family,
+        logit_offset, target_margin)
     values = spec.kernel_hyperparameters(hyperparameters)
-    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, class_start, num_classes, *values,
-                                             ignore_index, group)
+    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, logit_offset, target_margin, class_start,
+                                             num_classes, *values, ignore_index, group)
     return _reduction.reduce_rows(rows, target, ignore_index, reduction)
 
 
 def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                                      label_smoothing=0.0, *, class_start=None, num_classes=None, group=None):
+                                      label_smoothing=0.0, *, class_start=None, num_classes=None, group=None,
+                                      logit_offset=None, target_margin=None):
     """Class-balanced softmax cross entropy with the classes sharded across the ranks of `group`.
 
     logits: this rank's (N, C_local) slice of the global (N, C) logits, classes [class_start, class_start +
     C_local). target (N,) and class_weight (C,) or None: global, the same on every rank. class_start and
     num_classes default to class_shard_range (one extra all-gather and a host read per call: pass them);
     explicit class_start values must tile [0, C) over the ranks (only this rank's range is checked).
+    logit_offset / target_margin: the global (C,) logit adjustments of cb_softmax_cross_entropy, the same on
+    every rank (each rank applies its columns of the offset, the rank owning a row's target its margin).
     Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
     ("mean" divides by the number of non-ignored rows); the gradient flows to the local logits only.
     """
     return parallel_loss(losses.loss("softmax"), logits, target, class_weight, reduction, ignore_index,
-                         {"label_smoothing": label_smoothing}, class_start, num_classes, group)
+                         {"label_smoothing": label_smoothing}, class_start, num_classes, group, logit_offset,
+                         target_margin)
 
 
 def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
-                           *, class_start=None, num_classes=None, group=None):
+                           *, class_start=None, num_classes=None, group=None, logit_offset=None):
     """Class-balanced sigmoid focal loss with the classes sharded across the ranks of `group`.
 
     Arguments as cb_softmax_cross_entropy_parallel; gamma >= 0 (0 is sigmoid cross entropy). The value is
     that of cbkernels.cb_focal_loss on the gathered logits, on every rank.
     """
     return parallel_loss(losses.loss("focal"), logits, target, class_weight, reduction, ignore_index,
-                         {"gamma": gamma}, class_start, num_classes, group)
+                         {"gamma": gamma}, class_start, num_classes, group, logit_offset)
 
 
 def cb_sigmoid_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                                      *, class_start=None, num_classes=None, group=None):
+                                      *, class_start=None, num_classes=None, group=None, logit_offset=None):
     """Class-balanced sigmoid cross entropy, class-parallel: the focal loss with gamma = 0."""
     return parallel_loss(losses.loss("sigmoid"), logits, target, class_weight, reduction, ignore_index, {},
-                         class_start, num_classes, group)
+                         class_start, num_classes, group, logit_offset)
+
+
+def cb_softmax_focal_loss_parallel(logits, target, class_weight=None, gamma=2.0, reduction="mean",
+                                   ignore_index=-100, label_smoothing=0.0, *, class_start=None, num_classes=None,
+                                   group=None, logit_offset=None, target_margin=None):
+    """Class-balanced softmax focal loss with the classes sharded across the ranks of `group`.
+
+    Arguments as cb_softmax_cross_entropy_parallel, and gamma >= 0 (0 is the softmax cross entropy). The value
+    is that of cbkernels.cb_softmax_focal_loss on the gathered logits, on every rank. With label_smoothing > 0
+    one more all_reduce of (2, N) floats per call.
+    """
+    return parallel_loss(losses.loss("softmax_focal"), logits, target, class_weight, reduction, ignore_index,
+                         {"gamma": gamma, "label_smoothing": label_smoothing}, class_start, num_classes, group,
+                         logit_offset, target_margin)
 
 
 def global_class_counts(labels, num_classes, *, ignore_index=None, group=None):

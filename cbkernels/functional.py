@@ -18,7 +18,7 @@ __all__ = [spec.function for spec in LOSSES]
 
 
 def kernel_rows(backend, spec: Loss, logits, target, class_weight, hyperparameters, ignore_index, reduction,
-                with_grad):
+                with_grad, logit_offset=None, target_margin=None):
     """The per-row losses (N,) through a kernel backend's forward op, for `reduction` ("mean" folded in).
 
     "mean" folds 1 / (non-ignored rows) into the class weights (a (C,) device op, no host sync): the
@@ -33,16 +33,19 @@ def kernel_rows(backend, spec: Loss, logits, target, class_weight, hyperparamete
     if reduction == "mean":
         class_weight = _reduction.mean_class_weight(class_weight, target, ignore_index, logits.shape[1])
     rows, _grad = _ops.loss_forward(backend.namespace, spec.family, logits, target, class_weight, hyperparameters,
-                                    ignore_index, with_grad)
+                                    ignore_index, with_grad, logit_offset, target_margin)
     return rows
 
 
-def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index, backend, hyperparameters):
+def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index, backend, hyperparameters,
+               logit_offset=None, target_margin=None):
     """One public loss call: checks, the backend's choice, the kernel (or the reference) and the reduction.
 
-    hyperparameters: the user's values by name (checked here by the registry). Under torch.compile the
-    path after the whole-call shortcut is what is traced."""
-    if type(ignore_index) is int and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
+    hyperparameters: the user's values by name (checked here by the registry). logit_offset / target_margin:
+    the logit adjustments (docs/long-tail.md), (C,) or None. Under torch.compile the path after the
+    whole-call shortcut is what is traced."""
+    if (type(ignore_index) is int and type(logits) is torch.Tensor and not torch.compiler.is_compiling()
+            and (target_margin is None or spec.family.takes_target_margin)):
         # An eager call on a backend whose namespace has `<family>_loss` (the C++ extension,
         # csrc/common/loss_function.h) runs as that one op: the same checks, folding, kernel, reduction and
         # autograd formula as the code below, bit for bit, at C++ host costs. When anything refuses the
@@ -54,47 +57,70 @@ def apply_loss(spec: Loss, logits, target, class_weight, reduction, ignore_index
             record = _backends.resolve(backend, logits)
             if record.whole_call and values is not None:
                 return _ops.LOSS_OPS[spec.family.name](logits, target, class_weight, *values, ignore_index,
-                                                       reduction, record.strategy() == "fused")
+                                                       reduction, record.strategy() == "fused", logit_offset,
+                                                       target_margin)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError, ValueError):
             pass
     class_weight = _checks.check_inputs(logits, target, class_weight)
+    logit_offset, target_margin = _checks.check_logit_adjustments(spec.family, logit_offset, target_margin,
+                                                                  logits.shape[1], logits.device)
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
     values = spec.kernel_hyperparameters(hyperparameters)
     backend = _backends.resolve(backend, logits)
     if not backend.is_kernel:
-        rows = spec.reference_rows(logits, target, class_weight, ignore_index, values)
+        rows = spec.reference_rows(logits, target, class_weight, ignore_index, values, logit_offset, target_margin)
         return _reduction.reduce_rows(rows, target, ignore_index, reduction)
     with_grad = torch.is_grad_enabled() and logits.requires_grad and backend.strategy() == "fused"
-    rows = kernel_rows(backend, spec, logits, target, class_weight, values, ignore_index, reduction, with_grad)
+    rows = kernel_rows(backend, spec, logits, target, class_weight, values, ignore_index, reduction, with_grad,
+                       logit_offset, target_margin)
     return rows if reduction == "none" else rows.sum()
 
 
 _SOFTMAX = _registered("softmax")
 _SIGMOID = _registered("sigmoid")
 _FOCAL = _registered("focal")
+_SOFTMAX_FOCAL = _registered("softmax_focal")
 
 
 def cb_softmax_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                             label_smoothing=0.0, backend="auto"):
+                             label_smoothing=0.0, backend="auto", logit_offset=None, target_margin=None):
     """Class-balanced softmax cross entropy: alpha_y * (lse(z) - z_y), smoothed targets when label_smoothing > 0.
 
     logits (N, C) float32/float16/bfloat16/float64; target (N,) int64/int32 class indices; class_weight (C,)
     (e.g. class_balanced_weights(counts)) or None. Returns float32 (float64 for float64 logits).
+    logit_offset (C,) or None: added to every row's logits inside the kernel (logit adjustment, Balanced
+    Softmax: adjustments.logit_adjustment_offsets). target_margin (C,) or None: subtracted from each row's
+    target logit inside the kernel (LDAM: adjustments.ldam_margins). The loss and its gradient are those at
+    the adjusted logits (docs/long-tail.md).
     """
     return apply_loss(_SOFTMAX, logits, target, class_weight, reduction, ignore_index, backend,
-                      {"label_smoothing": label_smoothing})
+                      {"label_smoothing": label_smoothing}, logit_offset, target_margin)
 
 
 def cb_focal_loss(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
-                  backend="auto"):
-    """Class-balanced sigmoid focal loss: alpha_y * sum_c -(1 - p_c)^gamma log p_c over the C one-vs-all tasks."""
-    return apply_loss(_FOCAL, logits, target, class_weight, reduction, ignore_index, backend, {"gamma": gamma})
+                  backend="auto", logit_offset=None):
+    """Class-balanced sigmoid focal loss: alpha_y * sum_c -(1 - p_c)^gamma log p_c over the C one-vs-all tasks.
+    logit_offset (C,) or None: added to every row's logits inside the kernel (docs/long-tail.md)."""
+    return apply_loss(_FOCAL, logits, target, class_weight, reduction, ignore_index, backend, {"gamma": gamma},
+                      logit_offset)
 
 
 def cb_sigmoid_cross_entropy(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                             backend="auto"):
-    """Class-balanced sigmoid cross entropy: the focal loss with gamma = 0."""
-    return apply_loss(_SIGMOID, logits, target, class_weight, reduction, ignore_index, backend, {})
+                             backend="auto", logit_offset=None):
+    """Class-balanced sigmoid cross entropy: the focal loss with gamma = 0 (logit_offset: as cb_focal_loss)."""
+    return apply_loss(_SIGMOID, logits, target, class_weight, reduction, ignore_index, backend, {}, logit_offset)
+
+
+def cb_softmax_focal_loss(logits, target, class_weight=None, gamma=2.0, reduction="mean", ignore_index=-100,
+                          label_smoothing=0.0, backend="auto", logit_offset=None, target_margin=None):
+    """Class-balanced softmax focal loss: alpha_y * sum_c q'_c (1 - p_c)^gamma (-log p_c), p = softmax(z),
+    q' = (1 - label_smoothing) onehot(y) + label_smoothing / C; without smoothing alpha_y (1 - p_y)^gamma
+    (-log p_y). gamma = 0 is cb_softmax_cross_entropy. Finite loss and gradient for confident rows
+    (p_y -> 1) at every gamma >= 0 (docs/math.md, section 13). Arguments as cb_softmax_cross_entropy.
+    """
+    return apply_loss(_SOFTMAX_FOCAL, logits, target, class_weight, reduction, ignore_index, backend,
+                      {"gamma": gamma, "label_smoothing": label_smoothing}, logit_offset, target_margin)
+

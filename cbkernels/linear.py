@@ -63,10 +63,13 @@ class _Plan(NamedTuple):
     reduction: str
     rows: int  # rows per chunk
     needs: tuple  # (hidden, weight, bias) need a gradient
+    logit_offset: torch.Tensor | None  # the logit adjustments (docs/long-tail.md), float32 (C,) or None
+    target_margin: torch.Tensor | None
 
 
 def _reference_rows(plan, logits, target, class_weight):
-    return plan.spec.reference_rows(logits, target, class_weight, plan.ignore_index, plan.hyperparameters)
+    return plan.spec.reference_rows(logits, target, class_weight, plan.ignore_index, plan.hyperparameters,
+                                    plan.logit_offset, plan.target_margin)
 
 
 def _tile_loss(plan, logits, target, class_weight, with_grad):
@@ -80,7 +83,8 @@ def _tile_loss(plan, logits, target, class_weight, with_grad):
             (grad,) = torch.autograd.grad(rows.sum(), z)
         return rows.detach(), grad
     forward = plan.spec.family.op(plan.backend.ops, "forward")
-    loss, grad = forward(logits, target, class_weight, *plan.hyperparameters, plan.ignore_index, with_grad)
+    loss, grad = forward(logits, target, class_weight, *plan.hyperparameters, plan.ignore_index, with_grad,
+                         plan.logit_offset, plan.target_margin)
     return loss, (grad if with_grad else None)
 
 
@@ -94,7 +98,7 @@ def _tile_scaled_grad(plan, logits, target, class_weight, grad_rows):
         return grad
     backward = plan.spec.family.op(plan.backend.ops, "backward")
     return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), *plan.hyperparameters,
-                    plan.ignore_index)
+                    plan.ignore_index, plan.logit_offset, plan.target_margin)
 
 
 class _Accumulator:
@@ -204,23 +208,28 @@ def _check_linear_inputs(hidden, weight, bias, target, class_weight):
     return _checks.check_class_weight(class_weight, num_classes, **on_hidden)
 
 
-def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=0.5,
-                   reduction="mean", ignore_index=-100, label_smoothing=0.0, chunk_size=None, backend="auto"):
+def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=None,
+                   reduction="mean", ignore_index=-100, label_smoothing=0.0, chunk_size=None, backend="auto",
+                   logit_offset=None, target_margin=None):
     """Class-balanced loss of the linear classifier hidden @ weight.T + bias, without the (N, C) logits.
 
-    Same value and gradients as cb_softmax_cross_entropy / cb_sigmoid_cross_entropy / cb_focal_loss applied
-    to F.linear(hidden, weight, bias) (reference.py is the spec), for hidden (N, H), weight (C, H),
+    Same value and gradients as the loss's public function (cb_softmax_cross_entropy, cb_focal_loss, ...)
+    applied to F.linear(hidden, weight, bias) (reference.py is the spec), for hidden (N, H), weight (C, H),
     bias (C,) or None, all of one dtype (float32/float16/bfloat16; float64 with backend="reference").
-    loss_type: a registered loss (losses.LOSS_TYPES): "softmax" (uses label_smoothing), "sigmoid", or "focal"
-    (uses gamma).
+    loss_type: a registered loss (losses.LOSS_TYPES): "softmax" (uses label_smoothing), "sigmoid", "focal"
+    (uses gamma) or "softmax_focal" (both). gamma=None: the loss's default (0.5 focal, 2.0 softmax_focal).
     chunk_size: rows per chunk; None picks auto_chunk_rows(N, H, C, dtype).
+    logit_offset / target_margin: the logit adjustments of the public losses (docs/long-tail.md), applied to each
+    logits tile inside the kernel (target_margin: softmax losses only).
     Gradients flow to hidden, weight and bias; class_weight gets none.
     """
     class_weight = _check_linear_inputs(hidden, weight, bias, target, class_weight)
     spec = losses.loss(loss_type)
+    logit_offset, target_margin = _checks.check_logit_adjustments(spec.family, logit_offset, target_margin,
+                                                                  weight.shape[0], hidden.device, device_of="hidden")
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
-    hyperparameters = spec.kernel_hyperparameters({"gamma": gamma, "label_smoothing": label_smoothing})
+    hyperparameters = spec.kernel_hyperparameters(spec.checked(gamma=gamma, label_smoothing=label_smoothing))
     num_rows, in_features = hidden.shape
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if chunk_size is None:
@@ -231,7 +240,8 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
 
     params = (hidden, weight, bias)
     needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad for p in params)
-    plan = _Plan(backend, spec, hyperparameters, ignore_index, reduction, chunk_size, needs)
+    plan = _Plan(backend, spec, hyperparameters, ignore_index, reduction, chunk_size, needs, logit_offset,
+                 target_margin)
     if not any(needs):
         rows = _losses_only(plan, hidden, weight, bias, target, class_weight)
         return _reduction.reduce_rows(rows, target, ignore_index, reduction)
@@ -247,11 +257,11 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     initialises the bias to -log(C - 1) (see weights.init_prior_bias_) and excludes it from weight decay.
     """
 
-    def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=0.5,
+    def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=None,
                  reduction="mean", ignore_index=-100, label_smoothing=0.0, empty_classes="error",
-                 chunk_size=None, backend="auto", device=None, dtype=None):
+                 chunk_size=None, backend="auto", device=None, dtype=None, logit_offset=None, target_margin=None):
         super().__init__()
-        losses.loss(loss_type)
+        spec = losses.loss(loss_type)
         _backends.check_name(backend)
         _checks.check_positive_int(in_features, "in_features")
         _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
@@ -259,10 +269,10 @@ class ClassBalancedLinearLoss(torch.nn.Module):
         self.in_features = in_features
         self.loss_type = loss_type
         self.beta = beta
-        self.gamma = _checks.check_gamma(gamma)
+        checked = spec.checked(gamma=gamma, label_smoothing=label_smoothing)
+        self.gamma, self.label_smoothing = checked["gamma"], checked["label_smoothing"]
         self.reduction = reduction
         self.ignore_index = _checks.check_ignore_index(ignore_index)
-        self.label_smoothing = _checks.check_label_smoothing(label_smoothing)
         self.chunk_size = chunk_size
         self.backend = backend
         class_weight = class_balanced_weights(samples_per_class, beta, empty_classes)
@@ -271,6 +281,11 @@ class ClassBalancedLinearLoss(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self.bias = torch.nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         self.register_buffer("class_weight", class_weight.to(device))
+        # Any device: the buffers move to the module's (as class_weight).
+        logit_offset, target_margin = _checks.check_logit_adjustments(spec.family, logit_offset, target_margin,
+                                                                      num_classes, device=None)
+        self.register_buffer("logit_offset", None if logit_offset is None else logit_offset.to(device))
+        self.register_buffer("target_margin", None if target_margin is None else target_margin.to(device))
         self.reset_parameters()
 
     @property
@@ -287,7 +302,7 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     def forward(self, hidden, target):
         return cb_linear_loss(hidden, self.weight, target, self.class_weight, self.bias, self.loss_type, self.gamma,
                               self.reduction, self.ignore_index, self.label_smoothing, self.chunk_size,
-                              self.backend)
+                              self.backend, self.logit_offset, self.target_margin)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "

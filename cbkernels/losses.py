@@ -34,6 +34,8 @@ class Hyperparameter:
 
 GAMMA = Hyperparameter("gamma", 0.5, _checks.check_gamma, (0.0, 0.5, 1.0, 2.0, 3.7))
 LABEL_SMOOTHING = Hyperparameter("label_smoothing", 0.0, _checks.check_label_smoothing, (0.0, 0.1))
+# The softmax focal loss's gamma: the same hyperparameter (name, check) with Lin et al.'s default of 2.
+SOFTMAX_FOCAL_GAMMA = dataclasses.replace(GAMMA, default=2.0, test_values=(0.0, 0.5, 1.0, 2.0, 5.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +44,13 @@ class Family:
 
     hyperparameters: the ops' float arguments, in schema order (between class_weight and ignore_index).
     reference_rows(logits, target, class_weight, ignore_index, **hyperparameters) -> per-row loss (N,).
+    takes_target_margin: its public losses accept a target_margin (the softmax losses: LDAM). Every op
+      takes one (docs/op-contract.md); the public API offers it where the literature defines it.
     """
     name: str
     hyperparameters: tuple[Hyperparameter, ...]
     reference_rows: Callable
+    takes_target_margin: bool = False
 
     def op(self, namespace, which: str):
         """The op `<name>_<which>` (which: "forward", "backward", or "loss" for the C++ extension's
@@ -53,9 +58,11 @@ class Family:
         return getattr(namespace, f"{self.name}_{which}")
 
 
-SOFTMAX_CE = Family("softmax_ce", (LABEL_SMOOTHING,), reference.softmax_rows)
+SOFTMAX_CE = Family("softmax_ce", (LABEL_SMOOTHING,), reference.softmax_rows, takes_target_margin=True)
 SIGMOID_FOCAL = Family("sigmoid_focal", (GAMMA,), reference.sigmoid_focal_rows)
-FAMILIES: tuple[Family, ...] = (SIGMOID_FOCAL, SOFTMAX_CE)
+SOFTMAX_FOCAL = Family("softmax_focal", (GAMMA, LABEL_SMOOTHING), reference.softmax_focal_rows,
+                       takes_target_margin=True)
+FAMILIES: tuple[Family, ...] = (SIGMOID_FOCAL, SOFTMAX_CE, SOFTMAX_FOCAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +97,18 @@ class Loss:
     def defaults(self) -> dict[str, float]:
         return {h.name: h.default for h in self.hyperparameters}
 
+    def checked(self, **values) -> dict[str, float]:
+        """Each given hyperparameter checked, None meaning this loss's default (gamma: 0.5 for "focal", 2 for
+        "softmax_focal"); hyperparameters this loss does not set are checked by GAMMA / LABEL_SMOOTHING's
+        rules and kept, so that one module or call can hold them for any loss_type."""
+        own = {h.name: h for h in self.hyperparameters}
+        shared = {h.name: h for h in (GAMMA, LABEL_SMOOTHING)}
+        out = {}
+        for name, value in values.items():
+            h = own.get(name) or shared[name]
+            out[name] = h.check(h.default if value is None else value)
+        return out
+
     def kernel_hyperparameters(self, values: Mapping[str, object]) -> tuple[float, ...]:
         """The family's hyperparameters in schema order: `values` (user-settable ones, checked; missing
         ones take their defaults; others are ignored) with this loss's fixed ones."""
@@ -102,13 +121,17 @@ class Loss:
         out = [fixed if h is None else values.get(h.name, h.default) for h, fixed in self._schema]
         return tuple(out) if all(type(v) is float or type(v) is int for v in out) else None
 
-    def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, **hyper):
+    def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, logit_offset=None,
+                  target_margin=None, **hyper):
         """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
-        rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper))
+        rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper),
+                                   logit_offset, target_margin)
         return _reduction.reduce_rows(rows, target, ignore_index, reduction)
 
-    def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters):
+    def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters, logit_offset=None,
+                       target_margin=None):
         named = {h.name: v for h, v in zip(self.family.hyperparameters, kernel_hyperparameters)}
+        logits = reference.adjusted_logits(logits, target, ignore_index, logit_offset, target_margin)
         return self.family.reference_rows(logits, target, class_weight, ignore_index, **named)
 
     def test_cases(self) -> list[dict[str, float]]:
@@ -124,6 +147,7 @@ LOSSES: tuple[Loss, ...] = (
     Loss("softmax", "cb_softmax_cross_entropy", SOFTMAX_CE, (LABEL_SMOOTHING,)),
     Loss("sigmoid", "cb_sigmoid_cross_entropy", SIGMOID_FOCAL, (), fixed={"gamma": 0.0}),
     Loss("focal", "cb_focal_loss", SIGMOID_FOCAL, (GAMMA,)),
+    Loss("softmax_focal", "cb_softmax_focal_loss", SOFTMAX_FOCAL, (SOFTMAX_FOCAL_GAMMA, LABEL_SMOOTHING)),
 )
 LOSS_TYPES: tuple[str, ...] = tuple(spec.name for spec in LOSSES)
 _BY_NAME = {spec.name: spec for spec in LOSSES}

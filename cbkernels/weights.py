@@ -29,6 +29,21 @@ def _as_float64(values, name: str) -> torch.Tensor:
     return t.detach().cpu()
 
 
+def checked_counts(samples_per_class) -> torch.Tensor:
+    """samples_per_class as a float64 CPU tensor, refused unless a non-empty 1-D sequence of finite counts >= 0."""
+    counts = _as_float64(samples_per_class, "samples_per_class")
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(
+            f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}"
+        )
+    if torch.isnan(counts).any() or torch.isinf(counts).any():
+        raise ValueError("samples_per_class must be finite")
+    if (counts < 0).any():
+        bad = torch.nonzero(counts < 0).flatten().tolist()
+        raise ValueError(f"samples_per_class must be non-negative; negative counts at classes {bad[:20]}")
+    return counts
+
+
 def _check_beta(beta: torch.Tensor) -> None:
     if torch.isnan(beta).any() or (beta < 0).any() or (beta > 1).any():
         raise ValueError(f"beta must lie in [0, 1], got {beta.tolist() if beta.numel() < 10 else beta}")
@@ -70,16 +85,7 @@ def class_balanced_weights(samples_per_class, beta=0.999, empty_classes: str = "
       number of classes that have samples, so their mean weight is 1 and the loss's scale does not depend
       on how many classes are empty). Formulas and the official code's convention: docs/math.md, section 2.
     """
-    counts = _as_float64(samples_per_class, "samples_per_class")
-    if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(
-            f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}"
-        )
-    if torch.isnan(counts).any() or torch.isinf(counts).any():
-        raise ValueError("samples_per_class must be finite")
-    if (counts < 0).any():
-        bad = torch.nonzero(counts < 0).flatten().tolist()
-        raise ValueError(f"samples_per_class must be non-negative; negative counts at classes {bad[:20]}")
+    counts = checked_counts(samples_per_class)
     if empty_classes not in ("error", "zero"):
         raise ValueError(f"empty_classes must be 'error' or 'zero', got {empty_classes!r}")
     beta_t = _as_float64(beta, "beta")

@@ -4,6 +4,7 @@ cbkernels' code: what the "mean divides by the non-ignored rows" tests sum by ha
 Per-row loss, z the row's logits, y its class, alpha = class_weight[y] (docs/math.md):
   softmax_ce:    alpha * (lse(z) - (1 - eps) z_y - (eps / C) sum_c z_c)
   sigmoid_focal: alpha * sum_c -(1 - p_c)^gamma log p_c,  p_c = sigmoid(z_c) for c == y, sigmoid(-z_c) otherwise
+  softmax_focal: alpha * sum_c q'_c (1 - p_c)^gamma (-log p_c),  p = softmax(z),  q' = (1 - eps) onehot(y) + eps / C
 """
 from __future__ import annotations
 
@@ -24,8 +25,19 @@ def sigmoid_focal_row(z, y, alpha, gamma):
     return alpha * math.fsum(terms)
 
 
+def softmax_focal_row(z, y, alpha, gamma, label_smoothing):
+    m = max(z)
+    total = math.fsum(math.exp(v - m) for v in z)
+    terms = []
+    for c, v in enumerate(z):
+        p = math.exp(v - m) / total
+        weight = (1 - label_smoothing) * (c == y) + label_smoothing / len(z)
+        terms.append(weight * (1 - p) ** gamma * -math.log(p))
+    return alpha * math.fsum(terms)
+
+
 # One formula per kernel family (losses.FAMILIES); a new family needs its own here (a KeyError says so).
-ROW_FORMULAS = {"softmax_ce": softmax_row, "sigmoid_focal": sigmoid_focal_row}
+ROW_FORMULAS = {"softmax_ce": softmax_row, "sigmoid_focal": sigmoid_focal_row, "softmax_focal": softmax_focal_row}
 
 
 def hand_rows(spec, logits, target, class_weight, ignore_index, hyper):

@@ -13,6 +13,7 @@ import torch
 
 import cbkernels as cb
 from cbkernels import losses
+from cases import family_hyperparameters
 
 GAMMA_FORMS = [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64),
                np.int64(2), torch.tensor(2)]
@@ -123,7 +124,7 @@ def test_raw_cpu_ops_refuse_sparse_logits():
     for family in losses.FAMILIES:
         op = family.op(torch.ops.cbkernels, "forward")
         with pytest.raises(RuntimeError, match="logits must be a dense tensor"):
-            op(logits.to_sparse(), target, weight, 0.5, -100, True)
+            op(logits.to_sparse(), target, weight, *family_hyperparameters(family), -100, True)
 
 
 @pytest.mark.parametrize("name, value", [("gamma", -1.0), ("gamma", 1e39), ("gamma", math.nan),

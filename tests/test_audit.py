@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cbkernels.audit import lineinfo, metrics, occupancy, roofline, sass
+from cbkernels.audit import launches, lineinfo, metrics, occupancy, roofline, sass
 from cbkernels.audit.launches import Launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_cli_triton_half_writes_json(tmp_path):
     assert records and all(REQUIRED_KEYS <= set(r) for r in records)
     assert {r["backend"] for r in records} == {"triton"}
     assert {(r["loss"], r["dtype"], r["gpu"]) for r in records} == {
-        (loss, dtype, gpu) for loss in ("softmax", "sigmoid", "focal") for dtype in ("float32", "bfloat16")
+        (loss, dtype, gpu) for loss in launches.LOSSES for dtype in ("float32", "bfloat16")
         for gpu in ("H100", "H200")}
     for r in records:
         assert r["predicted_ms"] > 0 and r["registers"] > 0 and r["ctas_per_sm"] >= 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbkernels
-from cbkernels import _backends, losses
+from cbkernels import _backends, losses, reference
 from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
 from hand_losses import hand_rows
 
@@ -131,29 +131,29 @@ class _ContractOps:
     with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
 
     @staticmethod
-    def _rows(family, z, target, cw, hyperparameters, ii):
+    def _rows(family, z, target, cw, hyperparameters, ii, offset, margin):
         assert len(hyperparameters) == len(family.hyperparameters), (family.name, hyperparameters)
         named = {h.name: v for h, v in zip(family.hyperparameters, hyperparameters)}
-        return family.reference_rows(z, target, cw, ii, **named)
+        return family.reference_rows(reference.adjusted_logits(z, target, ii, offset, margin), target, cw, ii, **named)
 
     def __getattr__(self, name):
         family_name, kind = name.rsplit("_", 1)
         family = losses.family(family_name)
 
-        def forward(logits, target, cw, *hyperparameters_ii_with_grad):
-            *hyperparameters, ii, with_grad = hyperparameters_ii_with_grad
+        def forward(logits, target, cw, *hyperparameters_ii_with_grad_adjustments):
+            *hyperparameters, ii, with_grad, offset, margin = hyperparameters_ii_with_grad_adjustments
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin)
                 grad = torch.autograd.grad(rows.sum(), z)[0] if with_grad else logits.new_empty((0,))
             return rows.detach().float(), grad
 
-        def backward(logits, target, cw, grad_loss, *hyperparameters_ii):
-            *hyperparameters, ii = hyperparameters_ii
+        def backward(logits, target, cw, grad_loss, *hyperparameters_ii_adjustments):
+            *hyperparameters, ii, offset, margin = hyperparameters_ii_adjustments
             assert grad_loss.dtype == torch.float32 and grad_loss.is_contiguous()
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin)
                 return torch.autograd.grad(rows, z, grad_loss.to(rows.dtype))[0]
 
         return forward if kind == "forward" else backward

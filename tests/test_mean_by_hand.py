@@ -42,7 +42,18 @@ def sigmoid_focal_row(z, y, gamma):
     return total
 
 
-ROW_FORMULAS = {"softmax_ce": softmax_ce_row, "sigmoid_focal": sigmoid_focal_row}
+def softmax_focal_row(z, y, gamma, label_smoothing):
+    """sum_c q'_c (1 - p_c)^gamma (-log p_c), p = softmax(z), q' = (1 - eps) onehot(y) + eps / C."""
+    m = max(z)
+    total = sum(math.exp(v - m) for v in z)
+    loss = 0.0
+    for c, v in enumerate(z):
+        p = math.exp(v - m) / total
+        loss += ((1 - label_smoothing) * (c == y) + label_smoothing / len(z)) * (1 - p) ** gamma * -math.log(p)
+    return loss
+
+
+ROW_FORMULAS = {"softmax_ce": softmax_ce_row, "sigmoid_focal": sigmoid_focal_row, "softmax_focal": softmax_focal_row}
 
 
 def _hand(spec, hyper, targets, ignore_index):

@@ -23,7 +23,7 @@ from cases import (GRAD_RTOL, LOSS_RTOL, REDUCTIONS, assert_finite_means_right, 
 from cbkernels import losses
 
 INF, NAN = math.inf, math.nan
-ROW_COUPLED = {"softmax_ce"}  # families whose every gradient entry depends on every logit of the row (lse)
+ROW_COUPLED = {"softmax_ce", "softmax_focal"}  # families whose every gradient entry depends on every logit of the row (lse)
 
 
 def _rows_and_grad(backend, spec, hyper, logits, target, weight, upstream):

@@ -49,9 +49,20 @@ def _focal_closed_form(a, num_classes, gamma):
     return target_term + (num_classes - 1) * negative_term, -negative_slope, target_slope
 
 
+def _softmax_focal_closed_form(a, num_classes, gamma, label_smoothing):
+    """Constant row: p = 1/C for every class, so each term is mod * log C with mod = (1 - 1/C)^gamma, and the
+    loss is that (the q' sum to 1). docs/math.md 13.1: h = -mod (1 + gamma p l / q) is the same for every
+    class, G = sum_c q'_c h = h, so grad_j = h (q'_j - 1/C)."""
+    eps, p = label_smoothing, 1.0 / num_classes
+    mod = (1.0 - p) ** gamma
+    h = -mod * (1.0 + gamma * p * math.log(num_classes) / (1.0 - p))
+    return mod * math.log(num_classes), h * (eps * p - p), h * (1.0 - eps + eps * p - p)
+
+
 # Per kernel family: (row value, C, its hyperparameters by name) -> (loss, gradient of a negative class,
 # gradient of the target class).
-CLOSED_FORMS = {"softmax_ce": _softmax_closed_form, "sigmoid_focal": _focal_closed_form}
+CLOSED_FORMS = {"softmax_ce": _softmax_closed_form, "sigmoid_focal": _focal_closed_form,
+                "softmax_focal": _softmax_focal_closed_form}
 
 
 def closed_form(spec, hyper, a, num_classes):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cases import DTYPES, FAMILY_PARAMS, assert_matches_reference, family_hyperparameters, loss_cases, make_inputs
-from cbkernels import losses
+from cbkernels import _ops, losses
 
 pytestmark = pytest.mark.triton
 
@@ -195,19 +195,25 @@ def test_bad_op_arguments_name_the_argument():
 def test_schemas_match_the_op_contract():
     # triton_op infers the schema from the annotations, and an `int` annotation becomes SymInt (so a
     # dynamic ignore_index traces); otherwise the schemas are the C++ ones of csrc/cbkernels.cpp.
+    adjust = ", Tensor? logit_offset=None, Tensor? target_margin=None"
     expected = {
         "sigmoid_focal_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
-                                 "SymInt ignore_index, bool with_grad) -> (Tensor, Tensor)",
+                                 f"SymInt ignore_index, bool with_grad{adjust}) -> (Tensor, Tensor)",
         "sigmoid_focal_backward": "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
-                                  "float gamma, SymInt ignore_index) -> Tensor",
+                                  f"float gamma, SymInt ignore_index{adjust}) -> Tensor",
         "softmax_ce_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, "
-                              "SymInt ignore_index, bool with_grad) -> (Tensor, Tensor)",
+                              f"SymInt ignore_index, bool with_grad{adjust}) -> (Tensor, Tensor)",
         "softmax_ce_backward": "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, "
-                               "float label_smoothing, SymInt ignore_index) -> Tensor",
+                               f"float label_smoothing, SymInt ignore_index{adjust}) -> Tensor",
+        "softmax_focal_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
+                                 f"float label_smoothing, SymInt ignore_index, bool with_grad{adjust}) -> (Tensor, Tensor)",
     }
     for name, signature in expected.items():
         schema = str(getattr(torch.ops.cbkernels_triton, name).default._schema)
         assert schema == f"cbkernels_triton::{name}{signature}", schema
+        if _ops.extension_loaded():  # the C++ extension's schema, but for its ignore_index (int)
+            cpp = str(getattr(torch.ops.cbkernels, name).default._schema)
+            assert cpp == f"cbkernels::{name}{signature}".replace("SymInt ignore_index", "int ignore_index"), cpp
 
 
 def _op_cases(n, c, dtype):
@@ -261,11 +267,11 @@ def build(fn, dt, extra, consts, warps, stages):
     sig = {"logits_ptr": "*" + dt, "target_ptr": "*i64", "weight_ptr": "*fp32", "grad_loss_ptr": "*fp32",
            "loss_ptr": "*fp32", "grad_ptr": "*" + dt, "N": "i32", "C": "i32", **extra, "ignore_index": "i32"}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(i,): ALIGNED for i in (0, 2, 4, 5)}  # what a launch with 16-byte aligned tensors specialises
+    attrs = {(i,): ALIGNED for i in (0, 2, 6, 7)}  # what a launch with 16-byte aligned tensors specialises
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 common = {"HAS_WEIGHT": True, "WRITE_LOSS": True, "WRITE_GRAD": True, "SCALE_GRAD": False, "ROWS": 1,
-          "grad_loss_ptr": None}
+          "grad_loss_ptr": None, "offset_ptr": None, "margin_ptr": None, "HAS_OFFSET": False, "HAS_MARGIN": False}
 kernels = {
     "sigmoid_focal bf16": build(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
                                 {**common, "GAMMA_MODE": 1, "BLOCK": 2048, "VEC": 8, "STAGES": 3}, 8, 3),

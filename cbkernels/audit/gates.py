@@ -14,9 +14,13 @@ MIN_CTAS_PER_SM = 2
 VECTOR_BYTES = 16
 PCT_COPY_GPU = "H200"
 PCT_COPY_SHAPE = (8192, 8142)
+# softmax_focal at its defaults (gamma 2, no label smoothing) is the softmax's one pass with two per-row
+# scalars changed: the softmax's targets.
 PCT_COPY_TARGETS = {
     ("softmax", "float32"): 90.0, ("sigmoid", "float32"): 90.0, ("focal", "float32"): 90.0,
+    ("softmax_focal", "float32"): 90.0,
     ("softmax", "bfloat16"): 90.0, ("sigmoid", "bfloat16"): 80.0, ("focal", "bfloat16"): 70.0,
+    ("softmax_focal", "bfloat16"): 90.0,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-LOSSES = ("softmax", "sigmoid", "focal")
+LOSSES = ("softmax", "sigmoid", "focal", "softmax_focal")
 DTYPES = ("float32", "bfloat16")
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 

@@ -5,16 +5,17 @@ and only this file, for the audit to follow):
 
     launches(loss, dtype, n, c) -> list[launches.Launch]
 
-loss: "softmax" | "sigmoid" | "focal" (losses.LOSSES names, at the registry's default hyperparameters:
-focal at gamma 0.5); dtype: "float32" | "bfloat16". The list holds every kernel that the default backward
-strategy (_backends.TRITON.default_strategy) launches for one forward + backward of the loss at (n, c), in
-order, each with:
+loss: "softmax" | "sigmoid" | "focal" | "softmax_focal" (losses.LOSSES names, at the registry's default
+hyperparameters: focal at gamma 0.5, softmax_focal at gamma 2 without label smoothing); dtype: "float32" |
+"bfloat16". The list holds every kernel that the default backward strategy (_backends.TRITON.default_strategy)
+launches for one forward + backward of the loss at (n, c), in order, each with:
 - code: TritonKernel(fn, args, constexprs, num_warps, num_stages), the exact arguments of the launch
   (tensors as their dtype), so that Triton specialises it as a real launch does;
 - the grid (ctas), threads per CTA, threads per row, elements per thread per main-loop iteration;
 - the N x C bytes it moves per element in the audited scenario: loss.backward() of a mean-reduced loss,
   whose upstream gradient is 1 on every row, with class weights and int64 targets; of the bytes read,
-  those a second pass re-reads (reread_bytes_per_elem: the streaming softmax's gradient pass).
+  those a later pass re-reads (reread_bytes_per_elem: the streaming softmax's gradient pass, and the
+  softmax focal loss's pass for its sums with label smoothing).
 Launch configurations come from configs.py's table and the launcher's own rule (ops._plan), never from
 numbers written here.
 """
@@ -54,17 +55,24 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper)
     options = dict(plan.options)  # constexprs and the compile options (num_warps, maxnreg) of the launch
     num_warps = options.pop("num_warps")
-    args = (torch_dtype, torch.int64, torch.float32, torch.float32 if scale_grad else None,
+    # no logit adjustments (logit_offset, target_margin: None): the audited scenario is the plain loss
+    args = (torch_dtype, torch.int64, torch.float32, None, None, torch.float32 if scale_grad else None,
             torch.float32 if write_loss else None, torch_dtype if write_grad else None,
             n, c, *hyper, IGNORE_INDEX)
     # maxnreg rides with the constexprs: the audit's compile hands them to Triton's binder with the options
-    constexprs = dict(HAS_WEIGHT=True, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad, **options)
+    constexprs = dict(HAS_WEIGHT=True, HAS_OFFSET=False, HAS_MARGIN=False, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+                      SCALE_GRAD=scale_grad, **options)
     threads = num_warps * 32
     flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad)) if on)
     elem = ELEMENT_BYTES[dtype]
     # A softmax row longer than one tile (HELD false) is streamed: pass 1 reads it for the max and the sum,
-    # pass 2, when the gradient is written, reads it again (softmax_ce.py).
-    reread = elem if write_grad and options.get("HELD") is False else 0
+    # and every later pass reads it again: the gradient's (softmax_ce.py) and, for the softmax focal loss
+    # with label smoothing, the one for its sums before it, which its loss needs too (softmax_focal.py).
+    passes_after = 0
+    if options.get("HELD") is False:
+        sums = spec.family.name == "softmax_focal" and options["HAS_SMOOTHING"]
+        passes_after = int(write_grad) + int(sums)
+    reread = elem * passes_after
     blocks = triton.cdiv(n, plan.rows)
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",

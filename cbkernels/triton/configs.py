@@ -78,14 +78,17 @@ _HELD_UP_TO_8192 = [
     (2048, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=2, programs_per_sm=4)),
     (8192, LaunchConfig(block=8192, rows=1, num_warps=4, num_stages=2, programs_per_sm=3)),
 ]
+_SOFTMAX = {
+    "fp32": _SMALL_C + _HELD_UP_TO_8192
+    + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=3))],
+    "half": _SMALL_C + _HELD_UP_TO_8192
+    + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=4))],
+}
 TABLE = {
     "sigmoid_focal": DEFAULT_TABLE,
-    "softmax_ce": {
-        "fp32": _SMALL_C + _HELD_UP_TO_8192
-        + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=3))],
-        "half": _SMALL_C + _HELD_UP_TO_8192
-        + [(None, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=3, programs_per_sm=4))],
-    },
+    "softmax_ce": _SOFTMAX,
+    # Without label smoothing, the softmax focal kernel is the cross entropy's pass: the same rows.
+    "softmax_focal": _SOFTMAX,
 }
 
 # Set by `override`: family -> LaunchConfig applied to every C and dtype of that family.

@@ -1,6 +1,7 @@
 """The family table: which Triton kernel each loss family of the registry launches, and its own
-constexprs. The kernels: sigmoid_focal.py and softmax_ce.py (their shared per-row setup: rows.py; the
-one switch between GPU instructions and the CPU interpreter: fastmath.py).
+constexprs. The kernels: sigmoid_focal.py, softmax_ce.py and softmax_focal.py (their shared per-row setup:
+rows.py; the softmax kernels' shared row pieces: softmax_ce.py; the one switch between GPU instructions and
+the CPU interpreter: fastmath.py).
 """
 import dataclasses
 from typing import Callable
@@ -8,6 +9,7 @@ from typing import Callable
 from ..gamma_cases import gamma_case
 from .sigmoid_focal import sigmoid_focal_kernel
 from .softmax_ce import softmax_ce_kernel
+from .softmax_focal import softmax_focal_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,10 +17,12 @@ class FamilyKernel:
     """One family's Triton kernel, as ops.py launches it.
 
     kernel: a @triton.jit function whose arguments are, in order,
-        logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+        logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
         N, C, <the family's hyperparameters, in schema order>, ignore_index,
-    then the constexprs HAS_WEIGHT, WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, ROWS, BLOCK, VEC, STAGES (by
-    keyword) and the family's own. Its grid is persistent: any number of programs covers all rows.
+    then the constexprs HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, ROWS, BLOCK,
+    VEC, STAGES (by keyword) and the family's own. offset_ptr and margin_ptr are the op's logit_offset and
+    target_margin ((C,) float32), None when absent (HAS_OFFSET / HAS_MARGIN false). Its grid is persistent:
+    any number of programs covers all rows.
     constexprs(hyperparameters, num_classes, block) -> the family's own constexprs, by name: hyperparameters
     are the op's values (a sequence, in schema order), num_classes is C (an int), block the tile width of
     the launch.
@@ -37,8 +41,15 @@ def _softmax_ce_constexprs(hyperparameters, num_classes, block):
     return {"HAS_SMOOTHING": label_smoothing != 0.0, "HELD": block >= num_classes}
 
 
+def _softmax_focal_constexprs(hyperparameters, num_classes, block):
+    gamma, label_smoothing = hyperparameters
+    return {"GAMMA_MODE": int(gamma_case(float(gamma))), "HAS_SMOOTHING": label_smoothing != 0.0,
+            "HELD": block >= num_classes}
+
+
 # By the registry's family name (losses.Family.name).
 FAMILY_KERNELS = {
     "sigmoid_focal": FamilyKernel(sigmoid_focal_kernel, _sigmoid_focal_constexprs),
     "softmax_ce": FamilyKernel(softmax_ce_kernel, _softmax_ce_constexprs),
+    "softmax_focal": FamilyKernel(softmax_focal_kernel, _softmax_focal_constexprs),
 }

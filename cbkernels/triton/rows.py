@@ -16,6 +16,11 @@ int64, since i * C passes 2^31 once N * C does). The head and tail (< VEC elemen
 that holds the target column form one edge tile with exact element masks (edge_columns): the kernels
 treat every body element as a non-target class, with no per-element test for the target, and give the
 target its own formula in the edge tile, once per row. No access ever leaves the row.
+
+Logit adjustments (docs/op-contract.md, "Inputs"): the kernels compute at z' = z + logit_offset[c] -
+[c == y] target_margin[y]. The (C,) offset is added where the logits are loaded (add_offset: the vector stays
+in cache), the margin on the target column only, which the edge tile (or the softmax's z_y) holds apart. Both
+are compile-time flags (HAS_OFFSET, HAS_MARGIN): without them no code is emitted.
 """
 import triton
 import triton.language as tl
@@ -46,6 +51,41 @@ def row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.co
     else:
         alpha = tl.full([ROWS], 1.0, tl.float32)
     return y, valid, tl.where(valid & ~in_range, float("nan"), alpha)
+
+
+@triton.jit
+def row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """(body_o, e_o, margin_y): logit_offset at the body's first column ([ROWS, 1] pointers, the body tile's
+    offs index it as they index the logits) and at the edge tile's columns, and target_margin[y] per row;
+    a constant 0 for an adjustment that is absent (never read then: a compiled function cannot return None).
+    y is in [0, C) (row_targets), so the margin's load is safe."""
+    body_o = 0
+    e_o = 0
+    margin_y = 0
+    if HAS_OFFSET:
+        body_o = offset_ptr + head[:, None]
+        e_o = offset_ptr + e_cols
+    if HAS_MARGIN:
+        margin_y = tl.load(margin_ptr + y)
+    return body_o, e_o, margin_y
+
+
+@triton.jit
+def add_offset(z, offset_at, offs, mask, HAS_OFFSET: tl.constexpr):
+    """z + logit_offset at the pointers offset_at + offs (masked lanes, padding at -inf or 0, unchanged).
+    offset_at may be a placeholder without HAS_OFFSET, hence apart from offs: nothing is formed from it then."""
+    if HAS_OFFSET:
+        z += tl.load(offset_at + offs, mask=mask, other=0.0)
+    return z
+
+
+@triton.jit
+def adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """The edge tile's logits ([4 VEC, ROWS]) adjusted: the offset on every lane, the margin on the target's."""
+    z_e = add_offset(z_e, e_o, 0, e_mask, HAS_OFFSET)
+    if HAS_MARGIN:
+        z_e -= tl.where(e_is_y, margin_y[None, :], 0.0)
+    return z_e
 
 
 @triton.jit

@@ -14,14 +14,17 @@ vector that holds the target column (a mask constant over each vector), and the 
 tail and that vector, one lane a thread: rows.py) takes the general form with a select. Ignored rows take
 a per-row branch that stores zeros (no select per element, and NaN/inf logits of an ignored row cannot
 leak). Padding lanes load -inf, whose term is exactly 0, so the loss accumulates with no mask. With
-ROWS > 1 (short rows, several per tile) the ignored-row branch becomes a select.
+ROWS > 1 (short rows, several per tile) the ignored-row branch becomes a select. The logit adjustments
+(HAS_OFFSET, HAS_MARGIN; rows.py): the offset is added as the body and edge tiles are loaded, the margin
+on the edge tile's target lane (t = +1).
 """
 import triton
 import triton.language as tl
 
 from ..gamma_cases import GammaCase
 from .fastmath import LOG2E, rcp, two_atanh
-from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
+from .rows import (add_offset, adjust_edge, body_mask, edge_columns, row_adjustments, row_block, row_scalar, row_split,
+                   row_targets, target_vector)
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
 # (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum).
@@ -89,9 +92,9 @@ def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
 
 @triton.jit
 def sigmoid_focal_kernel(
-    logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
     N, C, gamma, ignore_index,
-    HAS_WEIGHT: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, GAMMA_MODE: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -114,6 +117,7 @@ def sigmoid_focal_kernel(
         body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
         row_store = row_mask[:, None]
         e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
+        body_o, e_o, margin_y = row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET, HAS_MARGIN)
         e_at = a[None, :] + e_cols
         e_store = e_mask & row_mask[None, :]
         body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
@@ -127,13 +131,16 @@ def sigmoid_focal_kernel(
                 offs = start + cols
                 mask = body_mask(offs, body, y_vec, VEC)
                 z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                z = add_offset(z, body_o, offs, mask, HAS_OFFSET)
                 term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
                 if WRITE_GRAD:
                     _store_grad(grad_ptr + body_at + offs, mask & row_store, coef[:, None], dz, valid[:, None],
                                 PER_ROW)
                 acc += term
             z = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
-            term, dz = _focal_of_z(z, (e_cols == y[None, :]) & e_mask, gamma, GAMMA_MODE)
+            e_is_y = (e_cols == y[None, :]) & e_mask
+            z = adjust_edge(z, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+            term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)
             if WRITE_GRAD:
                 _store_grad(grad_ptr + e_at, e_store, coef[None, :], dz, valid[None, :], PER_ROW)
             if WRITE_LOSS:

@@ -24,16 +24,48 @@ leaves the target out of its sum with a select, stores its gradient g_y, and exp
 per row.
 Ignored rows take a per-row branch that stores zeros (ROWS == 1; with several rows per tile, a select).
 NaN: a max-reduction may drop a NaN, but exp(NaN - m) still makes s, hence lse, loss and gradient, NaN.
+
+Logit adjustments (HAS_OFFSET, HAS_MARGIN; rows.py): the offset is added wherever a tile of logits is
+loaded (each pass), the offset and margin of the target to z_y once per row, and the edge tile's target
+lane gets the margin too (only the smoothing's sum of logits reads it).
+
+The pieces of a row (its setup, the log-sum-exp of either path, the gradient's streamed pass, the stores)
+are the helpers below; the softmax focal kernel (softmax_focal.py) is built from the same ones.
 """
 import triton
 import triton.language as tl
 
 from .fastmath import LOG2E, two_atanh
-from .rows import body_mask, edge_columns, row_block, row_scalar, row_split, row_targets, target_vector
+from .rows import (add_offset, adjust_edge, body_mask, edge_columns, row_adjustments, row_block, row_scalar,
+                   row_split, row_targets, target_vector)
 
 # The running max of the streaming pass starts at the lowest finite float, not -inf: a lane that sees
 # only padding (-inf) keeps (m, s) = (lowest, 0), and no -inf - -inf is ever formed.
 _LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def row_setup(logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index,
+              HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, ROWS: tl.constexpr,
+              VEC: tl.constexpr):
+    """A row block as the softmax kernels walk it (rows.py): (rows, row_mask, valid, alpha, a_up, body,
+    y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y): the rows and which exist, the target data, the
+    body's aligned flat start, length and target vector, the edge tile's flat addresses, mask and target lane
+    ([4 VEC, ROWS]), the adjusted target logit z_y (one element, from the cache lines of the row), and the
+    adjustments' pointers and margin (rows.row_adjustments)."""
+    rows, row_mask = row_block(block, N, ROWS)
+    y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+    a, a_up, head, body = row_split(rows, C, VEC)
+    y_vec = target_vector(y, head, body, VEC)
+    e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
+    body_o, e_o, margin_y = row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET, HAS_MARGIN)
+    z_y = tl.load(logits_ptr + a + y).to(tl.float32)
+    if HAS_OFFSET:
+        z_y += tl.load(offset_ptr + y)
+    if HAS_MARGIN:
+        z_y -= margin_y
+    return (rows, row_mask, valid, alpha, a_up, body, y_vec, a[None, :] + e_cols, e_mask, e_cols == y[None, :], z_y,
+            body_o, e_o, margin_y)
 
 
 @triton.jit
@@ -44,25 +76,26 @@ def _log1p_pos(x):
 
 
 @triton.jit
-def _row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING: tl.constexpr):
-    """lse - (1 - eps) z_y - eps/C sum z with lse = m + log s. lse - z_y = (m - z_y) + log s; when the
-    target holds the max (z_y == m), s = 1 + s_ny and log1p(s_ny) keeps the loss's relative precision for
-    a confident prediction (log s rounds to 0 once s_ny < 2^-24). Grouped so each bracket is exactly 0
-    when C == 1."""
-    loss = (m - z_y) + tl.where(z_y == m, _log1p_pos(s_ny), tl.log(s))
-    if HAS_SMOOTHING:
-        loss += eps * (z_y - sum_z / C)
-    return loss
+def target_nll(m, s, s_ny, z_y):
+    """-log p_y = lse - z_y with lse = m + log s, as (m - z_y) + log s; when the target holds the max
+    (z_y == m), s = 1 + s_ny and log1p(s_ny) keeps its relative precision for a confident prediction
+    (log s rounds to 0 once s_ny < 2^-24). Exactly 0 when C == 1."""
+    return (m - z_y) + tl.where(z_y == m, _log1p_pos(s_ny), tl.log(s))
 
 
 @triton.jit
-def _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING: tl.constexpr,
-                SCALE_GRAD: tl.constexpr):
-    """(k, off, g_y) per row: off the target the gradient is k exp(z - m) - off (k = coef / s,
-    off = coef eps / C); on it, g_y = coef (eps (1 - 1/C) - s_ny / s) (coef = alpha (* grad_loss))."""
-    coef = alpha
+def grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD: tl.constexpr):
+    """The gradient's per-row scale: alpha (times grad_loss in the backward)."""
     if SCALE_GRAD:
-        coef = alpha * tl.load(grad_loss_ptr + rows)
+        return alpha * tl.load(grad_loss_ptr + rows)
+    else:
+        return alpha
+
+
+@triton.jit
+def grad_terms(coef, s, s_ny, eps, C, HAS_SMOOTHING: tl.constexpr):
+    """(k, off, g_y) per row: off the target the gradient is k exp(z - m) - off (k = coef / s,
+    off = coef eps / C); on it, g_y = coef (eps (1 - 1/C) - s_ny / s)."""
     inv_s = 1.0 / s
     g_y = -s_ny * inv_s
     if HAS_SMOOTHING:
@@ -74,7 +107,7 @@ def _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING: tl.c
 
 
 @triton.jit
-def _store_grad(ptrs, mask, g, valid, PER_ROW: tl.constexpr):
+def store_grad(ptrs, mask, g, valid, PER_ROW: tl.constexpr):
     """Stores g (fp32) rounded to the gradient's dtype; valid broadcasts against g."""
     if not PER_ROW:  # several rows per tile: ignored rows are zeroed here (with ROWS == 1 by a branch)
         g = tl.where(valid, g, 0.0)
@@ -82,9 +115,9 @@ def _store_grad(ptrs, mask, g, valid, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
-                 WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HELD: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, VEC: tl.constexpr):
+def store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+                WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HELD: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK: tl.constexpr, VEC: tl.constexpr):
     """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread (one store for a held row)."""
     if WRITE_GRAD:
         zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
@@ -100,6 +133,17 @@ def _store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store,
 
 
 @triton.jit
+def held_lse(z_b, z_e, e_is_y):
+    """(m, ex_b, ex_e, s_ny) of held rows: the max (one block-wide reduction), exp(z - m) of the body and
+    edge tiles (the target's term left out of ex_e), and s_ny, their sum (a second reduction)."""
+    m = tl.maximum(tl.max(z_b, axis=1), tl.max(z_e, axis=0))
+    mb = m * LOG2E
+    ex_b = tl.exp2(z_b * LOG2E - mb[:, None])
+    ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))
+    return m, ex_b, ex_e, tl.sum(ex_b, axis=1) + tl.sum(ex_e, axis=0)
+
+
+@triton.jit
 def _lane_update(m, s, z):
     """Running (max, sum exp(z - max)) per lane, extended by z with one exp:
     e = exp(-|z - m|); if z > m the sum is rescaled, s e + 1, else s + e; m = max(m, z).
@@ -111,10 +155,55 @@ def _lane_update(m, s, z):
 
 
 @triton.jit
+def streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y,
+                 SUM_Z: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+    """Pass 1 of streamed rows: (m, z_e, ex_e, s_ny, sum_z), the edge tile's logits and exp(z - m) (the
+    target's left out) read after the body's tiles, and with SUM_Z the sum of the row's logits (else 0).
+    Running (max, sum) per lane over the tiles (_lane_update), merged once per row."""
+    m_l = tl.full([ROWS, BLOCK], _LOWEST, tl.float32)
+    s_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    sz_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+        offs = start + cols
+        mask = body_mask(offs, body, y_vec, VEC)
+        z = add_offset(tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32), body_o, offs, mask,
+                       HAS_OFFSET)
+        if SUM_Z:
+            sz_l += tl.where(mask, z, 0.0)
+        m_l, s_l = _lane_update(m_l, s_l, z)
+    z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+    z_e = adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+    m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=0))
+    m = tl.maximum(m_ny, z_y)
+    mb = m * LOG2E
+    ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))
+    s_ny = tl.sum(s_l * tl.exp2(m_l * LOG2E - mb[:, None]), axis=1) + tl.sum(ex_e, axis=0)
+    sum_z = tl.zeros_like(m)
+    if SUM_Z:
+        sum_z = tl.sum(sz_l, axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=0)
+    return m, z_e, ex_e, s_ny, sum_z
+
+
+@triton.jit
+def streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid, m, k, off,
+                  HAS_OFFSET: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """The gradient's pass over a streamed row's body: k exp(z - m) - off (k, off: grad_terms)."""
+    mb = m * LOG2E
+    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+        offs = start + cols
+        mask = body_mask(offs, body, y_vec, VEC)
+        z = add_offset(tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32), body_o, offs, mask, HAS_OFFSET)
+        store_grad(grad_ptr + body_at + offs, mask & row_store,
+                   tl.exp2(z * LOG2E - mb[:, None]) * k[:, None] - off[:, None], valid[:, None], PER_ROW)
+
+
+@triton.jit
 def softmax_ce_kernel(
-    logits_ptr, target_ptr, weight_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
     N, C, eps, ignore_index,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -124,77 +213,53 @@ def softmax_ce_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES if HELD else 1):
-        rows, row_mask = row_block(block, N, ROWS)
-        y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
-        a, a_up, head, body = row_split(rows, C, VEC)
-        y_vec = target_vector(y, head, body, VEC)
+        rows, row_mask, valid, alpha, a_up, body, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y = row_setup(
+            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index, HAS_WEIGHT,
+            HAS_OFFSET, HAS_MARGIN, ROWS, VEC)
         body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
         body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
         row_store = row_mask[:, None]
-        e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
-        e_at = a[None, :] + e_cols
         e_store = e_mask & row_mask[None, :]
-        e_is_y = e_cols == y[None, :]
+        body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
         if PER_ROW:
             compute = row_scalar(valid.to(tl.int32)) != 0
         else:
             compute = True
-        z_y = tl.load(logits_ptr + a + y).to(tl.float32)  # one element, from the cache lines of the row
         if HELD:
             # loaded before the branch, so the pipelined loop prefetches them for every row
             b_mask = body_mask(cols, body, y_vec, VEC)
             z_b = tl.load(body_z + cols, mask=b_mask, other=float("-inf")).to(tl.float32)
             z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+            z_b = add_offset(z_b, body_o, cols, b_mask, HAS_OFFSET)
+            z_e = adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
         if compute:
             if HELD:
-                m = tl.maximum(tl.max(z_b, axis=1), tl.max(z_e, axis=0))
-                mb = m * LOG2E
-                ex_b = tl.exp2(z_b * LOG2E - mb[:, None])
-                ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))  # the target's term left out
-                s_ny = tl.sum(ex_b, axis=1) + tl.sum(ex_e, axis=0)
+                m, ex_b, ex_e, s_ny = held_lse(z_b, z_e, e_is_y)
                 sum_z = tl.zeros_like(m)
                 if HAS_SMOOTHING:
                     sum_z = tl.sum(tl.where(b_mask, z_b, 0.0), axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=0)
             else:
-                body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
-                m_l = tl.full([ROWS, BLOCK], _LOWEST, tl.float32)
-                s_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-                sz_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-                for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
-                    offs = start + cols
-                    mask = body_mask(offs, body, y_vec, VEC)
-                    z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    if HAS_SMOOTHING:
-                        sz_l += tl.where(mask, z, 0.0)
-                    m_l, s_l = _lane_update(m_l, s_l, z)
-                z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
-                m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=0))
-                m = tl.maximum(m_ny, z_y)
-                mb = m * LOG2E
-                ex_e = tl.where(e_is_y, 0.0, tl.exp2(z_e * LOG2E - mb[None, :]))
-                s_ny = tl.sum(s_l * tl.exp2(m_l * LOG2E - mb[:, None]), axis=1) + tl.sum(ex_e, axis=0)
-                sum_z = tl.zeros_like(m)
-                if HAS_SMOOTHING:
-                    sum_z = tl.sum(sz_l, axis=1) + tl.sum(tl.where(e_mask, z_e, 0.0), axis=0)
+                m, z_e, ex_e, s_ny, sum_z = streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask,
+                                                         e_is_y, z_y, body_o, e_o, margin_y, HAS_SMOOTHING,
+                                                         HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK, VEC, STAGES)
             s = s_ny + tl.exp2((z_y - m) * LOG2E)
             if WRITE_LOSS:
-                row_loss = _row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING)
+                # lse - (1 - eps) z_y - eps/C sum z, grouped so each bracket is exactly 0 when C == 1
+                row_loss = target_nll(m, s, s_ny, z_y)
+                if HAS_SMOOTHING:
+                    row_loss += eps * (z_y - sum_z / C)
                 tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
             if WRITE_GRAD:
-                k, off, g_y = _grad_terms(alpha, grad_loss_ptr, rows, s, s_ny, eps, C, HAS_SMOOTHING, SCALE_GRAD)
+                k, off, g_y = grad_terms(grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD), s, s_ny, eps, C,
+                                         HAS_SMOOTHING)
                 if HELD:
-                    _store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
-                                valid[:, None], PER_ROW)
+                    store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
+                               valid[:, None], PER_ROW)
                 else:
-                    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
-                        offs = start + cols
-                        mask = body_mask(offs, body, y_vec, VEC)
-                        z = tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32)
-                        _store_grad(grad_ptr + body_at + offs, mask & row_store,
-                                    tl.exp2(z * LOG2E - mb[:, None]) * k[:, None] - off[:, None], valid[:, None],
-                                    PER_ROW)
-                _store_grad(grad_ptr + e_at, e_store, tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]),
-                            valid[None, :], PER_ROW)
+                    streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid, m, k,
+                                  off, HAS_OFFSET, PER_ROW, BLOCK, VEC, STAGES)
+                store_grad(grad_ptr + e_at, e_store, tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]),
+                           valid[None, :], PER_ROW)
         else:
-            _store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
-                         WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)
+            store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+                        WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)

@@ -15,10 +15,10 @@
 //   domain     the refusal's wording: "<op>: <name> must be <domain>, got <value>".
 // A hyperparameter shared by several families is listed once.
 #define CBKERNELS_HYPERPARAMETERS(H)                                                  \
-  /* the focal exponent of the sigmoid family (0: sigmoid cross entropy); the kernels take it as a */ \
+  /* the focal exponent of the sigmoid and softmax focal families (0: sigmoid cross entropy); the kernels take it as a */ \
   /* float, so above float32's largest value it would become inf; NaN and inf fail the comparisons */ \
   H(gamma, value >= 0.0 && value <= 3.4028234663852886e38, "a finite number >= 0 that fits float32") \
-  /* eps of the softmax family; written so that NaN fails too */                      \
+  /* eps of the softmax families; written so that NaN fails too */                      \
   H(label_smoothing, value >= 0.0 && value <= 1.0, "in [0, 1]")
 
 // Every kernel family: X(Enumerator, name, (hyperparameters)).
@@ -30,4 +30,5 @@
 // The order here is the Family enum's, which indexes the tables derived from this list.
 #define CBKERNELS_FAMILIES(X)                    \
   X(kSigmoidFocal, sigmoid_focal, (gamma))       \
-  X(kSoftmaxCe, softmax_ce, (label_smoothing))
+  X(kSoftmaxCe, softmax_ce, (label_smoothing))   \
+  X(kSoftmaxFocal, softmax_focal, (gamma, label_smoothing))

@@ -1,12 +1,13 @@
-// exp and log1p over Vectorized<float>, inlined, for the argument ranges the loss kernels use.
+// exp, log1p and log over Vectorized<float>, inlined, for the argument ranges the loss kernels use.
 //
 // Why not Vectorized's own exp() / log1p(): those call Sleef's u10 functions through the PLT, one call
 // per vector, with full-range argument handling. Profiled in the softmax backward at (1024, 8142) fp32
 // on one AVX-512 thread, Sleef's expf16 alone took 5 ms of the 10.8 ms (torch.exp of the same tensor,
-// through MKL, takes 3.2 ms in all). The loss kernels need exp only for x <= 0 and log1p only on [0, 1],
-// where a short inline polynomial does. Accuracy, measured against double on every 5th float of
-// [-110, 0] (exp) and every 7th of [2^-30, 1] (log1p), AVX-512 build: exp 1.01 ulp, log1p 1.95 ulp
-// (Sleef u10: 1 ulp each); tests/test_cpu_math_accuracy.py checks the losses and gradients built on them.
+// through MKL, takes 3.2 ms in all). The loss kernels need exp only for x <= 0, log1p and log only on
+// [0, 1], where a short inline polynomial does. Accuracy, measured against double on every 5th float of
+// [-110, 0] (exp), every 7th of [2^-30, 1] (log1p) and every 3rd of [2^-30, 1] (log), AVX-512 build: exp
+// 1.01 ulp, log1p 1.95 ulp, log 1.85 ulp (Sleef u10: 1 ulp each); tests/test_cpu_math_accuracy.py checks the
+// losses and gradients built on them.
 // The kernels are bound by vector-port arithmetic (about 70 operations per vector for focal), so each
 // operation saved here shows: the forms below were chosen by measurement, see each function.
 //
@@ -18,7 +19,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#include <limits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -95,6 +98,50 @@ C10_ALWAYS_INLINE Vec log1p_unit(const Vec& e) {
   p = at::vec::fmadd(p, t2, Vec(2.0f / 5.0f));
   p = at::vec::fmadd(p, t2, Vec(2.0f / 3.0f));
   return at::vec::fmadd(t * t2, p, t + t);
+}
+
+// Whether every lane of x is <= bound (a NaN lane is not). One compare into a mask and its test: ATen's
+// comparison operators build a vector of all-ones lanes instead (through mask registers on AVX-512).
+C10_ALWAYS_INLINE bool all_at_most(const Vec& x, const Vec& bound) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(x, bound, _CMP_NLE_UQ) == 0;  // no lane above bound or NaN
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(x, bound, _CMP_LE_OQ)) == 0xFF;
+#else
+  for (int64_t i = 0; i < Vec::size(); ++i) {
+    if (!(x[i] <= bound[i])) return false;
+  }
+  return true;
+#endif
+}
+
+// log(q) for q in [0, 1]; q below the normal range (0 in particular) gives -inf, NaN gives NaN.
+//   q = 2^k f with f in [3/4, 3/2): k = floor(log2(q / (3/4))) is the difference of the bits of q and of 3/4,
+//   shifted down by the 23 significand bits (a significand of q below 3/4's borrows one from the exponent);
+//   f is q with k subtracted from its exponent field (exact).
+//   log q = k ln2 + 2 atanh(t), t = (f - 1) / (f + 1) in [-1/7, 1/5]; f - 1 is exact, so t carries the
+//   roundings of f + 1 and of the division only. 2 atanh(t) = 2t + t^3 (2/3 + 2/5 t^2 + 2/7 t^4 + 2/9 t^6),
+//   the series cut after t^9, whose remainder is below t^10 / 11 < 1e-8 relative at t = 1/5. k ln2 is
+//   added with ln2 split as in exp_nonpositive (k C1 exact). 1.85 ulp at most (see the top of this file),
+//   near q = 3/4 from below, where k ln2 and log f partly cancel.
+//   For q = 0 (and subnormals) the bit manipulation gives a finite number: the sign of q - FLT_MIN selects
+//   -inf there; adding q - q (0, or NaN) passes a NaN, which the integer steps would have lost.
+C10_ALWAYS_INLINE Vec log_unit(const Vec& q) {
+  const IntVec bits = at::vec::cast<int32_t>(q);
+  const IntVec k = (bits - IntVec(0x3f400000)) >> IntVec(23);  // 0x3f400000: the bits of 3/4
+  const Vec f = at::vec::cast<float>(bits - (k << IntVec(23)));
+  const Vec one(1.0f);
+  const Vec t = (f - one) / (f + one);
+  const Vec t2 = t * t;
+  Vec p(2.0f / 9.0f);
+  p = at::vec::fmadd(p, t2, Vec(2.0f / 7.0f));
+  p = at::vec::fmadd(p, t2, Vec(2.0f / 5.0f));
+  p = at::vec::fmadd(p, t2, Vec(2.0f / 3.0f));
+  const Vec log_f = at::vec::fmadd(t * t2, p, t + t);
+  const Vec kf = at::vec::convert_to_fp_of_same_size<float>(k);
+  const Vec log_q = at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), log_f));
+  const Vec below_normal = sign_mask(q - Vec(std::numeric_limits<float>::min()));
+  return select(below_normal, Vec(-std::numeric_limits<float>::infinity()), log_q) + (q - q);
 }
 
 }  // namespace CPU_CAPABILITY

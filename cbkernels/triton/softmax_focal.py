@@ -1,0 +1,228 @@
+"""The softmax focal loss kernel (gamma, label smoothing eps): per-row loss and/or gradient, with the
+flags, paths (HELD or streamed) and row pieces of the softmax cross-entropy kernel (softmax_ce.py). Math:
+docs/math.md, section 13 (and 6, 7); the op contract: docs/op-contract.md. With p = softmax(z),
+q_c = 1 - p_c, l_c = -log p_c, mod_c = q_c^gamma and h_c = -mod_c (1 + gamma p_c l_c / q_c):
+
+    loss_i = alpha_y sum_c q'_c mod_c l_c,               q' = (1 - eps) onehot(y) + eps / C
+    grad_ij = (grad_loss_i) alpha_y ((eps / C) h_j - p_j G + (1 - eps) h_y [j == y]),
+    G = (1 - eps) h_y + (eps / C) sum_c h_c.
+
+Without smoothing (HAS_SMOOTHING false, the common case) the row is the cross entropy's single pass, the
+same per-element work: loss alpha_y mod_y l_y and the cross entropy's gradient times one per-row factor
+F = -h_y (13.2). Both come from the target's scalars of section 7's split: l_y = lse - z_y as the cross
+entropy forms it, q_y = s_ny / s, p_y l_y / q_y = l_y exp(z_y - m) / s_ny; none subtracts from 1, so a
+confident row keeps its loss and gradient to fp32's relative precision.
+
+With smoothing every class's term counts (13.3): after the log-sum-exp, a second pass sums mod_c l_c and
+h_c over the classes other than the target, and a third writes the gradient, which needs G first. A held
+row makes both from its registers; a streamed row reads its tiles again for each (from L2 while the rows
+in flight fit, as the cross entropy's gradient pass). The target stays out of the per-element work, as in
+the cross entropy (the body tiles leave its vector out, its edge lane is selected away) and takes the
+exact scalars above, its gradient formed as (1 - eps + eps/C) q_y h_y - (eps/C) p_y sum_{c != y} h_c (the
+line above with G expanded: no 1 - p_y is formed). Its launch rows are the cross entropy's (configs.py),
+chosen for the common case: with smoothing, a held row of 8192 columns (64 elements a thread) needs more
+than the 255 registers a thread can have and spills a little (sm_90: 24 to 470 bytes by gamma case).
+
+The logit adjustments (HAS_OFFSET, HAS_MARGIN) are the cross entropy's: the offset added to every tile as
+it is loaded (each pass), offset and margin to z_y and the edge tile (softmax_ce.row_setup, rows.py).
+
+The modulator is specialised by GAMMA_MODE (as the sigmoid family's): per element only with smoothing;
+without, it is one value per row. gamma == 0 (mod = 1, h = -1) is the cross entropy, value and gradient.
+"""
+import triton
+import triton.language as tl
+
+from .fastmath import LOG2E, rcp
+from .rows import add_offset, adjust_edge, body_mask, row_scalar
+from .sigmoid_focal import GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ZERO
+from .softmax_ce import (grad_coef, grad_terms, held_lse, row_setup, store_grad, store_zeros, streamed_grad,
+                         streamed_lse, target_nll)
+
+# Below this q, l / q = -log(1 - q) / q is taken as its series 1 + q/2 (the next term, q^2/3 < 2^-25, is below
+# fp32's rounding): there q = 1 - p and l = log s - (z - m), both near 0 and formed by subtraction, have lost
+# relative precision, and so would their quotient, while 1 + q/2 needs q to a few bits only.
+_Q_SERIES = tl.constexpr(2.0**-12)
+
+
+@triton.jit
+def _modulator(q, gamma, GAMMA_MODE: tl.constexpr):
+    """q^gamma for q in [0, 1]: 1, sqrt(q), q, q q, or exp2(gamma log2 q) (0 at q = 0)."""
+    if GAMMA_MODE == GAMMA_ZERO:
+        return tl.zeros_like(q) + 1.0
+    elif GAMMA_MODE == GAMMA_HALF:
+        return tl.sqrt(q)
+    elif GAMMA_MODE == GAMMA_ONE:
+        return q
+    elif GAMMA_MODE == GAMMA_TWO:
+        return q * q
+    else:
+        return tl.exp2(gamma * tl.log2(q))
+
+
+@triton.jit
+def _target_factor(mod_y, l_y, e_y, s_ny, gamma, GAMMA_MODE: tl.constexpr):
+    """F = -h_y = mod_y (1 + gamma p_y l_y / q_y) per row (docs/math.md, 13.2), with
+    p_y l_y / q_y = log1p(x) / x = l_y e_y / s_ny, x = s_ny / e_y, e_y = exp(z_y - m): 1 at x = 0 (C == 1,
+    or s_ny underflowed: a confident row); 0 where e_y underflowed (x = inf) but l_y is finite. A target
+    masked with -inf (l_y = inf, e_y = 0) gives NaN, as the reference's gradient there (its loss is inf).
+    NaN stays NaN."""
+    if GAMMA_MODE == GAMMA_ZERO:
+        return mod_y
+    else:
+        return mod_y * (1.0 + gamma * tl.where(s_ny == 0.0, 1.0, l_y * e_y / s_ny))
+
+
+@triton.jit
+def _class_terms(z, ex, m, log_s, inv_s, gamma, GAMMA_MODE: tl.constexpr):
+    """(p, mod l, h) of classes other than the target (docs/math.md, 13.3), from z and ex = exp(z - m):
+    p = ex / s, l = log s - (z - m) (= lse - z, without rounding lse), q = 1 - p. A padding lane
+    (z = -inf) gives l = inf and a NaN h: the callers mask them out."""
+    p = ex * inv_s
+    l = log_s - (z - m)
+    if GAMMA_MODE == GAMMA_ZERO:
+        return p, l, tl.zeros_like(p) - 1.0
+    else:
+        q = 1.0 - p
+        mod = _modulator(q, gamma, GAMMA_MODE)
+        l_over_q = tl.where(q < _Q_SERIES, 1.0 + 0.5 * q, l * rcp(q))  # rcp: q >= 2^-12, a normal float
+        return p, mod * l, -mod * (1.0 + gamma * p * l_over_q)
+
+
+@triton.jit
+def _streamed_sums(body_z, body_o, cols, body, body_1, y_vec, m, log_s, inv_s, gamma, GAMMA_MODE: tl.constexpr,
+                   HAS_OFFSET: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                   STAGES: tl.constexpr):
+    """Pass 2 of a streamed row with smoothing: (sum mod l, sum h) over the body's classes, per lane then
+    merged once per row."""
+    mb = m * LOG2E
+    acc_ml = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+        offs = start + cols
+        mask = body_mask(offs, body, y_vec, VEC)
+        z = add_offset(tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32), body_o, offs, mask, HAS_OFFSET)
+        _, ml, h = _class_terms(z, tl.exp2(z * LOG2E - mb[:, None]), m[:, None], log_s[:, None], inv_s[:, None],
+                                gamma, GAMMA_MODE)
+        acc_ml += tl.where(mask, ml, 0.0)
+        acc_h += tl.where(mask, h, 0.0)
+    return tl.sum(acc_ml, axis=1), tl.sum(acc_h, axis=1)
+
+
+@triton.jit
+def _streamed_smoothed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid, m,
+                            log_s, inv_s, gamma, k_h, k_p, GAMMA_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                            PER_ROW: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+    """Pass 3 of a streamed row with smoothing: the body's gradient k_h h - k_p p."""
+    mb = m * LOG2E
+    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+        offs = start + cols
+        mask = body_mask(offs, body, y_vec, VEC)
+        z = add_offset(tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32), body_o, offs, mask, HAS_OFFSET)
+        p, _, h = _class_terms(z, tl.exp2(z * LOG2E - mb[:, None]), m[:, None], log_s[:, None], inv_s[:, None],
+                               gamma, GAMMA_MODE)
+        store_grad(grad_ptr + body_at + offs, mask & row_store, k_h[:, None] * h - k_p[:, None] * p,
+                   valid[:, None], PER_ROW)
+
+
+@triton.jit
+def softmax_focal_kernel(
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
+    N, C, gamma, eps, ignore_index,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Grid and paths: softmax_ce_kernel's; the passes: the module docstring. Row values are [ROWS]
+    tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS] (rows.py)."""
+    PER_ROW: tl.constexpr = ROWS == 1
+    cols = tl.arange(0, BLOCK)[None, :]
+    n_blocks = tl.cdiv(N, ROWS)
+    for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES if HELD else 1):
+        rows, row_mask, valid, alpha, a_up, body, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y = row_setup(
+            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index, HAS_WEIGHT,
+            HAS_OFFSET, HAS_MARGIN, ROWS, VEC)
+        body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
+        body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
+        row_store = row_mask[:, None]
+        e_store = e_mask & row_mask[None, :]
+        body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
+        if PER_ROW:
+            compute = row_scalar(valid.to(tl.int32)) != 0
+        else:
+            compute = True
+        if HELD:
+            # loaded before the branch, so the pipelined loop prefetches them for every row
+            b_mask = body_mask(cols, body, y_vec, VEC)
+            z_b = tl.load(body_z + cols, mask=b_mask, other=float("-inf")).to(tl.float32)
+            z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+            z_b = add_offset(z_b, body_o, cols, b_mask, HAS_OFFSET)
+            z_e = adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+        if compute:
+            if HELD:
+                m, ex_b, ex_e, s_ny = held_lse(z_b, z_e, e_is_y)
+            else:
+                m, z_e, ex_e, s_ny, _ = streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask,
+                                                     e_is_y, z_y, body_o, e_o, margin_y, False, HAS_OFFSET,
+                                                     HAS_MARGIN, ROWS, BLOCK, VEC, STAGES)
+            e_y = tl.exp2((z_y - m) * LOG2E)
+            s = s_ny + e_y
+            inv_s = 1.0 / s
+            q_y = s_ny * inv_s
+            l_y = target_nll(m, s, s_ny, z_y)
+            mod_y = _modulator(q_y, gamma, GAMMA_MODE)
+            f = _target_factor(mod_y, l_y, e_y, s_ny, gamma, GAMMA_MODE)
+            if HAS_SMOOTHING:
+                log_s = tl.log(s)
+                if HELD:
+                    p_b, ml_b, h_b = _class_terms(z_b, ex_b, m[:, None], log_s[:, None], inv_s[:, None], gamma,
+                                                  GAMMA_MODE)
+                    sum_ml = tl.sum(tl.where(b_mask, ml_b, 0.0), axis=1)
+                    sum_h = tl.sum(tl.where(b_mask, h_b, 0.0), axis=1)
+                else:
+                    sum_ml, sum_h = _streamed_sums(body_z, body_o, cols, body, body_1, y_vec, m, log_s, inv_s, gamma,
+                                                   GAMMA_MODE, HAS_OFFSET, ROWS, BLOCK, VEC, STAGES)
+                p_e, ml_e, h_e = _class_terms(z_e, ex_e, m[None, :], log_s[None, :], inv_s[None, :], gamma,
+                                              GAMMA_MODE)
+                e_rest = e_mask & ~e_is_y
+                sum_ml += tl.sum(tl.where(e_rest, ml_e, 0.0), axis=0)
+                sum_h += tl.sum(tl.where(e_rest, h_e, 0.0), axis=0)
+                eps_c = eps / C
+                w_y = (1.0 - eps) + eps_c  # q'_y
+                row_loss = w_y * (mod_y * l_y) + eps_c * sum_ml
+                if WRITE_GRAD:
+                    coef = grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD)
+                    k_h = coef * eps_c
+                    k_p = coef * (eps_c * sum_h - w_y * f)  # coef G, with h_y = -F
+                    # the target: q'_y q_y h_y - (eps/C) p_y sum_{c != y} h_c
+                    g_y = coef * (-(w_y * q_y) * f - eps_c * (e_y * inv_s) * sum_h)
+                    if HELD:
+                        store_grad(grad_ptr + body_at + cols, b_mask & row_store,
+                                   k_h[:, None] * h_b - k_p[:, None] * p_b, valid[:, None], PER_ROW)
+                    else:
+                        _streamed_smoothed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store,
+                                                valid, m, log_s, inv_s, gamma, k_h, k_p, GAMMA_MODE, HAS_OFFSET,
+                                                PER_ROW, BLOCK, VEC, STAGES)
+                    store_grad(grad_ptr + e_at, e_store,
+                               tl.where(e_is_y, g_y[None, :], k_h[None, :] * h_e - k_p[None, :] * p_e),
+                               valid[None, :], PER_ROW)
+            else:
+                row_loss = mod_y * l_y
+                if WRITE_GRAD:
+                    # the cross entropy's gradient (eps = 0) with its scale times F
+                    k, off, g_y = grad_terms(grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD) * f, s, s_ny, eps, C,
+                                             False)
+                    if HELD:
+                        store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
+                                   valid[:, None], PER_ROW)
+                    else:
+                        streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid, m,
+                                      k, off, HAS_OFFSET, PER_ROW, BLOCK, VEC, STAGES)
+                    store_grad(grad_ptr + e_at, e_store,
+                               tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]), valid[None, :],
+                               PER_ROW)
+            if WRITE_LOSS:
+                tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
+        else:
+            store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+                        WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)
