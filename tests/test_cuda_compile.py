@@ -42,9 +42,10 @@ def test_cuda_sources_compile_without_warnings_or_spills(tmp_path):
     assert proc.returncode == 0, f"CUDA compile check failed:\n{proc.stdout}\n{proc.stderr}"
     for sm in (80, 90):
         report = (tmp_path / f"ptxas_sm{sm}.txt").read_text()
-        # Every kernel family is instantiated (a dispatch typo would silently drop one).
+        # Every kernel family is instantiated (a dispatch typo would silently drop one), the softmax kernels
+        # with each loss they compute (kernels.cuh: SoftmaxCe, SoftmaxFocal, SoftmaxFocalSmooth; mangled names).
         for kernel in ("sigmoid_focal_kernel", "softmax_stream_kernel", "softmax_cached_kernel",
-                       "scale_rows_unless_one_kernel"):
+                       "scale_rows_unless_one_kernel", "9SoftmaxCe", "12SoftmaxFocalE", "18SoftmaxFocalSmooth"):
             assert kernel in report, f"{kernel} missing from the sm_{sm} build"
 
 

@@ -73,9 +73,11 @@ def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, par
 
 
 def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
-                ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64, scale=3.0, elementwise=False):
+                ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64, scale=3.0, elementwise=False,
+                adjusted=False):
     """spec: a registered loss; hyper: its hyperparameters by name. elementwise: every gradient entry within
-    rtol of its own value (no atol from the largest entry)."""
+    rtol of its own value (no atol from the largest entry). adjusted: with a global logit_offset, and a
+    target_margin for the losses that take one (the same tensors on every rank and for the reference)."""
     c = sum(layout)
     start = sum(layout[:rank])
     logits, target, weight, upstream = _global_inputs(seed, n, c, ignore_frac=ignore_frac, weighted=weighted,
@@ -83,6 +85,11 @@ def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float
     logits = logits.to(dtype)  # the reference sees exactly these values, upcast to float64
     shard = {"class_start": start, "num_classes": c} if explicit_shard else {}
     local = logits[:, start:start + layout[rank]]
+    if adjusted:
+        generator = torch.Generator().manual_seed(seed)
+        hyper = {**hyper, "logit_offset": torch.randn(c, generator=generator)}
+        if spec.family.takes_target_margin:
+            hyper["target_margin"] = torch.rand(c, generator=generator) * 2
     got_loss, got_grad = _loss_and_grad(spec, local, target, weight, reduction, hyper, upstream, True, **shard)
     ref_loss, ref_grad = _loss_and_grad(spec, logits.double(), target, weight, reduction, hyper, upstream, False)
     ref_grad = ref_grad[:, start:start + layout[rank]]
@@ -121,6 +128,8 @@ def _all_cases(rank, world, seed):
             _check_case(rank, seed + 100, spec, hyper, "mean", layouts[0], dtype=dtype)
         _check_case(rank, seed + 101, spec, hyper, "mean", layouts[0], ignore_frac=1.0)  # every row ignored: 0
         _check_case(rank, seed + 102, spec, hyper, "none", layouts[1], n=1, ignore_frac=0.0)
+        for layout in layouts:
+            _check_case(rank, seed + 104, spec, hyper, "none", layout, adjusted=True)
     # Confident predictions in float32 (|z| up to ~40): tiny probabilities keep their relative accuracy,
     # which a 1 - p anywhere in the sigmoid family's gradient would destroy.
     for spec in losses.LOSSES:

@@ -8,7 +8,8 @@ PROBE_SOURCE: a host program linked with SOURCES; `probe <C> <dtype>` (dtype "fl
   as one JSON object, whatever launches() needs from the launcher's own code (its default launch
   configuration and constants), so that no launch number is restated here. It must call no CUDA API.
 launches(loss, dtype, n, c, config) -> list[launches.Launch]
-  loss: "softmax" | "sigmoid" | "focal" at the registry's default hyperparameters (focal: gamma 0.5);
+  loss: "softmax" | "sigmoid" | "focal" | "softmax_focal" at the registry's default hyperparameters (focal:
+  gamma 0.5; softmax_focal: gamma 2, no label smoothing);
   config: the probe's JSON for (c, dtype). Every kernel the default backward strategy
   (_backends.CUDA.default_strategy) launches for one forward + backward at (n, c), in order, each with:
   code: CudaKernel(a substring of the demangled name matching exactly one template instance); the grid,
@@ -26,7 +27,12 @@ step computes with the head and tail, one column per thread, outside the loop: n
 The cached softmax has its own launch bound (kernels.cuh: kCachedMaxThreads, kCachedMinBlocks), hence its own
 blocks per SM. The streaming softmax (rows longer than the cached kernel holds) reads each row twice; its
 persistent grid is cut so that the rows in flight fit in a share of L2 (launch.cu: stream_grid, whose share
-is read from its source), which the audit computes with the model's L2 size.
+is read from its source), which the audit computes with the model's L2 size. Both softmax kernels are
+templated on the loss they compute (kernels.cuh: SoftmaxCe<Smooth>, SoftmaxFocal, SoftmaxFocalSmooth<G>); the
+softmax focal loss without label smoothing runs the cross entropy's passes with two per-row scalars changed,
+so it launches, reads and writes as the cross entropy does. Every kernel has a last template flag Adjust
+(kernels.cuh): true only for a call with a logit offset or a target margin (docs/op-contract.md), which the
+audited scenario has not, so the audit reads the Adjust = false instances, in which none of that code is.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import re
 from pathlib import Path
 
 from .. import _backends
-from ..gamma_cases import gamma_case
+from ..gamma_cases import GammaCase, gamma_case
 from ..losses import loss as registered_loss
 from .launches import ELEMENT_BYTES, CudaKernel, Launch
 from .roofline import H200
@@ -123,6 +129,21 @@ def _scale_launch(dtype: str, n: int, config: dict) -> Launch:
                   write_bytes_per_elem=0, per_element_work=False)
 
 
+def _softmax_losses(spec) -> tuple[str, str]:
+    """The loss template argument (kernels.cuh) of the cached and of the streaming softmax kernel for a
+    softmax-family loss at its default hyperparameters, as launch.cu picks them (launch_softmax_ce,
+    launch_softmax_focal), demangled (each followed by the kernel's flags): the cross entropy's cached kernel without the sum
+    of z, its streaming kernel with eps read at run time; the focal loss's without smoothing, or the cross
+    entropy's at gamma 0."""
+    values = dict(zip((h.name for h in spec.family.hyperparameters), spec.kernel_hyperparameters({})))
+    if values["label_smoothing"] != 0:
+        raise ValueError("cuda_variants describes the softmax kernels without label smoothing (the registry's "
+                         "default): update this file")
+    if spec.family.name == "softmax_focal" and gamma_case(values["gamma"]) != GammaCase.ZERO:
+        return f"{_NS}SoftmaxFocal", f"{_NS}SoftmaxFocal"
+    return f"{_NS}SoftmaxCe<false>", f"{_NS}SoftmaxCe<true>"
+
+
 def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch]:
     if _backends.CUDA.default_strategy != "fused":
         raise ValueError("cuda_variants describes the 'fused' strategy (forward: loss and gradient; backward: "
@@ -142,26 +163,27 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch
         case = int(gamma_case(gamma))
         forward = Launch(kernel="sigmoid_focal_kernel[loss+grad]",
                          code=CudaKernel(f"{_NS}sigmoid_focal_kernel<{storage}, {vec}, "
-                                         f"(cbkernels::GammaCase){case}, true>("),
+                                         f"(cbkernels::GammaCase){case}, true, false>("),
                          elems_per_iter=vec * config["step_vectors"], read_bytes_per_elem=elem,
                          write_bytes_per_elem=elem, **common)
         return [forward, _scale_launch(dtype, n, config)]
-    # softmax_ce: a row that fits in registers (launch.cu: cached_softmax) is read once; its only loop is the
-    # row walk, each iteration one row of up to cached_elems_per_thread elements a thread. The audited
-    # scenario has no label smoothing: the instance without the sum of z. Otherwise the row is streamed:
-    # pass 1 reads it for the max and the sums, pass 2 reads it again for the gradient (a re-read, which
-    # the model serves from L2 when the grid's rows in flight fit there), on a grid cut by stream_grid.
+    # The softmax families: a row that fits in registers (launch.cu: cached_softmax) is read once; its only
+    # loop is the row walk, each iteration one row of up to cached_elems_per_thread elements a thread.
+    # Otherwise the row is streamed: pass 1 reads it for the max and the sums, pass 2 reads it again for the
+    # gradient (a re-read, which the model serves from L2 when the grid's rows in flight fit there), on a
+    # grid cut by stream_grid.
+    cached_loss, stream_loss = _softmax_losses(spec)
     if config["cached"]:
         blocks = _persistent(math.ceil(n / config["rows_per_block"]), config["cached_blocks_per_sm"])
         forward = Launch(kernel="softmax_cached_kernel[loss+grad]",
-                         code=CudaKernel(f"{_NS}softmax_cached_kernel<{storage}, {vec}, false>("),
+                         code=CudaKernel(f"{_NS}softmax_cached_kernel<{storage}, {vec}, {cached_loss}, false>("),
                          ctas=blocks, threads_per_cta=config["threads"], threads_per_row=tpr,
                          elems_per_iter=config["cached_elems_per_thread"], read_bytes_per_elem=elem,
                          write_bytes_per_elem=elem)
     else:
         step = 1 if vec == 1 else config["stream_step_vectors"]
         forward = Launch(kernel="softmax_stream_kernel[loss+grad]",
-                         code=CudaKernel(f"{_NS}softmax_stream_kernel<{storage}, {vec}, true>("),
+                         code=CudaKernel(f"{_NS}softmax_stream_kernel<{storage}, {vec}, {stream_loss}, true, false>("),
                          ctas=_stream_blocks(blocks, c, elem, config["rows_per_block"]),
                          threads_per_cta=config["threads"], threads_per_row=tpr, elems_per_iter=vec * step,
                          read_bytes_per_elem=2 * elem, write_bytes_per_elem=elem, reread_bytes_per_elem=elem)

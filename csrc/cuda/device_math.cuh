@@ -13,8 +13,14 @@
 //               ftz: results below 2^-126 flush to 0. They are below every bound relative to the row's
 //               largest entry, and the confident-prediction promises stop well above them (softmax margin
 //               30: 1 - p_y ~ 1e-13).
-//   1/x         rcp.approx.ftz (MUFU.RCP, within 1 ulp), only for x in [2, 6] (no subnormal, no infinity).
+//   1/x         rcp.approx.ftz (MUFU.RCP, within 1 ulp), only for x in [2, 6] (no subnormal, no infinity),
+//               and in the softmax focal loss for x = q in [2^-12, 1].
 //   sqrt(x)     sqrt.approx.ftz (within 1 ulp; sqrt(+0) = +0, NaN stays NaN), x in [0, 1].
+//   log2(x)     lg2.approx.ftz (MUFU.LG2; the CUDA programming guide's bound for __log2f: within 2^-22
+//               absolute for x in [0.5, 2], else 2 ulp; lg2(+0) = -inf),
+//               only in the softmax focal loss's q^gamma = exp2(gamma log2 q), for q = 0 or q in [2^-24, 1]
+//               (q = 1 - p in fp32: no subnormal); with ex2's rounding of gamma log2 q, a relative error of
+//               order gamma (1 + |log2 q|) 2^-22 in q^gamma.
 //   log1p(e)    e in [0, 1]: the odd series of 2 atanh(w), w = e / (2 + e) in [0, 1/3], in FMAs only (below).
 // NaN in gives NaN out through each of them, and exp(-inf) = +0.
 #pragma once
@@ -32,6 +38,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
 __device__ __forceinline__ float rcp_approx(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float lg2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 

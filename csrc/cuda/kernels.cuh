@@ -1,4 +1,5 @@
-// Device code of the CUDA backend: the sigmoid-family and softmax kernels of docs/op-contract.md.
+// Device code of the CUDA backend: the sigmoid-family and softmax kernels of docs/op-contract.md (the
+// softmax kernels compute the cross entropy and the softmax focal loss: their template argument L).
 // No torch header: launch.cu instantiates these on raw pointers, so nvcc compiles them anywhere.
 //
 // Every kernel walks rows with a bounded, persistent grid (row_io.cuh: Slot), a few blocks per SM, so the
@@ -6,8 +7,9 @@
 // with its last one. Memory and arithmetic overlap in two ways: the column loops load the next step's
 // 16-byte vectors before they compute the current ones (row_io.cuh: for_each_vector), and a block asks L2
 // for its next row before it reduces and writes the current one (row_io.cuh: prefetch_row_l2; those
-// requests stay in flight across the row's barriers). Per row: one reduction for the sigmoid family's loss, two (max, then the
-// sums) for the softmax; no barrier inside a column loop.
+// requests stay in flight across the row's barriers). Per row: one reduction for the sigmoid family's
+// loss, two (max, then the sums) for the softmax, three for the softmax focal loss with label smoothing;
+// no barrier inside a column loop.
 //
 // The per-element loops treat every column as a non-target column; the target column is handled once per
 // row by the thread that holds it (a branch on the vector index, not a select on every element).
@@ -45,12 +47,20 @@ constexpr int kCachedMinBlocks = 3;
 // live per element): sm_80 keeps one.
 constexpr int stream_step(int vec, int arch) { return vec == 8 && arch < 900 ? 1 : kStep; }
 
+// The logit adjustments (kernels' flag Adjust, row_io.cuh: offset_at) load VEC offsets with each vector;
+// ptxas spills those of two 8-element vectors at the 64-register bound: one 8-element vector a step there.
+constexpr int adjusted_step(int vec, int step) { return vec == 8 ? 1 : step; }
+
 #ifdef __CUDA_ARCH__
 template <int VEC>
 constexpr int kStreamStep = stream_step(VEC, __CUDA_ARCH__);
+template <bool Adjust, int VEC, int Step>
+constexpr int kLoopStep = Adjust ? adjusted_step(VEC, Step) : Step;
 #else
 template <int VEC>
 constexpr int kStreamStep = stream_step(VEC, 0);  // the host pass compiles no kernel body
+template <bool Adjust, int VEC, int Step>
+constexpr int kLoopStep = Step;
 #endif
 
 // ---- sigmoid family (focal; gamma 0 is sigmoid cross entropy) -------------------------------------------
@@ -109,7 +119,8 @@ __device__ __forceinline__ void focal_at(float z, bool target, float gamma, floa
 // Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read. The body
 // loop skips the vector holding the target column, so it computes every element as a non-target column;
 // the row's edge step (head, tail, that vector: row_io.cuh edge_column) takes one column per thread.
-template <typename E, int VEC, GammaCase G, bool Write>
+// Adjust: the logit adjustments (offset on every load, margin on the target's edge column) are read.
+template <typename E, int VEC, GammaCase G, bool Write, bool Adjust>
 __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
   __shared__ float slots[2][kMaxWarps];  // alternate rows: one reduction per row (block_reduce.cuh)
@@ -130,7 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
       const Span s = split_row<VEC>(x, c);
       const int target_v = s.vector_of(r.y, VEC);
       B* const g_body = Write ? g + s.head : nullptr;
-      for_each_vector<E, VEC>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+      for_each_vector<E, VEC, kLoopStep<Adjust, VEC, kStep>>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
         float out[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -140,11 +151,12 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
           out[j] = r.coef * dz;
         }
         if (Write) store_word<E, VEC>(g_body + col, out);
-      });
+      }, offset_at<Adjust>(a), s.head);
       const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
       if (e.present) {
         float term, dz;
-        focal_at<G>(E::load(x[e.col]), e.col == r.y, gamma, term, dz);
+        const bool is_y = e.col == r.y;
+        focal_at<G>(load_logit<E, Adjust>(a, x, e.col) - (is_y ? margin_of<Adjust>(a, r.y) : 0.f), is_y, gamma, term, dz);
         acc += term;
         if (Write) g[e.col] = E::store(r.coef * dz);
       }
@@ -186,6 +198,7 @@ __device__ __forceinline__ float exp_shifted(float z, float shift) { return ex2_
 // The reduced state of a row: max, the three sums, and the per-row constants of the gradient.
 struct SoftmaxRow {
   float m, sr, ey, sz;  // max; sum of exp(z - shift) off the target; exp(z_y - shift); sum of z
+  float zy;             // z_y on every thread of the row (the focal loss's third sum instead of sz)
 };
 
 // Per row, accurate functions (once per row, their cost does not matter).
@@ -206,6 +219,216 @@ __device__ __forceinline__ SoftmaxGrad softmax_grad(const SoftmaxRow& t, float c
   const float inv_s = 1.f / (t.sr + t.ey);
   const float off = eps / static_cast<float>(c);
   return {coef * inv_s, -coef * off, coef * ((eps - off) - t.sr * inv_s)};
+}
+
+// ---- softmax focal loss (docs/math.md, section 13) -------------------------------------------------------
+// gamma > 0 (gamma 0 is the cross entropy, whose kernels launch.cu runs for it). Per row, with p = softmax(z),
+// q_c = 1 - p_c, l_c = -log p_c, mod_c = q_c^gamma, h_c = -mod_c (1 + gamma p_c l_c / q_c), w = eps / C:
+//   loss = alpha ((1 - eps) mod_y l_y + w sum_c mod_c l_c)
+//   grad_j = coef (w h_j - p_j G), plus coef (1 - eps) h_y at j = y;   G = (1 - eps) h_y + w sum_c h_c.
+// Without smoothing only the target's terms are left: loss alpha mod_y l_y and the cross entropy's gradient
+// (eps = 0) times the row factor F = -h_y, so the kernels run the cross entropy's passes with those two
+// scalars changed. With smoothing every class counts: after the log-sum-exp, a pass over the row sums mod_c l_c
+// and h_c over the classes other than the target, and the gradient, which needs G first, is one more. The
+// target's own terms always come from focal_target's exact scalars, never from the per-element form.
+
+// The target's scalars from the row's sums (13.2), with x = sr / e_y the other classes' mass relative to
+// the target's:
+//   l_y = lse - z_y = log1p(x)                  the cross entropy's row loss, in its stable form above;
+//   mod_y = q_y^gamma,  q_y = 1 - p_y = sr / s  section 7's split; exp2(gamma log2 q_y), 0 at q_y = 0;
+//   F = -h_y = mod_y (1 + gamma log1p(x) / x),  log1p(x) / x = l_y e_y / sr, at its limits 1 for sr = 0
+//       (C == 1, or a confident row whose sr flushed to 0) and 0 for e_y = 0 (z_y = -inf, where l_y is inf;
+//       or exp(z_y - m) flushed to 0, where log1p(x) / x < 2^-119).
+// No 1 - p_y is formed, so a confident row keeps its loss (~ x^(1 + gamma)) and gradient to fp32's relative
+// precision. NaN in the row makes s, hence all three, NaN. Once per row on every thread (F scales each
+// one's gradient), with the accurate functions: mod_y's relative error is a few ulp times |log2 mod_y|
+// (1e-6 at mod_y = 1e-6), where powf's would be 1 ulp, but powf spills the streaming kernel's registers.
+struct FocalTarget {
+  float mod, l, f;  // mod_y, l_y, F
+};
+
+__device__ __forceinline__ FocalTarget focal_target(const SoftmaxRow& t, float gamma, int c) {
+  const float l = softmax_row_loss(t, t.zy, 0.f, c);
+  const float mod = exp2f(gamma * log2f(t.sr / (t.sr + t.ey)));
+  const float l_over_x = t.ey == 0.f ? 0.f : (t.sr == 0.f ? 1.f : l * t.ey / t.sr);
+  return {mod, l, mod * fmaf(gamma, l_over_x, 1.f)};
+}
+
+// Without smoothing: the cross entropy's gradient at eps = 0 times F, coef F p_c off the target and
+// -coef F q_y at it (softmax_grad's forms, without its eps / C).
+__device__ __forceinline__ SoftmaxGrad focal_grad(const SoftmaxRow& t, const FocalTarget& ft, float coef) {
+  const float scale = coef * ft.f, inv_s = 1.f / (t.sr + t.ey);
+  return {scale * inv_s, 0.f, -scale * (t.sr * inv_s)};
+}
+
+// What the smoothed passes need of the row: log s, 1/s (s = sr + e_y) and gamma.
+struct SmoothRow {
+  float log_s, inv_s, gamma;
+};
+
+__device__ __forceinline__ SmoothRow smooth_row(const SoftmaxRow& t, float gamma) {
+  const float s = t.sr + t.ey;
+  return {logf(s), 1.f / s, gamma};
+}
+
+// One class other than the target in a smoothed row (13.3), from u = z - shift (shift = m, lse_shift):
+//   e = exp(u), p = e / s, l = log s - u (= lse - z without an fp32 lse's ulp of |m|), q = 1 - p,
+//   mod = q^gamma (G: gamma's case), term = mod l, h = -mod (1 + gamma p l / q).
+// gamma 1 and 2 need no l / q: h = -(q + p l) and -q (q + 2 p l). Otherwise l / q, which tends to 1 as
+// q -> 0 (l = -log(1 - q) = q + q^2/2 + ...), is taken as 1 + q/2 below q = 2^-12: the next term, q^2/3
+// < 2^-25, is below fp32's rounding, where the division would amplify what l and q lost to their
+// subtractions. Those happen only for a class other than the target with p > 1/2 (a confidently wrong
+// row), in a term that w scales down. q is clamped at 0, as p may round above 1 (sqrt and log2 need it).
+// A masked class (z = -inf): e = p = 0 and l = inf, so term = inf (the loss is inf, as the smoothed cross
+// entropy's) and p l, whose limit is 0, is formed with l capped at the largest float: h = -1. The caps
+// drop no NaN: a NaN u or s makes e, p and l NaN, and p carries it to h, l to term.
+struct FocalTerms {
+  float e, term, h;
+};
+
+template <GammaCase G>
+__device__ __forceinline__ FocalTerms focal_terms(float u, const SmoothRow& r) {
+  static_assert(G != GammaCase::kZero, "gamma 0 is the cross entropy");
+  const float e = ex2_approx(u * kLog2e);
+  const float p = e * r.inv_s;
+  const float l = r.log_s - u;
+  const float q = fmaxf(1.f - p, 0.f);
+  const float pl = p * fminf(l, CUDART_MAX_NORMAL_F);
+  float mod, h;
+  if constexpr (G == GammaCase::kOne) {
+    mod = q;
+    h = -(q + pl);
+  } else if constexpr (G == GammaCase::kTwo) {
+    mod = q * q;
+    h = -q * fmaf(2.f, pl, q);
+  } else {
+    const float pl_over_q = q < 0x1p-12f ? p * fmaf(0.5f, q, 1.f) : pl * rcp_approx(q);
+    float g;
+    if constexpr (G == GammaCase::kHalf) {
+      mod = sqrt_approx(q);
+      g = 0.5f;
+    } else {
+      mod = ex2_approx(r.gamma * lg2_approx(q));
+      g = r.gamma;
+    }
+    h = -mod * fmaf(g, pl_over_q, 1.f);
+  }
+  return {e, mod * l, h};
+}
+
+// The smoothed row's loss and gradient from focal_target's scalars and the other classes' sums
+// ml_rest = sum_{c != y} mod_c l_c and h_rest = sum_{c != y} h_c, with w_y = 1 - eps + w (q'_y) and h_y = -F:
+//   loss / alpha = w_y mod_y l_y + w ml_rest,
+//   G = w h_rest - w_y F,   grad_j = coef (w h_j - p_j G) = fma(e_j, -coef G / s, coef w h_j),
+//   grad_y = coef (w_y h_y - p_y G) = -coef (w_y F q_y + w p_y h_rest), where 1 - p_y is taken as q_y = sr / s.
+__device__ __forceinline__ float focal_smooth_loss(const FocalTarget& ft, float ml_rest, float eps, int c) {
+  const float w = eps / static_cast<float>(c);
+  return ((1.f - eps) + w) * (ft.mod * ft.l) + w * ml_rest;
+}
+
+template <GammaCase G>
+struct FocalSmoothGrad {
+  float scale, hscale, target;  // grad_j = fma(e_j, scale, hscale h_j) off the target
+  SmoothRow row;
+};
+
+template <GammaCase G>
+__device__ __forceinline__ FocalSmoothGrad<G> focal_smooth_grad(const SoftmaxRow& t, const FocalTarget& ft,
+                                                                const SmoothRow& row, float h_rest, float coef,
+                                                                float eps, int c) {
+  const float w = eps / static_cast<float>(c), w_y = (1.f - eps) + w;
+  const float big_g = w * h_rest - w_y * ft.f;
+  const float target = -coef * (w_y * ft.f * (t.sr * row.inv_s) + w * (t.ey * row.inv_s) * h_rest);
+  return {-coef * big_g * row.inv_s, coef * w, target, row};
+}
+
+// ---- the losses of the softmax kernels (their template argument L) ---------------------------------------
+//   SoftmaxCe<Smooth>      the cross entropy. Smooth false: eps == 0 (neither the sum of z nor eps is read);
+//                          true: any eps, read at run time (the streaming kernel always takes this form).
+//   SoftmaxFocal           the focal loss without smoothing: the cross entropy's passes, focal_target's scalars.
+//   SoftmaxFocalSmooth<G>  the focal loss with smoothing: two more passes over the row (focal_terms, G).
+// kSumZ: the third row sum is the sum of z; kFocal: it is z_y (third_sum); kTerms: the smoothed passes.
+template <bool Smooth>
+struct SoftmaxCe {
+  static constexpr bool kSumZ = Smooth, kFocal = false, kTerms = false;
+  using Grad = SoftmaxGrad;
+};
+struct SoftmaxFocal {
+  static constexpr bool kSumZ = false, kFocal = true, kTerms = false;
+  using Grad = SoftmaxGrad;
+};
+template <GammaCase G>
+struct SoftmaxFocalSmooth {
+  static constexpr bool kSumZ = false, kFocal = true, kTerms = true;
+  static constexpr GammaCase kGamma = G;
+  using Grad = FocalSmoothGrad<G>;
+};
+
+// The third sum of a row, after sr and e_y: the sum of z (the cross entropy; 0 unless kSumZ), or for the
+// focal loss z_y itself, which only the thread holding the target adds (the others add 0, exactly): every
+// thread of the row gets it for focal_target.
+template <typename L>
+__device__ __forceinline__ float third_sum(float sz, bool holds_y, float z_y) {
+  return L::kFocal ? (holds_y ? z_y : 0.f) : sz;
+}
+
+template <typename L>
+__device__ __forceinline__ SoftmaxRow softmax_row(float m, const float (&sums)[3]) {
+  return {m, sums[0], sums[1], L::kFocal ? 0.f : sums[2], L::kFocal ? sums[2] : 0.f};
+}
+
+// The row's loss / alpha (z_y: the target's logit, on the thread that holds it; ml_rest: the smoothed
+// focal loss's sum) and gradient constants (h_rest: its other sum; sm: its row).
+template <typename L>
+__device__ __forceinline__ float row_value(const SoftmaxRow& t, float z_y, const FocalTarget& ft, float ml_rest,
+                                           float eps, int c) {
+  if constexpr (L::kTerms) {
+    return focal_smooth_loss(ft, ml_rest, eps, c);
+  } else if constexpr (L::kFocal) {
+    return ft.mod * ft.l;
+  } else {
+    return softmax_row_loss(t, z_y, eps, c);
+  }
+}
+
+template <typename L>
+__device__ __forceinline__ typename L::Grad row_grad(const SoftmaxRow& t, const FocalTarget& ft, const SmoothRow& sm,
+                                                     float h_rest, float coef, float eps, int c) {
+  if constexpr (L::kTerms) {
+    return focal_smooth_grad<L::kGamma>(t, ft, sm, h_rest, coef, eps, c);
+  } else if constexpr (L::kFocal) {
+    return focal_grad(t, ft, coef);
+  } else {
+    return softmax_grad(t, coef, eps, c);
+  }
+}
+
+// A column's gradient (the target's is written over it) from its logit z, or in the cached kernel from
+// what its register holds: exp(z - shift), or z itself for the smoothed focal loss, whose passes need z.
+__device__ __forceinline__ float column_grad(float z, float shift, const SoftmaxGrad& q) {
+  return fmaf(exp_shifted(z, shift), q.scale, q.offset);
+}
+
+template <GammaCase G>
+__device__ __forceinline__ float column_grad(float z, float shift, const FocalSmoothGrad<G>& q) {
+  const FocalTerms f = focal_terms<G>(z - shift, q.row);
+  return fmaf(f.e, q.scale, q.hscale * f.h);
+}
+
+__device__ __forceinline__ float held_grad(float e, float, const SoftmaxGrad& q) { return fmaf(e, q.scale, q.offset); }
+
+template <GammaCase G>
+__device__ __forceinline__ float held_grad(float z, float shift, const FocalSmoothGrad<G>& q) {
+  return column_grad(z, shift, q);
+}
+
+// v, as a value the compiler cannot prove equal to v: what a pass computes from it is computed again
+// rather than kept live, one register per element, from an earlier pass that computed the same (the cached
+// kernel's smoothed focal passes: each element's exp and terms kept from one pass to the next spilled).
+// Costs no instruction.
+__device__ __forceinline__ float opaque(float v) {
+  asm volatile("" : "+f"(v));
+  return v;
 }
 
 // Thread `at` of a row whose target sits in its share: which share. The row split (row_io.cuh) gives
@@ -233,17 +456,31 @@ __device__ __forceinline__ TargetPlace target_place(const Span& s, int y, int ve
   return p;
 }
 
+// The streaming kernel's launch bound: kMaxThreads (64 registers a thread), but for the smoothed focal
+// loss, whose extra passes keep more of the row's state live than 64 registers hold, half of it with one
+// block resident per SM, i.e. up to 128 registers (with no minimum asked, ptxas kept to 64 and spilled).
+// launch.cu runs that kernel with at most kStreamMaxThreads threads a block. 0: no minimum.
+template <typename L>
+constexpr int kStreamMaxThreads = L::kTerms ? kMaxThreads / 2 : kMaxThreads;
+template <typename L>
+constexpr int kStreamMinBlocks = L::kTerms ? 1 : 0;
+
 // Rows of any length: pass 1 reads the row into a per-thread online (max, sum), pass 2 (Write) reads it
 // again to write the gradient (the launcher bounds the grid so that the rows in flight fit in L2 when
-// it can, where the second read is served).
-template <typename E, int VEC, bool Write>
-__global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a, int tpr) {
+// it can, where the second read is served). The smoothed focal loss (L::kTerms) reads it once more in
+// between for its sums, and writes no gradient without them.
+// Adjust: as the sigmoid kernel's (the margin where pass 1 meets the target).
+template <typename E, int VEC, typename L, bool Write, bool Adjust>
+__global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
+    softmax_stream_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
   __shared__ float max_slots[kMaxWarps];
   __shared__ float sum_slots[3 * kMaxWarps];
+  __shared__ float term_slots[2 * kMaxWarps];  // L::kTerms: the third reduction of a row
   const Slot at = slot_of(tpr);
   const int c = static_cast<int>(a.num_classes);
-  const float eps = a.label_smoothing;
+  const float eps = L::kSumZ || L::kTerms ? a.label_smoothing : 0.f;
+  const float gamma = a.gamma;
 
   for (int64_t first = at.first; first < a.num_rows; first += at.stride) {
     const int64_t row = first + at.group;
@@ -257,7 +494,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
     // Pass 1. The running max m moves rarely: when a vector raises it, sr is rescaled once.
     float m = -CUDART_INF_F, sr = 0.f, sz = 0.f, z_y = -CUDART_INF_F;
     auto add = [&](float z, bool target) {
-      sz += z;
+      if constexpr (L::kSumZ) sz += z;
       if (target) {
         z_y = z;
       } else {
@@ -270,58 +507,92 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stream_kernel(LossArgs a,
         m = cm;
       }
     };
-    auto scalar = [&](int col) {
-      const float z = E::load(x[col]);
+    // The target's logit less its margin, before the max sees it (an element of the target's vector, or
+    // a head or tail element).
+    auto scalar = [&](float z, bool target) {
+      if (target) z -= margin_of<Adjust>(a, r.y);
       raise_max(z);
-      add(z, col == r.y);
+      add(z, target);
     };
-    if (at.tid < s.head) scalar(at.tid);
-    if (at.tid < s.len - s.tail_start) scalar(s.tail_start + at.tid);
-    for_each_vector<E, VEC, kStreamStep<VEC>>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
-      float cm = z[0];
+    const float* const offset = offset_at<Adjust>(a);
+    constexpr int kSteps = kLoopStep<Adjust, VEC, kStreamStep<VEC>>;
+    if (at.tid < s.head) scalar(load_logit<E, Adjust>(a, x, at.tid), at.tid == r.y);
+    if (at.tid < s.len - s.tail_start) scalar(load_logit<E, Adjust>(a, x, s.tail_start + at.tid), s.tail_start + at.tid == r.y);
+    for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+      // The vector's max first; with Adjust, not that of the target's vector, whose margin may raise the max:
+      // it goes element by element (scalar).
+      if (!Adjust || col != target_col) {
+        float cm = z[0];
 #pragma unroll
-      for (int j = 1; j < VEC; ++j) cm = fmaxf(cm, z[j]);
-      raise_max(cm);
+        for (int j = 1; j < VEC; ++j) cm = fmaxf(cm, z[j]);
+        raise_max(cm);
+      }
       if (col != target_col) {
         const float shift = lse_shift(m);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          sz += z[j];
+          if constexpr (L::kSumZ) sz += z[j];
           sr += exp_shifted(z[j], shift);
         }
+      } else if constexpr (Adjust) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) scalar(z[j], s.head + col + j == r.y);
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) add(z[j], s.head + col + j == r.y);
       }
-    });
+    }, offset, s.head);
 
     // Max first, then every thread rescales its own sum to the row max once: one exp per thread.
     float mx[1] = {m};
     row_reduce<MaxOp>(mx, tpr, at.group, max_slots);
     const float shift = lse_shift(mx[0]);
-    float sums[3] = {sr * exp_shifted(m, shift), ty.mine ? exp_shifted(z_y, shift) : 0.f, sz};
+    float sums[3] = {sr * exp_shifted(m, shift), ty.mine ? exp_shifted(z_y, shift) : 0.f,
+                     third_sum<L>(sz, ty.mine, z_y)};
     // (sr * exp(m - shift): a thread without columns has m = -inf and sr = 0: 0 * 0.)
     row_reduce<SumOp>(sums, tpr, at.group, sum_slots);
-    const SoftmaxRow t{mx[0], sums[0], sums[1], sums[2]};
+    const SoftmaxRow t = softmax_row<L>(mx[0], sums);
 
-    if (ty.mine && a.loss != nullptr) a.loss[row] = r.alpha * softmax_row_loss(t, z_y, eps, c);
+    // The smoothed focal loss's pass over the row: the sums of mod l and h over the other columns.
+    SmoothRow sm{};
+    float rest[2] = {0.f, 0.f};
+    if constexpr (L::kTerms) {
+      sm = smooth_row(t, gamma);
+      auto add_terms = [&](float z) {
+        const FocalTerms f = focal_terms<L::kGamma>(z - shift, sm);
+        rest[0] += f.term;
+        rest[1] += f.h;
+      };
+      if (at.tid < s.head && !ty.head) add_terms(load_logit<E, Adjust>(a, x, at.tid));
+      if (at.tid < s.len - s.tail_start && !ty.tail) add_terms(load_logit<E, Adjust>(a, x, s.tail_start + at.tid));
+      for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          if (col != target_col || s.head + col + j != r.y) add_terms(z[j]);
+      }, offset, s.head);
+      row_reduce<SumOp>(rest, tpr, at.group, term_slots);
+    }
+    FocalTarget ft{};
+    if constexpr (L::kFocal) ft = focal_target(t, gamma, c);
+
+    if (ty.mine && a.loss != nullptr) a.loss[row] = r.alpha * row_value<L>(t, z_y, ft, rest[0], eps, c);
     if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0 && a.loss != nullptr) a.loss[row] = row_loss(r, 0.f);
     if (!Write) continue;
     B* g = static_cast<B*>(a.grad) + base * a.num_classes;
     if (r.kind == kCompute) {
-      const SoftmaxGrad q = softmax_grad(t, r.coef, eps, c);
-      auto grad_at = [&](float z) { return fmaf(exp_shifted(z, shift), q.scale, q.offset); };
-      if (at.tid < s.head) g[at.tid] = E::store(grad_at(E::load(x[at.tid])));
+      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c);
+      auto grad_at = [&](float z) { return column_grad(z, shift, q); };
+      if (at.tid < s.head) g[at.tid] = E::store(grad_at(load_logit<E, Adjust>(a, x, at.tid)));
       if (at.tid < s.len - s.tail_start) {
         const int col = s.tail_start + at.tid;
-        g[col] = E::store(grad_at(E::load(x[col])));
+        g[col] = E::store(grad_at(load_logit<E, Adjust>(a, x, col)));
       }
-      for_each_vector<E, VEC, kStreamStep<VEC>>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+      for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
         float out[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out[j] = grad_at(z[j]);
         store_word<E, VEC>(g + s.head + col, out);
-      });
+      }, offset, s.head);
       // The target column, over the value the loop wrote there (same thread, so in program order).
       if (ty.mine) g[r.y] = E::store(q.target);
     } else if (r.kind != kNoRow) {
@@ -338,23 +609,27 @@ __device__ __forceinline__ const typename E::bits* logits_row(const LossArgs& a,
 // Rows of at most kCachedElemsPerThread * tpr columns, gradient always written: each row is read once,
 // into registers (the next row is already on its way to L2, prefetch_row_l2); the max, then exp once per
 // element (kept in the same registers), the sums, and the gradient from the registers. Only for 16-byte
-// vectors. Smooth: label smoothing eps != 0, the only case that needs the sum of z.
+// vectors. L: the loss (SoftmaxCe<Smooth>: eps != 0, the only case that needs the sum of z). The smoothed
+// focal loss keeps z in the registers instead (its passes need z - shift: exp is taken again in each) and
+// makes its sums pass and its gradient from them.
 //
 // The target column without a per-element test: the body vectors are loaded except the one holding the
 // target (and past the body's end), whose slots hold -inf (they leave the max alone and add exp(-inf) = 0
 // to the sums); that vector, the head and the tail go to the edge step (row_io.cuh: edge_column), one
 // column per thread, which alone tells the target from the rest. So sr, the sum off the target, is formed
 // by adding, never by subtracting e_y (see above for why).
-template <typename E, int VEC, bool Smooth>
+template <typename E, int VEC, typename L, bool Adjust>
 __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_cached_kernel(LossArgs a, int tpr) {
   static_assert(VEC * sizeof(typename E::bits) == kCachedVecBytes, "the cached softmax uses 16-byte vectors");
   constexpr int KV = kCachedElemsPerThread / VEC;
   using B = typename E::bits;
   __shared__ float max_slots[kMaxWarps];
   __shared__ float sum_slots[3 * kMaxWarps];
+  __shared__ float term_slots[2 * kMaxWarps];  // L::kTerms: the third reduction of a row
   const Slot at = slot_of(tpr);
   const int c = static_cast<int>(a.num_classes);
-  const float eps = a.label_smoothing;
+  const float eps = L::kSumZ || L::kTerms ? a.label_smoothing : 0.f;
+  const float gamma = a.gamma;
   if (at.first >= a.num_rows) return;  // block-uniform
 
   RowInputs next = row_inputs(a, at.first + at.group);
@@ -374,14 +649,17 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
     const int target_v = s.vector_of(r.kind == kCompute ? r.y : -1, VEC);
     const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
     const bool is_y = e.present && e.col == r.y;
-    // All of this thread's loads of the row before any use.
-    const float ze = e.present ? E::load(x[e.col]) : -CUDART_INF_F;
+    // All of this thread's loads of the row before any use; the offset where the logits are loaded, the
+    // margin on the target's edge column.
+    const float ze = e.present ? load_logit<E, Adjust>(a, x, e.col) - (is_y ? margin_of<Adjust>(a, r.y) : 0.f) : -CUDART_INF_F;
+    const float* const offset = offset_at<Adjust>(a);
     float z[KV][VEC];
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
       const int v = at.tid + k * tpr;
       if (v < s.nvec && v != target_v) {
         unpack(load_word<E, VEC>(x + s.head + v * VEC), z[k]);
+        if (offset != nullptr) add_offset(offset + s.head + v * VEC, z[k]);
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) z[k][j] = -CUDART_INF_F;
@@ -393,7 +671,7 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
 #pragma unroll
       for (int j = 0; j < VEC; ++j) m = fmaxf(m, z[k][j]);
     float sz = 0.f;
-    if constexpr (Smooth) {
+    if constexpr (L::kSumZ) {
       sz = e.present ? ze : 0.f;
 #pragma unroll
       for (int k = 0; k < KV; ++k) {
@@ -415,35 +693,70 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
     for (int k = 0; k < KV; ++k)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        z[k][j] = exp_shifted(z[k][j], shift);
-        sr += z[k][j];
+        const float ez = exp_shifted(z[k][j], shift);
+        if constexpr (!L::kTerms) z[k][j] = ez;
+        sr += ez;
       }
-    float sums[3] = {sr, is_y ? ee : 0.f, sz};
+    float sums[3] = {sr, is_y ? ee : 0.f, third_sum<L>(sz, is_y, ze)};
     row_reduce<SumOp>(sums, tpr, at.group, sum_slots);
-    const SoftmaxRow t{mx[0], sums[0], sums[1], sums[2]};
+    const SoftmaxRow t = softmax_row<L>(mx[0], sums);
 
-    // The gradient first, then the loss: the row's registers are free before the loss's log and exp.
+    // The smoothed focal loss's sums of mod l and h over the columns other than the target, from z (a
+    // left-out vector's -inf slots and a missing or target edge column are selected away).
+    SmoothRow sm{};
+    float rest[2] = {0.f, 0.f};
+    if constexpr (L::kTerms) {
+      sm = smooth_row(t, gamma);
+      const float shift2 = opaque(shift);
+      const FocalTerms fe = focal_terms<L::kGamma>(ze - shift2, sm);
+      const bool other = e.present && !is_y;
+      rest[0] = other ? fe.term : 0.f;
+      rest[1] = other ? fe.h : 0.f;
+#pragma unroll
+      for (int k = 0; k < KV; ++k) {
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const FocalTerms f = focal_terms<L::kGamma>(z[k][j] - shift2, sm);
+          part[0] += f.term;
+          part[1] += f.h;
+        }
+        const int v = at.tid + k * tpr;
+        rest[0] += v < s.nvec && v != target_v ? part[0] : 0.f;
+        rest[1] += v < s.nvec && v != target_v ? part[1] : 0.f;
+      }
+      row_reduce<SumOp>(rest, tpr, at.group, term_slots);
+    }
+    FocalTarget ft{};
+    if constexpr (L::kFocal) ft = focal_target(t, gamma, c);
+
+    // The cross entropy's loss after the gradient, when the row's registers are free for its log and exp;
+    // the focal loss's before it, from scalars at hand, which then need not stay live through it.
+    auto write_loss = [&] {
+      if (a.loss == nullptr) return;
+      if (is_y) a.loss[row] = r.alpha * row_value<L>(t, ze, ft, rest[0], eps, c);
+      if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0) a.loss[row] = row_loss(r, 0.f);
+    };
+    if constexpr (L::kFocal) write_loss();
     B* g = static_cast<B*>(a.grad) + (r.kind == kNoRow ? 0 : row) * a.num_classes;
     if (r.kind == kCompute) {
-      const SoftmaxGrad q = softmax_grad(t, r.coef, Smooth ? eps : 0.f, c);
+      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c);
+      const float shift3 = L::kTerms ? opaque(shift) : shift;
 #pragma unroll
       for (int k = 0; k < KV; ++k) {
         const int v = at.tid + k * tpr;
         if (v < s.nvec && v != target_v) {
           float out[VEC];
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) out[j] = fmaf(z[k][j], q.scale, q.offset);
+          for (int j = 0; j < VEC; ++j) out[j] = held_grad(z[k][j], shift3, q);
           store_word<E, VEC>(g + s.head + v * VEC, out);
         }
       }
-      if (e.present) g[e.col] = E::store(is_y ? q.target : fmaf(ee, q.scale, q.offset));
+      if (e.present) g[e.col] = E::store(is_y ? q.target : held_grad(L::kTerms ? ze : ee, shift3, q));
     } else if (r.kind != kNoRow) {
       fill_row<E>(g, c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
     }
-    if (a.loss != nullptr) {
-      if (is_y) a.loss[row] = r.alpha * softmax_row_loss(t, ze, Smooth ? eps : 0.f, c);
-      if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0) a.loss[row] = row_loss(r, 0.f);
-    }
+    if constexpr (!L::kFocal) write_loss();
   }
 }
 

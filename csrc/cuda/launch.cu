@@ -67,6 +67,10 @@ cudaError_t with_flag(bool flag, Fn&& fn) {
   return flag ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
+// Whether the call has a logit adjustment (LossArgs::logit_offset, target_margin): the kernels' flag Adjust,
+// so that the calls without one run instances with none of its code.
+bool adjusted(const LossArgs& a) { return a.logit_offset != nullptr || a.target_margin != nullptr; }
+
 template <GammaCase G>
 using GammaC = std::integral_constant<GammaCase, G>;
 
@@ -148,9 +152,11 @@ cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& confi
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts&) {
     return with_gamma(args.gamma, [&](auto g) {
       return with_flag(args.grad != nullptr, [&](auto write) {
-        device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value>
-            <<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
-        return cudaGetLastError();
+        return with_flag(adjusted(args), [&](auto adjust) {
+          device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value,
+                                       decltype(adjust)::value><<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+          return cudaGetLastError();
+        });
       });
     });
   });
@@ -169,25 +175,67 @@ Grid stream_grid(const LossArgs& args, Grid grid, const DeviceFacts& facts) {
   return grid;
 }
 
-cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts& facts) {
+// config with at most max_threads threads a block (a kernel's launch bound): fewer rows a block, then fewer
+// threads a row (the kernels compute the same with any multiple of 32).
+LaunchConfig within(LaunchConfig config, int max_threads) {
+  if (config.threads <= max_threads) return config;
+  const int tpr = std::min(config.threads / config.rows_per_block, max_threads);
+  config.rows_per_block = max_threads / tpr;
+  config.threads = tpr * config.rows_per_block;
+  return config;
+}
+
+// The softmax kernels of a call computing loss L (kernels.cuh: SoftmaxCe, SoftmaxFocal, SoftmaxFocalSmooth):
+// the cached kernel with CachedL (L, or a form specialised further) when the gradient is written and the row
+// fits (cached_softmax), else the streaming kernel with L, under its launch bound (kStreamMaxThreads: the
+// smoothed focal loss's is half the others').
+template <typename L, typename CachedL>
+cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid&, const DeviceFacts& facts) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
       if (cached_softmax(config, args.num_classes) && args.grad != nullptr) {
         // Its own launch bound: the blocks its registers leave resident per SM.
         const Grid g = grid_of(args, config, facts, device::kCachedMaxThreads * device::kCachedMinBlocks);
-        return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
-          device::softmax_cached_kernel<E, VEC, decltype(smooth)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+        return with_flag(adjusted(args), [&](auto adjust) {
+          device::softmax_cached_kernel<E, VEC, CachedL, decltype(adjust)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
           return cudaGetLastError();
         });
       }
     }
-    const Grid g = stream_grid(args, grid, facts);
+    constexpr int kBound = device::kStreamMaxThreads<L>;
+    const Grid g = stream_grid(args, grid_of(args, within(config, kBound), facts, kBound), facts);
     return with_flag(args.grad != nullptr, [&](auto write) {
-      device::softmax_stream_kernel<E, VEC, decltype(write)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
-      return cudaGetLastError();
+      return with_flag(adjusted(args), [&](auto adjust) {
+        device::softmax_stream_kernel<E, VEC, L, decltype(write)::value, decltype(adjust)::value>
+            <<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+        return cudaGetLastError();
+      });
     });
+  });
+}
+
+// The streaming kernel reads eps at run time; the cached one is specialised for eps == 0 (no sum of z).
+cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
+    return launch_softmax<device::SoftmaxCe<true>, device::SoftmaxCe<decltype(smooth)::value>>(args, config, stream);
+  });
+}
+
+// gamma 0 is the cross entropy: its kernels. Otherwise gamma enters once per row without smoothing, and
+// per element with it, in the form of its case.
+cudaError_t launch_softmax_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_gamma(args.gamma, [&](auto g) {
+    constexpr GammaCase G = decltype(g)::value;
+    if constexpr (G == GammaCase::kZero) {
+      return launch_softmax_ce(args, config, stream);
+    } else {
+      using Focal = device::SoftmaxFocal;
+      using Smooth = device::SoftmaxFocalSmooth<G>;
+      if (args.label_smoothing == 0.f) return launch_softmax<Focal, Focal>(args, config, stream);
+      return launch_softmax<Smooth, Smooth>(args, config, stream);
+    }
   });
 }
 

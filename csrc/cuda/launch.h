@@ -15,10 +15,12 @@ namespace cbkernels::cuda {
 // How rows map onto the GPU. A block of `threads` threads handles `rows_per_block` rows at a time, each
 // with threads / rows_per_block threads (a multiple of 32), and walks the rows with a persistent grid of
 // `ctas_per_sm` blocks per SM (0: as many as each kernel's launch bound keeps resident, see blocks_per_sm;
-// never more blocks than row groups). `vec_bytes` (16, 8, or 1 = one element) is the widest vector access
-// tried: a call falls back to narrower accesses when the logits and gradient rows cannot share one
-// alignment. `cache_rows`: the softmax keeps a row that fits in registers and reads the logits once
-// (cached_softmax); otherwise (or when false) it reads them twice.
+// never more blocks than row groups); a kernel whose launch bound is below `threads` (the streaming softmax
+// focal loss with label smoothing: 512) runs with fewer rows a block, then fewer threads a row. `vec_bytes`
+// (16, 8, or 1 = one element) is the widest vector access tried: a call falls back to narrower accesses
+// when the logits and gradient rows cannot share one alignment. `cache_rows`: the softmax keeps a row that
+// fits in registers and reads the logits once (cached_softmax); otherwise (or when false) it reads them
+// twice (three times for the softmax focal loss with label smoothing).
 struct LaunchConfig {
   int threads;
   int rows_per_block;

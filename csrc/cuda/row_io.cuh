@@ -151,6 +151,40 @@ __device__ __forceinline__ Span split_row(const Bits* x, int len) {
   return s;
 }
 
+// ---- the logit adjustments (LossArgs::logit_offset, target_margin) ----------------------------------------
+// The offset is added where a logit is loaded (the (C,) vector stays in L1/L2: no extra pass over the row);
+// the margin, once per row, where a kernel handles the target column apart (margin_of). The kernels take a
+// template flag Adjust for them: without it, none of this code is compiled in.
+
+// The offset vector (indexed by column), or nullptr without one (or without Adjust). The kernels pass it with
+// the column it starts at to for_each_vector rather than a pointer into it: the parameter stays in the
+// constant bank, where a row pointer would hold two more registers across the loop.
+template <bool Adjust>
+__device__ __forceinline__ const float* offset_at(const LossArgs& a) {
+  return Adjust ? a.logit_offset : nullptr;
+}
+
+// Adds offset[0 .. VEC) to z.
+template <int VEC>
+__device__ __forceinline__ void add_offset(const float* offset, float (&z)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) z[j] += __ldg(offset + j);
+}
+
+// The logit of column col of row x in fp32, offset when Adjust and the call has one (the edge and scalar
+// loads).
+template <typename E, bool Adjust>
+__device__ __forceinline__ float load_logit(const LossArgs& a, const typename E::bits* x, int col) {
+  const float z = E::load(x[col]);
+  return Adjust && a.logit_offset != nullptr ? z + __ldg(a.logit_offset + col) : z;
+}
+
+// The margin subtracted from the target's logit (column y of a computed row): 0 unless Adjust and set.
+template <bool Adjust>
+__device__ __forceinline__ float margin_of(const LossArgs& a, int y) {
+  return Adjust && a.target_margin != nullptr ? __ldg(a.target_margin + y) : 0.f;
+}
+
 // ---- the body loop -----------------------------------------------------------------------------------
 // Vectors a thread loads per step by default: two, whatever their width (8 fp32 or 16 16-bit elements for
 // 16-byte vectors), so that two independent 16-byte loads are in flight while the previous step computes.
@@ -166,10 +200,11 @@ constexpr int kStep = 2;
 // 16-byte loads in flight while it computes the step before (32 KB per SM at the 1024 resident threads of
 // the 64-register kernels, against the ~24 KB per SM that keeps an H200's memory busy). The loop counts
 // vectors, not columns: v + Step * tpr stays far below 2^31 for every row the launcher accepts
-// (kMaxColumns), where a column count could pass it.
+// (kMaxColumns), where a column count could pass it. offset (offset_at), or nullptr: offset[col0 + column]
+// is added to z before f sees it (col0: the body's first column in the row).
 template <typename E, int VEC, int Step = kStep, typename F>
 __device__ __forceinline__ void for_each_vector(const typename E::bits* body, int nvec, int skip, int tid, int tpr,
-                                                F&& f) {
+                                                F&& f, const float* offset = nullptr, int col0 = 0) {
   Word<E, VEC> next[Step];
   auto fetch = [&](int v0) {
 #pragma unroll
@@ -191,6 +226,7 @@ __device__ __forceinline__ void for_each_vector(const typename E::bits* body, in
       if (v == skip) continue;
       float z[VEC];
       unpack(cur[k], z);
+      if (offset != nullptr) add_offset(offset + col0 + v * VEC, z);
       f(v * VEC, z);
     }
   }
