@@ -255,6 +255,7 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     weights from samples_per_class (length C) and beta as the buffer class_weight, so its state_dict
     has the keys of the unfused pair ("weight", "bias", "class_weight"). For the sigmoid losses the paper
     initialises the bias to -log(C - 1) (see weights.init_prior_bias_) and excludes it from weight decay.
+    logit_offset / target_margin: (C,) logit adjustments as in cb_linear_loss, held as buffers (None: none).
     """
 
     def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=None,

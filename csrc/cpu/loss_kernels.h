@@ -247,7 +247,7 @@ inline void focal_row(const T* z, const float* offset, const Vec& margin_y, T* g
   if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * total);
 }
 
-// The row loop both families share: ignored rows get zeros, the others their alpha_y, the gradient scale
+// The row loop every family shares: ignored rows get zeros, the others their alpha_y, the gradient scale
 // alpha_y * grad_loss[row] (alpha_y alone in forward) and their output pointers, then row_fn does the math.
 template <typename T, bool kLoss, bool kGrad, typename RowFn>
 void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
