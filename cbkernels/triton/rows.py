@@ -140,6 +140,21 @@ def edge_columns(head, body, y_vec, C, VEC: tl.constexpr):
 
 
 @triton.jit
+def row_frame(logits_ptr, a_up, row_mask, e_mask, body, valid, PER_ROW: tl.constexpr):
+    """What each kernel's row walk derives once per row block: (body_z, body_at, row_store, e_store, body_1,
+    compute): the body's 16-byte aligned base pointer and flat start (the gradient's pointers), the store
+    masks of the body and edge tiles, the body loop's bound (the longest body of the block), and whether to
+    compute at all: a one-row block skips an ignored row; a block of rows always computes and its ignored
+    rows are zeroed through `valid`."""
+    body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
+    if PER_ROW:
+        compute = row_scalar(valid.to(tl.int32)) != 0
+    else:
+        compute = True
+    return logits_ptr + a_up[:, None], a_up[:, None], row_mask[:, None], e_mask & row_mask[None, :], body_1, compute
+
+
+@triton.jit
 def row_scalar(x):
     """The one value of a [1]-shaped per-row tensor, as a scalar (for per-row branches when ROWS == 1)."""
     return tl.sum(x, axis=0)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..gamma_cases import GammaCase
 from .fastmath import LOG2E, rcp, two_atanh
-from .rows import (add_offset, adjust_edge, body_mask, edge_columns, row_adjustments, row_block, row_scalar, row_split,
+from .rows import (add_offset, adjust_edge, body_mask, edge_columns, row_adjustments, row_block, row_frame, row_split,
                    row_targets, target_vector)
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
@@ -113,18 +113,11 @@ def sigmoid_focal_kernel(
         coef = alpha
         if SCALE_GRAD:
             coef = alpha * tl.load(grad_loss_ptr + rows)
-        body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
-        body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
-        row_store = row_mask[:, None]
         e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
         body_o, e_o, margin_y = row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET, HAS_MARGIN)
         e_at = a[None, :] + e_cols
-        e_store = e_mask & row_mask[None, :]
-        body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
-        if PER_ROW:
-            compute = row_scalar(valid.to(tl.int32)) != 0
-        else:
-            compute = True
+        body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
+                                                                         valid, PER_ROW)
         if compute:
             acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):

@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from .fastmath import LOG2E, rcp
-from .rows import add_offset, adjust_edge, body_mask, row_scalar
+from .rows import add_offset, body_mask, row_frame
 from .sigmoid_focal import GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ZERO
-from .softmax_ce import (grad_coef, grad_terms, held_lse, row_setup, store_grad, store_zeros, streamed_grad,
+from .softmax_ce import (grad_coef, grad_terms, held_lse, held_tiles, row_setup, store_grad, store_zeros, streamed_grad,
                          streamed_lse, target_nll)
 
 # Below this q, l / q = -log(1 - q) / q is taken as its series 1 + q/2 (the next term, q^2/3 < 2^-25, is below
@@ -142,22 +142,11 @@ def softmax_focal_kernel(
         rows, row_mask, valid, alpha, a_up, body, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y = row_setup(
             logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index, HAS_WEIGHT,
             HAS_OFFSET, HAS_MARGIN, ROWS, VEC)
-        body_z = logits_ptr + a_up[:, None]  # 16-byte aligned
-        body_at = a_up[:, None]  # the body's flat start, for the gradient's pointers
-        row_store = row_mask[:, None]
-        e_store = e_mask & row_mask[None, :]
-        body_1 = row_scalar(body) if PER_ROW else tl.max(body, axis=0)
-        if PER_ROW:
-            compute = row_scalar(valid.to(tl.int32)) != 0
-        else:
-            compute = True
-        if HELD:
-            # loaded before the branch, so the pipelined loop prefetches them for every row
-            b_mask = body_mask(cols, body, y_vec, VEC)
-            z_b = tl.load(body_z + cols, mask=b_mask, other=float("-inf")).to(tl.float32)
-            z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
-            z_b = add_offset(z_b, body_o, cols, b_mask, HAS_OFFSET)
-            z_e = adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+        body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
+                                                                         valid, PER_ROW)
+        if HELD:  # loaded before the branch, so the pipelined loop prefetches them for every row
+            b_mask, z_b, z_e = held_tiles(logits_ptr, body_z, cols, body, y_vec, e_at, e_mask, e_is_y, body_o, e_o,
+                                          margin_y, HAS_OFFSET, HAS_MARGIN, VEC)
         if compute:
             if HELD:
                 m, ex_b, ex_e, s_ny = held_lse(z_b, z_e, e_is_y)
