@@ -81,6 +81,44 @@ def check_logit_adjustments(family, logit_offset, target_margin, num_classes, de
             check_class_vector(target_margin, "target_margin", num_classes, device, device_of))
 
 
+def check_sample_weight(sample_weight, num_rows, device, device_of="logits"):
+    """Per-row weights (N,), floating, on the logits' device, as float32 contiguous (or None). Their values
+    are used as given (reading them would sync a GPU): a weight of 0 drops a row, a negative one flips it."""
+    if sample_weight is None:
+        return None
+    check_tensor(sample_weight, "sample_weight", (num_rows,), FLOAT_DTYPES, "be a floating-point tensor",
+                 names=("N",), device=device, device_of=device_of)
+    if sample_weight.requires_grad:
+        raise ValueError("sample_weight must not require grad: the losses give a gradient for the logits only")
+    return sample_weight.to(torch.float32).contiguous()
+
+
+def check_normalizer(normalizer, reduction, device, device_of="logits"):
+    """The "mean" divisor: None (the default divisor), a finite number > 0 (a float), or a 0-d real tensor on
+    the logits' device, kept there and not read (no sync; its value is the user's to keep > 0). A 0-d CPU
+    tensor beside logits on another device is read as a number (that reads no device memory)."""
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer applies to reduction='mean' only (it is the mean's divisor), got "
+                         f"reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a number or a 0-d real tensor, got {normalizer.dtype} of shape "
+                             f"{tuple(normalizer.shape)}")
+        if normalizer.requires_grad:
+            raise ValueError("normalizer must not require grad: the losses give a gradient for the logits only")
+        if normalizer.device == device:
+            return normalizer
+        if normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but {device_of} "
+                             f"{'are' if device_of == 'logits' else 'is'} on {device}")
+    value = _real(normalizer, "normalizer")
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"normalizer must be a finite number > 0 or a 0-d tensor, got {normalizer!r}")
+    return value
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -2,7 +2,8 @@
 
 "mean" divides the sum of the weighted row losses by the number of non-ignored rows (the official code's
 convention, docs/math.md, section 4), at least 1 so that a batch with every row ignored gives 0, not NaN. That count
-is a device tensor: dividing by it never syncs with the host.
+is a device tensor: dividing by it never syncs with the host. A user's `normalizer` (a number, or a 0-d tensor
+kept on its device) replaces that divisor.
 """
 from __future__ import annotations
 
@@ -21,19 +22,29 @@ def valid_row_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (target != ignore_index).sum().clamp(min=1)
 
 
-def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """"none" | "sum" | "mean" (sum over rows / number of non-ignored rows, 0 if there are none)."""
+def mean_divisor(target: torch.Tensor, ignore_index: int, normalizer=None):
+    """The "mean" divisor: the normalizer (checked: _checks.check_normalizer) when given, else the number of
+    non-ignored rows, at least 1 (a device tensor)."""
+    return valid_row_count(target, ignore_index) if normalizer is None else normalizer
+
+
+def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str,
+                normalizer=None) -> torch.Tensor:
+    """"none" | "sum" | "mean" (sum over rows / mean_divisor: by default the number of non-ignored rows, 0 if
+    there are none)."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    return total / valid_row_count(target, ignore_index).to(rows.dtype)
+    divisor = mean_divisor(target, ignore_index, normalizer)
+    return total / (divisor.to(rows.dtype) if isinstance(divisor, torch.Tensor) else divisor)
 
 
-def mean_class_weight(class_weight, target: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
-    """class_weight / (non-ignored rows) as float32 (C,): folded into a kernel's weights, it makes the
-    summed rows the "mean" (ones / count when class_weight is None)."""
+def mean_class_weight(class_weight, target: torch.Tensor, ignore_index: int, num_classes: int,
+                      normalizer=None) -> torch.Tensor:
+    """class_weight / mean_divisor as float32 (C,): folded into a kernel's weights, it makes the summed rows
+    the "mean" (ones / divisor when class_weight is None)."""
     if class_weight is None:
         class_weight = torch.ones(num_classes, dtype=torch.float32, device=target.device)
-    return class_weight / valid_row_count(target, ignore_index)
+    return class_weight / mean_divisor(target, ignore_index, normalizer)

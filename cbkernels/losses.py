@@ -122,17 +122,18 @@ class Loss:
         return tuple(out) if all(type(v) is float or type(v) is int for v in out) else None
 
     def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, logit_offset=None,
-                  target_margin=None, **hyper):
+                  target_margin=None, sample_weight=None, normalizer=None, **hyper):
         """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
         rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper),
-                                   logit_offset, target_margin)
-        return _reduction.reduce_rows(rows, target, ignore_index, reduction)
+                                   logit_offset, target_margin, sample_weight)
+        return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
 
     def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters, logit_offset=None,
-                       target_margin=None):
+                       target_margin=None, sample_weight=None):
         named = {h.name: v for h, v in zip(self.family.hyperparameters, kernel_hyperparameters)}
         logits = reference.adjusted_logits(logits, target, ignore_index, logit_offset, target_margin)
-        return self.family.reference_rows(logits, target, class_weight, ignore_index, **named)
+        rows = self.family.reference_rows(logits, target, class_weight, ignore_index, **named)
+        return reference.weighted_rows(rows, target, ignore_index, sample_weight)
 
     def test_cases(self) -> list[dict[str, float]]:
         """Hyperparameter settings the tests and sweeps exercise: the defaults, then each test value of

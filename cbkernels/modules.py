@@ -19,6 +19,8 @@ class ClassBalancedLoss(torch.nn.Module):
     only), held as buffers like the class weights (None: no buffer, no adjustment).
     set_beta(beta) recomputes the class weights during training (deferred re-weighting: beta = 0 gives weights
     of 1, the plain loss, and a later set_beta(0.9999) switches the class-balanced weights on).
+    forward(logits, target, sample_weight=None, normalizer=None): per-row weights (N,) and the "mean" divisor
+    of this batch, as in the functions (cbkernels.functional).
     """
 
     def __init__(self, samples_per_class, loss_type="focal", beta=0.999, gamma=None, reduction="mean",
@@ -60,13 +62,13 @@ class ClassBalancedLoss(torch.nn.Module):
         """The values of the loss's settable hyperparameters."""
         return {h.name: getattr(self, h.name) for h in self.spec.hyperparameters}
 
-    def forward(self, logits, target):
+    def forward(self, logits, target, sample_weight=None, normalizer=None):
         # The buffers straight from _buffers: self.class_weight goes through nn.Module.__getattr__, a Python
         # fallback measured at ~0.8 us, a tenth of a small call's host time.
         buffers = self._buffers
         return functional.apply_loss(self.spec, logits, target, buffers["class_weight"], self.reduction,
                                      self.ignore_index, self.backend, self.hyperparameters(), buffers["logit_offset"],
-                                     buffers["target_margin"])
+                                     buffers["target_margin"], sample_weight, normalizer)
 
     def extra_repr(self) -> str:
         adjusted = [name for name in ("logit_offset", "target_margin") if self._buffers[name] is not None]

@@ -12,8 +12,10 @@ Per-row losses, z the row's logits (C,), y its class, alpha_y = class_weight[y] 
             q' = (1 - eps) * onehot(y) + eps / C  (gamma = 0 is the softmax cross entropy)
 Logit adjustments (every loss, docs/long-tail.md): each loss is computed at z'_c = z_c + logit_offset[c]
 - [c == y] target_margin[y] (adjusted_logits), and its gradient with respect to z is the one at z'.
+Sample weights (every loss): row i's loss times sample_weight[i] (weighted_rows).
 Rows whose target equals ignore_index contribute 0 loss and 0 gradient.
-The reductions ("none", "sum", "mean" = sum / number of non-ignored rows) are _reduction.reduce_rows;
+The reductions ("none", "sum", "mean" = sum / number of non-ignored rows, or / normalizer) are
+_reduction.reduce_rows;
 losses.Loss.reference puts the two together for each registered loss.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from ._checks import check_target_range_async
 from ._reduction import compute_dtype
 
-__all__ = ["adjusted_logits", "softmax_rows", "sigmoid_focal_rows", "softmax_focal_rows"]
+__all__ = ["adjusted_logits", "weighted_rows", "softmax_rows", "sigmoid_focal_rows", "softmax_focal_rows"]
 
 
 def adjusted_logits(logits, target, ignore_index=-100, logit_offset=None, target_margin=None):
@@ -41,6 +43,13 @@ def adjusted_logits(logits, target, ignore_index=-100, logit_offset=None, target
         margin = torch.where(valid, target_margin.to(z.dtype).gather(0, safe), 0.0)
         z = z - torch.zeros_like(z).scatter(1, safe.unsqueeze(1), margin.unsqueeze(1))
     return z
+
+
+def weighted_rows(rows, target, ignore_index, sample_weight):
+    """rows * sample_weight; ignored rows stay exactly 0 whatever their weight (NaN and inf included)."""
+    if sample_weight is None:
+        return rows
+    return torch.where(target != ignore_index, rows * sample_weight.to(rows.dtype), torch.zeros_like(rows))
 
 
 def _valid_and_safe_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):

@@ -134,6 +134,13 @@ def test_opcheck(family, dtype):
     grad_loss = torch.randn(5)
     torch.library.opcheck(family.op(ops, "backward").default,
                           (logits, target, weight, grad_loss, *_hyper(family), -100))
+    # the optional inputs by name (sample_weight after the logit adjustments)
+    sample_weight = torch.rand(5)
+    torch.library.opcheck(family.op(ops, "forward").default,
+                          _fwd_args(family, logits.clone().requires_grad_(True), target, weight) + (False,),
+                          {"sample_weight": sample_weight})
+    torch.library.opcheck(family.op(ops, "backward").default,
+                          (logits, target, weight, grad_loss, *_hyper(family), -100), {"sample_weight": sample_weight})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

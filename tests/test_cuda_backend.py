@@ -261,6 +261,8 @@ def test_opcheck():
                 (_op(family, "forward"), (logits, target, weight, *values, -100, True)),
                 (_op(family, "forward"), (logits.clone().requires_grad_(), target, None, *values, -100, False)),
                 (_op(family, "backward"), (logits, target, weight, grad_loss, *values, -100)),
+                # the optional inputs: logit_offset, target_margin, sample_weight
+                (_op(family, "forward"), (logits, target, weight, *values, -100, True, None, None, grad_loss.abs())),
             ]
             for op, args in cases:
                 torch.library.opcheck(op, args)

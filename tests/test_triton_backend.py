@@ -195,7 +195,7 @@ def test_bad_op_arguments_name_the_argument():
 def test_schemas_match_the_op_contract():
     # triton_op infers the schema from the annotations, and an `int` annotation becomes SymInt (so a
     # dynamic ignore_index traces); otherwise the schemas are the C++ ones of csrc/cbkernels.cpp.
-    adjust = ", Tensor? logit_offset=None, Tensor? target_margin=None"
+    adjust = ", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None"
     expected = {
         "sigmoid_focal_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
                                  f"SymInt ignore_index, bool with_grad{adjust}) -> (Tensor, Tensor)",
@@ -226,6 +226,9 @@ def _op_cases(n, c, dtype):
                 (_op(family, "forward"), (logits, target, weight, *values, -100, True)),
                 (_op(family, "forward"), (logits.clone().requires_grad_(), target, None, *values, -100, False)),
                 (_op(family, "backward"), (logits, target, weight, grad_loss, *values, -100)),
+                # the optional inputs: logit_offset, target_margin, sample_weight
+                (_op(family, "backward"), (logits, target, weight, grad_loss, *values, -100, None, None,
+                                           grad_loss.abs())),
             ]
     return cases
 
@@ -267,11 +270,12 @@ def build(fn, dt, extra, consts, warps, stages):
     sig = {"logits_ptr": "*" + dt, "target_ptr": "*i64", "weight_ptr": "*fp32", "grad_loss_ptr": "*fp32",
            "loss_ptr": "*fp32", "grad_ptr": "*" + dt, "N": "i32", "C": "i32", **extra, "ignore_index": "i32"}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(i,): ALIGNED for i in (0, 2, 6, 7)}  # what a launch with 16-byte aligned tensors specialises
+    attrs = {(i,): ALIGNED for i in (0, 2, 7, 8)}  # what a launch with 16-byte aligned tensors specialises
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 common = {"HAS_WEIGHT": True, "WRITE_LOSS": True, "WRITE_GRAD": True, "SCALE_GRAD": False, "ROWS": 1,
-          "grad_loss_ptr": None, "offset_ptr": None, "margin_ptr": None, "HAS_OFFSET": False, "HAS_MARGIN": False}
+          "grad_loss_ptr": None, "offset_ptr": None, "margin_ptr": None, "sample_weight_ptr": None,
+          "HAS_OFFSET": False, "HAS_MARGIN": False, "HAS_SAMPLE_WEIGHT": False}
 kernels = {
     "sigmoid_focal bf16": build(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
                                 {**common, "GAMMA_MODE": 1, "BLOCK": 2048, "VEC": 8, "STAGES": 3}, 8, 3),

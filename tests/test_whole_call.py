@@ -24,13 +24,13 @@ def _require(name):
         pytest.skip(reason)
 
 
-def _python_path(spec, hyper, x, target, weight, reduction, strategy):
+def _python_path(spec, hyper, x, target, weight, reduction, strategy, sample_weight=None, normalizer=None):
     """functional.apply_loss after its whole-call shortcut, for a kernel backend."""
     record = _backends.get("cpu" if x.is_cpu else "cuda")
     weight = _checks.check_inputs(x, target, weight)
     with_grad = torch.is_grad_enabled() and x.requires_grad and strategy == "fused"
     rows = functional.kernel_rows(record, spec, x, target, weight, spec.kernel_hyperparameters(hyper), -100,
-                                  reduction, with_grad)
+                                  reduction, with_grad, sample_weight=sample_weight, normalizer=normalizer)
     return rows if reduction == "none" else rows.sum()
 
 
@@ -70,6 +70,31 @@ def test_whole_call_equals_python_path_bit_for_bit(name, strategy, reduction, dt
         torch.testing.assert_close(grad_w, grad_p, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", _C_BACKENDS)
+@pytest.mark.parametrize("strategy", ["fused", "recompute"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("spec, hyper", loss_cases(full=False))
+def test_whole_call_with_sample_weight_and_normalizer_bit_for_bit(name, strategy, reduction, spec, hyper,
+                                                                  monkeypatch):
+    """The same with sample weights and, for "mean", a number as normalizer (the op's `float? normalizer`)."""
+    _require(name)
+    monkeypatch.setenv("CBKERNELS_BACKWARD", strategy)
+    logits, target, weight = make_inputs(13, 37, torch.float32, name)
+    sample_weight = torch.rand(13, device=name) * 3 - 1
+    normalizer = 6.5 if reduction == "mean" else None
+    upstreams = [torch.ones(13 if reduction == "none" else (), device=name),
+                 torch.rand(13 if reduction == "none" else (), device=name) + 0.5]
+    fn = getattr(functional, spec.function)
+    whole = _loss_and_grads(lambda x: fn(x, target, weight, reduction=reduction, backend=name,
+                                         sample_weight=sample_weight, normalizer=normalizer, **hyper),
+                            logits, upstreams)
+    python = _loss_and_grads(lambda x: _python_path(spec, hyper, x, target, weight, reduction, strategy,
+                                                    sample_weight, normalizer), logits, upstreams)
+    for (loss_w, grad_w), (loss_p, grad_p) in zip(whole, python):
+        torch.testing.assert_close(loss_w, loss_p, rtol=0, atol=0)
+        torch.testing.assert_close(grad_w, grad_p, rtol=0, atol=0)
+
+
 def test_eager_call_takes_the_whole_call_op(monkeypatch):
     """The shortcut is taken (the test above would pass vacuously if apply_loss never reached the op)."""
     calls = []
@@ -79,7 +104,9 @@ def test_eager_call_takes_the_whole_call_op(monkeypatch):
     logits, target, weight = make_inputs(4, 9, torch.float32, "cpu")
     for spec, hyper in [p.values for p in loss_cases(full=False)]:
         call(spec, logits, target, weight, backend="cpu", hyper=hyper)
-    assert len(calls) == len(loss_cases(full=False))
+        getattr(functional, spec.function)(logits, target, weight, backend="cpu", sample_weight=torch.rand(4),
+                                           normalizer=2, **hyper)
+    assert len(calls) == 2 * len(loss_cases(full=False))
 
 
 @pytest.mark.parametrize("spec, hyper", loss_cases(full=False))
@@ -132,6 +159,10 @@ def test_opcheck_whole_call_ops(family_name, dtype, reduction):
             x = logits.clone().requires_grad_(True)
             torch.library.opcheck(family.op(torch.ops.cbkernels, "loss").default,
                                   _op_args(family, x, target, w, reduction, fused))
+        x = logits.clone().requires_grad_(True)  # the optional inputs: sample weights, the normalizer
+        extra = {"sample_weight": torch.rand(5), "normalizer": 3.0 if reduction == "mean" else None}
+        torch.library.opcheck(family.op(torch.ops.cbkernels, "loss").default,
+                              _op_args(family, x, target, weight, reduction, fused), extra)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

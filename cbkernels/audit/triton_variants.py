@@ -55,13 +55,14 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper)
     options = dict(plan.options)  # constexprs and the compile options (num_warps, maxnreg) of the launch
     num_warps = options.pop("num_warps")
-    # no logit adjustments (logit_offset, target_margin: None): the audited scenario is the plain loss
-    args = (torch_dtype, torch.int64, torch.float32, None, None, torch.float32 if scale_grad else None,
+    # no logit adjustments (logit_offset, target_margin) nor sample weights (None): the audited scenario is the
+    # plain loss
+    args = (torch_dtype, torch.int64, torch.float32, None, None, None, torch.float32 if scale_grad else None,
             torch.float32 if write_loss else None, torch_dtype if write_grad else None,
             n, c, *hyper, IGNORE_INDEX)
     # maxnreg rides with the constexprs: the audit's compile hands them to Triton's binder with the options
-    constexprs = dict(HAS_WEIGHT=True, HAS_OFFSET=False, HAS_MARGIN=False, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-                      SCALE_GRAD=scale_grad, **options)
+    constexprs = dict(HAS_WEIGHT=True, HAS_OFFSET=False, HAS_MARGIN=False, HAS_SAMPLE_WEIGHT=False,
+                      WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad, **options)
     threads = num_warps * 32
     flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad)) if on)
     elem = ELEMENT_BYTES[dtype]

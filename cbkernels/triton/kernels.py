@@ -17,11 +17,12 @@ class FamilyKernel:
     """One family's Triton kernel, as ops.py launches it.
 
     kernel: a @triton.jit function whose arguments are, in order,
-        logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-        N, C, <the family's hyperparameters, in schema order>, ignore_index,
-    then the constexprs HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, ROWS, BLOCK,
-    VEC, STAGES (by keyword) and the family's own. offset_ptr and margin_ptr are the op's logit_offset and
-    target_margin ((C,) float32), None when absent (HAS_OFFSET / HAS_MARGIN false). Its grid is persistent:
+        logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, grad_loss_ptr, loss_ptr,
+        grad_ptr, N, C, <the family's hyperparameters, in schema order>, ignore_index,
+    then the constexprs HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, HAS_SAMPLE_WEIGHT, WRITE_LOSS, WRITE_GRAD,
+    SCALE_GRAD, ROWS, BLOCK, VEC, STAGES (by keyword) and the family's own. offset_ptr and margin_ptr are the
+    op's logit_offset and target_margin ((C,) float32), sample_weight_ptr its sample_weight ((N,) float32),
+    each None when absent (HAS_OFFSET / HAS_MARGIN / HAS_SAMPLE_WEIGHT false). Its grid is persistent:
     any number of programs covers all rows.
     constexprs(hyperparameters, num_classes, block) -> the family's own constexprs, by name: hyperparameters
     are the op's values (a sequence, in schema order), num_classes is C (an int), block the tile width of

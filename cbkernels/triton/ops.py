@@ -36,16 +36,17 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_vector(op, name, vector, logits):
-    """A (C,) input (class_weight, logit_offset, target_margin): None, or contiguous float32 on the logits' device."""
-    c = logits.shape[1]
-    if vector is not None and (vector.shape != (c,) or vector.dtype != torch.float32 or vector.device != logits.device
-                               or not vector.is_contiguous()):
-        raise ValueError(f"{op}: {name} must be a contiguous float32 tensor of shape ({c},) on "
+def _check_vector(op, name, vector, logits, length):
+    """A (C,) input (class_weight, logit_offset, target_margin) or an (N,) one (sample_weight, grad_loss): None,
+    or contiguous float32 of that length on the logits' device."""
+    if vector is not None and (vector.shape != (length,) or vector.dtype != torch.float32
+                               or vector.device != logits.device or not vector.is_contiguous()):
+        raise ValueError(f"{op}: {name} must be a contiguous float32 tensor of shape ({length},) on "
                          f"{logits.device}, got {vector.dtype} {tuple(vector.shape)}")
 
 
-def _check(op, logits, target, class_weight, grad_loss=None, logit_offset=None, target_margin=None):
+def _check(op, logits, target, class_weight, grad_loss=None, logit_offset=None, target_margin=None,
+           sample_weight=None):
     """Cheap metadata checks (functional.py checked already; direct op calls get clear errors too)."""
     if logits.dim() != 2 or logits.dtype not in _DTYPES:
         raise ValueError(f"{op}: logits must be a 2-D float32/float16/bfloat16 tensor, "
@@ -59,13 +60,10 @@ def _check(op, logits, target, class_weight, grad_loss=None, logit_offset=None, 
     if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
         raise ValueError(f"{op}: target must be an int64/int32 tensor of shape ({n},) on {logits.device}, "
                          f"got {target.dtype} {tuple(target.shape)} on {target.device}")
-    _check_vector(op, "class_weight", class_weight, logits)
-    _check_vector(op, "logit_offset", logit_offset, logits)
-    _check_vector(op, "target_margin", target_margin, logits)
-    if grad_loss is not None and (grad_loss.shape != (n,) or grad_loss.dtype != torch.float32
-                                  or grad_loss.device != logits.device or not grad_loss.is_contiguous()):
-        raise ValueError(f"{op}: grad_loss must be a contiguous float32 tensor of shape ({n},) on "
-                         f"{logits.device}, got {grad_loss.dtype} {tuple(grad_loss.shape)}")
+    for name, vector, length in (("class_weight", class_weight, c), ("logit_offset", logit_offset, c),
+                                 ("target_margin", target_margin, c), ("sample_weight", sample_weight, n),
+                                 ("grad_loss", grad_loss, n)):
+        _check_vector(op, name, vector, logits, length)
 
 
 def _check_hyperparameters(op, family, values):
@@ -138,7 +136,7 @@ def programs(plan, device, blocks, write_grad):
 
 
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
-            write_loss, write_grad, logit_offset=None, target_margin=None):
+            write_loss, write_grad, logit_offset=None, target_margin=None, sample_weight=None):
     """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits, on the
     persistent grid of `programs`.
 
@@ -151,10 +149,10 @@ def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperpa
         return
     blocks = (n + plan.rows - 1) // plan.rows
     wrap_triton(plan.kernel)[(programs(plan, logits.device, blocks, write_grad),)](
-        logits, target, class_weight, logit_offset, target_margin, grad_loss, loss, grad,
+        logits, target, class_weight, logit_offset, target_margin, sample_weight, grad_loss, loss, grad,
         n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, HAS_OFFSET=logit_offset is not None,
-        HAS_MARGIN=target_margin is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+        HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
         SCALE_GRAD=grad_loss is not None, **plan.options,
     )
 
@@ -165,28 +163,28 @@ def _row_major(logits, target):
     return logits.contiguous(), target.contiguous()
 
 
-def _forward(op, family, logits, target, class_weight, *hyperparameters_ignore_index_with_grad_adjustments):
-    *hyperparameters, ignore_index, with_grad, logit_offset, target_margin = \
-        hyperparameters_ignore_index_with_grad_adjustments
+def _forward(op, family, logits, target, class_weight, *hyperparameters_ignore_index_with_grad_optional):
+    *hyperparameters, ignore_index, with_grad, logit_offset, target_margin, sample_weight = \
+        hyperparameters_ignore_index_with_grad_optional
     _check_hyperparameters(op, family, hyperparameters)
-    _check(op, logits, target, class_weight, None, logit_offset, target_margin)
+    _check(op, logits, target, class_weight, None, logit_offset, target_margin, sample_weight)
     logits, target = _row_major(logits, target)
     n, c = logits.shape
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if with_grad else logits.new_empty((0,))
     _launch(family, logits, target, class_weight, None, loss, grad if with_grad else None, hyperparameters,
-            ignore_index, True, with_grad, logit_offset, target_margin)
+            ignore_index, True, with_grad, logit_offset, target_margin, sample_weight)
     return loss, grad
 
 
-def _backward(op, family, logits, target, class_weight, grad_loss, *hyperparameters_ignore_index_adjustments):
-    *hyperparameters, ignore_index, logit_offset, target_margin = hyperparameters_ignore_index_adjustments
+def _backward(op, family, logits, target, class_weight, grad_loss, *hyperparameters_ignore_index_optional):
+    *hyperparameters, ignore_index, logit_offset, target_margin, sample_weight = hyperparameters_ignore_index_optional
     _check_hyperparameters(op, family, hyperparameters)
-    _check(op, logits, target, class_weight, grad_loss, logit_offset, target_margin)
+    _check(op, logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight)
     logits, target = _row_major(logits, target)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch(family, logits, target, class_weight, grad_loss, None, grad, hyperparameters, ignore_index,
-            False, True, logit_offset, target_margin)
+            False, True, logit_offset, target_margin, sample_weight)
     return grad
 
 
@@ -205,7 +203,8 @@ def _signature(family, which):
     if which == "forward":
         params.append(arg("with_grad", bool))
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                 annotation=Optional[torch.Tensor]) for name in ("logit_offset", "target_margin")]
+                                 annotation=Optional[torch.Tensor])
+               for name in ("logit_offset", "target_margin", "sample_weight")]
     returns = tuple[torch.Tensor, torch.Tensor] if which == "forward" else torch.Tensor
     return inspect.Signature(params, return_annotation=returns)
 
@@ -219,7 +218,7 @@ def _define(family, which):
     num_args = len(signature.parameters)
 
     def op(*args, **kwargs):
-        if kwargs or len(args) != num_args:  # by name, or the logit adjustments left to their defaults
+        if kwargs or len(args) != num_args:  # by name, or the optional inputs left to their defaults
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args = bound.args

@@ -36,9 +36,10 @@ def row_block(block, N, ROWS: tl.constexpr):
 
 
 @triton.jit
-def row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr):
+def row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.constexpr,
+                HAS_SAMPLE_WEIGHT: tl.constexpr, ROWS: tl.constexpr):
     """(y, valid, alpha) per row: y the target as an int32 column in [0, C) (safe as an address),
-    valid = target != ignore_index, alpha = class_weight[y] (1 without weights).
+    valid = target != ignore_index, alpha = class_weight[y] * sample_weight[row] (each 1 when absent).
 
     A target outside [0, C) that is not ignore_index is never used as an address: its alpha is NaN, so
     that row's loss and gradient are NaN (the op contract's GPU convention)."""
@@ -50,6 +51,8 @@ def row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.co
         alpha = tl.load(weight_ptr + y)
     else:
         alpha = tl.full([ROWS], 1.0, tl.float32)
+    if HAS_SAMPLE_WEIGHT:
+        alpha *= tl.load(sample_weight_ptr + rows)
     return y, valid, tl.where(valid & ~in_range, float("nan"), alpha)
 
 

@@ -92,9 +92,10 @@ def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
 
 @triton.jit
 def sigmoid_focal_kernel(
-    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-    N, C, gamma, ignore_index,
-    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, grad_loss_ptr, loss_ptr,
+    grad_ptr, N, C, gamma, ignore_index,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    GAMMA_MODE: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -107,7 +108,8 @@ def sigmoid_focal_kernel(
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         rows, row_mask = row_block(block, N, ROWS)
-        y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+        y, valid, alpha = row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT,
+                                      HAS_SAMPLE_WEIGHT, ROWS)
         a, a_up, head, body = row_split(rows, C, VEC)
         y_vec = target_vector(y, head, body, VEC)
         coef = alpha

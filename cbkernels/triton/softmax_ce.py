@@ -45,16 +45,17 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def row_setup(logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index,
-              HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, ROWS: tl.constexpr,
-              VEC: tl.constexpr):
+def row_setup(logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, block, N, C,
+              ignore_index, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
+              HAS_SAMPLE_WEIGHT: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr):
     """A row block as the softmax kernels walk it (rows.py): (rows, row_mask, valid, alpha, a_up, body,
     y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y): the rows and which exist, the target data, the
     body's aligned flat start, length and target vector, the edge tile's flat addresses, mask and target lane
     ([4 VEC, ROWS]), the adjusted target logit z_y (one element, from the cache lines of the row), and the
     adjustments' pointers and margin (rows.row_adjustments)."""
     rows, row_mask = row_block(block, N, ROWS)
-    y, valid, alpha = row_targets(target_ptr, weight_ptr, rows, C, ignore_index, HAS_WEIGHT, ROWS)
+    y, valid, alpha = row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT,
+                                  HAS_SAMPLE_WEIGHT, ROWS)
     a, a_up, head, body = row_split(rows, C, VEC)
     y_vec = target_vector(y, head, body, VEC)
     e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
@@ -213,9 +214,10 @@ def streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, 
 
 @triton.jit
 def softmax_ce_kernel(
-    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-    N, C, eps, ignore_index,
-    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, grad_loss_ptr, loss_ptr,
+    grad_ptr, N, C, eps, ignore_index,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -226,8 +228,8 @@ def softmax_ce_kernel(
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES if HELD else 1):
         rows, row_mask, valid, alpha, a_up, body, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y = row_setup(
-            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index, HAS_WEIGHT,
-            HAS_OFFSET, HAS_MARGIN, ROWS, VEC)
+            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, block, N, C, ignore_index,
+            HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, HAS_SAMPLE_WEIGHT, ROWS, VEC)
         body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
                                                                          valid, PER_ROW)
         if HELD:  # loaded before the branch, so the pipelined loop prefetches them for every row

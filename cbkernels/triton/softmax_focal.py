@@ -126,9 +126,10 @@ def _streamed_smoothed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_
 
 @triton.jit
 def softmax_focal_kernel(
-    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, grad_loss_ptr, loss_ptr, grad_ptr,
-    N, C, gamma, eps, ignore_index,
-    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, grad_loss_ptr, loss_ptr,
+    grad_ptr, N, C, gamma, eps, ignore_index,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    GAMMA_MODE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, HELD: tl.constexpr, STAGES: tl.constexpr,
@@ -140,8 +141,8 @@ def softmax_focal_kernel(
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES if HELD else 1):
         rows, row_mask, valid, alpha, a_up, body, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y = row_setup(
-            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, block, N, C, ignore_index, HAS_WEIGHT,
-            HAS_OFFSET, HAS_MARGIN, ROWS, VEC)
+            logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, block, N, C, ignore_index,
+            HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, HAS_SAMPLE_WEIGHT, ROWS, VEC)
         body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
                                                                          valid, PER_ROW)
         if HELD:  # loaded before the branch, so the pipelined loop prefetches them for every row

@@ -42,6 +42,9 @@ struct LossArgs {
   // its pointer is set. The gradient with respect to z is the one at z' (dz'/dz is the identity).
   const float* logit_offset;   // (num_classes,) contiguous, or nullptr (no offset)
   const float* target_margin;  // (num_classes,) contiguous, or nullptr (no margin)
+  // Per-row sample weights: row i's loss and gradient are multiplied by sample_weight[i] (with alpha_y, so
+  // the kernels read alpha_i = class_weight[y_i] * sample_weight[i] once per row).
+  const float* sample_weight;  // (num_rows,) contiguous, or nullptr (1)
   const float* grad_loss;     // (num_rows,) contiguous upstream gradient of the backward ops, or nullptr (1)
   int64_t ignore_index;
   // The families' hyperparameters (common/families.h: gamma, label_smoothing, ...), each a float named as in

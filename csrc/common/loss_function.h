@@ -7,14 +7,16 @@
 //
 // The results are bit-identical to functional.py's path: the same ops in the same order, called through
 // the dispatcher (so that CPU, CUDA, fake and traced tensors all reach their own kernels), namely
-//   "mean":  w' = (class_weight or ones(C)) / max(1, #{i : target_i != ignore_index})   (float32 (C,))
-//            rows, grad = <family>_forward(logits, target, w', ..., logit_offset, target_margin);
+//   "mean":  w' = (class_weight or ones(C)) / d, d = normalizer if given, else
+//            max(1, #{i : target_i != ignore_index})   (float32 (C,))
+//            rows, grad = <family>_forward(logits, target, w', ..., logit_offset, target_margin, sample_weight);
 //            loss = rows.sum()
 //   "sum":   the same with w' = class_weight;  "none": loss = rows.
 // and for the backward, the upstream gradient g (0-d for "sum"/"mean", (N,) for "none") in float32:
 //   fused:     the forward's gradient buffer scaled in place by g per row (scale_rows_unless_one_, which
 //              skips rows whose factor is exactly 1: loss.backward() costs no pass at all);
-//   recompute: <family>_backward(logits, target, w', g expanded to (N,), ..., logit_offset, target_margin).
+//   recompute: <family>_backward(logits, target, w', g expanded to (N,), ..., logit_offset, target_margin,
+//              sample_weight).
 // Device-agnostic: registered once for the Autograd key and for CompositeExplicitAutograd (calls without
 // autograd, e.g. under torch.inference_mode()).
 #pragma once
@@ -43,6 +45,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <optional>
 #include <string>
@@ -113,17 +116,18 @@ inline void mul_rows_out(at::Tensor& out, const at::Tensor& grad, const at::Tens
   at::mul_out(out, grad, factor);
 }
 
-// "mean": the class weights (ones when None) divided by the number of rows whose target is not
-// ignore_index, at least 1, as float32 (C,): folded into the kernel's weights, the summed rows are the
-// mean (docs/math.md, section 4). In ATen ops, as cbkernels/_reduction.py's mean_class_weight:
-//   (class_weight or ones(C)) / (target != ignore_index).sum().clamp_min(1)
+// "mean": the class weights (ones when None) divided by the normalizer, or without one by the number of rows
+// whose target is not ignore_index, at least 1, as float32 (C,): folded into the kernel's weights, the summed
+// rows are the mean (docs/math.md, section 4). In ATen ops, as cbkernels/_reduction.py's mean_class_weight:
+//   (class_weight or ones(C)) / (normalizer or (target != ignore_index).sum().clamp_min(1))
 // For eager CPU tensors the same values come from one host loop instead of five small ops: the count is
 // exact and ATen divides float32 by the count's float32 conversion with one IEEE division per element,
 // which is what w[c] / float(count) is (no fast-math in this file's flags).
 inline at::Tensor mean_class_weight(const at::Tensor& logits, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& class_weight, int64_t ignore_index) {
+                                    const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                                    std::optional<double> normalizer) {
   // (Sizes are read only once the tensors are known to be eager ones: a tracer's may be symbolic.)
-  const bool host = is_plain(logits) && logits.dim() == 2 && target.is_cpu() && is_plain(target) &&
+  const bool host = !normalizer.has_value() && is_plain(logits) && logits.dim() == 2 && target.is_cpu() && is_plain(target) &&
                     target.dim() == 1 && target.is_contiguous() &&
                     (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt);
   if (host && (!class_weight.has_value() ||
@@ -146,10 +150,11 @@ inline at::Tensor mean_class_weight(const at::Tensor& logits, const at::Tensor& 
     for (int64_t c = 0; c < num_classes; ++c) out[c] = (w != nullptr ? w[c] : 1.0f) / divisor;
     return weight;
   }
-  const at::Tensor count = at::ne(target, ignore_index).sum().clamp_min(1);
   const at::Tensor base = class_weight.has_value()
                               ? *class_weight
                               : at::ones_symint({logits.sym_size(1)}, target.options().dtype(at::kFloat));
+  if (normalizer.has_value()) return at::div(base, *normalizer);
+  const at::Tensor count = at::ne(target, ignore_index).sum().clamp_min(1);
   return at::div(base, count);
 }
 
@@ -160,8 +165,8 @@ template <Family F, std::size_t... I>
 struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<LossFunction<F, std::index_sequence<I...>>> {
   using Hyperparameters = std::array<double, sizeof...(I)>;
   // Forward inputs: logits, target, class_weight, the hyperparameters, ignore_index, reduction, fused,
-  // logit_offset, target_margin.
-  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 5;
+  // logit_offset, target_margin, sample_weight, normalizer.
+  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 7;
   static constexpr const char* kName = FamilyInfo<F>::kLoss;
 
   struct Forward {
@@ -171,17 +176,20 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
   // Everything an eager call does but the backward; shared by the two kernels below.
   static Forward run(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
                      const Hyperparameters& hyperparameters, int64_t ignore_index, Reduction reduction, bool with_grad,
-                     LogitAdjustments adjust) {
+                     OptionalInputs optional, std::optional<double> normalizer) {
     using Opt = const std::optional<at::Tensor>&;
     using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, Opt, HyperparameterArg<I>...,
-                                                   int64_t, bool, Opt, Opt);
+                                                   int64_t, bool, Opt, Opt, Opt);
     static const auto forward = find_op(FamilyInfo<F>::kForward).template typed<Sig>();
     // Checked before the folding, which would otherwise turn an integer class_weight into float32; the
     // devices first: a tensor on another device (meta included) would take the dispatch of every op below.
     TORCH_CHECK_VALUE(target.device() == logits.device(), "cbkernels::", kName, ": target is on ", target.device(),
                       " but logits are on ", logits.device());
     const std::pair<const char*, Opt> vectors[] = {
-        {"class_weight", class_weight}, {"logit_offset", adjust.logit_offset}, {"target_margin", adjust.target_margin}};
+        {"class_weight", class_weight},
+        {"logit_offset", optional.logit_offset},
+        {"target_margin", optional.target_margin},
+        {"sample_weight", optional.sample_weight}};
     for (const auto& [name, t] : vectors) {
       if (!t.has_value()) continue;
       TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "cbkernels::", kName, ": ", name, " must be float32, got ",
@@ -191,10 +199,16 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
       TORCH_CHECK_VALUE(t->device() == logits.device(), "cbkernels::", kName, ": ", name, " is on ", t->device(),
                         " but logits are on ", logits.device());
     }
+    if (normalizer.has_value()) {
+      TORCH_CHECK_VALUE(reduction == Reduction::kMean, "cbkernels::", kName,
+                        ": normalizer applies to reduction='mean' only (it is the mean's divisor)");
+      TORCH_CHECK_VALUE(std::isfinite(*normalizer) && *normalizer > 0, "cbkernels::", kName,
+                        ": normalizer must be a finite number > 0, got ", *normalizer);
+    }
     std::optional<at::Tensor> weight = class_weight;
     if (reduction == Reduction::kMean) {
       TORCH_CHECK(logits.dim() == 2, "cbkernels::", kName, ": logits must have shape (N, C), got ", logits.sizes());
-      weight = mean_class_weight(logits, target, class_weight, ignore_index);
+      weight = mean_class_weight(logits, target, class_weight, ignore_index, normalizer);
     }
     if (!logits.is_cpu()) {
       // The CPU ops check the targets on the host; elsewhere that would be a device sync, so the kernels
@@ -204,7 +218,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
       at::_assert_async(at::all(ok), "target holds a class index outside [0, C) that is not ignore_index");
     }
     auto [rows, grad] = forward.call(logits, target, weight, hyperparameters[I]..., ignore_index, with_grad,
-                                     adjust.logit_offset, adjust.target_margin);
+                                     optional.logit_offset, optional.target_margin, optional.sample_weight);
     at::Tensor loss = reduction == Reduction::kNone ? rows : rows.sum();
     return {std::move(loss), std::move(grad), weight.value_or(at::Tensor())};
   }
@@ -214,10 +228,11 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                                      const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
                                      int64_t ignore_index, c10::string_view reduction, bool /*fused*/,
                                      const std::optional<at::Tensor>& logit_offset,
-                                     const std::optional<at::Tensor>& target_margin) {
+                                     const std::optional<at::Tensor>& target_margin,
+                                     const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
     return run(logits, target, class_weight, {hyperparameters...}, ignore_index,
                parse_reduction(kName, std::string_view(reduction.data(), reduction.size())), false,
-               {logit_offset, target_margin})
+               {logit_offset, target_margin, sample_weight}, normalizer)
         .loss;
   }
 
@@ -226,30 +241,32 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                                   const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
                                   int64_t ignore_index, c10::string_view reduction, bool fused,
                                   const std::optional<at::Tensor>& logit_offset,
-                                  const std::optional<at::Tensor>& target_margin) {
+                                  const std::optional<at::Tensor>& target_margin,
+                                  const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
     // Read before apply(), which runs forward with grad mode off.
     const bool with_grad = fused && c10::GradMode::is_enabled() && logits.requires_grad();
     return LossFunction::apply(logits, target, class_weight, hyperparameters..., ignore_index, reduction, with_grad,
-                               logit_offset, target_margin);
+                               logit_offset, target_margin, sample_weight, normalizer);
   }
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& class_weight, HyperparameterArg<I>... hyperparameters,
                             int64_t ignore_index, c10::string_view reduction, bool with_grad,
                             const std::optional<at::Tensor>& logit_offset,
-                            const std::optional<at::Tensor>& target_margin) {
+                            const std::optional<at::Tensor>& target_margin,
+                            const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Hyperparameters values{hyperparameters...};
     const Reduction reduce = parse_reduction(kName, std::string_view(reduction.data(), reduction.size()));
     Forward out = run(logits, target, class_weight, values, ignore_index, reduce, with_grad,
-                      {logit_offset, target_margin});
+                      {logit_offset, target_margin, sample_weight}, normalizer);
     if (with_grad) {
       // Not save_for_backward: the buffer is no input or output, and the backward scales it in place (then
       // replaces it by None: a second backward finds it consumed). One entry: the map's growth is measurable.
       ctx->saved_data["grad"] = out.grad;
     } else {
       ctx->save_for_backward({logits, target, out.class_weight, logit_offset.value_or(at::Tensor()),
-                              target_margin.value_or(at::Tensor())});
+                              target_margin.value_or(at::Tensor()), sample_weight.value_or(at::Tensor())});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["hyperparameters"] = std::vector<double>(values.begin(), values.end());
     }
@@ -291,7 +308,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     }
     using Opt = const std::optional<at::Tensor>&;
     using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, Opt, const at::Tensor&, HyperparameterArg<I>...,
-                           int64_t, Opt, Opt);
+                           int64_t, Opt, Opt, Opt);
     static const auto backward_op = find_op(FamilyInfo<F>::kBackward).template typed<Sig>();
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
@@ -300,14 +317,16 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     const at::Tensor per_row =
         grad_loss.dim() == 0 ? grad_loss.expand_symint({logits.sym_size(0)}).contiguous() : grad_loss;
     grads[0] = backward_op.call(logits, saved[1], optional(saved[2]), per_row, values[I]...,
-                                ctx->saved_data["ignore_index"].toInt(), optional(saved[3]), optional(saved[4]));
+                                ctx->saved_data["ignore_index"].toInt(), optional(saved[3]), optional(saved[4]),
+                                optional(saved[5]));
     return grads;
   }
 };
 
 // The schemas of the `<family>_loss` ops and of scale_rows_unless_one_, for the TORCH_LIBRARY block.
 //   softmax_ce_loss(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, int ignore_index,
-//                   str reduction, bool fused, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor
+//                   str reduction, bool fused, Tensor? logit_offset=None, Tensor? target_margin=None,
+//                   Tensor? sample_weight=None, float? normalizer=None) -> Tensor
 template <Family F>
 void define_loss_function(torch::Library& m) {
   std::string floats;
@@ -315,7 +334,7 @@ void define_loss_function(torch::Library& m) {
     floats += std::string("float ") + kHyperparameterInfo[id].name + ", ";
   }
   m.def((std::string(FamilyInfo<F>::kLoss) + "(Tensor logits, Tensor target, Tensor? class_weight, " + floats +
-         "int ignore_index, str reduction, bool fused" + kLogitAdjustmentArgs + ") -> Tensor")
+         "int ignore_index, str reduction, bool fused" + kOptionalInputArgs + ", float? normalizer=None) -> Tensor")
             .c_str());
 }
 

@@ -112,20 +112,22 @@ CBKERNELS_FAMILIES(CBKERNELS_FAMILY_INFO)
 // The checked tensors of one call and the LossArgs pointing into them; the tensors keep any contiguous
 // copies alive while the kernels run.
 struct CheckedInputs {
-  at::Tensor logits, target, class_weight, grad_loss, logit_offset, target_margin;
+  at::Tensor logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight;
   LossArgs args{};
 };
 
-// The logit adjustments of docs/op-contract.md, the last two (optional) arguments of every op: (C,) float32
-// tensors or None.
-struct LogitAdjustments {
+// The optional tensors of docs/op-contract.md, the last arguments of every op: the logit adjustments
+// (C,) and the per-row sample weights (N,), float32 or None.
+struct OptionalInputs {
   const std::optional<at::Tensor>& logit_offset;
   const std::optional<at::Tensor>& target_margin;
+  const std::optional<at::Tensor>& sample_weight;
 };
 
 // Their schema text, appended to every op's arguments (defaults None: calls written before they existed
 // keep working).
-inline constexpr const char* kLogitAdjustmentArgs = ", Tensor? logit_offset=None, Tensor? target_margin=None";
+inline constexpr const char* kOptionalInputArgs =
+    ", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None";
 
 inline Dtype logits_dtype(OpName op, const at::Tensor& logits) {
   switch (logits.scalar_type()) {
@@ -155,8 +157,8 @@ inline void check_vector_shape(OpName op, const char* name, const at::Tensor& t,
               length, ",), got ", t.sizes());
 }
 
-// class_weight, logit_offset, target_margin (C,) and grad_loss (N,): float32 vectors beside the logits,
-// read contiguously.
+// class_weight, logit_offset, target_margin (C,), sample_weight and grad_loss (N,): float32 vectors beside the
+// logits, read contiguously.
 inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Tensor& t, const at::Tensor& logits,
                                        const char* length_name, int64_t length) {
   check_beside_logits(op, name, t, logits);
@@ -169,7 +171,7 @@ inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Te
 template <typename Backend>
 CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
-                           int64_t ignore_index, LogitAdjustments adjust) {
+                           int64_t ignore_index, OptionalInputs optional) {
   check_dense(op, "logits", logits);
   TORCH_CHECK(Backend::on_device(logits), op, ": logits must be a ", Backend::kDevice, " tensor, got ",
               logits.device());
@@ -191,8 +193,11 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
     return t.has_value() ? checked_float_vector(op, name, *t, logits, "C", num_classes) : at::Tensor();
   };
   in.class_weight = class_vector("class_weight", class_weight);
-  in.logit_offset = class_vector("logit_offset", adjust.logit_offset);
-  in.target_margin = class_vector("target_margin", adjust.target_margin);
+  in.logit_offset = class_vector("logit_offset", optional.logit_offset);
+  in.target_margin = class_vector("target_margin", optional.target_margin);
+  if (optional.sample_weight.has_value()) {
+    in.sample_weight = checked_float_vector(op, "sample_weight", *optional.sample_weight, logits, "N", n);
+  }
   if (grad_loss != nullptr) {
     in.grad_loss = checked_float_vector(op, "grad_loss", *grad_loss, logits, "N", n);
   }
@@ -209,6 +214,7 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   a.class_weight = pointer(in.class_weight);
   a.logit_offset = pointer(in.logit_offset);
   a.target_margin = pointer(in.target_margin);
+  a.sample_weight = pointer(in.sample_weight);
   a.grad_loss = in.grad_loss.defined() ? in.grad_loss.data_ptr<float>() : nullptr;
   a.ignore_index = ignore_index;
   Backend::check_values(op, a);
@@ -231,10 +237,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
                                                     const std::optional<at::Tensor>& class_weight,
                                                     HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
                                                     bool with_grad, const std::optional<at::Tensor>& logit_offset,
-                                                    const std::optional<at::Tensor>& target_margin) {
+                                                    const std::optional<at::Tensor>& target_margin,
+                                                    const std::optional<at::Tensor>& sample_weight) {
     const OpName op{FamilyInfo<F>::kForward, Backend::kTag};
-    CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index, {logit_offset, target_margin},
-                               hyperparameters...);
+    CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index,
+                               {logit_offset, target_margin, sample_weight}, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     const int64_t n = in.args.num_rows;
     at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
@@ -250,10 +257,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
                              const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
                              HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
                              const std::optional<at::Tensor>& logit_offset,
-                             const std::optional<at::Tensor>& target_margin) {
+                             const std::optional<at::Tensor>& target_margin,
+                             const std::optional<at::Tensor>& sample_weight) {
     const OpName op{FamilyInfo<F>::kBackward, Backend::kTag};
     CheckedInputs in = checked(op, logits, target, class_weight, &grad_loss, ignore_index,
-                               {logit_offset, target_margin}, hyperparameters...);
+                               {logit_offset, target_margin, sample_weight}, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     at::Tensor grad = at::empty({in.args.num_rows, in.args.num_classes}, logits.options());
     in.args.loss = nullptr;
@@ -266,13 +274,13 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
   // The hyperparameters are checked first, in schema order: a bad value is refused whatever the tensors are.
   static CheckedInputs checked(OpName op, const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
-                               int64_t ignore_index, LogitAdjustments adjust,
+                               int64_t ignore_index, OptionalInputs optional,
                                HyperparameterArg<I>... hyperparameters) {
     // (maybe_unused: a family without hyperparameters reads neither.)
     [[maybe_unused]] constexpr auto& ids = FamilyInfo<F>::kHyperparameters;
     [[maybe_unused]] const std::array<float, sizeof...(I)> values{
         checked_hyperparameter(ids[I], op, hyperparameters)...};
-    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index, adjust);
+    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index, optional);
     ((in.args.*kHyperparameterInfo[ids[I]].field = values[I]), ...);
     return in;
   }
@@ -280,9 +288,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
 
 // The schemas of the two ops of family F, from its hyperparameters; for the sigmoid family
 //   sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma, int ignore_index,
-//                         bool with_grad, Tensor? logit_offset=None, Tensor? target_margin=None) -> (Tensor, Tensor)
+//                         bool with_grad, Tensor? logit_offset=None, Tensor? target_margin=None,
+//                         Tensor? sample_weight=None) -> (Tensor, Tensor)
 //   sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, float gamma,
-//                          int ignore_index, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor
+//                          int ignore_index, Tensor? logit_offset=None, Tensor? target_margin=None,
+//                          Tensor? sample_weight=None) -> Tensor
 template <Family F>
 void define_family_ops(torch::Library& m) {
   std::string floats;  // "float gamma, "
@@ -291,10 +301,10 @@ void define_family_ops(torch::Library& m) {
   }
   const std::string forward = std::string(FamilyInfo<F>::kForward) +
                               "(Tensor logits, Tensor target, Tensor? class_weight, " + floats +
-                              "int ignore_index, bool with_grad" + kLogitAdjustmentArgs + ") -> (Tensor, Tensor)";
+                              "int ignore_index, bool with_grad" + kOptionalInputArgs + ") -> (Tensor, Tensor)";
   const std::string backward = std::string(FamilyInfo<F>::kBackward) +
                                "(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, " + floats +
-                               "int ignore_index" + kLogitAdjustmentArgs + ") -> Tensor";
+                               "int ignore_index" + kOptionalInputArgs + ") -> Tensor";
   m.def(forward.c_str());
   m.def(backward.c_str());
 }

@@ -247,8 +247,9 @@ inline void focal_row(const T* z, const float* offset, const Vec& margin_y, T* g
   if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * total);
 }
 
-// The row loop every family shares: ignored rows get zeros, the others their alpha_y, the gradient scale
-// alpha_y * grad_loss[row] (alpha_y alone in forward) and their output pointers, then row_fn does the math.
+// The row loop every family shares: ignored rows get zeros, the others their alpha = alpha_y (times
+// sample_weight[row] when given), the gradient scale alpha * grad_loss[row] (alpha alone in forward) and their
+// output pointers, then row_fn does the math.
 template <typename T, bool kLoss, bool kGrad, typename RowFn>
 void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
   const T* logits = static_cast<const T*>(a.logits);
@@ -258,7 +259,8 @@ void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
       write_ignored_row<T>(a, row);
       continue;
     }
-    const float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
+    float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
+    if (a.sample_weight != nullptr) alpha *= a.sample_weight[row];
     const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
     T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
     row_fn(logits + row * a.row_stride, g, y, alpha, gscale, kLoss ? a.loss + row : nullptr);

@@ -275,22 +275,24 @@ enum RowKind : int { kCompute = 0, kIgnored = 1, kBadTarget = 2, kNoRow = 3 };
 struct Row {
   int kind;
   int y;        // the target column (kCompute only)
-  float alpha;  // class_weight[y] (1 without weights)
+  float alpha;  // class_weight[y] * sample_weight[row] (each 1 when absent)
   float coef;   // alpha * upstream grad of the row (1 in forward): the gradient's row factor
 };
 
-// The row's target and upstream gradient, loaded without being used: a prefetch issues these for the next
-// row and classifies it (row_of) once they are needed, so no load waits on another.
+// The row's target, sample weight and upstream gradient, loaded without being used: a prefetch issues these
+// for the next row and classifies it (row_of) once they are needed, so no load waits on another.
 struct RowInputs {
   int64_t y;       // target value as stored (unchecked)
+  float sample;    // sample_weight[row], 1 without it
   float upstream;  // grad_loss[row], 1 without it
 };
 
 __device__ __forceinline__ RowInputs row_inputs(const LossArgs& a, int64_t row) {
-  RowInputs in{a.ignore_index, 1.f};
+  RowInputs in{a.ignore_index, 1.f, 1.f};
   if (row >= a.num_rows) return in;
   in.y = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
                            : static_cast<int64_t>(static_cast<const int32_t*>(a.target)[row]);
+  if (a.sample_weight != nullptr) in.sample = a.sample_weight[row];
   if (a.grad_loss != nullptr) in.upstream = a.grad_loss[row];
   return in;
 }
@@ -308,7 +310,7 @@ __device__ __forceinline__ Row row_of(const LossArgs& a, int64_t row, const RowI
   }
   r.kind = kCompute;
   r.y = static_cast<int>(in.y);
-  r.alpha = a.class_weight != nullptr ? a.class_weight[in.y] : 1.f;
+  r.alpha = (a.class_weight != nullptr ? a.class_weight[in.y] : 1.f) * in.sample;
   r.coef = r.alpha * in.upstream;
   return r;
 }
