@@ -17,6 +17,8 @@ Softmax (docs/math.md, sections 6, 7 and 9; label smoothing eps), per row, z = [
 Sigmoid family (focal, gamma = 0 is sigmoid CE): the loss is a sum of independent per-class terms, so
 each rank sums its own C_local terms (t_c = +1 only for the target class, i.e. only on the rank owning y)
 and one all_reduce SUM of the (N,) partial rows gives the row loss; the gradient is per element, local.
+Sample weights (N,), like the targets the same on every rank, multiply alpha_y of their row (as the kernels
+fold them), so they scale the loss and the local gradient alike and add nothing to the collectives.
 
 Why the backward needs no collective: after the forward's all_reduce, the row losses are replicated, and
 everything downstream of them (the reduction, the rest of the objective) is computed identically on
@@ -101,9 +103,11 @@ def _resolve_shard(logits, class_weight, class_start, num_classes, group):
 
 
 def _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group, family,
-                  logit_offset, target_margin):
+                  logit_offset, target_margin, sample_weight, normalizer):
     _checks.check_inputs(logits, target, None)  # shapes, dtypes, devices of logits and target
     _checks.check_reduction(reduction)
+    sample_weight = _checks.check_sample_weight(sample_weight, logits.shape[0], logits.device)
+    normalizer = _checks.check_normalizer(normalizer, reduction, logits.device)
     ignore_index = _checks.check_ignore_index(ignore_index)
     group = _group(group)
     if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
@@ -115,12 +119,15 @@ def _check_inputs(logits, target, class_weight, class_start, num_classes, reduct
     # Targets are global: a device-side check against the global C (raises at once on CPU tensors,
     # before any collective, so every rank raises alike: the targets are identical on every rank).
     _checks.check_target_range_async(target, num_classes, ignore_index)
-    return class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin
+    return (class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin, sample_weight,
+            normalizer)
 
 
-def _row_setup(logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, ignore_index):
+def _row_setup(logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start, num_classes,
+               ignore_index):
     """Compute-dtype logits (adjusted: this shard's columns of z + logit_offset, the owned target logits minus
-    their margin), valid-row mask, the local column of each row's target (owned rows), alpha_y."""
+    their margin), valid-row mask, the local column of each row's target (owned rows), and each row's weight
+    alpha_y * sample_weight (applied to ignored rows only through a where or masked_fill: their NaN stays out)."""
     dtype = _reduction.compute_dtype(logits.dtype)
     z = logits.to(dtype)
     valid = target != ignore_index
@@ -137,6 +144,8 @@ def _row_setup(logits, target, class_weight, logit_offset, target_margin, class_
     else:
         # Clamped index: on CUDA a bad target is reported by the asynchronous assert, never read out of bounds.
         alpha = class_weight.to(dtype).gather(0, target.long().clamp(0, num_classes - 1))
+    if sample_weight is not None:
+        alpha = alpha * sample_weight.to(dtype)
     return z, valid, owned, local, alpha
 
 
@@ -174,10 +183,10 @@ def _softmax_statistics(z, owned, local, group, extra=()):
 
 class _SoftmaxParallel(_FusedParallel):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, eps,
-                ignore_index, group):
-        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
-                                                   class_start, num_classes, ignore_index)
+    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
+                num_classes, eps, ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
+                                                   target_margin, class_start, num_classes, ignore_index)
         m, s_rest, z_y, s, ex, sum_z = _softmax_statistics(z, owned, local, group, [z.sum(dim=1)] if eps else [])
         # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md, section 7): finite and exact to fp32's
         # relative precision when p_y -> 1, where m + log s - z_y rounds to 0.
@@ -211,10 +220,10 @@ class _SoftmaxFocalParallel(_FusedParallel):
     (2, N)); every gradient entry is then local."""
 
     @staticmethod
-    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, gamma, eps,
-                ignore_index, group):
-        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
-                                                   class_start, num_classes, ignore_index)
+    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
+                num_classes, gamma, eps, ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
+                                                   target_margin, class_start, num_classes, ignore_index)
         m, s_rest, z_y, s, ex, _ = _softmax_statistics(z, owned, local, group)
         x = s_rest / torch.exp(z_y - m)
         l_y = torch.log1p(x)  # -log p_y
@@ -260,10 +269,10 @@ class _SoftmaxFocalParallel(_FusedParallel):
 
 class _FocalParallel(_FusedParallel):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, logit_offset, target_margin, class_start, num_classes, gamma,
-                ignore_index, group):
-        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, logit_offset, target_margin,
-                                                   class_start, num_classes, ignore_index)
+    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
+                num_classes, gamma, ignore_index, group):
+        z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
+                                                   target_margin, class_start, num_classes, ignore_index)
         # The op contract's stable forms, with u = t * z and e = exp(-|u|) shared by everything below:
         #   -log p = softplus(-u) = max(-u, 0) + log1p(e),  (1 - p)^gamma = exp(-gamma * softplus(u)).
         u = _times_t(z, owned, local)
@@ -316,21 +325,22 @@ _PARALLEL = {losses.SOFTMAX_CE.name: _SoftmaxParallel, losses.SIGMOID_FOCAL.name
 
 
 def parallel_loss(spec: losses.Loss, logits, target, class_weight, reduction, ignore_index, hyperparameters,
-                  class_start, num_classes, group, logit_offset=None, target_margin=None):
+                  class_start, num_classes, group, logit_offset=None, target_margin=None, sample_weight=None,
+                  normalizer=None):
     """One class-parallel loss call for a registered loss; hyperparameters by name (checked here); the logit
-    adjustments global (C,), as class_weight."""
-    class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin = _check_inputs(
-        logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group, spec.family,
-        logit_offset, target_margin)
+    adjustments global (C,), as class_weight; sample_weight (N,) and normalizer as in the single-device losses."""
+    (class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin, sample_weight,
+     normalizer) = _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index,
+                                 group, spec.family, logit_offset, target_margin, sample_weight, normalizer)
     values = spec.kernel_hyperparameters(hyperparameters)
-    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, logit_offset, target_margin, class_start,
-                                             num_classes, *values, ignore_index, group)
-    return _reduction.reduce_rows(rows, target, ignore_index, reduction)
+    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, sample_weight, logit_offset, target_margin,
+                                             class_start, num_classes, *values, ignore_index, group)
+    return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
 
 
 def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
                                       label_smoothing=0.0, *, class_start=None, num_classes=None, group=None,
-                                      logit_offset=None, target_margin=None):
+                                      logit_offset=None, target_margin=None, sample_weight=None, normalizer=None):
     """Class-balanced softmax cross entropy with the classes sharded across the ranks of `group`.
 
     logits: this rank's (N, C_local) slice of the global (N, C) logits, classes [class_start, class_start +
@@ -339,35 +349,44 @@ def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reducti
     explicit class_start values must tile [0, C) over the ranks (only this rank's range is checked).
     logit_offset / target_margin: the global (C,) logit adjustments of cb_softmax_cross_entropy, the same on
     every rank (each rank applies its columns of the offset, the rank owning a row's target its margin).
+    sample_weight (N,) or None: row i's loss and gradient times sample_weight[i]; the same on every rank (the
+    rows are replicated, only the classes are sharded). normalizer: with reduction="mean" only, the divisor of
+    the summed rows (a number > 0 or a 0-d tensor on the logits' device), e.g. a count all-reduced over the
+    data-parallel ranks (docs/distributed.md).
     Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
-    ("mean" divides by the number of non-ignored rows); the gradient flows to the local logits only.
+    ("mean" divides by the number of non-ignored rows or the normalizer); the gradient flows to the local
+    logits only.
     """
     return parallel_loss(losses.loss("softmax"), logits, target, class_weight, reduction, ignore_index,
                          {"label_smoothing": label_smoothing}, class_start, num_classes, group, logit_offset,
-                         target_margin)
+                         target_margin, sample_weight, normalizer)
 
 
 def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
-                           *, class_start=None, num_classes=None, group=None, logit_offset=None):
+                           *, class_start=None, num_classes=None, group=None, logit_offset=None, sample_weight=None,
+                           normalizer=None):
     """Class-balanced sigmoid focal loss with the classes sharded across the ranks of `group`.
 
     Arguments as cb_softmax_cross_entropy_parallel; gamma >= 0 (0 is sigmoid cross entropy). The value is
     that of cbkernels.cb_focal_loss on the gathered logits, on every rank.
     """
     return parallel_loss(losses.loss("focal"), logits, target, class_weight, reduction, ignore_index,
-                         {"gamma": gamma}, class_start, num_classes, group, logit_offset)
+                         {"gamma": gamma}, class_start, num_classes, group, logit_offset, None, sample_weight,
+                         normalizer)
 
 
 def cb_sigmoid_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
-                                      *, class_start=None, num_classes=None, group=None, logit_offset=None):
+                                      *, class_start=None, num_classes=None, group=None, logit_offset=None,
+                                      sample_weight=None, normalizer=None):
     """Class-balanced sigmoid cross entropy, class-parallel: the focal loss with gamma = 0."""
     return parallel_loss(losses.loss("sigmoid"), logits, target, class_weight, reduction, ignore_index, {},
-                         class_start, num_classes, group, logit_offset)
+                         class_start, num_classes, group, logit_offset, None, sample_weight, normalizer)
 
 
 def cb_softmax_focal_loss_parallel(logits, target, class_weight=None, gamma=2.0, reduction="mean",
                                    ignore_index=-100, label_smoothing=0.0, *, class_start=None, num_classes=None,
-                                   group=None, logit_offset=None, target_margin=None):
+                                   group=None, logit_offset=None, target_margin=None, sample_weight=None,
+                                   normalizer=None):
     """Class-balanced softmax focal loss with the classes sharded across the ranks of `group`.
 
     Arguments as cb_softmax_cross_entropy_parallel, and gamma >= 0 (0 is the softmax cross entropy). The value
@@ -376,7 +395,7 @@ def cb_softmax_focal_loss_parallel(logits, target, class_weight=None, gamma=2.0,
     """
     return parallel_loss(losses.loss("softmax_focal"), logits, target, class_weight, reduction, ignore_index,
                          {"gamma": gamma, "label_smoothing": label_smoothing}, class_start, num_classes, group,
-                         logit_offset, target_margin)
+                         logit_offset, target_margin, sample_weight, normalizer)
 
 
 def global_class_counts(labels, num_classes, *, ignore_index=None, group=None):

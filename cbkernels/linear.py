@@ -1,19 +1,22 @@
 """Fused linear + class-balanced loss: the (N, C) logits are never materialised (docs/linear.md).
 
-    loss = reduce_i alpha_{y_i} * L(hidden_i @ weight.T + bias, y_i)
+    loss = reduce_i sample_weight_i * alpha_{y_i} * L(hidden_i @ weight.T + bias, y_i)
 
 The rows are processed in chunks of R rows. For each chunk the logits tile Z = h W^T + b (R, C) is formed
 by one matmul, the backend's fused loss op (docs/op-contract.md) turns it into the per-row losses and
 G = d(sum of the chunk's row losses)/dZ in one pass, and G is folded into the parameter gradients at once:
     d/dh = G W   (R, H)      d/dW += G^T h   (C, H)      d/db += sum_rows G   (C,)
 so at most one logits tile and one gradient tile are alive at a time. Softmax needs a whole row of classes
-for its normaliser, so chunks are over rows for every loss (one code path).
+for its normaliser, so chunks are over rows for every loss (one code path). The per-row sample weights are
+sliced with the chunk's rows and handed to the op, which folds them into each row's alpha (op contract), so
+the tiles already hold the weighted losses and gradients.
 
 Upstream gradient. For "mean" and "sum" the loss is a scalar: the gradients are computed in forward as if
-the upstream gradient were 1 (and 1 / valid rows for "mean") and backward multiplies them by the upstream
-device scalar. For "none" the upstream is one value per row and d/dW = sum_i g_i G_i^T h_i does not factor
-through a per-row scale, so forward computes only the losses and backward recomputes each tile (one more
-matmul per chunk) with the op's *_backward, which writes g_i * G_i directly.
+the upstream gradient were 1 (and 1 / the "mean" divisor: the non-ignored rows or the user's normalizer) and
+backward multiplies them by the upstream device scalar. For "none" the upstream is one value per row and
+d/dW = sum_i g_i G_i^T h_i does not factor through a per-row scale, so forward computes only the losses and
+backward recomputes each tile (one more matmul per chunk) with the op's *_backward, which writes g_i * G_i
+directly (the sample weights go to that op too).
 
 Precision: matmuls run in the inputs' dtype (fp32 accumulation inside them); the weight and bias gradients
 accumulate across chunks in fp32 (float64 for float64 inputs). No value is read on the host.
@@ -67,38 +70,39 @@ class _Plan(NamedTuple):
     target_margin: torch.Tensor | None
 
 
-def _reference_rows(plan, logits, target, class_weight):
+def _reference_rows(plan, logits, target, class_weight, sample_weight):
     return plan.spec.reference_rows(logits, target, class_weight, plan.ignore_index, plan.hyperparameters,
-                                    plan.logit_offset, plan.target_margin)
+                                    plan.logit_offset, plan.target_margin, sample_weight)
 
 
-def _tile_loss(plan, logits, target, class_weight, with_grad):
-    """Per-row losses of one tile and, with with_grad, d(sum of them)/d logits (else None)."""
+def _tile_loss(plan, logits, target, class_weight, sample_weight, with_grad):
+    """Per-row (weighted) losses of one tile and, with with_grad, d(sum of them)/d logits (else None).
+    target and sample_weight (or None) are the tile's rows."""
     if not plan.backend.is_kernel:
         if not with_grad:
-            return _reference_rows(plan, logits, target, class_weight), None
+            return _reference_rows(plan, logits, target, class_weight, sample_weight), None
         with torch.enable_grad():
             z = logits.detach().requires_grad_(True)
-            rows = _reference_rows(plan, z, target, class_weight)
+            rows = _reference_rows(plan, z, target, class_weight, sample_weight)
             (grad,) = torch.autograd.grad(rows.sum(), z)
         return rows.detach(), grad
     forward = plan.spec.family.op(plan.backend.ops, "forward")
     loss, grad = forward(logits, target, class_weight, *plan.hyperparameters, plan.ignore_index, with_grad,
-                         plan.logit_offset, plan.target_margin)
+                         plan.logit_offset, plan.target_margin, sample_weight)
     return loss, (grad if with_grad else None)
 
 
-def _tile_scaled_grad(plan, logits, target, class_weight, grad_rows):
+def _tile_scaled_grad(plan, logits, target, class_weight, sample_weight, grad_rows):
     """grad_rows[i] * d loss_i / d logits_i for one tile (reduction "none" backward)."""
     if not plan.backend.is_kernel:
         with torch.enable_grad():
             z = logits.detach().requires_grad_(True)
-            rows = _reference_rows(plan, z, target, class_weight)
+            rows = _reference_rows(plan, z, target, class_weight, sample_weight)
             (grad,) = torch.autograd.grad(rows, z, grad_rows.to(rows.dtype))
         return grad
     backward = plan.spec.family.op(plan.backend.ops, "backward")
     return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), *plan.hyperparameters,
-                    plan.ignore_index, plan.logit_offset, plan.target_margin)
+                    plan.ignore_index, plan.logit_offset, plan.target_margin, sample_weight)
 
 
 class _Accumulator:
@@ -133,33 +137,48 @@ def _chunks(plan, num_rows):
     return [(s, min(s + plan.rows, num_rows)) for s in range(0, num_rows, plan.rows)]
 
 
-def _losses_only(plan, hidden, weight, bias, target, class_weight):
-    rows = [_tile_loss(plan, F.linear(hidden[s:e], weight, bias), target[s:e], class_weight, False)[0]
+def _chunk_rows(rows, s, e):
+    """A chunk's slice of a per-row tensor that may be None (sample_weight)."""
+    return None if rows is None else rows[s:e]
+
+
+def _losses_only(plan, hidden, weight, bias, target, class_weight, sample_weight):
+    rows = [_tile_loss(plan, F.linear(hidden[s:e], weight, bias), target[s:e], class_weight,
+                       _chunk_rows(sample_weight, s, e), False)[0]
             for s, e in _chunks(plan, hidden.shape[0])]
     return torch.cat(rows) if rows else hidden.new_zeros((0,), dtype=_reduction.compute_dtype(hidden.dtype))
 
 
+def _inverse_mean_divisor(total, target, ignore_index, normalizer):
+    """1 / the "mean" divisor as a 0-d tensor of total's dtype and device (a tensor normalizer stays on the
+    device: no host read)."""
+    divisor = _reduction.mean_divisor(target, ignore_index, normalizer)
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.to(total.dtype)  # a float64 or integer 0-d divisor must not change total's dtype
+    return total.new_ones(()) / divisor
+
+
 class _LinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, plan):
+    def forward(ctx, hidden, weight, bias, target, class_weight, sample_weight, normalizer, plan):
         ctx.plan = plan
         ctx.weight_dtype = weight.dtype
         if plan.reduction == "none":  # backward recomputes the tiles (see the module docstring)
-            ctx.save_for_backward(hidden, weight, bias, target, class_weight)
-            return _losses_only(plan, hidden, weight, bias, target, class_weight)
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight)
+            return _losses_only(plan, hidden, weight, bias, target, class_weight, sample_weight)
         acc = _Accumulator(plan, weight)
         total = hidden.new_zeros((), dtype=_reduction.compute_dtype(hidden.dtype))
         for s, e in _chunks(plan, hidden.shape[0]):
             h = hidden[s:e]
             logits = F.linear(h, weight, bias)
-            rows, grad = _tile_loss(plan, logits, target[s:e], class_weight, True)
+            rows, grad = _tile_loss(plan, logits, target[s:e], class_weight, _chunk_rows(sample_weight, s, e), True)
             del logits  # keep one logits tile alive, not two
             total = total + rows.sum(dtype=total.dtype)
             acc.add(grad, h, weight)
             del grad
         scale = total.new_ones(())
         if plan.reduction == "mean":
-            scale = scale / _reduction.valid_row_count(target, plan.ignore_index).to(total.dtype)
+            scale = _inverse_mean_divisor(total, target, plan.ignore_index, normalizer)
             total = total * scale
         ctx.save_for_backward(acc.hidden(), acc.weight, acc.bias, scale)
         return total
@@ -168,11 +187,12 @@ class _LinearLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         plan = ctx.plan
         if plan.reduction == "none":
-            hidden, weight, bias, target, class_weight = ctx.saved_tensors
+            hidden, weight, bias, target, class_weight, sample_weight = ctx.saved_tensors
             acc = _Accumulator(plan, weight)
             for s, e in _chunks(plan, hidden.shape[0]):
                 h = hidden[s:e]
-                grad = _tile_scaled_grad(plan, F.linear(h, weight, bias), target[s:e], class_weight, grad_out[s:e])
+                grad = _tile_scaled_grad(plan, F.linear(h, weight, bias), target[s:e], class_weight,
+                                         _chunk_rows(sample_weight, s, e), grad_out[s:e])
                 acc.add(grad, h, weight)
                 del grad
             grad_hidden, grad_weight, grad_bias = acc.hidden(), acc.weight, acc.bias
@@ -186,7 +206,7 @@ class _LinearLoss(torch.autograd.Function):
             grad_bias = None if grad_bias is None else grad_bias * scale
         grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _check_linear_inputs(hidden, weight, bias, target, class_weight):
@@ -210,7 +230,7 @@ def _check_linear_inputs(hidden, weight, bias, target, class_weight):
 
 def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=None,
                    reduction="mean", ignore_index=-100, label_smoothing=0.0, chunk_size=None, backend="auto",
-                   logit_offset=None, target_margin=None):
+                   logit_offset=None, target_margin=None, sample_weight=None, normalizer=None):
     """Class-balanced loss of the linear classifier hidden @ weight.T + bias, without the (N, C) logits.
 
     Same value and gradients as the loss's public function (cb_softmax_cross_entropy, cb_focal_loss, ...)
@@ -221,16 +241,21 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     chunk_size: rows per chunk; None picks auto_chunk_rows(N, H, C, dtype).
     logit_offset / target_margin: the logit adjustments of the public losses (docs/long-tail.md), applied to each
     logits tile inside the kernel (target_margin: softmax losses only).
-    Gradients flow to hidden, weight and bias; class_weight gets none.
+    sample_weight (N,) floating or None: row i's loss and gradients times sample_weight[i] (each chunk's slice
+    goes to the kernel; ignored rows stay 0). normalizer: with reduction="mean" only, the divisor of the summed
+    rows instead of the number of non-ignored rows: a finite number > 0 or a 0-d tensor on hidden's device.
+    Gradients flow to hidden, weight and bias; class_weight, sample_weight and normalizer get none.
     """
     class_weight = _check_linear_inputs(hidden, weight, bias, target, class_weight)
     spec = losses.loss(loss_type)
     logit_offset, target_margin = _checks.check_logit_adjustments(spec.family, logit_offset, target_margin,
                                                                   weight.shape[0], hidden.device, device_of="hidden")
     _checks.check_reduction(reduction)
+    num_rows, in_features = hidden.shape
+    sample_weight = _checks.check_sample_weight(sample_weight, num_rows, hidden.device, device_of="hidden")
+    normalizer = _checks.check_normalizer(normalizer, reduction, hidden.device, device_of="hidden")
     ignore_index = _checks.check_ignore_index(ignore_index)
     hyperparameters = spec.kernel_hyperparameters(spec.checked(gamma=gamma, label_smoothing=label_smoothing))
-    num_rows, in_features = hidden.shape
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if chunk_size is None:
         chunk_size = auto_chunk_rows(num_rows, in_features, weight.shape[0], hidden.dtype)
@@ -243,9 +268,9 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     plan = _Plan(backend, spec, hyperparameters, ignore_index, reduction, chunk_size, needs, logit_offset,
                  target_margin)
     if not any(needs):
-        rows = _losses_only(plan, hidden, weight, bias, target, class_weight)
-        return _reduction.reduce_rows(rows, target, ignore_index, reduction)
-    return _LinearLoss.apply(hidden, weight, bias, target, class_weight, plan)
+        rows = _losses_only(plan, hidden, weight, bias, target, class_weight, sample_weight)
+        return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
+    return _LinearLoss.apply(hidden, weight, bias, target, class_weight, sample_weight, normalizer, plan)
 
 
 class ClassBalancedLinearLoss(torch.nn.Module):
@@ -256,6 +281,8 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     has the keys of the unfused pair ("weight", "bias", "class_weight"). For the sigmoid losses the paper
     initialises the bias to -log(C - 1) (see weights.init_prior_bias_) and excludes it from weight decay.
     logit_offset / target_margin: (C,) logit adjustments as in cb_linear_loss, held as buffers (None: none).
+    forward(hidden, target, sample_weight=None, normalizer=None): per-row weights (N,) and the "mean" divisor
+    of this batch, as in cb_linear_loss.
     """
 
     def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=None,
@@ -300,10 +327,10 @@ class ClassBalancedLinearLoss(torch.nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, hidden, target):
+    def forward(self, hidden, target, sample_weight=None, normalizer=None):
         return cb_linear_loss(hidden, self.weight, target, self.class_weight, self.bias, self.loss_type, self.gamma,
                               self.reduction, self.ignore_index, self.label_smoothing, self.chunk_size,
-                              self.backend, self.logit_offset, self.target_margin)
+                              self.backend, self.logit_offset, self.target_margin, sample_weight, normalizer)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "

@@ -57,12 +57,27 @@ def parallel_function(spec):
     return getattr(cbd, f"{spec.function}_parallel")
 
 
-def _call(spec, logits, target, weight, reduction, hyper, parallel, **shard):
+def _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer):
+    """The single-device definition, the reduction and the sample weights written out here: the spec's rows,
+    times sample_weight (an ignored row's weight taken as 0 whatever it is), summed, divided by the normalizer
+    or by the non-ignored rows (at least 1)."""
+    rows = spec.reference(logits, target, weight, "none", IGNORE, **hyper)
+    valid = target != IGNORE
+    if sample_weight is not None:
+        rows = rows * torch.where(valid, sample_weight.double(), 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (max(1, int(valid.sum())) if normalizer is None else float(normalizer))
+
+
+def _call(spec, logits, target, weight, reduction, hyper, parallel, sample_weight=None, normalizer=None, **shard):
     # Hyperparameters by keyword: the public functions' argument orders differ (gamma comes before reduction).
     if parallel:
         return parallel_function(spec)(logits, target, weight, reduction=reduction, ignore_index=IGNORE, **hyper,
-                                       **shard)
-    return spec.reference(logits, target, weight, reduction, IGNORE, **hyper)
+                                       sample_weight=sample_weight, normalizer=normalizer, **shard)
+    return _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer)
 
 
 def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, parallel, **shard):
@@ -74,10 +89,12 @@ def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, par
 
 def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
                 ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64, scale=3.0, elementwise=False,
-                adjusted=False):
+                adjusted=False, sample_weighted=False, normalizer=None):
     """spec: a registered loss; hyper: its hyperparameters by name. elementwise: every gradient entry within
     rtol of its own value (no atol from the largest entry). adjusted: with a global logit_offset, and a
-    target_margin for the losses that take one (the same tensors on every rank and for the reference)."""
+    target_margin for the losses that take one (the same tensors on every rank and for the reference).
+    sample_weighted: (N,) weights of either sign and a 0, NaN on the ignored rows (row 1 is one), the same on
+    every rank; normalizer: "mean"'s divisor, a number or "tensor" (a float64 0-d tensor)."""
     c = sum(layout)
     start = sum(layout[:rank])
     logits, target, weight, upstream = _global_inputs(seed, n, c, ignore_frac=ignore_frac, weighted=weighted,
@@ -90,12 +107,20 @@ def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float
         hyper = {**hyper, "logit_offset": torch.randn(c, generator=generator)}
         if spec.family.takes_target_margin:
             hyper["target_margin"] = torch.rand(c, generator=generator) * 2
-    got_loss, got_grad = _loss_and_grad(spec, local, target, weight, reduction, hyper, upstream, True, **shard)
-    ref_loss, ref_grad = _loss_and_grad(spec, logits.double(), target, weight, reduction, hyper, upstream, False)
+    weighting = {"normalizer": torch.tensor(5.25, dtype=torch.float64) if normalizer == "tensor" else normalizer}
+    if sample_weighted:
+        target[1] = IGNORE
+        sample_weight = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 1.5
+        sample_weight[2] = 0.0
+        weighting["sample_weight"] = torch.where(target == IGNORE, float("nan"), sample_weight)
+    got_loss, got_grad = _loss_and_grad(spec, local, target, weight, reduction, hyper, upstream, True, **shard,
+                                        **weighting)
+    ref_loss, ref_grad = _loss_and_grad(spec, logits.double(), target, weight, reduction, hyper, upstream, False,
+                                        **weighting)
     ref_grad = ref_grad[:, start:start + layout[rank]]
     loss_rtol, grad_rtol = TOL[dtype]
     where = (f"seed={seed} rank={rank} loss={spec.name} {hyper} reduction={reduction} layout={layout} "
-             f"dtype={dtype}")
+             f"dtype={dtype} {weighting}")
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got_loss.dtype == expected_dtype, where
     assert got_grad.dtype == dtype and got_grad.shape == local.shape, where
@@ -105,6 +130,8 @@ def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float
     atol = 1e-30 if elementwise else grad_rtol * ref_grad.abs().max().item() + 1e-15
     torch.testing.assert_close(got_grad.double(), ref_grad, rtol=grad_rtol, atol=atol,
                                msg=lambda m: f"grad: {where}\n{m}")
+    ignored = target == IGNORE
+    assert (got_grad[ignored] == 0).all(), f"ignored rows must get exactly zero gradient: {where}"
 
 
 def _non_default_case(spec):
@@ -130,6 +157,10 @@ def _all_cases(rank, world, seed):
         _check_case(rank, seed + 102, spec, hyper, "none", layouts[1], n=1, ignore_frac=0.0)
         for layout in layouts:
             _check_case(rank, seed + 104, spec, hyper, "none", layout, adjusted=True)
+        # Sample weights (NaN on ignored rows) under every reduction, and the normalizer as a number and a tensor.
+        for reduction, normalizer in (("none", None), ("sum", None), ("mean", None), ("mean", 7.5), ("mean", "tensor")):
+            _check_case(rank, seed + 105, spec, hyper, reduction, layouts[0], sample_weighted=True,
+                        normalizer=normalizer)
     # Confident predictions in float32 (|z| up to ~40): tiny probabilities keep their relative accuracy,
     # which a 1 - p anywhere in the sigmoid family's gradient would destroy.
     for spec in losses.LOSSES:
@@ -181,6 +212,12 @@ def _check_errors(rank, world):
         cbd.cb_softmax_cross_entropy_parallel(local, target, class_start=start)
     with pytest.raises(ValueError, match="reduction"):
         cbd.cb_focal_loss_parallel(local, target, reduction="avg", class_start=start, num_classes=c)
+    with pytest.raises(ValueError, match="normalizer applies to reduction='mean' only"):
+        cbd.cb_softmax_focal_loss_parallel(local, target, reduction="sum", normalizer=2.0, class_start=start,
+                                           num_classes=c)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(N,\) = \(4,\)"):
+        cbd.cb_sigmoid_cross_entropy_parallel(local, target, sample_weight=torch.ones(layout[rank] + 4),
+                                              class_start=start, num_classes=c)
     assert cbd.class_shard_range(layout[rank]) == (start, c)
 
 

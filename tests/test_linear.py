@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cbkernels
 from cbkernels import _backends, losses, reference
 from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
+from conftest import BACKEND_CASES, backend_params
 from hand_losses import hand_rows
 
 LOSS_TYPES = losses.LOSS_TYPES
@@ -50,6 +51,30 @@ def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, i
                                             label_smoothing=SMOOTHING)
 
 
+def _weighted_unfused(loss_type, hidden, weight, bias, target, class_weight, sample_weight, reduction, normalizer,
+                      ignore_index=-100):
+    """The definition of sample_weight and normalizer, written here (not reference.weighted_rows or
+    _reduction): the unweighted rows of F.linear's logits times sample_weight, an ignored row's weight taken as
+    0 whatever it is, then summed and divided by the normalizer or by the non-ignored rows (at least 1)."""
+    rows = _unfused(loss_type, hidden, weight, bias, target, class_weight, "none", ignore_index)
+    valid = target != ignore_index
+    if sample_weight is not None:
+        rows = rows * torch.where(valid, sample_weight.double(), 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (max(1, int(valid.sum())) if normalizer is None else float(normalizer))
+
+
+def _sample_weight(target, ignore_index):
+    """Weights of either sign and a 0 (the ops use them as given), NaN on the ignored rows (which must stay 0).
+    float32, the ops' type, so the float64 oracle sees the same values."""
+    sample_weight = torch.randn(target.shape[0]) * 1.5
+    sample_weight[1] = 0.0
+    return torch.where(target == ignore_index, float("nan"), sample_weight)
+
+
 def _value_and_grads(fn, params, upstream):
     leaves = [p.detach().clone().requires_grad_(True) if p is not None else None for p in params]
     out = fn(*leaves)
@@ -59,15 +84,24 @@ def _value_and_grads(fn, params, upstream):
 
 
 def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, c=37, bias=True, chunk_size=None,
-                           ignore_index=-100, device="cpu"):
+                           ignore_index=-100, device="cpu", weighted=False, normalizer=None):
+    """weighted: with _sample_weight's weights; normalizer: None, a number or "tensor" (a 0-d tensor on device)."""
     hidden, weight, b, target, cw = _inputs(n, h, c, dtype, bias=bias, ignore_index=ignore_index)
+    target[2] = ignore_index  # an ignored row for every seed (a NaN weight when weighted)
     upstream = torch.randn(n if reduction == "none" else 1, dtype=torch.float64) * 1.7
+    sample_weight = _sample_weight(target, ignore_index) if weighted else None
+    if normalizer == "tensor":
+        normalizer = torch.tensor(5.25, dtype=torch.float64)  # float64: must not change the loss's dtype
 
     def fused(x, w, bb):
         return cb_linear_loss(x, w, target.to(device), cw.to(device), bb, loss_type, GAMMA, reduction, ignore_index,
-                              SMOOTHING, chunk_size, backend)
+                              SMOOTHING, chunk_size, backend, sample_weight=_to(sample_weight, device),
+                              normalizer=_to(normalizer, device))
 
     def unfused(x, w, bb):
+        if weighted or normalizer is not None:
+            return _weighted_unfused(loss_type, x, w, bb, target, cw.double(), sample_weight, reduction, normalizer,
+                                     ignore_index)
         return _unfused(loss_type, x, w, bb, target, cw.double(), reduction, ignore_index)
 
     on_device = tuple(None if p is None else p.to(device) for p in (hidden, weight, b))
@@ -87,6 +121,12 @@ def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, 
                                    msg=lambda m, name=name: f"{backend} {loss_type} {reduction} {name}: {m}")
     ignored = target == ignore_index
     assert (grads[0][ignored] == 0).all(), "ignored rows must get exactly zero hidden gradient"
+    if reduction == "none":
+        assert (out[ignored] == 0).all(), "ignored rows must have exactly zero loss"
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _backend_shape(backend):
@@ -131,29 +171,33 @@ class _ContractOps:
     with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
 
     @staticmethod
-    def _rows(family, z, target, cw, hyperparameters, ii, offset, margin):
+    def _rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight):
         assert len(hyperparameters) == len(family.hyperparameters), (family.name, hyperparameters)
+        # The op sees only its tile's rows: one weight per row, float32 contiguous (the contract).
+        assert sample_weight is None or (sample_weight.shape == target.shape and sample_weight.is_contiguous()
+                                         and sample_weight.dtype == torch.float32)
         named = {h.name: v for h, v in zip(family.hyperparameters, hyperparameters)}
-        return family.reference_rows(reference.adjusted_logits(z, target, ii, offset, margin), target, cw, ii, **named)
+        rows = family.reference_rows(reference.adjusted_logits(z, target, ii, offset, margin), target, cw, ii, **named)
+        return reference.weighted_rows(rows, target, ii, sample_weight)
 
     def __getattr__(self, name):
         family_name, kind = name.rsplit("_", 1)
         family = losses.family(family_name)
 
-        def forward(logits, target, cw, *hyperparameters_ii_with_grad_adjustments):
-            *hyperparameters, ii, with_grad, offset, margin = hyperparameters_ii_with_grad_adjustments
+        def forward(logits, target, cw, *scalars_and_optional_inputs):
+            *hyperparameters, ii, with_grad, offset, margin, sample_weight = scalars_and_optional_inputs
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight)
                 grad = torch.autograd.grad(rows.sum(), z)[0] if with_grad else logits.new_empty((0,))
             return rows.detach().float(), grad
 
-        def backward(logits, target, cw, grad_loss, *hyperparameters_ii_adjustments):
-            *hyperparameters, ii, offset, margin = hyperparameters_ii_adjustments
+        def backward(logits, target, cw, grad_loss, *scalars_and_optional_inputs):
+            *hyperparameters, ii, offset, margin, sample_weight = scalars_and_optional_inputs
             assert grad_loss.dtype == torch.float32 and grad_loss.is_contiguous()
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight)
                 return torch.autograd.grad(rows, z, grad_loss.to(rows.dtype))[0]
 
         return forward if kind == "forward" else backward
@@ -222,6 +266,104 @@ def test_compile_fullgraph_cpu_backend():
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+# --- sample weights and the normalizer -------------------------------------------------------------
+
+# (reduction, normalizer): the default divisors, and for "mean" a number and a 0-d tensor, neither of them N or
+# the number of non-ignored rows (a dropped normalizer shows up).
+NORMALIZED = [("none", None), ("sum", None), ("mean", None), ("mean", 7.5), ("mean", "tensor")]
+NORMALIZED_IDS = [f"{r}-{n}" for r, n in NORMALIZED]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction, normalizer", NORMALIZED, ids=NORMALIZED_IDS)
+def test_sample_weight_and_normalizer_reference_backend(loss_type, reduction, normalizer):
+    assert_matches_unfused("reference", loss_type, reduction, torch.float64, chunk_size=7, weighted=True,
+                           normalizer=normalizer)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction, normalizer", NORMALIZED, ids=NORMALIZED_IDS)
+def test_sample_weight_and_normalizer_kernel_glue(contract_backend, loss_type, reduction, normalizer):
+    """Each chunk's slice of the weights reaches the op (forward and, for "none", *_backward)."""
+    assert_matches_unfused(contract_backend, loss_type, reduction, torch.float32, chunk_size=6, weighted=True,
+                           normalizer=normalizer)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction, normalizer", [("none", None), ("mean", "tensor")], ids=["none", "mean-tensor"])
+def test_sample_weight_and_normalizer_backends(backend, loss_type, reduction, normalizer):
+    """The real ops: "none" recomputes through *_backward, "mean" forms the gradient in forward."""
+    n, h, c, chunk_size = _backend_shape(backend)
+    assert_matches_unfused(backend.name, loss_type, reduction, torch.float32, n=n, h=h, c=c, chunk_size=chunk_size,
+                           device=backend.device, weighted=True, normalizer=normalizer)
+
+
+@pytest.mark.parametrize("reduction, normalizer", NORMALIZED, ids=NORMALIZED_IDS)
+def test_sample_weight_and_normalizer_without_grad(backend, reduction, normalizer):
+    """No parameter needs a gradient: the losses-only path and its reduction take them too."""
+    n, h, c, chunk_size = _backend_shape(backend)
+    dtype = torch.float32 if backend.is_kernel else torch.float64
+    hidden, weight, b, target, cw = _inputs(n, h, c, dtype)
+    target[2] = -100
+    sample_weight = _sample_weight(target, -100)
+    if normalizer == "tensor":
+        normalizer = torch.tensor(5.25)
+    on = backend.device
+    got = cb_linear_loss(hidden.to(on), weight.to(on), target.to(on), cw.to(on), b.to(on), "softmax_focal", GAMMA,
+                         reduction, label_smoothing=SMOOTHING, chunk_size=chunk_size, backend=backend.name,
+                         sample_weight=sample_weight.to(on), normalizer=_to(normalizer, on))
+    want = _weighted_unfused("softmax_focal", hidden.double(), weight.double(), b.double(), target, cw.double(),
+                             sample_weight, reduction, normalizer)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_module_sample_weight_and_normalizer_match_linear_plus_loss():
+    """ClassBalancedLinearLoss.forward(hidden, target, sample_weight, normalizer) = nn.Linear followed by
+    ClassBalancedLoss(...)(logits, target, sample_weight, normalizer)."""
+    counts = [50, 20, 9, 4, 1, 30, 7]
+    kw = dict(loss_type="softmax", beta=0.99, label_smoothing=SMOOTHING, backend="reference")
+    fused = ClassBalancedLinearLoss(6, counts, chunk_size=5, dtype=torch.float64, **kw)
+    linear = torch.nn.Linear(6, len(counts), dtype=torch.float64)
+    linear.load_state_dict({k: v for k, v in fused.state_dict().items() if k != "class_weight"})
+    loss = cbkernels.ClassBalancedLoss(counts, **kw)
+    hidden, _, _, target, _ = _inputs(13, 6, len(counts), torch.float64)
+    sample_weight = _sample_weight(target, -100)
+    normalizer = torch.tensor(4.0)
+    fused(hidden, target, sample_weight, normalizer).backward()
+    loss(linear(hidden), target, sample_weight, normalizer).backward()
+    torch.testing.assert_close(fused.weight.grad, linear.weight.grad)
+    torch.testing.assert_close(fused.bias.grad, linear.bias.grad)
+
+
+@pytest.mark.parametrize("backend", backend_params([case for case in BACKEND_CASES if case.device == "cuda"],
+                                                   kernels_only=True), indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_sync_with_sample_weight_and_normalizer(backend, reduction):
+    """The weights and a 0-d tensor normalizer stay on the device: forward and backward never wait for it."""
+    n, h, c = 256, 64, 3000
+    hidden, weight, b, target, cw = (t.to("cuda") for t in _inputs(n, h, c, torch.bfloat16))
+    sample_weight = _sample_weight(target.cpu(), -100).to("cuda")
+    normalizer = torch.tensor(100.0, device="cuda") if reduction == "mean" else None
+    params = tuple(p.requires_grad_(True) for p in (hidden, weight, b))
+    upstream = torch.ones(n if reduction == "none" else (), device="cuda")
+
+    def step(loss_type):
+        out = cb_linear_loss(hidden, weight, target, cw, b, loss_type, reduction=reduction, chunk_size=64,
+                             backend=backend.name, sample_weight=sample_weight, normalizer=normalizer)
+        torch.autograd.grad(out, params, upstream)
+
+    for loss_type in LOSS_TYPES:
+        step(loss_type)  # warm-up outside the sync check: Triton compiles on the first call
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(loss_type)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
 
 
 # --- behaviour ---------------------------------------------------------------------------------------
@@ -404,6 +546,14 @@ def _call(**over):
     (dict(gamma=-1.0), ValueError, "gamma must be"),
     (dict(backend="tpu"), ValueError, "backend must be one of"),
     (dict(target=torch.tensor([0, 1, 2, 6, 1])), RuntimeError, "outside"),
+    (dict(sample_weight=torch.ones(4)), ValueError, r"sample_weight must have shape \(N,\) = \(5,\)"),
+    (dict(sample_weight=torch.ones(5, 1)), ValueError, "sample_weight must have shape"),
+    (dict(sample_weight=torch.ones(5, dtype=torch.long)), TypeError, "sample_weight must be a floating"),
+    (dict(sample_weight=torch.ones(5, requires_grad=True)), ValueError, "sample_weight must not require grad"),
+    (dict(reduction="sum", normalizer=2.0), ValueError, "normalizer applies to reduction='mean' only"),
+    (dict(reduction="none", normalizer=torch.tensor(2.0)), ValueError, "normalizer applies to reduction='mean'"),
+    (dict(normalizer=0.0), ValueError, "normalizer must be a finite number > 0"),
+    (dict(normalizer=torch.ones(2)), ValueError, "normalizer must be a number or a 0-d real tensor"),
 ])
 def test_bad_input_errors(over, error, match):
     with pytest.raises(error, match=match):
