@@ -102,6 +102,20 @@ def reference_loss_and_grad(spec, logits, target, weight, upstream, *, reduction
     return out.detach(), gx
 
 
+def weighted_reduction_by_hand(rows, target, ignore_index, sample_weight, reduction, normalizer):
+    """The definition of sample_weight and normalizer, written here (not reference.weighted_rows or
+    _reduction): unweighted rows times sample_weight, an ignored row's weight taken as 0 whatever it is, then
+    for "mean" summed and divided by the normalizer or by the non-ignored rows (at least 1)."""
+    valid = target != ignore_index
+    if sample_weight is not None:
+        rows = rows * torch.where(valid, sample_weight.to(rows.dtype), 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (max(1, int(valid.sum())) if normalizer is None else float(normalizer))
+
+
 # --- inputs -----------------------------------------------------------------------------------------
 
 def make_inputs(n, c, dtype, device, *, scale=3.0, ignore_frac=0.2, weighted=True, target_dtype=torch.int64,

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cases import weighted_reduction_by_hand
 from cbkernels import class_balanced_weights, losses
 from cbkernels import distributed as cbd
 
@@ -58,18 +59,9 @@ def parallel_function(spec):
 
 
 def _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer):
-    """The single-device definition, the reduction and the sample weights written out here: the spec's rows,
-    times sample_weight (an ignored row's weight taken as 0 whatever it is), summed, divided by the normalizer
-    or by the non-ignored rows (at least 1)."""
+    """The single-device definition: the spec's rows, weighted and reduced by hand (cases.py)."""
     rows = spec.reference(logits, target, weight, "none", IGNORE, **hyper)
-    valid = target != IGNORE
-    if sample_weight is not None:
-        rows = rows * torch.where(valid, sample_weight.double(), 0.0)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (max(1, int(valid.sum())) if normalizer is None else float(normalizer))
+    return weighted_reduction_by_hand(rows, target, IGNORE, sample_weight, reduction, normalizer)
 
 
 def _call(spec, logits, target, weight, reduction, hyper, parallel, sample_weight=None, normalizer=None, **shard):

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cbkernels
 from cbkernels import _backends, losses, reference
 from cbkernels.linear import ClassBalancedLinearLoss, auto_chunk_rows, cb_linear_loss
+from cases import weighted_reduction_by_hand
 from conftest import BACKEND_CASES, backend_params
 from hand_losses import hand_rows
 
@@ -53,18 +54,9 @@ def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, i
 
 def _weighted_unfused(loss_type, hidden, weight, bias, target, class_weight, sample_weight, reduction, normalizer,
                       ignore_index=-100):
-    """The definition of sample_weight and normalizer, written here (not reference.weighted_rows or
-    _reduction): the unweighted rows of F.linear's logits times sample_weight, an ignored row's weight taken as
-    0 whatever it is, then summed and divided by the normalizer or by the non-ignored rows (at least 1)."""
+    """The unweighted rows of F.linear's logits, weighted and reduced by hand (cases.py)."""
     rows = _unfused(loss_type, hidden, weight, bias, target, class_weight, "none", ignore_index)
-    valid = target != ignore_index
-    if sample_weight is not None:
-        rows = rows * torch.where(valid, sample_weight.double(), 0.0)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (max(1, int(valid.sum())) if normalizer is None else float(normalizer))
+    return weighted_reduction_by_hand(rows, target, ignore_index, sample_weight, reduction, normalizer)
 
 
 def _sample_weight(target, ignore_index):

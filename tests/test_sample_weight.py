@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import cbkernels as cb
-from cases import DTYPES, REDUCTIONS, assert_grad_close, assert_loss_close, loss_cases, make_inputs
+from cases import (DTYPES, REDUCTIONS, assert_grad_close, assert_loss_close, loss_cases, make_inputs,
+                   weighted_reduction_by_hand)
 from cbkernels import losses
 
 IGNORE = -100
@@ -23,15 +24,7 @@ def _expected(spec, hyper, logits, target, weight, sample_weight, reduction, nor
     z = logits.detach().double().cpu().requires_grad_(True)
     target = target.cpu()
     rows = spec.reference(z, target, None if weight is None else weight.double().cpu(), "none", IGNORE, **hyper)
-    valid = target != IGNORE
-    rows = torch.where(valid, rows * sample_weight.double().cpu(), 0.0)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        divisor = float(normalizer) if normalizer is not None else max(1, int(valid.sum()))
-        out = rows.sum() / divisor
+    out = weighted_reduction_by_hand(rows, target, IGNORE, sample_weight.cpu(), reduction, normalizer)
     (grad,) = torch.autograd.grad(out, z, upstream.double().cpu().reshape(out.shape))
     return out.detach(), grad
 
