@@ -368,6 +368,26 @@ def test_streamed_softmax_grid_is_cut_to_l2_and_matches_reference(spec, hyper, m
     monkeypatch.setenv("CBKERNELS_BACKWARD", "fused")
     assert_matches_reference("triton", spec, hyper, logits, target, weight, reduction="mean")
 
+def test_streamed_softmax_focal_with_smoothing_caps_its_loss_only_grid():
+    """The softmax focal loss with label smoothing re-reads a streamed row for its sums even when it writes no
+    gradient (softmax_focal.py): its loss-only launches are cut to L2 as well; without smoothing, or held, they
+    are not."""
+    from cbkernels.triton import grid
+    family = losses.family("softmax_focal")
+    c, n = 8200, 5
+    logits = torch.zeros(n, c, device=DEVICE)
+    smoothed = triton_ops._plan(family, c, logits, (2.0, 0.1))
+    assert smoothed.loss_rereads and smoothed.reread_bytes == c * 4
+    assert triton_ops.held_bytes(smoothed, False) == triton_ops.held_bytes(smoothed, True) == c * 4
+    plain = triton_ops._plan(family, c, logits, (2.0, 0.0))
+    assert not plain.loss_rereads and triton_ops.held_bytes(plain, False) == 0
+    held = triton_ops._plan(family, 8142, logits[:, :8142], (2.0, 0.1))
+    assert not held.loss_rereads and triton_ops.held_bytes(held, False) == 0
+    if DEVICE == "cpu":  # under the interpreter's L2 stand-in the cap binds (see the test above)
+        fit = grid.INTERPRETER_L2_BYTES // 2 // (c * 4)
+        assert triton_ops.programs(smoothed, logits.device, n, False) == fit
+
+
 def test_sweep_dry_run(tmp_path):
     """bench/sweep_triton.py's code paths on tiny shapes under the interpreter."""
     if DEVICE != "cpu":

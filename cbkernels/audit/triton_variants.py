@@ -71,15 +71,13 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
     # with label smoothing, the one for its sums before it, which its loss needs too (softmax_focal.py).
     passes_after = 0
     if options.get("HELD") is False:
-        sums = spec.family.name == "softmax_focal" and options["HAS_SMOOTHING"]
-        passes_after = int(write_grad) + int(sums)
+        passes_after = int(write_grad) + int(plan.loss_rereads)
     reread = elem * passes_after
     blocks = triton.cdiv(n, plan.rows)
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",
         code=TritonKernel(plan.kernel, args, constexprs, num_warps, options["STAGES"]),
-        ctas=min(blocks, grid.program_cap(plan.programs_per_sm, _SMS, _L2_BYTES,
-                                          plan.reread_bytes if write_grad else 0)),
+        ctas=min(blocks, grid.program_cap(plan.programs_per_sm, _SMS, _L2_BYTES, ops.held_bytes(plan, write_grad))),
         threads_per_cta=threads,
         threads_per_row=max(1, threads // plan.rows),
         elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),

@@ -27,9 +27,13 @@ class FamilyKernel:
     constexprs(hyperparameters, num_classes, block) -> the family's own constexprs, by name: hyperparameters
     are the op's values (a sequence, in schema order), num_classes is C (an int), block the tile width of
     the launch.
+    streamed_loss_rereads(options) -> whether a streamed row (HELD false) is read again even when no gradient
+    is written (options: the launch's constexprs): the softmax focal loss with smoothing, whose loss needs a
+    pass for its sums after the one for the max and the sum (softmax_focal.py).
     """
     kernel: Callable
     constexprs: Callable[..., dict]
+    streamed_loss_rereads: Callable[[dict], bool] = lambda options: False
 
 
 def _sigmoid_focal_constexprs(hyperparameters, num_classes, block):
@@ -52,5 +56,6 @@ def _softmax_focal_constexprs(hyperparameters, num_classes, block):
 FAMILY_KERNELS = {
     "sigmoid_focal": FamilyKernel(sigmoid_focal_kernel, _sigmoid_focal_constexprs),
     "softmax_ce": FamilyKernel(softmax_ce_kernel, _softmax_ce_constexprs),
-    "softmax_focal": FamilyKernel(softmax_focal_kernel, _softmax_focal_constexprs),
+    "softmax_focal": FamilyKernel(softmax_focal_kernel, _softmax_focal_constexprs,
+                                  streamed_loss_rereads=lambda options: options["HAS_SMOOTHING"]),
 }

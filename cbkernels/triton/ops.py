@@ -87,12 +87,15 @@ class _Plan:
     built once per such key (_plan): the kernel, rows per program step, programs per SM, the keyword
     arguments (constexprs and compile options) of the launch, and reread_bytes: the bytes of rows a
     program holds between two reads of them when the gradient is written (the streamed softmax's rows,
-    softmax_ce.py; 0 for a kernel that reads its rows once), which bound its grid (grid.program_cap)."""
+    softmax_ce.py; 0 for a kernel that reads its rows once), which bound its grid (grid.program_cap);
+    loss_rereads: whether a launch that writes no gradient re-reads them too
+    (kernels.FamilyKernel.streamed_loss_rereads)."""
     kernel: object
     rows: int
     programs_per_sm: int
     options: dict
     reread_bytes: int = 0
+    loss_rereads: bool = False
 
 
 _PLANS: dict = {}
@@ -126,13 +129,19 @@ def _build_plan(family, c, logits, hyperparameters):
         options["maxnreg"] = config.maxnreg
     streamed = options.get("HELD") is False  # a softmax row longer than one tile: read twice for the gradient
     reread_bytes = config.rows * c * logits.element_size() if streamed else 0
-    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, reread_bytes)
+    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, reread_bytes,
+                 streamed and entry.streamed_loss_rereads(options))
+
+
+def held_bytes(plan, write_grad):
+    """The bytes of rows each program of this launch holds between two reads of them (0: it reads them once)."""
+    return plan.reread_bytes if write_grad or plan.loss_rereads else 0
 
 
 def programs(plan, device, blocks, write_grad):
     """The persistent grid of one launch (grid.py): a launch that re-reads its rows keeps them within
     grid.py's share of L2."""
-    return grid.programs(device, blocks, plan.programs_per_sm, plan.reread_bytes if write_grad else 0)
+    return grid.programs(device, blocks, plan.programs_per_sm, held_bytes(plan, write_grad))
 
 
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
