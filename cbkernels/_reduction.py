@@ -28,6 +28,13 @@ def mean_divisor(target: torch.Tensor, ignore_index: int, normalizer=None):
     return valid_row_count(target, ignore_index) if normalizer is None else normalizer
 
 
+def divide_by_mean_divisor(value: torch.Tensor, target: torch.Tensor, ignore_index: int, normalizer=None):
+    """value / mean_divisor, the divisor taken in value's dtype (a float64 or integer 0-d normalizer must not
+    change it)."""
+    divisor = mean_divisor(target, ignore_index, normalizer)
+    return value / (divisor.to(value.dtype) if isinstance(divisor, torch.Tensor) else divisor)
+
+
 def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str,
                 normalizer=None) -> torch.Tensor:
     """"none" | "sum" | "mean" (sum over rows / mean_divisor: by default the number of non-ignored rows, 0 if
@@ -37,8 +44,7 @@ def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, red
     total = rows.sum()
     if reduction == "sum":
         return total
-    divisor = mean_divisor(target, ignore_index, normalizer)
-    return total / (divisor.to(rows.dtype) if isinstance(divisor, torch.Tensor) else divisor)
+    return divide_by_mean_divisor(total, target, ignore_index, normalizer)
 
 
 def mean_class_weight(class_weight, target: torch.Tensor, ignore_index: int, num_classes: int,

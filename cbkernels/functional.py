@@ -31,8 +31,8 @@ def kernel_rows(backend, spec: Loss, logits, target, class_weight, hyperparamete
                 with_grad, logit_offset=None, target_margin=None, sample_weight=None, normalizer=None):
     """The per-row losses (N,) through a kernel backend's forward op, for `reduction` ("mean" folded in).
 
-    "mean" folds 1 / (non-ignored rows, or the normalizer) into the class weights (a (C,) device op, no host sync): the
-    kernel then writes the rows and gradient of the mean itself, and the reduction is a plain sum, whose
+    "mean" folds 1 / (non-ignored rows, or the normalizer) into the class weights (a (C,) device op, no host
+    sync): the kernel then writes the rows and gradient of the mean itself, and the reduction is a plain sum, whose
     backward hands the op an upstream gradient of exactly 1 per row for loss.backward(). The fused
     backward (_ops.py) skips its scaling pass on such a gradient, so forward + backward is one read of
     the logits and one write of the gradient. Rounding: alpha_y / count is rounded to fp32 once before

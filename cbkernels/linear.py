@@ -149,15 +149,6 @@ def _losses_only(plan, hidden, weight, bias, target, class_weight, sample_weight
     return torch.cat(rows) if rows else hidden.new_zeros((0,), dtype=_reduction.compute_dtype(hidden.dtype))
 
 
-def _inverse_mean_divisor(total, target, ignore_index, normalizer):
-    """1 / the "mean" divisor as a 0-d tensor of total's dtype and device (a tensor normalizer stays on the
-    device: no host read)."""
-    divisor = _reduction.mean_divisor(target, ignore_index, normalizer)
-    if isinstance(divisor, torch.Tensor):
-        divisor = divisor.to(total.dtype)  # a float64 or integer 0-d divisor must not change total's dtype
-    return total.new_ones(()) / divisor
-
-
 class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, class_weight, sample_weight, normalizer, plan):
@@ -178,7 +169,7 @@ class _LinearLoss(torch.autograd.Function):
             del grad
         scale = total.new_ones(())
         if plan.reduction == "mean":
-            scale = _inverse_mean_divisor(total, target, plan.ignore_index, normalizer)
+            scale = _reduction.divide_by_mean_divisor(scale, target, plan.ignore_index, normalizer)
             total = total * scale
         ctx.save_for_backward(acc.hidden(), acc.weight, acc.bias, scale)
         return total

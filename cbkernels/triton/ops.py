@@ -161,7 +161,8 @@ def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperpa
         logits, target, class_weight, logit_offset, target_margin, sample_weight, grad_loss, loss, grad,
         n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, HAS_OFFSET=logit_offset is not None,
-        HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+        HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None,
+        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
         SCALE_GRAD=grad_loss is not None, **plan.options,
     )
 
