@@ -3,9 +3,9 @@
 A backend registers the ops of docs/op-contract.md under its namespace ("cbkernels" for the C++
 extension, "cbkernels_triton" for Triton), two per kernel family of the registry (losses.FAMILIES):
     <family>_forward(logits, target, class_weight, *hyperparameters, ignore_index, with_grad,
-                     logit_offset=None, target_margin=None, sample_weight=None) -> (loss, grad)
+                     logit_offset=None, target_margin=None, sample_weight=None, element_weight=None) -> (loss, grad)
     <family>_backward(logits, target, class_weight, grad_loss, *hyperparameters, ignore_index,
-                      logit_offset=None, target_margin=None, sample_weight=None) -> grad
+                      logit_offset=None, target_margin=None, sample_weight=None, element_weight=None) -> grad
 where *hyperparameters are the family's named floats in schema order. register_loss_autograd(namespace)
 gives them one backward: "fused" (forward wrote the gradient; backward scales it by the upstream grad,
 in place, so it runs once per forward: a second backward through a retained graph raises) or
@@ -96,7 +96,8 @@ def scale_rows_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
 def _make_autograd(backward_op, scale_in_place):
     def setup_context(ctx, inputs, output):
         # scalars: *hyperparameters, ignore_index (every argument: torch fills in the schema's defaults)
-        logits, target, class_weight, *scalars, with_grad, logit_offset, target_margin, sample_weight = inputs
+        (logits, target, class_weight, *scalars, with_grad, logit_offset, target_margin, sample_weight,
+         element_weight) = inputs
         ctx.with_grad = with_grad
         ctx.grad_consumed = False
         ctx.scalars = scalars
@@ -104,7 +105,8 @@ def _make_autograd(backward_op, scale_in_place):
         if with_grad:
             ctx.save_for_backward(output[1])
         else:
-            ctx.save_for_backward(logits, target, class_weight, logit_offset, target_margin, sample_weight)
+            ctx.save_for_backward(logits, target, class_weight, logit_offset, target_margin, sample_weight,
+                                  element_weight)
         ctx.mark_non_differentiable(output[1])
         # The second output (the fused gradient, N x C) never receives a gradient; left on, autograd would
         # hand backward a zero-filled N x C tensor for it (measured: a 32 MB torch.zeros, 8 ms of a 12 ms
@@ -143,9 +145,10 @@ def _make_autograd(backward_op, scale_in_place):
             else:
                 grad_logits = scale_rows(grad, grad_loss, in_place=False)
         else:
-            logits, target, class_weight, logit_offset, target_margin, sample_weight = ctx.saved_tensors
+            logits, target, class_weight, logit_offset, target_margin, sample_weight, element_weight = \
+                ctx.saved_tensors
             grad_logits = backward_op(logits, target, class_weight, grad_loss, *ctx.scalars, logit_offset,
-                                      target_margin, sample_weight)
+                                      target_margin, sample_weight, element_weight)
         return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
 
     return setup_context, backward
@@ -174,7 +177,7 @@ def register_loss_fakes(namespace: str) -> None:
 
 # The C++ extension's whole-call ops by family name: LOSS_OPS["softmax_ce"] calls
 #   cbkernels::softmax_ce_loss(logits, target, class_weight, *hyperparameters, ignore_index, reduction, fused,
-#                              logit_offset, target_margin, sample_weight, normalizer)
+#                              logit_offset, target_margin, sample_weight, element_weight, normalizer)
 # (csrc/common/loss_function.h): checks, the "mean" folding, the kernel, the reduction and the autograd node
 # of an eager call in one op. Held as the OpOverload's C++ entry point where torch exposes it (`_op`):
 # OpOverload.__call__ is one more Python frame around it, ~0.3 us of a ~25 us call. Empty when the
@@ -212,7 +215,7 @@ def _make_eager_function(name, forward_op, setup_context, backward):
 
 
 def loss_forward(namespace: str, family, logits, target, class_weight, hyperparameters, ignore_index, with_grad,
-                 logit_offset=None, target_margin=None, sample_weight=None):
+                 logit_offset=None, target_margin=None, sample_weight=None, element_weight=None):
     """The op `namespace::<family>_forward` with its autograd formula: what functional.py calls.
     hyperparameters: the family's floats in schema order (losses.Loss.kernel_hyperparameters).
 
@@ -222,10 +225,10 @@ def loss_forward(namespace: str, family, logits, target, class_weight, hyperpara
     if torch.compiler.is_compiling():
         op = family.op(getattr(torch.ops, namespace), "forward")
         return op(logits, target, class_weight, *hyperparameters, ignore_index, with_grad, logit_offset,
-                  target_margin, sample_weight)
+                  target_margin, sample_weight, element_weight)
     return _EAGER_FORWARD[namespace, family.name].apply(logits, target, class_weight, *hyperparameters,
                                                         ignore_index, with_grad, logit_offset, target_margin,
-                                                        sample_weight)
+                                                        sample_weight, element_weight)
 
 
 def register_loss_autograd(namespace: str, scale_in_place=scale_rows_in_place) -> None:

@@ -2,14 +2,19 @@
 
 "mean" divides the sum of the weighted row losses by the number of non-ignored rows (the official code's
 convention, docs/math.md, section 4), at least 1 so that a batch with every row ignored gives 0, not NaN. That count
-is a device tensor: dividing by it never syncs with the host. A user's `normalizer` (a number, or a 0-d tensor
-kept on its device) replaces that divisor.
+is a device tensor: dividing by it never syncs with the host. Dense (N, C) targets ignore no row: their divisor is
+N (at least 1). A user's `normalizer` (a number, or a 0-d tensor kept on its device) replaces that divisor.
+
+Weighting (docs/math.md, section 14): "row" (the default) multiplies row i's loss by the class weight of its
+target (sum_c t_ic w_c for a dense row); "element" multiplies each class's term by that class's weight. The
+kernels take the two as separate (C,) inputs, class_weight and element_weight (split_weighting).
 """
 from __future__ import annotations
 
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
+WEIGHTINGS = ("row", "element")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -17,9 +22,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def valid_row_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The number of non-ignored rows, at least 1 (the "mean" denominator), as a device tensor: no sync."""
+def valid_row_count(target: torch.Tensor, ignore_index: int):
+    """The number of non-ignored rows, at least 1 (the "mean" denominator): for class indices a device tensor
+    (no sync), for a dense target (no row ignored) max(N, 1) as a number."""
+    if target.dim() == 2:
+        return max(target.shape[0], 1)
     return (target != ignore_index).sum().clamp(min=1)
+
+
+def split_weighting(class_weight, weighting: str):
+    """(class_weight, element_weight) as the kernels take them: the user's class weights weigh rows
+    (weighting "row") or each class's term ("element")."""
+    return (class_weight, None) if weighting == "row" else (None, class_weight)
 
 
 def mean_divisor(target: torch.Tensor, ignore_index: int, normalizer=None):
@@ -54,3 +68,14 @@ def mean_class_weight(class_weight, target: torch.Tensor, ignore_index: int, num
     if class_weight is None:
         class_weight = torch.ones(num_classes, dtype=torch.float32, device=target.device)
     return class_weight / mean_divisor(target, ignore_index, normalizer)
+
+
+def mean_weights(class_weight, element_weight, target: torch.Tensor, ignore_index: int, num_classes: int,
+                 normalizer=None):
+    """(class_weight, element_weight) with 1 / mean_divisor folded into one of them, so that the kernel's
+    summed rows are the "mean": into the element weights when there are some, or when a dense target has no
+    class weights (its row weight is then 1, while ones(C) as class weights would make it sum_c t_ic), else
+    into the class weights (mean_class_weight). csrc/common/loss_function.h folds the same way."""
+    if element_weight is not None or (target.dim() == 2 and class_weight is None):
+        return class_weight, mean_class_weight(element_weight, target, ignore_index, num_classes, normalizer)
+    return mean_class_weight(class_weight, target, ignore_index, num_classes, normalizer), element_weight

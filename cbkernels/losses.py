@@ -43,7 +43,8 @@ class Family:
     """One kernel: the ops `<name>_forward` / `<name>_backward` of every kernel backend.
 
     hyperparameters: the ops' float arguments, in schema order (between class_weight and ignore_index).
-    reference_rows(logits, target, class_weight, ignore_index, **hyperparameters) -> per-row loss (N,).
+    reference_rows(logits, target, class_weight, ignore_index, **hyperparameters, element_weight) -> per-row
+      loss (N,).
     takes_target_margin: its public losses accept a target_margin (the softmax losses: LDAM). Every op
       takes one (docs/op-contract.md); the public API offers it where the literature defines it.
     """
@@ -122,17 +123,20 @@ class Loss:
         return tuple(out) if all(type(v) is float or type(v) is int for v in out) else None
 
     def reference(self, logits, target, class_weight=None, reduction="mean", ignore_index=-100, logit_offset=None,
-                  target_margin=None, sample_weight=None, normalizer=None, **hyper):
-        """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd)."""
+                  target_margin=None, sample_weight=None, normalizer=None, weighting="row", **hyper):
+        """The spec of the public function: reference.py's rows, reduced (any dtype, plain autograd).
+        weighting "row": class_weight weighs rows; "element": it weighs each class's term (docs/math.md, 14)."""
+        class_weight, element_weight = _reduction.split_weighting(class_weight, weighting)
         rows = self.reference_rows(logits, target, class_weight, ignore_index, self.kernel_hyperparameters(hyper),
-                                   logit_offset, target_margin, sample_weight)
+                                   logit_offset, target_margin, sample_weight, element_weight)
         return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
 
     def reference_rows(self, logits, target, class_weight, ignore_index, kernel_hyperparameters, logit_offset=None,
-                       target_margin=None, sample_weight=None):
+                       target_margin=None, sample_weight=None, element_weight=None):
         named = {h.name: v for h, v in zip(self.family.hyperparameters, kernel_hyperparameters)}
         logits = reference.adjusted_logits(logits, target, ignore_index, logit_offset, target_margin)
-        rows = self.family.reference_rows(logits, target, class_weight, ignore_index, **named)
+        rows = self.family.reference_rows(logits, target, class_weight, ignore_index, **named,
+                                          element_weight=element_weight)
         return reference.weighted_rows(rows, target, ignore_index, sample_weight)
 
     def test_cases(self) -> list[dict[str, float]]:

@@ -7,16 +7,19 @@
 //
 // The results are bit-identical to functional.py's path: the same ops in the same order, called through
 // the dispatcher (so that CPU, CUDA, fake and traced tensors all reach their own kernels), namely
-//   "mean":  w' = (class_weight or ones(C)) / d, d = normalizer if given, else
-//            max(1, #{i : target_i != ignore_index})   (float32 (C,))
-//            rows, grad = <family>_forward(logits, target, w', ..., logit_offset, target_margin, sample_weight);
+//   "mean":  d = normalizer if given, else max(1, #{i : target_i != ignore_index}) for index targets and
+//            max(1, N) for dense ones; 1/d is folded into one (C,) float32 weight vector, the one every term
+//            of a row is multiplied by: e' = element_weight / d when element weights are given, else
+//            e' = ones(C) / d for dense targets without class weights (their row weight is then 1), else
+//            w' = (class_weight or ones(C)) / d (cbkernels/_reduction.py's mean_weights);
+//            rows, grad = <family>_forward(logits, target, w', ..., logit_offset, target_margin, sample_weight, e');
 //            loss = rows.sum()
-//   "sum":   the same with w' = class_weight;  "none": loss = rows.
+//   "sum":   the same with w' = class_weight, e' = element_weight;  "none": loss = rows.
 // and for the backward, the upstream gradient g (0-d for "sum"/"mean", (N,) for "none") in float32:
 //   fused:     the forward's gradient buffer scaled in place by g per row (scale_rows_unless_one_, which
 //              skips rows whose factor is exactly 1: loss.backward() costs no pass at all);
 //   recompute: <family>_backward(logits, target, w', g expanded to (N,), ..., logit_offset, target_margin,
-//              sample_weight).
+//              sample_weight, e').
 // Device-agnostic: registered once for the Autograd key and for CompositeExplicitAutograd (calls without
 // autograd, e.g. under torch.inference_mode()).
 #pragma once
@@ -117,7 +120,7 @@ inline void mul_rows_out(at::Tensor& out, const at::Tensor& grad, const at::Tens
 }
 
 // "mean": the class weights (ones when None) divided by the normalizer, or without one by the number of rows
-// whose target is not ignore_index, at least 1, as float32 (C,): folded into the kernel's weights, the summed
+// whose target is not ignore_index (dense targets: all N rows), at least 1, as float32 (C,): folded into the kernel's weights, the summed
 // rows are the mean (docs/math.md, section 4). In ATen ops, as cbkernels/_reduction.py's mean_class_weight:
 //   (class_weight or ones(C)) / (normalizer or (target != ignore_index).sum().clamp_min(1))
 // For eager CPU tensors the same values come from one host loop instead of five small ops: the count is
@@ -126,6 +129,14 @@ inline void mul_rows_out(at::Tensor& out, const at::Tensor& grad, const at::Tens
 inline at::Tensor mean_class_weight(const at::Tensor& logits, const at::Tensor& target,
                                     const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
                                     std::optional<double> normalizer) {
+  if (target.dim() == 2) {  // dense targets: no row is ignored, the divisor is max(1, N)
+    const at::Tensor base = class_weight.has_value()
+                                ? *class_weight
+                                : at::ones_symint({logits.sym_size(1)}, target.options().dtype(at::kFloat));
+    if (normalizer.has_value()) return at::div(base, *normalizer);
+    const c10::SymInt n = logits.sym_size(0);
+    return at::div(base, c10::Scalar(n < 1 ? c10::SymInt(1) : n));
+  }
   // (Sizes are read only once the tensors are known to be eager ones: a tracer's may be symbolic.)
   const bool host = !normalizer.has_value() && is_plain(logits) && logits.dim() == 2 && target.is_cpu() && is_plain(target) &&
                     target.dim() == 1 && target.is_contiguous() &&
@@ -165,12 +176,13 @@ template <Family F, std::size_t... I>
 struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<LossFunction<F, std::index_sequence<I...>>> {
   using Hyperparameters = std::array<double, sizeof...(I)>;
   // Forward inputs: logits, target, class_weight, the hyperparameters, ignore_index, reduction, fused,
-  // logit_offset, target_margin, sample_weight, normalizer.
-  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 7;
+  // logit_offset, target_margin, sample_weight, element_weight, normalizer.
+  static constexpr std::size_t kNumInputs = 3 + sizeof...(I) + 8;
   static constexpr const char* kName = FamilyInfo<F>::kLoss;
 
   struct Forward {
-    at::Tensor loss, grad, class_weight;  // class_weight: the weights the kernel ran with ("mean" folded)
+    // class_weight, element_weight: the weights the kernel ran with ("mean" folded into one of them)
+    at::Tensor loss, grad, class_weight, element_weight;
   };
 
   // Everything an eager call does but the backward; shared by the two kernels below.
@@ -179,7 +191,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                      OptionalInputs optional, std::optional<double> normalizer) {
     using Opt = const std::optional<at::Tensor>&;
     using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, Opt, HyperparameterArg<I>...,
-                                                   int64_t, bool, Opt, Opt, Opt);
+                                                   int64_t, bool, Opt, Opt, Opt, Opt);
     static const auto forward = find_op(FamilyInfo<F>::kForward).template typed<Sig>();
     // Checked before the folding, which would otherwise turn an integer class_weight into float32; the
     // devices first: a tensor on another device (meta included) would take the dispatch of every op below.
@@ -189,7 +201,8 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
         {"class_weight", class_weight},
         {"logit_offset", optional.logit_offset},
         {"target_margin", optional.target_margin},
-        {"sample_weight", optional.sample_weight}};
+        {"sample_weight", optional.sample_weight},
+        {"element_weight", optional.element_weight}};
     for (const auto& [name, t] : vectors) {
       if (!t.has_value()) continue;
       TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "cbkernels::", kName, ": ", name, " must be float32, got ",
@@ -205,12 +218,17 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
       TORCH_CHECK_VALUE(std::isfinite(*normalizer) && *normalizer > 0, "cbkernels::", kName,
                         ": normalizer must be a finite number > 0, got ", *normalizer);
     }
-    std::optional<at::Tensor> weight = class_weight;
+    std::optional<at::Tensor> weight = class_weight, element_weight = optional.element_weight;
     if (reduction == Reduction::kMean) {
       TORCH_CHECK(logits.dim() == 2, "cbkernels::", kName, ": logits must have shape (N, C), got ", logits.sizes());
-      weight = mean_class_weight(logits, target, class_weight, ignore_index, normalizer);
+      // 1/d goes into the vector that multiplies every term of every row (cbkernels/_reduction.py, mean_weights).
+      if (element_weight.has_value() || (target.dim() == 2 && !class_weight.has_value())) {
+        element_weight = mean_class_weight(logits, target, element_weight, ignore_index, normalizer);
+      } else {
+        weight = mean_class_weight(logits, target, class_weight, ignore_index, normalizer);
+      }
     }
-    if (!logits.is_cpu()) {
+    if (!logits.is_cpu() && target.dim() == 1) {
       // The CPU ops check the targets on the host; elsewhere that would be a device sync, so the kernels
       // write NaN for a bad target and this device-side assert raises (as F.cross_entropy's does).
       const at::Tensor ok = at::bitwise_or(at::logical_and(at::ge(target, 0), at::lt(target, logits.sym_size(1))),
@@ -218,9 +236,10 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
       at::_assert_async(at::all(ok), "target holds a class index outside [0, C) that is not ignore_index");
     }
     auto [rows, grad] = forward.call(logits, target, weight, hyperparameters[I]..., ignore_index, with_grad,
-                                     optional.logit_offset, optional.target_margin, optional.sample_weight);
+                                     optional.logit_offset, optional.target_margin, optional.sample_weight,
+                                     element_weight);
     at::Tensor loss = reduction == Reduction::kNone ? rows : rows.sum();
-    return {std::move(loss), std::move(grad), weight.value_or(at::Tensor())};
+    return {std::move(loss), std::move(grad), weight.value_or(at::Tensor()), element_weight.value_or(at::Tensor())};
   }
 
   // CompositeExplicitAutograd: a call without autograd (no input tracked, or inference mode).
@@ -229,10 +248,11 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                                      int64_t ignore_index, c10::string_view reduction, bool /*fused*/,
                                      const std::optional<at::Tensor>& logit_offset,
                                      const std::optional<at::Tensor>& target_margin,
-                                     const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
+                                     const std::optional<at::Tensor>& sample_weight,
+                                     const std::optional<at::Tensor>& element_weight, std::optional<double> normalizer) {
     return run(logits, target, class_weight, {hyperparameters...}, ignore_index,
                parse_reduction(kName, std::string_view(reduction.data(), reduction.size())), false,
-               {logit_offset, target_margin, sample_weight}, normalizer)
+               {logit_offset, target_margin, sample_weight, element_weight}, normalizer)
         .loss;
   }
 
@@ -242,11 +262,12 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                                   int64_t ignore_index, c10::string_view reduction, bool fused,
                                   const std::optional<at::Tensor>& logit_offset,
                                   const std::optional<at::Tensor>& target_margin,
-                                  const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
+                                  const std::optional<at::Tensor>& sample_weight,
+                                  const std::optional<at::Tensor>& element_weight, std::optional<double> normalizer) {
     // Read before apply(), which runs forward with grad mode off.
     const bool with_grad = fused && c10::GradMode::is_enabled() && logits.requires_grad();
     return LossFunction::apply(logits, target, class_weight, hyperparameters..., ignore_index, reduction, with_grad,
-                               logit_offset, target_margin, sample_weight, normalizer);
+                               logit_offset, target_margin, sample_weight, element_weight, normalizer);
   }
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
@@ -254,19 +275,21 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
                             int64_t ignore_index, c10::string_view reduction, bool with_grad,
                             const std::optional<at::Tensor>& logit_offset,
                             const std::optional<at::Tensor>& target_margin,
-                            const std::optional<at::Tensor>& sample_weight, std::optional<double> normalizer) {
+                            const std::optional<at::Tensor>& sample_weight,
+                            const std::optional<at::Tensor>& element_weight, std::optional<double> normalizer) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Hyperparameters values{hyperparameters...};
     const Reduction reduce = parse_reduction(kName, std::string_view(reduction.data(), reduction.size()));
     Forward out = run(logits, target, class_weight, values, ignore_index, reduce, with_grad,
-                      {logit_offset, target_margin, sample_weight}, normalizer);
+                      {logit_offset, target_margin, sample_weight, element_weight}, normalizer);
     if (with_grad) {
       // Not save_for_backward: the buffer is no input or output, and the backward scales it in place (then
       // replaces it by None: a second backward finds it consumed). One entry: the map's growth is measurable.
       ctx->saved_data["grad"] = out.grad;
     } else {
       ctx->save_for_backward({logits, target, out.class_weight, logit_offset.value_or(at::Tensor()),
-                              target_margin.value_or(at::Tensor()), sample_weight.value_or(at::Tensor())});
+                              target_margin.value_or(at::Tensor()), sample_weight.value_or(at::Tensor()),
+                              out.element_weight});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["hyperparameters"] = std::vector<double>(values.begin(), values.end());
     }
@@ -308,7 +331,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     }
     using Opt = const std::optional<at::Tensor>&;
     using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, Opt, const at::Tensor&, HyperparameterArg<I>...,
-                           int64_t, Opt, Opt, Opt);
+                           int64_t, Opt, Opt, Opt, Opt);
     static const auto backward_op = find_op(FamilyInfo<F>::kBackward).template typed<Sig>();
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
@@ -318,7 +341,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
         grad_loss.dim() == 0 ? grad_loss.expand_symint({logits.sym_size(0)}).contiguous() : grad_loss;
     grads[0] = backward_op.call(logits, saved[1], optional(saved[2]), per_row, values[I]...,
                                 ctx->saved_data["ignore_index"].toInt(), optional(saved[3]), optional(saved[4]),
-                                optional(saved[5]));
+                                optional(saved[5]), optional(saved[6]));
     return grads;
   }
 };
@@ -326,7 +349,7 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
 // The schemas of the `<family>_loss` ops and of scale_rows_unless_one_, for the TORCH_LIBRARY block.
 //   softmax_ce_loss(Tensor logits, Tensor target, Tensor? class_weight, float label_smoothing, int ignore_index,
 //                   str reduction, bool fused, Tensor? logit_offset=None, Tensor? target_margin=None,
-//                   Tensor? sample_weight=None, float? normalizer=None) -> Tensor
+//                   Tensor? sample_weight=None, Tensor? element_weight=None, float? normalizer=None) -> Tensor
 template <Family F>
 void define_loss_function(torch::Library& m) {
   std::string floats;

@@ -8,10 +8,12 @@
 //   static constexpr const char* kTag;     appended to the op name in messages ("" or " (CUDA)")
 //   static constexpr const char* kDevice;  the device type it computes on, for messages ("CPU", "CUDA")
 //   static bool on_device(const at::Tensor& t);   t is on that device type
-//   static void check_values(OpName op, const LossArgs& args);
+//   static void check_values(OpName op, Family family, const LossArgs& args);
 //       checks that read tensor values on the host; called after the metadata checks and before any
-//       output is allocated. The CPU validates the targets there. The CUDA backend checks nothing: a
-//       host read would synchronise the device, so its kernels write a NaN row for a bad target instead.
+//       output is allocated. The CPU validates the targets there (class indices; dense target values in
+//       the family's range, dense_target_range). The CUDA backend checks nothing: a host read would
+//       synchronise the device, so its kernels write a NaN row for a bad class index and read an out-of-range
+//       dense target value as NaN instead.
 //   class Launch, with
 //       Launch(OpName op, const LossArgs& args, const at::Tensor& logits);
 //       void operator()(Family family, const LossArgs& args) const;
@@ -112,22 +114,35 @@ CBKERNELS_FAMILIES(CBKERNELS_FAMILY_INFO)
 // The checked tensors of one call and the LossArgs pointing into them; the tensors keep any contiguous
 // copies alive while the kernels run.
 struct CheckedInputs {
-  at::Tensor logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight;
+  at::Tensor logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight, element_weight;
   LossArgs args{};
 };
 
 // The optional tensors of docs/op-contract.md, the last arguments of every op: the logit adjustments
-// (C,) and the per-row sample weights (N,), float32 or None.
+// (C,), the per-row sample weights (N,) and the per-class element weights (C,), float32 or None.
 struct OptionalInputs {
   const std::optional<at::Tensor>& logit_offset;
   const std::optional<at::Tensor>& target_margin;
   const std::optional<at::Tensor>& sample_weight;
+  const std::optional<at::Tensor>& element_weight;
 };
 
 // Their schema text, appended to every op's arguments (defaults None: calls written before they existed
 // keep working).
 inline constexpr const char* kOptionalInputArgs =
-    ", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None";
+    ", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None, "
+    "Tensor? element_weight=None";
+
+// The values a dense target may hold in `family` (docs/op-contract.md): [0, 1] for the sigmoid family (a
+// probability per one-vs-all task), >= 0 for the softmax families (a distribution, used as given). NaN is out
+// of range. The CPU checks it on the host (cpu/ops.cpp); the GPU kernels read an out-of-range value as NaN.
+inline bool dense_target_in_range(Family family, float t) {
+  return family == Family::kSigmoidFocal ? (t >= 0.0f && t <= 1.0f) : t >= 0.0f;
+}
+
+inline const char* dense_target_range_text(Family family) {
+  return family == Family::kSigmoidFocal ? "in [0, 1]" : ">= 0 (and not NaN)";
+}
 
 inline Dtype logits_dtype(OpName op, const at::Tensor& logits) {
   switch (logits.scalar_type()) {
@@ -169,7 +184,7 @@ inline at::Tensor checked_float_vector(OpName op, const char* name, const at::Te
 
 // grad_loss is nullptr for the forward ops.
 template <typename Backend>
-CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor& target,
+CheckedInputs check_inputs(OpName op, Family family, const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& class_weight, const at::Tensor* grad_loss,
                            int64_t ignore_index, OptionalInputs optional) {
   check_dense(op, "logits", logits);
@@ -180,9 +195,22 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(num_classes >= 1, op, ": logits must have at least one class (C >= 1), got shape ", logits.sizes());
   const Dtype dtype = logits_dtype(op, logits);
   check_beside_logits(op, "target", target, logits);
-  check_vector_shape(op, "target", target, "N", n);
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-              ": target must be int64 or int32, got ", target.scalar_type());
+  // Index targets (N,) int64/int32, or dense targets (N, C) in the logits' dtype (read as the logits are).
+  const bool dense_target = target.dim() == 2;
+  if (dense_target) {
+    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": a dense target must have the logits' shape (N, C) = (", n,
+                ", ", num_classes, "), got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), op,
+                ": a dense target must have the logits' dtype ", logits.scalar_type(), ", got ", target.scalar_type());
+    TORCH_CHECK(!optional.target_margin.has_value(), op,
+                ": target_margin needs class-index targets (it shifts the target class's logit); got a dense target");
+  } else {
+    TORCH_CHECK(target.dim() == 1, op, ": target must have shape (N,) = (", n, ",) of class indices or (N, C) = (",
+                n, ", ", num_classes, ") of target values, got ", target.sizes());
+    check_vector_shape(op, "target", target, "N", n);
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                ": target must be int64 or int32 class indices, got ", target.scalar_type());
+  }
 
   CheckedInputs in;
   // Column stride 1 is what the vector accesses need; the row stride is honoured as it is. A size-1
@@ -195,6 +223,7 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   in.class_weight = class_vector("class_weight", class_weight);
   in.logit_offset = class_vector("logit_offset", optional.logit_offset);
   in.target_margin = class_vector("target_margin", optional.target_margin);
+  in.element_weight = class_vector("element_weight", optional.element_weight);
   if (optional.sample_weight.has_value()) {
     in.sample_weight = checked_float_vector(op, "sample_weight", *optional.sample_weight, logits, "N", n);
   }
@@ -210,14 +239,16 @@ CheckedInputs check_inputs(OpName op, const at::Tensor& logits, const at::Tensor
   a.logits_dtype = dtype;
   a.target = in.target.data_ptr();
   a.target_is_int64 = in.target.scalar_type() == at::kLong;
+  a.dense_target = dense_target;
   const auto pointer = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
   a.class_weight = pointer(in.class_weight);
   a.logit_offset = pointer(in.logit_offset);
   a.target_margin = pointer(in.target_margin);
   a.sample_weight = pointer(in.sample_weight);
+  a.element_weight = pointer(in.element_weight);
   a.grad_loss = in.grad_loss.defined() ? in.grad_loss.data_ptr<float>() : nullptr;
   a.ignore_index = ignore_index;
-  Backend::check_values(op, a);
+  Backend::check_values(op, family, a);
   return in;
 }
 
@@ -238,10 +269,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
                                                     HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
                                                     bool with_grad, const std::optional<at::Tensor>& logit_offset,
                                                     const std::optional<at::Tensor>& target_margin,
-                                                    const std::optional<at::Tensor>& sample_weight) {
+                                                    const std::optional<at::Tensor>& sample_weight,
+                                                    const std::optional<at::Tensor>& element_weight) {
     const OpName op{FamilyInfo<F>::kForward, Backend::kTag};
     CheckedInputs in = checked(op, logits, target, class_weight, nullptr, ignore_index,
-                               {logit_offset, target_margin, sample_weight}, hyperparameters...);
+                               {logit_offset, target_margin, sample_weight, element_weight}, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     const int64_t n = in.args.num_rows;
     at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
@@ -258,10 +290,11 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
                              HyperparameterArg<I>... hyperparameters, int64_t ignore_index,
                              const std::optional<at::Tensor>& logit_offset,
                              const std::optional<at::Tensor>& target_margin,
-                             const std::optional<at::Tensor>& sample_weight) {
+                             const std::optional<at::Tensor>& sample_weight,
+                             const std::optional<at::Tensor>& element_weight) {
     const OpName op{FamilyInfo<F>::kBackward, Backend::kTag};
     CheckedInputs in = checked(op, logits, target, class_weight, &grad_loss, ignore_index,
-                               {logit_offset, target_margin, sample_weight}, hyperparameters...);
+                               {logit_offset, target_margin, sample_weight, element_weight}, hyperparameters...);
     const typename Backend::Launch launch(op, in.args, in.logits);
     at::Tensor grad = at::empty({in.args.num_rows, in.args.num_classes}, logits.options());
     in.args.loss = nullptr;
@@ -280,7 +313,7 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
     [[maybe_unused]] constexpr auto& ids = FamilyInfo<F>::kHyperparameters;
     [[maybe_unused]] const std::array<float, sizeof...(I)> values{
         checked_hyperparameter(ids[I], op, hyperparameters)...};
-    CheckedInputs in = check_inputs<Backend>(op, logits, target, class_weight, grad_loss, ignore_index, optional);
+    CheckedInputs in = check_inputs<Backend>(op, F, logits, target, class_weight, grad_loss, ignore_index, optional);
     ((in.args.*kHyperparameterInfo[ids[I]].field = values[I]), ...);
     return in;
   }
@@ -289,10 +322,10 @@ struct LossOps<Backend, F, std::index_sequence<I...>> {
 // The schemas of the two ops of family F, from its hyperparameters; for the sigmoid family
 //   sigmoid_focal_forward(Tensor logits, Tensor target, Tensor? class_weight, float gamma, int ignore_index,
 //                         bool with_grad, Tensor? logit_offset=None, Tensor? target_margin=None,
-//                         Tensor? sample_weight=None) -> (Tensor, Tensor)
+//                         Tensor? sample_weight=None, Tensor? element_weight=None) -> (Tensor, Tensor)
 //   sigmoid_focal_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor grad_loss, float gamma,
 //                          int ignore_index, Tensor? logit_offset=None, Tensor? target_margin=None,
-//                          Tensor? sample_weight=None) -> Tensor
+//                          Tensor? sample_weight=None, Tensor? element_weight=None) -> Tensor
 template <Family F>
 void define_family_ops(torch::Library& m) {
   std::string floats;  // "float gamma, "

@@ -54,6 +54,33 @@ void check_target_values(OpName op, const Index* target, int64_t n, int64_t num_
   }
 }
 
+// Every value of a dense target is in the family's range (common/loss_ops.h, dense_target_in_range);
+// otherwise an error naming the first bad element, raised before any output is allocated or written. One
+// sequential read of the N x C targets, which the kernels then read again from memory: the CPU's price for
+// an error rather than a NaN (the GPU kernels read a bad value as NaN instead, without a host sync).
+template <typename T>
+void check_dense_target_values(OpName op, Family family, const T* target, int64_t n, int64_t num_classes) {
+  const int64_t numel = n * num_classes;
+  for (int64_t k = 0; k < numel; ++k) {
+    const float t = static_cast<float>(target[k]);
+    TORCH_CHECK(dense_target_in_range(family, t), op, ": target[", k / num_classes, ", ", k % num_classes, "] = ", t,
+                " is out of range: a dense target's values must be ", dense_target_range_text(family));
+  }
+}
+
+void check_dense_target_values(OpName op, Family family, const LossArgs& a) {
+  switch (a.logits_dtype) {
+    case Dtype::kFloat32:
+      return check_dense_target_values(op, family, static_cast<const float*>(a.target), a.num_rows, a.num_classes);
+    case Dtype::kFloat16:
+      return check_dense_target_values(op, family, static_cast<const at::Half*>(a.target), a.num_rows,
+                                       a.num_classes);
+    case Dtype::kBFloat16:
+      return check_dense_target_values(op, family, static_cast<const at::BFloat16*>(a.target), a.num_rows,
+                                       a.num_classes);
+  }
+}
+
 struct CpuBackend {
   static constexpr const char* kTag = "";
   static constexpr const char* kDevice = "CPU";
@@ -61,8 +88,10 @@ struct CpuBackend {
   static bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
 
   // The kernels index logits and class_weight by the target: they rely on this check.
-  static void check_values(OpName op, const LossArgs& a) {
-    if (a.target_is_int64) {
+  static void check_values(OpName op, Family family, const LossArgs& a) {
+    if (a.dense_target) {
+      check_dense_target_values(op, family, a);
+    } else if (a.target_is_int64) {
       check_target_values(op, static_cast<const int64_t*>(a.target), a.num_rows, a.num_classes, a.ignore_index);
     } else {
       check_target_values(op, static_cast<const int32_t*>(a.target), a.num_rows, a.num_classes, a.ignore_index);
@@ -74,6 +103,8 @@ struct CpuBackend {
     Launch(OpName, const LossArgs&, const at::Tensor&) {}
 
     void operator()(Family family, const LossArgs& args) const {
+      TORCH_CHECK(!args.dense_target && args.element_weight == nullptr,
+                  "cbkernels (CPU): dense targets and element weights are not implemented yet");  // TODO(issue 16)
       if (args.num_rows == 0) return;
       const RowsFn rows = variant()[static_cast<int>(family)];
       // Rows are independent; a task gets at least ~32K elements so that short rows are not split too finely.

@@ -74,7 +74,7 @@ struct CudaBackend {
   // No host-side value check: reading the targets would synchronise the device. A target that is neither
   // ignore_index nor in [0, C) is never used as an index; the kernels write that row's loss and gradient
   // as NaN (kernels.cuh row_state), and functional.py asserts on the device.
-  static void check_values(OpName, const LossArgs&) {}
+  static void check_values(OpName, Family, const LossArgs&) {}
 
   // The fused backward's scaling, in place and in one pass (launch.cu): row i of grad times grad_loss[i], or
   // every row times grad_loss's one value when it has one element (the upstream gradient of a "sum" or
