@@ -30,9 +30,11 @@ persistent grid is cut so that the rows in flight fit in a share of L2 (launch.c
 is read from its source), which the audit computes with the model's L2 size. Both softmax kernels are
 templated on the loss they compute (kernels.cuh: SoftmaxCe<Smooth>, SoftmaxFocal, SoftmaxFocalSmooth<G>); the
 softmax focal loss without label smoothing runs the cross entropy's passes with two per-row scalars changed,
-so it launches, reads and writes as the cross entropy does. Every kernel has a last template flag Adjust
-(kernels.cuh): true only for a call with a logit offset or a target margin (docs/op-contract.md), which the
-audited scenario has not, so the audit reads the Adjust = false instances, in which none of that code is.
+so it launches, reads and writes as the cross entropy does. Every kernel has a last template flag Extended
+(kernels.cuh): true only for a call with a logit offset, a target margin or element weights
+(docs/op-contract.md), which the audited scenario has not, so the audit reads the Extended = false instances,
+in which none of that code is. Dense (N, C) targets run other kernels (dense_kernels.cuh), which the audited
+scenario (class indices) does not launch.
 """
 from __future__ import annotations
 

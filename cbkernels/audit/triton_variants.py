@@ -29,7 +29,7 @@ import triton
 
 from .. import _backends
 from ..losses import loss as registered_loss
-from ..triton import grid, ops, scale
+from ..triton import grid, kernels, ops, scale
 from .launches import ELEMENT_BYTES, Launch, TritonKernel
 from .roofline import H200
 
@@ -47,32 +47,39 @@ def _scale_num_warps() -> int:
     return int(found.group(1))
 
 
-def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
-    """The family kernel's launch as ops._launch makes it (class weights on, int64 targets), on the
-    persistent grid (ops.programs: grid.program_cap) of the audited GPU's SM count and L2 size."""
+def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad, dense):
+    """The family kernel's launch as ops._launch makes it (class weights on, int64 targets, or with dense a
+    (N, C) target in the logits' dtype), on the persistent grid (ops.programs: grid.program_cap) of the
+    audited GPU's SM count and L2 size."""
     torch_dtype = _TORCH_DTYPE[dtype]
     hyper = tuple(spec.kernel_hyperparameters({}))
-    plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper)
+    plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper, dense)
     options = dict(plan.options)  # constexprs and the compile options (num_warps, maxnreg) of the launch
     num_warps = options.pop("num_warps")
-    # no logit adjustments (logit_offset, target_margin) nor sample weights (None): the audited scenario is the
-    # plain loss
-    args = (torch_dtype, torch.int64, torch.float32, None, None, None, torch.float32 if scale_grad else None,
-            torch.float32 if write_loss else None, torch_dtype if write_grad else None,
-            n, c, *hyper, IGNORE_INDEX)
+    # no logit adjustments (logit_offset, target_margin), sample weights nor element weights (None): the audited
+    # scenario is the plain loss
+    args = (torch_dtype, torch_dtype if dense else torch.int64, torch.float32, None, None, None, None,
+            torch.float32 if scale_grad else None, torch.float32 if write_loss else None,
+            torch_dtype if write_grad else None, n, c, *hyper, IGNORE_INDEX)
     # maxnreg rides with the constexprs: the audit's compile hands them to Triton's binder with the options
     constexprs = dict(HAS_WEIGHT=True, HAS_OFFSET=False, HAS_MARGIN=False, HAS_SAMPLE_WEIGHT=False,
-                      WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad, **options)
+                      HAS_ELEMENT_WEIGHT=False, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad,
+                      **options)
     threads = num_warps * 32
-    flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad)) if on)
+    flags = "+".join(name for name, on in (("loss", write_loss), ("grad", write_grad), ("scaled", scale_grad),
+                                           ("dense", dense)) if on)
     elem = ELEMENT_BYTES[dtype]
-    # A softmax row longer than one tile (HELD false) is streamed: pass 1 reads it for the max and the sum,
-    # and every later pass reads it again: the gradient's (softmax_ce.py) and, for the softmax focal loss
-    # with label smoothing, the one for its sums before it, which its loss needs too (softmax_focal.py).
-    passes_after = 0
+    target = elem if dense else 0  # a dense target's bytes per element (class indices: per row, not counted)
+    # A softmax row longer than one tile (HELD false) is streamed: pass 1 reads it (and a dense target) for the
+    # max and the sums, and every later pass reads them again: the gradient's (softmax_ce.py) and, for the
+    # softmax focal loss with label smoothing or a dense target, the one for its sums before it, which its loss
+    # needs too (softmax_focal.py). The sigmoid family's dense targets are read twice, the row weight's sweep
+    # (class weights are on) first (sigmoid_focal.py).
+    reread = 0
     if options.get("HELD") is False:
-        passes_after = int(write_grad) + int(plan.loss_rereads)
-    reread = elem * passes_after
+        reread = (elem + target) * (int(write_grad) + int(plan.loss_rereads))
+    elif dense and kernels.FAMILY_KERNELS[spec.family.name].dense_weight_sweep:
+        reread = target
     blocks = triton.cdiv(n, plan.rows)
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",
@@ -81,7 +88,7 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad):
         threads_per_cta=threads,
         threads_per_row=max(1, threads // plan.rows),
         elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),
-        read_bytes_per_elem=elem + reread, write_bytes_per_elem=elem if write_grad else 0,
+        read_bytes_per_elem=elem + target + reread, write_bytes_per_elem=elem if write_grad else 0,
         reread_bytes_per_elem=reread)
 
 
@@ -100,13 +107,15 @@ def _scale_kernel(dtype, n, c):
         per_element_work=False)
 
 
-def launches(loss: str, dtype: str, n: int, c: int) -> list[Launch]:
+def launches(loss: str, dtype: str, n: int, c: int, dense: bool = False) -> list[Launch]:
+    """dense: the loss with a dense (N, C) target in the logits' dtype instead of class indices."""
     spec = registered_loss(loss)
     strategy = _backends.TRITON.default_strategy
+    kw = dict(dense=dense)
     if strategy == "fused":  # forward writes loss and gradient; backward scales it in place
-        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=True, scale_grad=False),
+        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=True, scale_grad=False, **kw),
                 _scale_kernel(dtype, n, c)]
     if strategy == "recompute":  # forward writes the loss; backward recomputes the scaled gradient
-        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=False, scale_grad=False),
-                _loss_kernel(spec, dtype, n, c, write_loss=False, write_grad=True, scale_grad=True)]
+        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=False, scale_grad=False, **kw),
+                _loss_kernel(spec, dtype, n, c, write_loss=False, write_grad=True, scale_grad=True, **kw)]
     raise ValueError(f"triton_variants: unknown backward strategy {strategy!r}")

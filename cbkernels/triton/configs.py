@@ -90,6 +90,20 @@ TABLE = {
     # Without label smoothing, the softmax focal kernel is the cross entropy's pass: the same rows.
     "softmax_focal": _SOFTMAX,
 }
+# Dense (N, C) targets, where they need other rows than TABLE's (a family not listed uses TABLE's): a held
+# softmax row then holds its targets' coefficients beside its logits, twice the registers, and spills at 8192
+# columns on 4 warps (sm_90: 255 registers and 152-456 B of local memory by family and dtype); held up to 2048
+# columns, and above streamed in 1024-column tiles, whose per-lane sums (max, rest of the sum, and the cross
+# entropy's sum of coefficients and of coefficients times logits) take registers too: 96-128 on 4 warps
+# (2048-column tiles: up to 230). Static model at C = 8142 and C = 2000, as the table's other rows.
+_DENSE_SOFTMAX = _SMALL_C + [
+    (2048, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=2, programs_per_sm=4)),
+    (None, LaunchConfig(block=1024, rows=1, num_warps=4, num_stages=3, programs_per_sm=4)),
+]
+DENSE_TABLE = {
+    "softmax_ce": {"fp32": _DENSE_SOFTMAX, "half": _DENSE_SOFTMAX},
+    "softmax_focal": {"fp32": _DENSE_SOFTMAX, "half": _DENSE_SOFTMAX},
+}
 
 # Set by `override`: family -> LaunchConfig applied to every C and dtype of that family.
 _OVERRIDES: dict[str, LaunchConfig] = {}
@@ -99,11 +113,13 @@ def dtype_group(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def pick(family: str, num_classes: int, dtype: torch.dtype) -> LaunchConfig:
-    """The configuration for one call (an override if one is active, else the table row)."""
+def pick(family: str, num_classes: int, dtype: torch.dtype, dense: bool = False) -> LaunchConfig:
+    """The configuration for one call (an override if one is active, else the table row); dense: the
+    target is (N, C) values."""
     if family in _OVERRIDES:
         return _OVERRIDES[family]
-    for c_max, config in TABLE.get(family, DEFAULT_TABLE)[dtype_group(dtype)]:
+    table = DENSE_TABLE.get(family) if dense else None
+    for c_max, config in (table or TABLE.get(family, DEFAULT_TABLE))[dtype_group(dtype)]:
         if c_max is None or num_classes <= c_max:
             return config
     raise AssertionError(f"the table of {family!r} has no catch-all row (c_max None)")

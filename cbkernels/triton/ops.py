@@ -37,8 +37,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_vector(op, name, vector, logits, length):
-    """A (C,) input (class_weight, logit_offset, target_margin) or an (N,) one (sample_weight, grad_loss): None,
-    or contiguous float32 of that length on the logits' device."""
+    """A (C,) input (class_weight, logit_offset, target_margin, element_weight) or an (N,) one (sample_weight,
+    grad_loss): None, or contiguous float32 of that length on the logits' device."""
     if vector is not None and (vector.shape != (length,) or vector.dtype != torch.float32
                                or vector.device != logits.device or not vector.is_contiguous()):
         raise ValueError(f"{op}: {name} must be a contiguous float32 tensor of shape ({length},) on "
@@ -46,8 +46,9 @@ def _check_vector(op, name, vector, logits, length):
 
 
 def _check(op, logits, target, class_weight, grad_loss=None, logit_offset=None, target_margin=None,
-           sample_weight=None):
-    """Cheap metadata checks (functional.py checked already; direct op calls get clear errors too)."""
+           sample_weight=None, element_weight=None):
+    """Cheap metadata checks (functional.py checked already; direct op calls get clear errors too), with the
+    wording of the C++ ops' (csrc/common/loss_ops.h)."""
     if logits.dim() != 2 or logits.dtype not in _DTYPES:
         raise ValueError(f"{op}: logits must be a 2-D float32/float16/bfloat16 tensor, "
                          f"got {logits.dim()}-D {logits.dtype}")
@@ -57,12 +58,24 @@ def _check(op, logits, target, class_weight, grad_loss=None, logit_offset=None, 
     if logits.device.type == "cpu" and not _INTERPRETED:
         raise RuntimeError(f"{op}: Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton "
                            "is imported; use a CUDA tensor or another backend")
-    if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
-        raise ValueError(f"{op}: target must be an int64/int32 tensor of shape ({n},) on {logits.device}, "
-                         f"got {target.dtype} {tuple(target.shape)} on {target.device}")
+    if target.device != logits.device:
+        raise ValueError(f"{op}: target must be on the logits' device {logits.device}, got {target.device}")
+    if target.dim() == 2:  # dense: (N, C) target values
+        if target.shape != (n, c):
+            raise ValueError(f"{op}: a dense target must have the logits' shape (N, C) = ({n}, {c}), "
+                             f"got {tuple(target.shape)}")
+        if target.dtype != logits.dtype:
+            raise ValueError(f"{op}: a dense target must have the logits' dtype {logits.dtype}, got {target.dtype}")
+        if target_margin is not None:
+            raise ValueError(f"{op}: target_margin needs class-index targets (it shifts the target class's logit); "
+                             "got a dense target")
+    elif target.shape != (n,) or target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: target must be an int64/int32 tensor of shape (N,) = ({n},) of class indices or a "
+                         f"(N, C) = ({n}, {c}) tensor of target values in the logits' dtype, got {target.dtype} "
+                         f"{tuple(target.shape)}")
     for name, vector, length in (("class_weight", class_weight, c), ("logit_offset", logit_offset, c),
                                  ("target_margin", target_margin, c), ("sample_weight", sample_weight, n),
-                                 ("grad_loss", grad_loss, n)):
+                                 ("element_weight", element_weight, c), ("grad_loss", grad_loss, n)):
         _check_vector(op, name, vector, logits, length)
 
 
@@ -83,13 +96,14 @@ def _check_hyperparameters(op, family, values):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything about a launch that depends on (family, C, dtype, hyperparameters, override) only,
+    """Everything about a launch that depends on (family, C, dtype, hyperparameters, dense target, override) only,
     built once per such key (_plan): the kernel, rows per program step, programs per SM, the keyword
     arguments (constexprs and compile options) of the launch, and reread_bytes: the bytes of rows a
-    program holds between two reads of them when the gradient is written (the streamed softmax's rows,
-    softmax_ce.py; 0 for a kernel that reads its rows once), which bound its grid (grid.program_cap);
+    program holds between two reads of them when the gradient is written (the streamed softmax's rows and
+    their dense targets, softmax_ce.py; the sigmoid family's dense targets, read by the row weight's sweep
+    first; 0 for a kernel that reads its rows once), which bound its grid (grid.program_cap);
     loss_rereads: whether a launch that writes no gradient re-reads them too
-    (kernels.FamilyKernel.streamed_loss_rereads)."""
+    (kernels.FamilyKernel.streamed_loss_rereads, dense_weight_sweep)."""
     kernel: object
     rows: int
     programs_per_sm: int
@@ -102,35 +116,38 @@ _PLANS: dict = {}
 _MAX_PLANS = 4096  # the key holds float hyperparameters: a gamma schedule must not grow the cache forever
 
 
-def _plan(family, c, logits, hyperparameters):
-    """The cached _Plan of this call. C is made a static int here (under torch.compile with dynamic shapes
-    that is a guard on C; N stays symbolic). A symbolic hyperparameter (torch.compile) bypasses the cache:
-    the trace builds its plan once anyway."""
+def _plan(family, c, logits, hyperparameters, dense=False):
+    """The cached _Plan of this call (dense: the target is (N, C) values). C is made a static int here (under
+    torch.compile with dynamic shapes that is a guard on C; N stays symbolic). A symbolic hyperparameter
+    (torch.compile) bypasses the cache: the trace builds its plan once anyway."""
     c = int(c)
-    key = (family.name, c, logits.dtype, *hyperparameters, configs.active_override(family.name))
+    key = (family.name, c, logits.dtype, *hyperparameters, dense, configs.active_override(family.name))
     try:
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable SymFloat
-        return _build_plan(family, c, logits, hyperparameters)
+        return _build_plan(family, c, logits, hyperparameters, dense)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _build_plan(family, c, logits, hyperparameters)
+        plan = _PLANS[key] = _build_plan(family, c, logits, hyperparameters, dense)
     return plan
 
 
-def _build_plan(family, c, logits, hyperparameters):
-    config = configs.pick(family.name, c, logits.dtype)
+def _build_plan(family, c, logits, hyperparameters, dense):
+    config = configs.pick(family.name, c, logits.dtype, dense)
     block = min(config.block, 1 << (c - 1).bit_length())
     entry = kernels.FAMILY_KERNELS[family.name]
     options = dict(ROWS=config.rows, BLOCK=block, VEC=16 // logits.element_size(), STAGES=config.num_stages,
-                   num_warps=config.num_warps, **entry.constexprs(hyperparameters, c, block))
+                   num_warps=config.num_warps, DENSE_TARGET=dense, **entry.constexprs(hyperparameters, c, block))
     if config.maxnreg is not None:
         options["maxnreg"] = config.maxnreg
-    streamed = options.get("HELD") is False  # a softmax row longer than one tile: read twice for the gradient
-    reread_bytes = config.rows * c * logits.element_size() if streamed else 0
-    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, reread_bytes,
-                 streamed and entry.streamed_loss_rereads(options))
+    row_bytes = config.rows * c * logits.element_size()
+    if options.get("HELD") is False:  # a softmax row longer than one tile: read again, its dense target too
+        return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, row_bytes * (2 if dense else 1),
+                     entry.streamed_loss_rereads(options))
+    if dense and entry.dense_weight_sweep:  # the dense target's row, swept for its weight then read again
+        return _Plan(entry.kernel, config.rows, config.programs_per_sm, options, row_bytes, True)
+    return _Plan(entry.kernel, config.rows, config.programs_per_sm, options)
 
 
 def held_bytes(plan, write_grad):
@@ -145,7 +162,7 @@ def programs(plan, device, blocks, write_grad):
 
 
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
-            write_loss, write_grad, logit_offset=None, target_margin=None, sample_weight=None):
+            write_loss, write_grad, logit_offset=None, target_margin=None, sample_weight=None, element_weight=None):
     """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits, on the
     persistent grid of `programs`.
 
@@ -153,48 +170,51 @@ def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperpa
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
     must not see an output tensor twice."""
     n, c = logits.shape
-    plan = _plan(family, c, logits, hyperparameters)
+    plan = _plan(family, c, logits, hyperparameters, target.dim() == 2)
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
     blocks = (n + plan.rows - 1) // plan.rows
     wrap_triton(plan.kernel)[(programs(plan, logits.device, blocks, write_grad),)](
-        logits, target, class_weight, logit_offset, target_margin, sample_weight, grad_loss, loss, grad,
-        n, c, *hyperparameters, ignore_index,
+        logits, target, class_weight, logit_offset, target_margin, sample_weight, element_weight, grad_loss, loss,
+        grad, n, c, *hyperparameters, ignore_index,
         HAS_WEIGHT=class_weight is not None, HAS_OFFSET=logit_offset is not None,
         HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None,
+        HAS_ELEMENT_WEIGHT=element_weight is not None,
         WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
         SCALE_GRAD=grad_loss is not None, **plan.options,
     )
 
 
 def _row_major(logits, target):
-    # The kernels index rows as flat ranges i*C..i*C+C of a contiguous tensor, shared by the logits and
-    # the gradient (so both are split at the same vector boundaries); other strides cost a copy (op contract).
+    # The kernels index rows as flat ranges i*C..i*C+C of a contiguous tensor, shared by the logits, a dense
+    # target and the gradient (so all are split at the same vector boundaries); other strides cost a copy
+    # (op contract).
     return logits.contiguous(), target.contiguous()
 
 
 def _forward(op, family, logits, target, class_weight, *hyperparameters_ignore_index_with_grad_optional):
-    *hyperparameters, ignore_index, with_grad, logit_offset, target_margin, sample_weight = \
+    *hyperparameters, ignore_index, with_grad, logit_offset, target_margin, sample_weight, element_weight = \
         hyperparameters_ignore_index_with_grad_optional
     _check_hyperparameters(op, family, hyperparameters)
-    _check(op, logits, target, class_weight, None, logit_offset, target_margin, sample_weight)
+    _check(op, logits, target, class_weight, None, logit_offset, target_margin, sample_weight, element_weight)
     logits, target = _row_major(logits, target)
     n, c = logits.shape
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if with_grad else logits.new_empty((0,))
     _launch(family, logits, target, class_weight, None, loss, grad if with_grad else None, hyperparameters,
-            ignore_index, True, with_grad, logit_offset, target_margin, sample_weight)
+            ignore_index, True, with_grad, logit_offset, target_margin, sample_weight, element_weight)
     return loss, grad
 
 
 def _backward(op, family, logits, target, class_weight, grad_loss, *hyperparameters_ignore_index_optional):
-    *hyperparameters, ignore_index, logit_offset, target_margin, sample_weight = hyperparameters_ignore_index_optional
+    *hyperparameters, ignore_index, logit_offset, target_margin, sample_weight, element_weight = \
+        hyperparameters_ignore_index_optional
     _check_hyperparameters(op, family, hyperparameters)
-    _check(op, logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight)
+    _check(op, logits, target, class_weight, grad_loss, logit_offset, target_margin, sample_weight, element_weight)
     logits, target = _row_major(logits, target)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch(family, logits, target, class_weight, grad_loss, None, grad, hyperparameters, ignore_index,
-            False, True, logit_offset, target_margin, sample_weight)
+            False, True, logit_offset, target_margin, sample_weight, element_weight)
     return grad
 
 
@@ -214,7 +234,7 @@ def _signature(family, which):
         params.append(arg("with_grad", bool))
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                  annotation=Optional[torch.Tensor])
-               for name in ("logit_offset", "target_margin", "sample_weight")]
+               for name in ("logit_offset", "target_margin", "sample_weight", "element_weight")]
     returns = tuple[torch.Tensor, torch.Tensor] if which == "forward" else torch.Tensor
     return inspect.Signature(params, return_annotation=returns)
 

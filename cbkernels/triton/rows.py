@@ -37,23 +37,84 @@ def row_block(block, N, ROWS: tl.constexpr):
 
 @triton.jit
 def row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT: tl.constexpr,
-                HAS_SAMPLE_WEIGHT: tl.constexpr, ROWS: tl.constexpr):
+                HAS_SAMPLE_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr, ROWS: tl.constexpr):
     """(y, valid, alpha) per row: y the target as an int32 column in [0, C) (safe as an address),
     valid = target != ignore_index, alpha = class_weight[y] * sample_weight[row] (each 1 when absent).
 
     A target outside [0, C) that is not ignore_index is never used as an address: its alpha is NaN, so
-    that row's loss and gradient are NaN (the op contract's GPU convention)."""
-    target = tl.load(target_ptr + rows).to(tl.int64)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < C)
-    y = tl.where(in_range, target, 0).to(tl.int32)
-    if HAS_WEIGHT:
-        alpha = tl.load(weight_ptr + y)
-    else:
+    that row's loss and gradient are NaN (the op contract's GPU convention).
+
+    A dense target (DENSE_TARGET) has no target column and no ignored row: y = -1 (so that no body vector is
+    left out for it, target_vector, and no edge lane is its), valid everywhere, and alpha = sample_weight[row]:
+    the class weights' part, sum_c t_c class_weight[c], is a sum over the row that the kernels form."""
+    if DENSE_TARGET:
+        y = tl.full([ROWS], -1, tl.int32)
+        valid = tl.full([ROWS], 1, tl.int1)
         alpha = tl.full([ROWS], 1.0, tl.float32)
-    if HAS_SAMPLE_WEIGHT:
-        alpha *= tl.load(sample_weight_ptr + rows)
-    return y, valid, tl.where(valid & ~in_range, float("nan"), alpha)
+        if HAS_SAMPLE_WEIGHT:
+            alpha *= tl.load(sample_weight_ptr + rows)
+        return y, valid, alpha
+    else:
+        target = tl.load(target_ptr + rows).to(tl.int64)
+        valid = target != ignore_index
+        in_range = (target >= 0) & (target < C)
+        y = tl.where(in_range, target, 0).to(tl.int32)
+        if HAS_WEIGHT:
+            alpha = tl.load(weight_ptr + y)
+        else:
+            alpha = tl.full([ROWS], 1.0, tl.float32)
+        if HAS_SAMPLE_WEIGHT:
+            alpha *= tl.load(sample_weight_ptr + rows)
+        return y, valid, tl.where(valid & ~in_range, float("nan"), alpha)
+
+
+@triton.jit
+def dense_values(t, UNIT: tl.constexpr):
+    """Dense target values (fp32) as the kernels use them: a value outside the family's range (UNIT: the
+    sigmoid family's [0, 1]; else the softmax families' >= 0), NaN included, reads as NaN, so that its row's
+    loss and gradient are NaN (the op contract's GPU convention: no host check, no sync)."""
+    if UNIT:
+        ok = (t >= 0.0) & (t <= 1.0)
+    else:
+        ok = t >= 0.0
+    return tl.where(ok, t, float("nan"))
+
+
+@triton.jit
+def columns_at(vector_ptr, head, e_cols):
+    """Pointers into a (C,) vector for the body tiles ([ROWS, 1]: at the body's first column, which the body
+    tile's offs index as they index the logits) and for the edge tile's columns."""
+    return vector_ptr + head[:, None], vector_ptr + e_cols
+
+
+@triton.jit
+def class_pointers(target_ptr, weight_ptr, element_weight_ptr, body_at, e_at, head, e_cols, HAS_WEIGHT: tl.constexpr,
+                   HAS_ELEMENT_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr):
+    """(body_t, e_t, body_w, e_w, body_ew, e_ew): the body and edge tiles' pointers into a dense target's row
+    (split as the logits' row: body_at, e_at from row_frame and the edge tile), into class_weight for a dense
+    row's weight sum_c t_c class_weight[c], and into element_weight; a 0 placeholder where that input is
+    absent or not read per class (never read then)."""
+    body_t = 0
+    e_t = 0
+    body_w = 0
+    e_w = 0
+    body_ew = 0
+    e_ew = 0
+    if DENSE_TARGET:
+        body_t = target_ptr + body_at
+        e_t = target_ptr + e_at
+        if HAS_WEIGHT:
+            body_w, e_w = columns_at(weight_ptr, head, e_cols)
+    if HAS_ELEMENT_WEIGHT:
+        body_ew, e_ew = columns_at(element_weight_ptr, head, e_cols)
+    return body_t, e_t, body_w, e_w, body_ew, e_ew
+
+
+@triton.jit
+def column_values(at, offs, mask):
+    """A tile of a (C,) float32 vector, or of a dense target row, at the pointers at + offs, as fp32 (0 on
+    masked lanes). at may be a placeholder where the caller's flag is off, hence apart from offs."""
+    return tl.load(at + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -66,8 +127,7 @@ def row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET: tl.cons
     e_o = 0
     margin_y = 0
     if HAS_OFFSET:
-        body_o = offset_ptr + head[:, None]
-        e_o = offset_ptr + e_cols
+        body_o, e_o = columns_at(offset_ptr, head, e_cols)
     if HAS_MARGIN:
         margin_y = tl.load(margin_ptr + y)
     return body_o, e_o, margin_y

@@ -17,14 +17,20 @@ leak). Padding lanes load -inf, whose term is exactly 0, so the loss accumulates
 ROWS > 1 (short rows, several per tile) the ignored-row branch becomes a select. The logit adjustments
 (HAS_OFFSET, HAS_MARGIN; rows.py): the offset is added as the body and edge tiles are loaded, the margin
 on the edge tile's target lane (t = +1).
+
+Element weights (HAS_ELEMENT_WEIGHT): each term and its slope times e_c, read beside the logits. A dense
+target (DENSE_TARGET; op contract): row i's values t_ic read beside the logits (same split, no target
+vector), every lane the soft-target term (_focal_of_soft); no row is ignored, and the row weight is
+sample_weight_i sum_c t_ic class_weight[c], from a sweep over the row's targets before its pass (with class
+weights: the gradient's scale must be known before its first store).
 """
 import triton
 import triton.language as tl
 
 from ..gamma_cases import GammaCase
 from .fastmath import LOG2E, rcp, two_atanh
-from .rows import (add_offset, adjust_edge, body_mask, edge_columns, row_adjustments, row_block, row_frame, row_split,
-                   row_targets, target_vector)
+from .rows import (add_offset, adjust_edge, body_mask, class_pointers, column_values, dense_values, edge_columns,
+                   row_adjustments, row_block, row_frame, row_split, row_targets, target_vector)
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
 # (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum).
@@ -82,6 +88,54 @@ def _focal_of_z(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
 
 
 @triton.jit
+def _focal_of_soft(z, t, gamma, GAMMA_MODE: tl.constexpr):
+    """(term, d term / dz) of one binary task at a dense target value t in [0, 1] (the official code's term,
+    the op contract): with e = exp(-|z|), l = log1p(e), p = sigmoid(z), p_ = sigmoid(-z) = 1 - p (both from e,
+    as _focal_of_v forms them),
+      bce = t softplus(-z) + (1 - t) softplus(z) = (z > 0 ? (1 - t) z : -t z) + l,
+      A   = t softplus(z) + (1 - t) softplus(-z) = (z > 0 ? t z : -(1 - t) z) + l,   mod = exp(-gamma A),
+      term = mod bce,  d term / dz = mod (d bce - gamma d A bce),
+      d bce = p - t = (1 - t) p - t p_,  d A = t - p_ = t p - (1 - t) p_,
+    each written as a sum of non-negative parts (no cancellation but at a true zero). At t in {0, 1} these are
+    _focal_of_z's (t = 1: A = softplus(z), mod = (1 - p)^gamma, which the specialised GAMMA_MODEs take as an
+    exp here: a soft t has no cheaper form). A padding lane (z = -inf, t = 0) gives NaN: the caller masks it."""
+    e = tl.exp2(tl.abs(z) * -LOG2E)
+    one_e = 1.0 + e
+    two_e = 2.0 + e
+    w = rcp(one_e * two_e)
+    r = two_e * w                 # 1 / (1 + e)
+    l = two_atanh((e * w) * one_e)  # log1p(e)
+    z_pos = z > 0.0
+    er = e * r
+    p = tl.where(z_pos, r, er)
+    p_ = tl.where(z_pos, er, r)
+    f = 1.0 - t
+    tz = t * z
+    fz = f * z
+    bce = tl.where(z_pos, fz, -tz) + l
+    d_bce = f * p - t * p_
+    if GAMMA_MODE == GAMMA_ZERO:
+        return bce, d_bce
+    else:
+        mod = tl.exp2((tl.where(z_pos, tz, -fz) + l) * (-gamma * LOG2E))
+        return mod * bce, mod * (d_bce - gamma * (t * p - f * p_) * bce)
+
+
+@triton.jit
+def _dense_row_weight(t_body, w_body, t_e, w_e, cols, body, body_1, e_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """sum_c t_c class_weight[c] of dense rows: a sweep over the row's targets before any gradient is written
+    (the rows then come from L2 for the loss pass)."""
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+        offs = start + cols
+        mask = offs < body[:, None]
+        acc += dense_values(column_values(t_body, offs, mask), True) * column_values(w_body, offs, mask)
+    t = dense_values(column_values(t_e, 0, e_mask), True)
+    return tl.sum(acc, axis=1) + tl.sum(t * column_values(w_e, 0, e_mask), axis=0)
+
+
+@triton.jit
 def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
     """Stores coef dz rounded to the gradient's dtype; coef and valid (per row) broadcast against dz."""
     g = coef * dz
@@ -92,24 +146,27 @@ def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
 
 @triton.jit
 def sigmoid_focal_kernel(
-    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, grad_loss_ptr, loss_ptr,
-    grad_ptr, N, C, gamma, ignore_index,
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr, grad_loss_ptr,
+    loss_ptr, grad_ptr, N, C, gamma, ignore_index,
     HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    HAS_ELEMENT_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr,
     GAMMA_MODE: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """loss_i = alpha_y sum_c term_c; grad_ic = (grad_loss_i) alpha_y t_c d term / du. Grid: the persistent
-    programs of rows.py; each walks its row blocks, and each row's body in BLOCK-wide tiles through a
-    loop pipelined STAGES deep (the next tiles' loads in flight while one computes). Row values are
-    [ROWS] tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS] (rows.py)."""
+    """loss_i = alpha_i sum_c e_c term_c; grad_ic = (grad_loss_i) alpha_i e_c d term_c / dz (e: element_weight,
+    1 when absent). Grid: the persistent programs of rows.py; each walks its row blocks, and each row's body in
+    BLOCK-wide tiles through a loop pipelined STAGES deep (the next tiles' loads in flight while one
+    computes). Row values are [ROWS] tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS]
+    (rows.py). A dense target (DENSE_TARGET) is read beside the logits, every lane taking _focal_of_soft, and
+    its row weight is alpha_i = sample_weight_i sum_c t_c class_weight[c], swept first (_dense_row_weight)."""
     PER_ROW: tl.constexpr = ROWS == 1
     cols = tl.arange(0, BLOCK)[None, :]
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         rows, row_mask = row_block(block, N, ROWS)
         y, valid, alpha = row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT,
-                                      HAS_SAMPLE_WEIGHT, ROWS)
+                                      HAS_SAMPLE_WEIGHT, DENSE_TARGET, ROWS)
         a, a_up, head, body = row_split(rows, C, VEC)
         y_vec = target_vector(y, head, body, VEC)
         coef = alpha
@@ -120,6 +177,13 @@ def sigmoid_focal_kernel(
         e_at = a[None, :] + e_cols
         body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
                                                                          valid, PER_ROW)
+        body_t, e_t, body_w, e_w, body_ew, e_ew = class_pointers(target_ptr, weight_ptr, element_weight_ptr, body_at,
+                                                                e_at, head, e_cols, HAS_WEIGHT, HAS_ELEMENT_WEIGHT,
+                                                                DENSE_TARGET)
+        if DENSE_TARGET and HAS_WEIGHT:
+            row_weight = _dense_row_weight(body_t, body_w, e_t, e_w, cols, body, body_1, e_mask, ROWS, BLOCK, STAGES)
+            alpha *= row_weight
+            coef *= row_weight
         if compute:
             acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
@@ -127,7 +191,16 @@ def sigmoid_focal_kernel(
                 mask = body_mask(offs, body, y_vec, VEC)
                 z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 z = add_offset(z, body_o, offs, mask, HAS_OFFSET)
-                term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
+                if DENSE_TARGET:
+                    term, dz = _focal_of_soft(z, dense_values(column_values(body_t, offs, mask), True), gamma,
+                                              GAMMA_MODE)
+                    term = tl.where(mask, term, 0.0)
+                else:
+                    term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
+                if HAS_ELEMENT_WEIGHT:
+                    ew = column_values(body_ew, offs, mask)
+                    term *= ew
+                    dz *= ew
                 if WRITE_GRAD:
                     _store_grad(grad_ptr + body_at + offs, mask & row_store, coef[:, None], dz, valid[:, None],
                                 PER_ROW)
@@ -135,7 +208,15 @@ def sigmoid_focal_kernel(
             z = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
             e_is_y = (e_cols == y[None, :]) & e_mask
             z = adjust_edge(z, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
-            term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)
+            if DENSE_TARGET:
+                term, dz = _focal_of_soft(z, dense_values(column_values(e_t, 0, e_mask), True), gamma, GAMMA_MODE)
+                term = tl.where(e_mask, term, 0.0)
+            else:
+                term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)
+            if HAS_ELEMENT_WEIGHT:
+                ew = column_values(e_ew, 0, e_mask)
+                term *= ew
+                dz *= ew
             if WRITE_GRAD:
                 _store_grad(grad_ptr + e_at, e_store, coef[None, :], dz, valid[None, :], PER_ROW)
             if WRITE_LOSS:

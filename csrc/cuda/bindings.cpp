@@ -73,7 +73,8 @@ struct CudaBackend {
 
   // No host-side value check: reading the targets would synchronise the device. A target that is neither
   // ignore_index nor in [0, C) is never used as an index; the kernels write that row's loss and gradient
-  // as NaN (kernels.cuh row_state), and functional.py asserts on the device.
+  // as NaN (kernels.cuh row_state), and functional.py asserts on the device. A dense target value outside
+  // the family's range reads as NaN in the kernels (row_io.cuh: unit_target, nonnegative_target).
   static void check_values(OpName, Family, const LossArgs&) {}
 
   // The fused backward's scaling, in place and in one pass (launch.cu): row i of grad times grad_loss[i], or

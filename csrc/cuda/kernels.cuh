@@ -14,7 +14,8 @@
 // The per-element loops treat every column as a non-target column; the target column is handled once per
 // row by the thread that holds it (a branch on the vector index, not a select on every element).
 // Arithmetic is fp32 whatever the storage type, each result is rounded once when stored, approximations
-// as device_math.cuh decides them.
+// as device_math.cuh decides them. These kernels take class-index targets; dense (N, C) targets run the
+// kernels of dense_kernels.cuh, built on the helpers here.
 #pragma once
 
 #include <math_constants.h>
@@ -47,19 +48,20 @@ constexpr int kCachedMinBlocks = 3;
 // live per element): sm_80 keeps one.
 constexpr int stream_step(int vec, int arch) { return vec == 8 && arch < 900 ? 1 : kStep; }
 
-// The logit adjustments (kernels' flag Adjust, row_io.cuh: offset_at) load VEC offsets with each vector;
-// ptxas spills those of two 8-element vectors at the 64-register bound: one 8-element vector a step there.
+// The optional per-class inputs (kernels' flag Extended, row_io.cuh: offset_at, weights_at) load VEC values
+// with each vector; ptxas spills those of two 8-element vectors at the 64-register bound: one 8-element
+// vector a step there.
 constexpr int adjusted_step(int vec, int step) { return vec == 8 ? 1 : step; }
 
 #ifdef __CUDA_ARCH__
 template <int VEC>
 constexpr int kStreamStep = stream_step(VEC, __CUDA_ARCH__);
-template <bool Adjust, int VEC, int Step>
-constexpr int kLoopStep = Adjust ? adjusted_step(VEC, Step) : Step;
+template <bool Extended, int VEC, int Step>
+constexpr int kLoopStep = Extended ? adjusted_step(VEC, Step) : Step;
 #else
 template <int VEC>
 constexpr int kStreamStep = stream_step(VEC, 0);  // the host pass compiles no kernel body
-template <bool Adjust, int VEC, int Step>
+template <bool Extended, int VEC, int Step>
 constexpr int kLoopStep = Step;
 #endif
 
@@ -119,8 +121,9 @@ __device__ __forceinline__ void focal_at(float z, bool target, float gamma, floa
 // Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read. The body
 // loop skips the vector holding the target column, so it computes every element as a non-target column;
 // the row's edge step (head, tail, that vector: row_io.cuh edge_column) takes one column per thread.
-// Adjust: the logit adjustments (offset on every load, margin on the target's edge column) are read.
-template <typename E, int VEC, GammaCase G, bool Write, bool Adjust>
+// Extended: the optional per-class inputs are read (the offset on every load, the margin on the target's edge
+// column, the element weight e_c multiplying each column's term and its derivative).
+template <typename E, int VEC, GammaCase G, bool Write, bool Extended>
 __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
   __shared__ float slots[2][kMaxWarps];  // alternate rows: one reduction per row (block_reduce.cuh)
@@ -141,24 +144,26 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
       const Span s = split_row<VEC>(x, c);
       const int target_v = s.vector_of(r.y, VEC);
       B* const g_body = Write ? g + s.head : nullptr;
-      for_each_vector<E, VEC, kLoopStep<Adjust, VEC, kStep>>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
-        float out[VEC];
+      for_each_vector<E, VEC, kLoopStep<Extended, VEC, kStep>>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+        float out[VEC], w[VEC];
+        weights_at<Extended>(a, s.head + col, w);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           float term, dz;
           focal_element<G, false>(z[j], gamma, term, dz);
-          acc += term;
-          out[j] = r.coef * dz;
+          acc += w[j] * term;
+          out[j] = r.coef * (w[j] * dz);
         }
         if (Write) store_word<E, VEC>(g_body + col, out);
-      }, offset_at<Adjust>(a), s.head);
+      }, offset_at<Extended>(a), s.head);
       const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
       if (e.present) {
         float term, dz;
         const bool is_y = e.col == r.y;
-        focal_at<G>(load_logit<E, Adjust>(a, x, e.col) - (is_y ? margin_of<Adjust>(a, r.y) : 0.f), is_y, gamma, term, dz);
-        acc += term;
-        if (Write) g[e.col] = E::store(r.coef * dz);
+        focal_at<G>(load_logit<E, Extended>(a, x, e.col) - (is_y ? margin_of<Extended>(a, r.y) : 0.f), is_y, gamma, term, dz);
+        const float w = weight_at<Extended>(a, e.col);
+        acc += w * term;
+        if (Write) g[e.col] = E::store(r.coef * (w * dz));
       }
     }
     if (a.loss != nullptr) {
@@ -197,8 +202,9 @@ __device__ __forceinline__ float exp_shifted(float z, float shift) { return ex2_
 
 // The reduced state of a row: max, the three sums, and the per-row constants of the gradient.
 struct SoftmaxRow {
-  float m, sr, ey, sz;  // max; sum of exp(z - shift) off the target; exp(z_y - shift); sum of z
+  float m, sr, ey, sz;  // max; sum of exp(z - shift) off the target; exp(z_y - shift); sum of z (e_c z_c)
   float zy;             // z_y on every thread of the row (the focal loss's third sum instead of sz)
+  float se;             // sum of the element weights (the smoothed cross entropy with them, below)
 };
 
 // Per row, accurate functions (once per row, their cost does not matter).
@@ -219,6 +225,47 @@ __device__ __forceinline__ SoftmaxGrad softmax_grad(const SoftmaxRow& t, float c
   const float inv_s = 1.f / (t.sr + t.ey);
   const float off = eps / static_cast<float>(c);
   return {coef * inv_s, -coef * off, coef * ((eps - off) - t.sr * inv_s)};
+}
+
+// ---- element weights with class-index targets (the kernels' flag Extended) ---------------------------------
+// Every class's term carries its element weight e_c: loss / alpha = sum_c e_c q'_c l_c, q'_c = (1 - eps)[c == y]
+// + eps / C. With eps == 0 that is e_y l_y: e_y joins the row's weight once (target_weight) and the row
+// computes as without element weights. With eps > 0 (TargetWeight::smoothed) every column's term carries its
+// weight; with w = eps / C, S_e = sum_c e_c (SoftmaxRow::se) and sz = sum_c e_c z_c:
+//   cross entropy: sum_c e_c q'_c (lse - z_c) = (1 - eps) e_y (lse - z_y) + w (S_e lse - sz)
+//                  = P (lse - z_y) + w (S_e z_y - sz),   P = sum_c e_c q'_c = (1 - eps) e_y + w S_e
+//     (the unweighted form with C -> S_e and sum z -> sum e z);
+//     grad_c = coef (P p_c - w e_c) off the target (softmax_grad's offset times e_c), and at it
+//     coef (P p_y - ((1 - eps) + w) e_y) = coef (w (S_e p_y - e_y) - (1 - eps) e_y sr / s)  (p_y - 1 = -sr / s).
+//   focal loss: the target's share w_y = 1 - eps + w becomes w_y e_y, and each other class's terms (the row's
+//     sums of mod_c l_c and h_c, the gradient's h_j) carry e_c (focal_smooth_loss, focal_smooth_grad).
+struct TargetWeight {
+  bool smoothed;  // eps > 0 and element weights: every column's term carries its weight
+  float e_y;      // the target's element weight in the smoothed forms; 1 otherwise
+};
+
+// The row's TargetWeight; with eps == 0 and element weights, e_y multiplied into the row's alpha and coef.
+template <bool Extended>
+__device__ __forceinline__ TargetWeight target_weight(const LossArgs& a, float eps, Row& r) {
+  if (!Extended || a.element_weight == nullptr || r.kind != kCompute) return {false, 1.f};
+  const float e_y = __ldg(a.element_weight + r.y);
+  if (eps != 0.f) return {true, e_y};
+  r.alpha *= e_y;
+  r.coef *= e_y;
+  return {false, 1.f};
+}
+
+__device__ __forceinline__ float weighted_smooth_loss(const SoftmaxRow& t, float z_y, float eps, int c, float e_y) {
+  const float w = eps / static_cast<float>(c);
+  return fmaf(1.f - eps, e_y, w * t.se) * softmax_row_loss(t, z_y, 0.f, c) + w * (t.se * z_y - t.sz);
+}
+
+__device__ __forceinline__ SoftmaxGrad weighted_smooth_grad(const SoftmaxRow& t, float coef, float eps, int c,
+                                                            float e_y) {
+  const float inv_s = 1.f / (t.sr + t.ey);
+  const float w = eps / static_cast<float>(c), keep = (1.f - eps) * e_y;
+  return {coef * fmaf(w, t.se, keep) * inv_s, -coef * w,
+          coef * (w * (t.se * (t.ey * inv_s) - e_y) - keep * (t.sr * inv_s))};
 }
 
 // ---- softmax focal loss (docs/math.md, section 13) -------------------------------------------------------
@@ -321,9 +368,10 @@ __device__ __forceinline__ FocalTerms focal_terms(float u, const SmoothRow& r) {
 //   loss / alpha = w_y mod_y l_y + w ml_rest,
 //   G = w h_rest - w_y F,   grad_j = coef (w h_j - p_j G) = fma(e_j, -coef G / s, coef w h_j),
 //   grad_y = coef (w_y h_y - p_y G) = -coef (w_y F q_y + w p_y h_rest), where 1 - p_y is taken as q_y = sr / s.
-__device__ __forceinline__ float focal_smooth_loss(const FocalTarget& ft, float ml_rest, float eps, int c) {
+// With element weights (e_y: TargetWeight), w_y is w_y e_y and the sums and h_j carry e_c (see above).
+__device__ __forceinline__ float focal_smooth_loss(const FocalTarget& ft, float ml_rest, float eps, int c, float e_y) {
   const float w = eps / static_cast<float>(c);
-  return ((1.f - eps) + w) * (ft.mod * ft.l) + w * ml_rest;
+  return ((1.f - eps) + w) * e_y * (ft.mod * ft.l) + w * ml_rest;
 }
 
 template <GammaCase G>
@@ -335,8 +383,8 @@ struct FocalSmoothGrad {
 template <GammaCase G>
 __device__ __forceinline__ FocalSmoothGrad<G> focal_smooth_grad(const SoftmaxRow& t, const FocalTarget& ft,
                                                                 const SmoothRow& row, float h_rest, float coef,
-                                                                float eps, int c) {
-  const float w = eps / static_cast<float>(c), w_y = (1.f - eps) + w;
+                                                                float eps, int c, float e_y) {
+  const float w = eps / static_cast<float>(c), w_y = ((1.f - eps) + w) * e_y;
   const float big_g = w * h_rest - w_y * ft.f;
   const float target = -coef * (w_y * ft.f * (t.sr * row.inv_s) + w * (t.ey * row.inv_s) * h_rest);
   return {-coef * big_g * row.inv_s, coef * w, target, row};
@@ -372,54 +420,63 @@ __device__ __forceinline__ float third_sum(float sz, bool holds_y, float z_y) {
   return L::kFocal ? (holds_y ? z_y : 0.f) : sz;
 }
 
-template <typename L>
-__device__ __forceinline__ SoftmaxRow softmax_row(float m, const float (&sums)[3]) {
-  return {m, sums[0], sums[1], L::kFocal ? 0.f : sums[2], L::kFocal ? sums[2] : 0.f};
+// The row's state from its max and sums: sr, e_y, the third sum (third_sum), and with element weights
+// (Extended, the smoothed cross entropy) a fourth, their sum S_e.
+template <typename L, int K>
+__device__ __forceinline__ SoftmaxRow softmax_row(float m, const float (&sums)[K]) {
+  static_assert(K == 3 || K == 4, "sr, e_y, the third sum and optionally S_e");
+  float se = 0.f;
+  if constexpr (K == 4) se = sums[3];
+  return {m, sums[0], sums[1], L::kFocal ? 0.f : sums[2], L::kFocal ? sums[2] : 0.f, se};
 }
 
 // The row's loss / alpha (z_y: the target's logit, on the thread that holds it; ml_rest: the smoothed
-// focal loss's sum) and gradient constants (h_rest: its other sum; sm: its row).
+// focal loss's sum; tw: the element weights' share) and gradient constants (h_rest: its other sum; sm: its row).
 template <typename L>
 __device__ __forceinline__ float row_value(const SoftmaxRow& t, float z_y, const FocalTarget& ft, float ml_rest,
-                                           float eps, int c) {
+                                           float eps, int c, const TargetWeight& tw) {
   if constexpr (L::kTerms) {
-    return focal_smooth_loss(ft, ml_rest, eps, c);
+    return focal_smooth_loss(ft, ml_rest, eps, c, tw.e_y);
   } else if constexpr (L::kFocal) {
     return ft.mod * ft.l;
   } else {
-    return softmax_row_loss(t, z_y, eps, c);
+    return tw.smoothed ? weighted_smooth_loss(t, z_y, eps, c, tw.e_y) : softmax_row_loss(t, z_y, eps, c);
   }
 }
 
 template <typename L>
 __device__ __forceinline__ typename L::Grad row_grad(const SoftmaxRow& t, const FocalTarget& ft, const SmoothRow& sm,
-                                                     float h_rest, float coef, float eps, int c) {
+                                                     float h_rest, float coef, float eps, int c,
+                                                     const TargetWeight& tw) {
   if constexpr (L::kTerms) {
-    return focal_smooth_grad<L::kGamma>(t, ft, sm, h_rest, coef, eps, c);
+    return focal_smooth_grad<L::kGamma>(t, ft, sm, h_rest, coef, eps, c, tw.e_y);
   } else if constexpr (L::kFocal) {
     return focal_grad(t, ft, coef);
   } else {
-    return softmax_grad(t, coef, eps, c);
+    return tw.smoothed ? weighted_smooth_grad(t, coef, eps, c, tw.e_y) : softmax_grad(t, coef, eps, c);
   }
 }
 
 // A column's gradient (the target's is written over it) from its logit z, or in the cached kernel from
 // what its register holds: exp(z - shift), or z itself for the smoothed focal loss, whose passes need z.
-__device__ __forceinline__ float column_grad(float z, float shift, const SoftmaxGrad& q) {
-  return fmaf(exp_shifted(z, shift), q.scale, q.offset);
+// w: the column's element weight (row_io.cuh weight_at; 1 without them), on the terms of eps / C.
+__device__ __forceinline__ float column_grad(float z, float shift, const SoftmaxGrad& q, float w) {
+  return fmaf(exp_shifted(z, shift), q.scale, q.offset * w);
 }
 
 template <GammaCase G>
-__device__ __forceinline__ float column_grad(float z, float shift, const FocalSmoothGrad<G>& q) {
+__device__ __forceinline__ float column_grad(float z, float shift, const FocalSmoothGrad<G>& q, float w) {
   const FocalTerms f = focal_terms<G>(z - shift, q.row);
-  return fmaf(f.e, q.scale, q.hscale * f.h);
+  return fmaf(f.e, q.scale, (q.hscale * w) * f.h);
 }
 
-__device__ __forceinline__ float held_grad(float e, float, const SoftmaxGrad& q) { return fmaf(e, q.scale, q.offset); }
+__device__ __forceinline__ float held_grad(float e, float, const SoftmaxGrad& q, float w) {
+  return fmaf(e, q.scale, q.offset * w);
+}
 
 template <GammaCase G>
-__device__ __forceinline__ float held_grad(float z, float shift, const FocalSmoothGrad<G>& q) {
-  return column_grad(z, shift, q);
+__device__ __forceinline__ float held_grad(float z, float shift, const FocalSmoothGrad<G>& q, float w) {
+  return column_grad(z, shift, q, w);
 }
 
 // v, as a value the compiler cannot prove equal to v: what a pass computes from it is computed again
@@ -457,25 +514,31 @@ __device__ __forceinline__ TargetPlace target_place(const Span& s, int y, int ve
 }
 
 // The streaming kernel's launch bound: kMaxThreads (64 registers a thread), but for the smoothed focal
-// loss, whose extra passes keep more of the row's state live than 64 registers hold, half of it with one
-// block resident per SM, i.e. up to 128 registers (with no minimum asked, ptxas kept to 64 and spilled).
-// launch.cu runs that kernel with at most kStreamMaxThreads threads a block. 0: no minimum.
-template <typename L>
-constexpr int kStreamMaxThreads = L::kTerms ? kMaxThreads / 2 : kMaxThreads;
-template <typename L>
-constexpr int kStreamMinBlocks = L::kTerms ? 1 : 0;
+// loss, whose extra passes keep more of the row's state live than 64 registers hold, and for the smoothed
+// cross entropy with the optional inputs (Extended: element weights beside the row's sums spilled on sm_80),
+// half of it with one block resident per SM, i.e. up to 128 registers (with no minimum asked, ptxas kept to
+// 64 and spilled). launch.cu runs such a kernel with at most kStreamMaxThreads threads a block. 0: no minimum.
+template <typename L, bool Extended>
+constexpr bool kStreamWide = L::kTerms || (Extended && L::kSumZ);
+template <typename L, bool Extended>
+constexpr int kStreamMaxThreads = kStreamWide<L, Extended> ? kMaxThreads / 2 : kMaxThreads;
+template <typename L, bool Extended>
+constexpr int kStreamMinBlocks = kStreamWide<L, Extended> ? 1 : 0;
 
 // Rows of any length: pass 1 reads the row into a per-thread online (max, sum), pass 2 (Write) reads it
 // again to write the gradient (the launcher bounds the grid so that the rows in flight fit in L2 when
 // it can, where the second read is served). The smoothed focal loss (L::kTerms) reads it once more in
 // between for its sums, and writes no gradient without them.
-// Adjust: as the sigmoid kernel's (the margin where pass 1 meets the target).
-template <typename E, int VEC, typename L, bool Write, bool Adjust>
-__global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
+// Extended: as the sigmoid kernel's (the margin where pass 1 meets the target; element weights: TargetWeight,
+// read per column only by the losses whose other columns have terms, kWeighted).
+template <typename E, int VEC, typename L, bool Write, bool Extended>
+__global__ void __launch_bounds__(kStreamMaxThreads<L, Extended>, kStreamMinBlocks<L, Extended>)
     softmax_stream_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
+  constexpr bool kWeighted = Extended && (L::kSumZ || L::kTerms);
+  constexpr int kSums = Extended && L::kSumZ ? 4 : 3;  // sr, e_y, the third sum (, S_e)
   __shared__ float max_slots[kMaxWarps];
-  __shared__ float sum_slots[3 * kMaxWarps];
+  __shared__ float sum_slots[kSums * kMaxWarps];
   __shared__ float term_slots[2 * kMaxWarps];  // L::kTerms: the third reduction of a row
   const Slot at = slot_of(tpr);
   const int c = static_cast<int>(a.num_classes);
@@ -484,7 +547,8 @@ __global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
 
   for (int64_t first = at.first; first < a.num_rows; first += at.stride) {
     const int64_t row = first + at.group;
-    const Row r = row_state(a, row);
+    Row r = row_state(a, row);
+    const TargetWeight tw = target_weight<Extended>(a, eps, r);
     const int64_t base = r.kind == kNoRow ? 0 : row;
     const B* x = static_cast<const B*>(a.logits) + base * a.row_stride;
     const Span s = split_row<VEC>(x, r.kind == kCompute ? c : 0);
@@ -492,9 +556,12 @@ __global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
     const int target_col = s.vector_of(r.y, VEC) * VEC;  // the target's vector (< 0: not in the body)
 
     // Pass 1. The running max m moves rarely: when a vector raises it, sr is rescaled once.
-    float m = -CUDART_INF_F, sr = 0.f, sz = 0.f, z_y = -CUDART_INF_F;
-    auto add = [&](float z, bool target) {
-      if constexpr (L::kSumZ) sz += z;
+    float m = -CUDART_INF_F, sr = 0.f, sz = 0.f, se = 0.f, z_y = -CUDART_INF_F;
+    auto add = [&](float z, bool target, float w) {
+      if constexpr (L::kSumZ) {
+        sz += w * z;
+        if constexpr (kSums == 4) se += w;
+      }
       if (target) {
         z_y = z;
       } else {
@@ -509,19 +576,22 @@ __global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
     };
     // The target's logit less its margin, before the max sees it (an element of the target's vector, or
     // a head or tail element).
-    auto scalar = [&](float z, bool target) {
-      if (target) z -= margin_of<Adjust>(a, r.y);
+    auto scalar = [&](float z, bool target, int col) {
+      if (target) z -= margin_of<Extended>(a, r.y);
       raise_max(z);
-      add(z, target);
+      add(z, target, weight_at<kWeighted && L::kSumZ>(a, col));
     };
-    const float* const offset = offset_at<Adjust>(a);
-    constexpr int kSteps = kLoopStep<Adjust, VEC, kStreamStep<VEC>>;
-    if (at.tid < s.head) scalar(load_logit<E, Adjust>(a, x, at.tid), at.tid == r.y);
-    if (at.tid < s.len - s.tail_start) scalar(load_logit<E, Adjust>(a, x, s.tail_start + at.tid), s.tail_start + at.tid == r.y);
+    const float* const offset = offset_at<Extended>(a);
+    constexpr int kSteps = kLoopStep<Extended, VEC, kStreamStep<VEC>>;
+    if (at.tid < s.head) scalar(load_logit<E, Extended>(a, x, at.tid), at.tid == r.y, at.tid);
+    if (at.tid < s.len - s.tail_start) {
+      const int col = s.tail_start + at.tid;
+      scalar(load_logit<E, Extended>(a, x, col), col == r.y, col);
+    }
     for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
-      // The vector's max first; with Adjust, not that of the target's vector, whose margin may raise the max:
+      // The vector's max first; with Extended, not that of the target's vector, whose margin may raise the max:
       // it goes element by element (scalar).
-      if (!Adjust || col != target_col) {
+      if (!Extended || col != target_col) {
         float cm = z[0];
 #pragma unroll
         for (int j = 1; j < VEC; ++j) cm = fmaxf(cm, z[j]);
@@ -529,17 +599,22 @@ __global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
       }
       if (col != target_col) {
         const float shift = lse_shift(m);
+        float w[VEC];
+        weights_at<kWeighted && L::kSumZ>(a, s.head + col, w);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          if constexpr (L::kSumZ) sz += z[j];
+          if constexpr (L::kSumZ) {
+            sz += w[j] * z[j];
+            if constexpr (kSums == 4) se += w[j];
+          }
           sr += exp_shifted(z[j], shift);
         }
-      } else if constexpr (Adjust) {
+      } else if constexpr (Extended) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) scalar(z[j], s.head + col + j == r.y);
+        for (int j = 0; j < VEC; ++j) scalar(z[j], s.head + col + j == r.y, s.head + col + j);
       } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) add(z[j], s.head + col + j == r.y);
+        for (int j = 0; j < VEC; ++j) add(z[j], s.head + col + j == r.y, 1.f);
       }
     }, offset, s.head);
 
@@ -547,50 +622,59 @@ __global__ void __launch_bounds__(kStreamMaxThreads<L>, kStreamMinBlocks<L>)
     float mx[1] = {m};
     row_reduce<MaxOp>(mx, tpr, at.group, max_slots);
     const float shift = lse_shift(mx[0]);
-    float sums[3] = {sr * exp_shifted(m, shift), ty.mine ? exp_shifted(z_y, shift) : 0.f,
-                     third_sum<L>(sz, ty.mine, z_y)};
+    float sums[kSums] = {sr * exp_shifted(m, shift), ty.mine ? exp_shifted(z_y, shift) : 0.f,
+                         third_sum<L>(sz, ty.mine, z_y)};
+    if constexpr (kSums == 4) sums[3] = se;
     // (sr * exp(m - shift): a thread without columns has m = -inf and sr = 0: 0 * 0.)
     row_reduce<SumOp>(sums, tpr, at.group, sum_slots);
     const SoftmaxRow t = softmax_row<L>(mx[0], sums);
 
-    // The smoothed focal loss's pass over the row: the sums of mod l and h over the other columns.
+    // The smoothed focal loss's pass over the row: the sums of mod l and h (with element weights, e_c mod l
+    // and e_c h) over the other columns.
     SmoothRow sm{};
     float rest[2] = {0.f, 0.f};
     if constexpr (L::kTerms) {
       sm = smooth_row(t, gamma);
-      auto add_terms = [&](float z) {
+      auto add_terms = [&](float z, float w) {
         const FocalTerms f = focal_terms<L::kGamma>(z - shift, sm);
-        rest[0] += f.term;
-        rest[1] += f.h;
+        rest[0] += w * f.term;
+        rest[1] += w * f.h;
       };
-      if (at.tid < s.head && !ty.head) add_terms(load_logit<E, Adjust>(a, x, at.tid));
-      if (at.tid < s.len - s.tail_start && !ty.tail) add_terms(load_logit<E, Adjust>(a, x, s.tail_start + at.tid));
+      if (at.tid < s.head && !ty.head)
+        add_terms(load_logit<E, Extended>(a, x, at.tid), weight_at<kWeighted>(a, at.tid));
+      if (at.tid < s.len - s.tail_start && !ty.tail) {
+        const int col = s.tail_start + at.tid;
+        add_terms(load_logit<E, Extended>(a, x, col), weight_at<kWeighted>(a, col));
+      }
       for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
+        float w[VEC];
+        weights_at<kWeighted>(a, s.head + col, w);
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-          if (col != target_col || s.head + col + j != r.y) add_terms(z[j]);
+          if (col != target_col || s.head + col + j != r.y) add_terms(z[j], w[j]);
       }, offset, s.head);
       row_reduce<SumOp>(rest, tpr, at.group, term_slots);
     }
     FocalTarget ft{};
     if constexpr (L::kFocal) ft = focal_target(t, gamma, c);
 
-    if (ty.mine && a.loss != nullptr) a.loss[row] = r.alpha * row_value<L>(t, z_y, ft, rest[0], eps, c);
+    if (ty.mine && a.loss != nullptr) a.loss[row] = r.alpha * row_value<L>(t, z_y, ft, rest[0], eps, c, tw);
     if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0 && a.loss != nullptr) a.loss[row] = row_loss(r, 0.f);
     if (!Write) continue;
     B* g = static_cast<B*>(a.grad) + base * a.num_classes;
     if (r.kind == kCompute) {
-      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c);
-      auto grad_at = [&](float z) { return column_grad(z, shift, q); };
-      if (at.tid < s.head) g[at.tid] = E::store(grad_at(load_logit<E, Adjust>(a, x, at.tid)));
+      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c, tw);
+      auto grad_at = [&](int col, float z) { return column_grad(z, shift, q, weight_at<kWeighted>(a, col)); };
+      if (at.tid < s.head) g[at.tid] = E::store(grad_at(at.tid, load_logit<E, Extended>(a, x, at.tid)));
       if (at.tid < s.len - s.tail_start) {
         const int col = s.tail_start + at.tid;
-        g[col] = E::store(grad_at(load_logit<E, Adjust>(a, x, col)));
+        g[col] = E::store(grad_at(col, load_logit<E, Extended>(a, x, col)));
       }
       for_each_vector<E, VEC, kSteps>(x + s.head, s.nvec, -1, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
-        float out[VEC];
+        float out[VEC], w[VEC];
+        weights_at<kWeighted>(a, s.head + col, w);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out[j] = grad_at(z[j]);
+        for (int j = 0; j < VEC; ++j) out[j] = column_grad(z[j], shift, q, w[j]);
         store_word<E, VEC>(g + s.head + col, out);
       }, offset, s.head);
       // The target column, over the value the loop wrote there (same thread, so in program order).
@@ -618,7 +702,10 @@ __device__ __forceinline__ const typename E::bits* logits_row(const LossArgs& a,
 // to the sums); that vector, the head and the tail go to the edge step (row_io.cuh: edge_column), one
 // column per thread, which alone tells the target from the rest. So sr, the sum off the target, is formed
 // by adding, never by subtracting e_y (see above for why).
-template <typename E, int VEC, typename L, bool Adjust>
+// Extended: the logit adjustments as the streaming kernel's; element weights only where they fold into the
+// row's weight (eps == 0, target_weight): with the row held, the registers left do not hold a vector's
+// weights (ptxas spilled them), so launch.cu runs the smoothed losses with element weights streamed.
+template <typename E, int VEC, typename L, bool Extended>
 __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_cached_kernel(LossArgs a, int tpr) {
   static_assert(VEC * sizeof(typename E::bits) == kCachedVecBytes, "the cached softmax uses 16-byte vectors");
   constexpr int KV = kCachedElemsPerThread / VEC;
@@ -643,7 +730,8 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
       if (row + at.stride < a.num_rows)
         prefetch_row_l2(logits_row<E>(a, row + at.stride), a.num_classes * static_cast<int64_t>(sizeof(B)), at.tid, tpr);
     }
-    const Row r = row_of(a, row, in);
+    Row r = row_of(a, row, in);
+    const TargetWeight tw = target_weight<Extended>(a, eps, r);
     const B* x = logits_row<E>(a, row);
     const Span s = split_row<VEC>(x, row < a.num_rows ? c : 0);
     const int target_v = s.vector_of(r.kind == kCompute ? r.y : -1, VEC);
@@ -651,8 +739,8 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
     const bool is_y = e.present && e.col == r.y;
     // All of this thread's loads of the row before any use; the offset where the logits are loaded, the
     // margin on the target's edge column.
-    const float ze = e.present ? load_logit<E, Adjust>(a, x, e.col) - (is_y ? margin_of<Adjust>(a, r.y) : 0.f) : -CUDART_INF_F;
-    const float* const offset = offset_at<Adjust>(a);
+    const float ze = e.present ? load_logit<E, Extended>(a, x, e.col) - (is_y ? margin_of<Extended>(a, r.y) : 0.f) : -CUDART_INF_F;
+    const float* const offset = offset_at<Extended>(a);
     float z[KV][VEC];
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -734,13 +822,13 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
     // the focal loss's before it, from scalars at hand, which then need not stay live through it.
     auto write_loss = [&] {
       if (a.loss == nullptr) return;
-      if (is_y) a.loss[row] = r.alpha * row_value<L>(t, ze, ft, rest[0], eps, c);
+      if (is_y) a.loss[row] = r.alpha * row_value<L>(t, ze, ft, rest[0], eps, c, tw);
       if (r.kind != kCompute && r.kind != kNoRow && at.tid == 0) a.loss[row] = row_loss(r, 0.f);
     };
     if constexpr (L::kFocal) write_loss();
     B* g = static_cast<B*>(a.grad) + (r.kind == kNoRow ? 0 : row) * a.num_classes;
     if (r.kind == kCompute) {
-      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c);
+      const typename L::Grad q = row_grad<L>(t, ft, sm, rest[1], r.coef, eps, c, tw);
       const float shift3 = L::kTerms ? opaque(shift) : shift;
 #pragma unroll
       for (int k = 0; k < KV; ++k) {
@@ -748,11 +836,11 @@ __global__ void __launch_bounds__(kCachedMaxThreads, kCachedMinBlocks) softmax_c
         if (v < s.nvec && v != target_v) {
           float out[VEC];
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) out[j] = held_grad(z[k][j], shift3, q);
+          for (int j = 0; j < VEC; ++j) out[j] = held_grad(z[k][j], shift3, q, 1.f);
           store_word<E, VEC>(g + s.head + v * VEC, out);
         }
       }
-      if (e.present) g[e.col] = E::store(is_y ? q.target : held_grad(L::kTerms ? ze : ee, shift3, q));
+      if (e.present) g[e.col] = E::store(is_y ? q.target : held_grad(L::kTerms ? ze : ee, shift3, q, 1.f));
     } else if (r.kind != kNoRow) {
       fill_row<E>(g, c, r.kind == kIgnored ? 0.f : CUDART_NAN_F, at.tid, tpr);
     }

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common/gamma_case.h"
+#include "dense_kernels.cuh"
 #include "kernels.cuh"
 #include "launch.h"
 #include "scale_rows.cuh"
@@ -32,15 +33,20 @@ cudaError_t with_storage(Dtype dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-// The vector accesses of a kernel cover the logits row and, when a gradient is written, the gradient row
-// at the same columns. Every row's logits find their own aligned head (kernels.cuh), so without a gradient
-// any width works. With one, logits row i and gradient row i must sit at the same address modulo the
-// vector size for every i: the bases must agree and the row strides (row_stride and c elements) too.
+// The vector accesses of a kernel cover the logits row and, at the same columns, the gradient row when one
+// is written and the dense target row when the targets are dense. Every row's logits find their own aligned
+// head (kernels.cuh), so with neither any width works. Otherwise logits row i and gradient (target) row i
+// must sit at the same address modulo the vector size for every i: the bases must agree and the row strides
+// (row_stride, and c elements for both of those contiguous (N, C) arrays) too.
 bool rows_share_alignment(const LossArgs& a, int elem, int vec_bytes) {
-  if (a.grad == nullptr || vec_bytes <= elem) return true;
-  const auto x = reinterpret_cast<uintptr_t>(a.logits), g = reinterpret_cast<uintptr_t>(a.grad);
-  if (x % vec_bytes != g % vec_bytes) return false;
-  return a.num_rows <= 1 || (a.row_stride * elem) % vec_bytes == (a.num_classes * elem) % vec_bytes;
+  if (vec_bytes <= elem) return true;
+  const auto x = reinterpret_cast<uintptr_t>(a.logits);
+  const bool strides_agree =
+      a.num_rows <= 1 || (a.row_stride * elem) % vec_bytes == (a.num_classes * elem) % vec_bytes;
+  const auto shares = [&](const void* rows) {
+    return rows == nullptr || (x % vec_bytes == reinterpret_cast<uintptr_t>(rows) % vec_bytes && strides_agree);
+  };
+  return shares(a.grad) && shares(a.dense_target ? a.target : nullptr);
 }
 
 // The widest of config.vec_bytes, 8 bytes and one element that the call's rows allow.
@@ -67,9 +73,11 @@ cudaError_t with_flag(bool flag, Fn&& fn) {
   return flag ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
-// Whether the call has a logit adjustment (LossArgs::logit_offset, target_margin): the kernels' flag Adjust,
-// so that the calls without one run instances with none of its code.
-bool adjusted(const LossArgs& a) { return a.logit_offset != nullptr || a.target_margin != nullptr; }
+// Whether the call has an optional per-class input (LossArgs::logit_offset, target_margin, element_weight):
+// the index-target kernels' flag Extended, so that the calls without one run instances with none of its code.
+bool extended(const LossArgs& a) {
+  return a.logit_offset != nullptr || a.target_margin != nullptr || a.element_weight != nullptr;
+}
 
 template <GammaCase G>
 using GammaC = std::integral_constant<GammaCase, G>;
@@ -130,6 +138,16 @@ Grid grid_of(const LossArgs& a, const LaunchConfig& config, const DeviceFacts& f
           config.threads / config.rows_per_block};
 }
 
+// config with at most max_threads threads a block (a kernel's launch bound): fewer rows a block, then fewer
+// threads a row (the kernels compute the same with any multiple of 32).
+LaunchConfig within(LaunchConfig config, int max_threads) {
+  if (config.threads <= max_threads) return config;
+  const int tpr = std::min(config.threads / config.rows_per_block, max_threads);
+  config.rows_per_block = max_threads / tpr;
+  config.threads = tpr * config.rows_per_block;
+  return config;
+}
+
 // What every launch shares: launch nothing without rows, then call fn(E{}, IntC<VEC>{}, grid, facts) for
 // the storage type and the widest vector access the call's rows allow.
 template <typename Fn>
@@ -148,13 +166,20 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
 
 // ---- one launcher per family of common/families.h: launch_<name>, called by launch_loss below ----------
 
+// Dense targets: one kernel for every gamma (dense_kernels.cuh reads it at run time), under its launch bound.
 cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts&) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts& facts) {
+    if (args.dense_target) {
+      constexpr int kBound = device::kDenseMaxThreads;
+      const Grid g = grid_of(args, within(config, kBound), facts, kBound * device::kDenseMinBlocks);
+      device::sigmoid_dense_kernel<decltype(e), decltype(vec)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+      return cudaGetLastError();
+    }
     return with_gamma(args.gamma, [&](auto g) {
       return with_flag(args.grad != nullptr, [&](auto write) {
-        return with_flag(adjusted(args), [&](auto adjust) {
+        return with_flag(extended(args), [&](auto extend) {
           device::sigmoid_focal_kernel<decltype(e), decltype(vec)::value, decltype(g)::value, decltype(write)::value,
-                                       decltype(adjust)::value><<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
+                                       decltype(extend)::value><<<grid.blocks, grid.threads, 0, stream>>>(args, grid.tpr);
           return cudaGetLastError();
         });
       });
@@ -175,40 +200,33 @@ Grid stream_grid(const LossArgs& args, Grid grid, const DeviceFacts& facts) {
   return grid;
 }
 
-// config with at most max_threads threads a block (a kernel's launch bound): fewer rows a block, then fewer
-// threads a row (the kernels compute the same with any multiple of 32).
-LaunchConfig within(LaunchConfig config, int max_threads) {
-  if (config.threads <= max_threads) return config;
-  const int tpr = std::min(config.threads / config.rows_per_block, max_threads);
-  config.rows_per_block = max_threads / tpr;
-  config.threads = tpr * config.rows_per_block;
-  return config;
-}
-
 // The softmax kernels of a call computing loss L (kernels.cuh: SoftmaxCe, SoftmaxFocal, SoftmaxFocalSmooth):
 // the cached kernel with CachedL (L, or a form specialised further) when the gradient is written and the row
-// fits (cached_softmax), else the streaming kernel with L, under its launch bound (kStreamMaxThreads: the
-// smoothed focal loss's is half the others').
+// fits (cached_softmax), else the streaming kernel with L, under its launch bound (kStreamMaxThreads: half
+// the others' for the smoothed focal loss, and for the smoothed cross entropy with the optional inputs).
+// Element weights that weigh every column (label smoothing) are streamed: the cached kernel takes them only
+// where they fold into the row's weight (kernels.cuh).
 template <typename L, typename CachedL>
 cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  const bool column_weights = args.element_weight != nullptr && args.label_smoothing != 0.f;
   return with_rows(args, config, [&](auto e, auto vec, const Grid&, const DeviceFacts& facts) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
-      if (cached_softmax(config, args.num_classes) && args.grad != nullptr) {
+      if (cached_softmax(config, args.num_classes) && args.grad != nullptr && !column_weights) {
         // Its own launch bound: the blocks its registers leave resident per SM.
         const Grid g = grid_of(args, config, facts, device::kCachedMaxThreads * device::kCachedMinBlocks);
-        return with_flag(adjusted(args), [&](auto adjust) {
-          device::softmax_cached_kernel<E, VEC, CachedL, decltype(adjust)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+        return with_flag(extended(args), [&](auto extend) {
+          device::softmax_cached_kernel<E, VEC, CachedL, decltype(extend)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
           return cudaGetLastError();
         });
       }
     }
-    constexpr int kBound = device::kStreamMaxThreads<L>;
-    const Grid g = stream_grid(args, grid_of(args, within(config, kBound), facts, kBound), facts);
     return with_flag(args.grad != nullptr, [&](auto write) {
-      return with_flag(adjusted(args), [&](auto adjust) {
-        device::softmax_stream_kernel<E, VEC, L, decltype(write)::value, decltype(adjust)::value>
+      return with_flag(extended(args), [&](auto extend) {
+        constexpr int kBound = device::kStreamMaxThreads<L, decltype(extend)::value>;
+        const Grid g = stream_grid(args, grid_of(args, within(config, kBound), facts, kBound), facts);
+        device::softmax_stream_kernel<E, VEC, L, decltype(write)::value, decltype(extend)::value>
             <<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
         return cudaGetLastError();
       });
@@ -216,8 +234,32 @@ cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, cud
   });
 }
 
+// Dense targets (dense_kernels.cuh): the cached kernel when the gradient is written and the row fits
+// (cached_softmax), else the streaming one under its launch bound; eps and gamma are read at run time.
+// Focal: the focal loss (gamma > 0), else the cross entropy.
+template <bool Focal>
+cudaError_t launch_softmax_dense(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  return with_rows(args, config, [&](auto e, auto vec, const Grid&, const DeviceFacts& facts) {
+    using E = decltype(e);
+    constexpr int VEC = decltype(vec)::value;
+    if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
+      if (cached_softmax(config, args.num_classes) && args.grad != nullptr) {
+        const Grid g = grid_of(args, config, facts, device::kCachedMaxThreads * device::kDenseMinBlocks);
+        device::softmax_dense_cached_kernel<E, VEC, Focal><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+        return cudaGetLastError();
+      }
+    }
+    constexpr int kBound = device::kDenseMaxThreads;
+    const Grid g =
+        stream_grid(args, grid_of(args, within(config, kBound), facts, kBound * device::kDenseMinBlocks), facts);
+    device::softmax_dense_stream_kernel<E, VEC, Focal><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+    return cudaGetLastError();
+  });
+}
+
 // The streaming kernel reads eps at run time; the cached one is specialised for eps == 0 (no sum of z).
 cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+  if (args.dense_target) return launch_softmax_dense<false>(args, config, stream);
   return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
     return launch_softmax<device::SoftmaxCe<true>, device::SoftmaxCe<decltype(smooth)::value>>(args, config, stream);
   });
@@ -231,6 +273,7 @@ cudaError_t launch_softmax_focal(const LossArgs& args, const LaunchConfig& confi
     if constexpr (G == GammaCase::kZero) {
       return launch_softmax_ce(args, config, stream);
     } else {
+      if (args.dense_target) return launch_softmax_dense<true>(args, config, stream);
       using Focal = device::SoftmaxFocal;
       using Smooth = device::SoftmaxFocalSmooth<G>;
       if (args.label_smoothing == 0.f) return launch_softmax<Focal, Focal>(args, config, stream);

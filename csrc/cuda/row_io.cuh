@@ -151,17 +151,18 @@ __device__ __forceinline__ Span split_row(const Bits* x, int len) {
   return s;
 }
 
-// ---- the logit adjustments (LossArgs::logit_offset, target_margin) ----------------------------------------
+// ---- the optional per-class inputs (LossArgs::logit_offset, target_margin, element_weight) ---------------
 // The offset is added where a logit is loaded (the (C,) vector stays in L1/L2: no extra pass over the row);
-// the margin, once per row, where a kernel handles the target column apart (margin_of). The kernels take a
-// template flag Adjust for them: without it, none of this code is compiled in.
+// the margin, once per row, where a kernel handles the target column apart (margin_of); the element weights
+// where a column's terms are formed. The index-target kernels take a template flag Extended for them: without
+// it, none of this code is compiled in. The dense-target kernels read each at run time (Extended true).
 
-// The offset vector (indexed by column), or nullptr without one (or without Adjust). The kernels pass it with
-// the column it starts at to for_each_vector rather than a pointer into it: the parameter stays in the
+// The offset vector (indexed by column), or nullptr without one (or without Extended). The kernels pass it
+// with the column it starts at to for_each_vector rather than a pointer into it: the parameter stays in the
 // constant bank, where a row pointer would hold two more registers across the loop.
-template <bool Adjust>
+template <bool Extended>
 __device__ __forceinline__ const float* offset_at(const LossArgs& a) {
-  return Adjust ? a.logit_offset : nullptr;
+  return Extended ? a.logit_offset : nullptr;
 }
 
 // Adds offset[0 .. VEC) to z.
@@ -171,18 +172,32 @@ __device__ __forceinline__ void add_offset(const float* offset, float (&z)[VEC])
   for (int j = 0; j < VEC; ++j) z[j] += __ldg(offset + j);
 }
 
-// The logit of column col of row x in fp32, offset when Adjust and the call has one (the edge and scalar
+// The logit of column col of row x in fp32, offset when Extended and the call has one (the edge and scalar
 // loads).
-template <typename E, bool Adjust>
+template <typename E, bool Extended>
 __device__ __forceinline__ float load_logit(const LossArgs& a, const typename E::bits* x, int col) {
   const float z = E::load(x[col]);
-  return Adjust && a.logit_offset != nullptr ? z + __ldg(a.logit_offset + col) : z;
+  return Extended && a.logit_offset != nullptr ? z + __ldg(a.logit_offset + col) : z;
 }
 
-// The margin subtracted from the target's logit (column y of a computed row): 0 unless Adjust and set.
-template <bool Adjust>
+// The margin subtracted from the target's logit (column y of a computed row): 0 unless Extended and set.
+template <bool Extended>
 __device__ __forceinline__ float margin_of(const LossArgs& a, int y) {
-  return Adjust && a.target_margin != nullptr ? __ldg(a.target_margin + y) : 0.f;
+  return Extended && a.target_margin != nullptr ? __ldg(a.target_margin + y) : 0.f;
+}
+
+// The element weight of column col: element_weight[col] when Extended and the call has them, else 1 (without
+// Extended a constant, so that multiplying by it compiles to nothing).
+template <bool Extended>
+__device__ __forceinline__ float weight_at(const LossArgs& a, int col) {
+  return Extended && a.element_weight != nullptr ? __ldg(a.element_weight + col) : 1.f;
+}
+
+// The element weights of columns col .. col + VEC (weight_at).
+template <bool Extended, int VEC>
+__device__ __forceinline__ void weights_at(const LossArgs& a, int col, float (&w)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) w[j] = weight_at<Extended>(a, col + j);
 }
 
 // ---- the body loop -----------------------------------------------------------------------------------
@@ -228,6 +243,45 @@ __device__ __forceinline__ void for_each_vector(const typename E::bits* body, in
       unpack(cur[k], z);
       if (offset != nullptr) add_offset(offset + col0 + v * VEC, z);
       f(v * VEC, z);
+    }
+  }
+}
+
+// for_each_vector over two rows at the same columns, the logits (body) and a dense target row (tbody: the
+// logits' storage type, and the logits row's alignment, which the launcher checks): f(col, z, t), t the
+// target's VEC values in fp32; both rows' next vectors are loaded while f computes. No vector is skipped.
+template <typename E, int VEC, int Step, typename F>
+__device__ __forceinline__ void for_each_pair(const typename E::bits* body, const typename E::bits* tbody, int nvec,
+                                              int tid, int tpr, F&& f, const float* offset, int col0) {
+  Word<E, VEC> next[Step], tnext[Step];
+  auto fetch = [&](int v0) {
+#pragma unroll
+    for (int k = 0; k < Step; ++k) {
+      const int v = v0 + k * tpr;
+      if (v < nvec) {
+        next[k] = load_word<E, VEC>(body + v * VEC);
+        tnext[k] = load_word<E, VEC>(tbody + v * VEC);
+      }
+    }
+  };
+  fetch(tid);
+  for (int v0 = tid; v0 < nvec; v0 += Step * tpr) {
+    Word<E, VEC> cur[Step], tcur[Step];
+#pragma unroll
+    for (int k = 0; k < Step; ++k) {
+      cur[k] = next[k];
+      tcur[k] = tnext[k];
+    }
+    fetch(v0 + Step * tpr);
+#pragma unroll
+    for (int k = 0; k < Step; ++k) {
+      const int v = v0 + k * tpr;
+      if (v >= nvec) break;
+      float z[VEC], t[VEC];
+      unpack(cur[k], z);
+      unpack(tcur[k], t);
+      if (offset != nullptr) add_offset(offset + col0 + v * VEC, z);
+      f(v * VEC, z, t);
     }
   }
 }
@@ -328,6 +382,35 @@ __device__ __forceinline__ void fill_row(typename E::bits* g, int c, float value
   const typename E::bits b = E::store(value);
   for (int col = tid; col < c; col += tpr) g[col] = b;
 }
+
+// ---- dense target rows (LossArgs::dense_target) -------------------------------------------------------------
+// Row i's target values: (N, C) contiguous of the logits' storage type, so row i starts at row * C (int64).
+template <typename E>
+__device__ __forceinline__ const typename E::bits* target_row(const LossArgs& a, int64_t row) {
+  return static_cast<const typename E::bits*>(a.target) + row * a.num_classes;
+}
+
+// A dense row is computed whenever it exists (none is ignored): alpha = sample_weight[row] and coef = alpha *
+// grad_loss[row] (each 1 when absent); with class weights the kernels multiply both by sum_c t_c
+// class_weight[c] (dense_row_weight) once they have it.
+__device__ __forceinline__ Row dense_row_of(const LossArgs& a, int64_t row) {
+  Row r{kNoRow, -1, 0.f, 0.f};
+  if (row >= a.num_rows) return r;
+  r.kind = kCompute;
+  r.alpha = a.sample_weight != nullptr ? a.sample_weight[row] : 1.f;
+  r.coef = r.alpha * (a.grad_loss != nullptr ? a.grad_loss[row] : 1.f);
+  return r;
+}
+
+__device__ __forceinline__ void dense_row_weight(Row& r, float class_sum) {
+  r.alpha *= class_sum;
+  r.coef *= class_sum;
+}
+
+// A dense target value outside the family's range (common/loss_ops.h: dense_target_in_range) reads as NaN, so
+// the row's loss and gradient are NaN: the CPU raises on the host, where here a check would synchronise.
+__device__ __forceinline__ float unit_target(float t) { return t >= 0.f && t <= 1.f ? t : CUDART_NAN_F; }
+__device__ __forceinline__ float nonnegative_target(float t) { return t >= 0.f ? t : CUDART_NAN_F; }
 
 // ---- the persistent walk ------------------------------------------------------------------------------
 // A block holds rows_per_block row slots of tpr threads each (tpr a multiple of 32: a warp never straddles
