@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from ._reduction import REDUCTIONS
+from ._reduction import REDUCTIONS, WEIGHTINGS
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -18,6 +18,7 @@ FLOAT_DTYPES = LOGITS_DTYPES
 # What a tensor of the wrong dtype must do instead ("logits must be ...", "target must hold ...").
 LOGITS_DTYPE_TEXT = "be float32, float16, bfloat16 or float64"
 TARGET_DTYPE_TEXT = "hold class indices as int64 or int32"
+DENSE_TARGET_DTYPE_TEXT = "hold target values as a floating-point tensor"
 
 
 def _shape_text(dims, names):
@@ -43,16 +44,50 @@ def check_tensor(value, name, dims, dtypes, dtype_text, *, names=None, device=No
 
 
 def check_inputs(logits, target, class_weight):
-    """Validates (logits, target, class_weight) and returns class_weight as float32 contiguous (or None)."""
+    """Validates (logits, target, class_weight) and returns (target, class_weight as float32 contiguous or None).
+
+    target: (N,) class indices, returned as given; or a dense (N, C) floating tensor (multi-hot, soft or mixup
+    rows), returned contiguous in the logits' dtype, which is how the kernels read it (docs/op-contract.md).
+    Its values are checked where it is used (on the device: no sync here)."""
     if isinstance(logits, torch.Tensor) and logits.layout != torch.strided:
         raise TypeError(f"logits must be a dense tensor, got layout {logits.layout}: call .to_dense() first")
     check_tensor(logits, "logits", (None, None), LOGITS_DTYPES, LOGITS_DTYPE_TEXT, names=("N", "C"))
     num_rows, num_classes = logits.shape
     if num_classes < 1:
         raise ValueError("logits must have at least one class (C >= 1)")
-    check_tensor(target, "target", (num_rows,), TARGET_DTYPES, TARGET_DTYPE_TEXT, names=("N",),
+    if isinstance(target, torch.Tensor) and target.dim() == 2 and target.is_floating_point():
+        target = check_dense_target(target, logits)
+    elif isinstance(target, torch.Tensor) and tuple(target.shape) == tuple(logits.shape):
+        raise TypeError(f"target must {DENSE_TARGET_DTYPE_TEXT} when it has the logits' shape (N, C) (multi-hot or "
+                        f"soft rows), got {target.dtype}")
+    else:
+        check_tensor(target, "target", (num_rows,), TARGET_DTYPES, TARGET_DTYPE_TEXT, names=("N",),
+                     device=logits.device)
+    return target, check_class_weight(class_weight, num_classes, logits.device)
+
+
+def check_dense_target(target, logits):
+    """A dense (N, C) target beside the logits, as the logits' dtype, contiguous."""
+    if target.layout != torch.strided:
+        raise TypeError(f"target must be a dense tensor, got layout {target.layout}: call .to_dense() first")
+    check_tensor(target, "target", tuple(logits.shape), FLOAT_DTYPES, DENSE_TARGET_DTYPE_TEXT, names=("N", "C"),
                  device=logits.device)
-    return check_class_weight(class_weight, num_classes, logits.device)
+    if target.requires_grad:
+        raise ValueError("target must not require grad: the losses give a gradient for the logits only")
+    return target.to(logits.dtype).contiguous()
+
+
+def check_index_target_only(target, where):
+    """Refuses a dense target where only class indices are supported (`where` names the entry point)."""
+    if isinstance(target, torch.Tensor) and target.dim() == 2:
+        raise ValueError(f"{where} takes class-index targets (N,) only: a dense (N, C) target would be one more "
+                         "N x C tensor, which is what it exists to avoid; use the plain losses for dense targets")
+
+
+def check_weighting(weighting):
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return weighting
 
 
 def check_class_vector(value, name, num_classes, device, device_of="logits"):
@@ -71,12 +106,16 @@ def check_class_weight(class_weight, num_classes, device, device_of="logits"):
     return check_class_vector(class_weight, "class_weight", num_classes, device, device_of)
 
 
-def check_logit_adjustments(family, logit_offset, target_margin, num_classes, device, device_of="logits"):
+def check_logit_adjustments(family, logit_offset, target_margin, num_classes, device, device_of="logits",
+                            dense_target=False):
     """(logit_offset, target_margin) validated (check_class_vector), a target_margin only for a family whose
-    losses take one (losses.Family.takes_target_margin)."""
+    losses take one (losses.Family.takes_target_margin) and with class-index targets."""
     if target_margin is not None and not family.takes_target_margin:
         raise ValueError("target_margin applies to the softmax losses (LDAM margins on the target logit); "
                          f"this loss's family is {family.name!r}")
+    if target_margin is not None and dense_target:
+        raise ValueError("target_margin needs class-index targets (it shifts the target class's logit); "
+                         "got a dense (N, C) target")
     return (check_class_vector(logit_offset, "logit_offset", num_classes, device, device_of),
             check_class_vector(target_margin, "target_margin", num_classes, device, device_of))
 

@@ -19,6 +19,17 @@ each rank sums its own C_local terms (t_c = +1 only for the target class, i.e. o
 and one all_reduce SUM of the (N,) partial rows gives the row loss; the gradient is per element, local.
 Sample weights (N,), like the targets the same on every rank, multiply alpha_y of their row (as the kernels
 fold them), so they scale the loss and the local gradient alike and add nothing to the collectives.
+Element weighting (weighting="element", docs/math.md section 14): the global class weights e (C,) multiply each
+class's term instead of the row, loss_i = sum_c e_c l_ic. Each rank multiplies its own classes' terms (and
+their gradient entries) by its slice of e; e_y, the target's weight, is global, so without label smoothing
+the softmax losses are the row-weighted ones with alpha_y -> e_y. With label smoothing the softmax cross
+entropy needs sum_c e_c (lse - z_c) = E log s + sum_c e_c (m - z_c), E = sum_c e_c: the last sum is one more
+row of the SUM collective (in place of S, every term >= 0 for positive weights: no cancellation); the softmax
+focal loss weighs the two shard sums of its second SUM (e_c l_c mod_c and e_c h_c). Gradient, softmax CE:
+    grad_rc = alpha * (W exp(z_rc - lse) - (eps / C) e_c - (1 - eps) e_y [c == y]),  W = (1 - eps) e_y + eps E / C
+with the c = y entry formed as (eps / C) (E p_y - e_y) - (1 - eps) e_y s_rest / s.
+Targets: class indices only. A dense (N, C) target is refused: it would be an N x C tensor on every rank,
+which is what sharding the classes exists to avoid.
 
 Why the backward needs no collective: after the forward's all_reduce, the row losses are replicated, and
 everything downstream of them (the reduction, the rest of the objective) is computed identically on
@@ -103,9 +114,12 @@ def _resolve_shard(logits, class_weight, class_start, num_classes, group):
 
 
 def _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index, group, family,
-                  logit_offset, target_margin, sample_weight, normalizer):
-    _checks.check_inputs(logits, target, None)  # shapes, dtypes, devices of logits and target
+                  logit_offset, target_margin, sample_weight, normalizer, weighting, where):
+    # Before check_inputs, which takes a dense (N, C) target: class indices only here (`where`: the function).
+    _checks.check_index_target_only(target, where)
+    target, _ = _checks.check_inputs(logits, target, None)  # shapes, dtypes, devices of logits and target
     _checks.check_reduction(reduction)
+    _checks.check_weighting(weighting)
     sample_weight = _checks.check_sample_weight(sample_weight, logits.shape[0], logits.device)
     normalizer = _checks.check_normalizer(normalizer, reduction, logits.device)
     ignore_index = _checks.check_ignore_index(ignore_index)
@@ -114,13 +128,14 @@ def _check_inputs(logits, target, class_weight, class_start, num_classes, reduct
         raise ValueError("class_weight must be a 1-D tensor (C,) of the global class weights, or None")
     class_start, num_classes = _resolve_shard(logits, class_weight, class_start, num_classes, group)
     class_weight = _checks.check_class_weight(class_weight, num_classes, logits.device)
+    class_weight, element_weight = _reduction.split_weighting(class_weight, weighting)
     logit_offset, target_margin = _checks.check_logit_adjustments(family, logit_offset, target_margin, num_classes,
                                                                   logits.device)
     # Targets are global: a device-side check against the global C (raises at once on CPU tensors,
     # before any collective, so every rank raises alike: the targets are identical on every rank).
     _checks.check_target_range_async(target, num_classes, ignore_index)
-    return (class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin, sample_weight,
-            normalizer)
+    return (class_start, num_classes, ignore_index, group, class_weight, element_weight, logit_offset, target_margin,
+            sample_weight, normalizer)
 
 
 def _row_setup(logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start, num_classes,
@@ -149,6 +164,17 @@ def _row_setup(logits, target, class_weight, sample_weight, logit_offset, target
     return z, valid, owned, local, alpha
 
 
+def _element_weights(element_weight, target, class_start, local_classes, num_classes, dtype):
+    """weighting="element": (this shard's slice of the weights (C_local,), each row's target weight e_y (N,),
+    E = sum_c e_c (0-d)) in the compute dtype; None without element weights. All from the global (C,) weights
+    every rank holds: no collective."""
+    if element_weight is None:
+        return None
+    e = element_weight.to(dtype)
+    e_y = e.gather(0, target.long().clamp(0, num_classes - 1))  # clamped: ignored rows (masked out later)
+    return e[class_start:class_start + local_classes], e_y, e.sum()
+
+
 class _FusedParallel(torch.autograd.Function):
     """The "fused" strategy: forward saves d loss_i / d z of its shard (the subclass's forward) and backward
     scales row i by the upstream gradient; the other inputs get no gradient."""
@@ -160,10 +186,11 @@ class _FusedParallel(torch.autograd.Function):
         return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
-def _softmax_statistics(z, owned, local, group, extra=()):
+def _softmax_statistics(z, owned, local, group, extra=None):
     """The replicated per-row softmax statistics of every shard (docs/math.md, section 9): m, s_rest (the sum
     of exp(z_c - m) over c != y), z_y and s = s_rest + exp(z_y - m), plus the shard's exp(z - m) (N, C_local)
-    and the sum over ranks of each (N,) tensor `extra(ex)` returns (in the same SUM collective)."""
+    and the sum over ranks of each of the shard's (N,) tensors `extra(m)` returns, given the global max m (in
+    the same SUM collective)."""
     m = z.amax(dim=1)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     index = local.unsqueeze(1)
@@ -173,7 +200,7 @@ def _softmax_statistics(z, owned, local, group, extra=()):
     # far below s's rounding error. The target column is zeroed in place for the sum, then put back.
     ex_y = ex.gather(1, index)
     ex.scatter_(1, index, torch.where(owned.unsqueeze(1), torch.zeros_like(ex_y), ex_y))
-    parts = [ex.sum(dim=1), z_y, *extra]
+    parts = [ex.sum(dim=1), z_y, *(extra(m) if extra is not None else ())]
     ex.scatter_(1, index, ex_y)
     stats = torch.stack(parts)
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
@@ -183,11 +210,18 @@ def _softmax_statistics(z, owned, local, group, extra=()):
 
 class _SoftmaxParallel(_FusedParallel):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
-                num_classes, eps, ignore_index, group):
+    def forward(ctx, logits, target, class_weight, sample_weight, element_weight, logit_offset, target_margin,
+                class_start, num_classes, eps, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
                                                    target_margin, class_start, num_classes, ignore_index)
-        m, s_rest, z_y, s, ex, sum_z = _softmax_statistics(z, owned, local, group, [z.sum(dim=1)] if eps else [])
+        elements = _element_weights(element_weight, target, class_start, z.shape[1], num_classes, z.dtype)
+        if elements is not None and not eps:  # sum_c e_c onehot_c (lse - z_c) = e_y (lse - z_y): a row weight
+            alpha = alpha * elements[1]
+        elif elements is not None:
+            return _softmax_element_smoothed(ctx, logits, z, valid, owned, local, alpha, elements, num_classes, eps,
+                                             group)
+        m, s_rest, z_y, s, ex, sum_z = _softmax_statistics(z, owned, local, group,
+                                                           (lambda _m: [z.sum(dim=1)]) if eps else None)
         # lse - z_y = softplus(log s_rest + m - z_y) (docs/math.md, section 7): finite and exact to fp32's
         # relative precision when p_y -> 1, where m + log s - z_y rounds to 0.
         rows = F.softplus(torch.log(s_rest) + m - z_y)
@@ -213,17 +247,50 @@ class _SoftmaxParallel(_FusedParallel):
         return rows
 
 
+def _softmax_element_smoothed(ctx, logits, z, valid, owned, local, alpha, elements, num_classes, eps, group):
+    """The softmax cross entropy with element weights e and label smoothing eps > 0 (module docstring):
+    loss = alpha * ((1 - eps) e_y (lse - z_y) + (eps / C) (E log s + sum_c e_c (m - z_c)))."""
+    e_local, e_y, e_total = elements
+    # the shard's sum of e_c (m - z_c), m the global max: summed over ranks with the statistics
+    m, s_rest, z_y, s, ex, (gaps,) = _softmax_statistics(z, owned, local, group,
+                                                         lambda m: [((m.unsqueeze(1) - z) * e_local).sum(dim=1)])
+    rows = (1 - eps) * e_y * F.softplus(torch.log(s_rest) + m - z_y) \
+        + (eps / num_classes) * (e_total * torch.log(s) + gaps)
+    rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
+    grad = None
+    if ctx.needs_input_grad[0]:
+        # grad_c = W p_c - (eps / C) e_c, W = (1 - eps) e_y + (eps / C) E; at c = y (owned rows):
+        # (eps / C) (E p_y - e_y) - (1 - eps) e_y s_rest / s, no 1 - p_y formed.
+        inv_s = torch.reciprocal(s)
+        big_w = (1 - eps) * e_y + (eps / num_classes) * e_total
+        grad = ex.mul_((big_w * inv_s).unsqueeze(1)).sub_((eps / num_classes) * e_local)
+        index = local.unsqueeze(1)
+        p_y = torch.exp(z_y - m) * inv_s
+        true_class = (eps / num_classes) * (e_total * p_y - e_y) - (1 - eps) * e_y * s_rest * inv_s
+        true_class = torch.where(owned, true_class, grad.gather(1, index).squeeze(1))
+        grad.scatter_(1, index, true_class.unsqueeze(1))
+        grad = _scale_valid_rows_(grad, alpha, valid)
+    ctx.save_for_backward(grad)
+    ctx.logits_dtype = logits.dtype
+    return rows
+
+
 class _SoftmaxFocalParallel(_FusedParallel):
     """The softmax focal loss (docs/math.md, section 13) on the softmax statistics of section 9. The target's
     terms come from x = s_rest / exp(z_y - m), replicated after the first SUM. With label smoothing each rank
     also sums mod_c l_c and h_c over its own classes other than y (they need lse, hence a second SUM of
-    (2, N)); every gradient entry is then local."""
+    (2, N)); every gradient entry is then local. Element weights e: without smoothing a row weight e_y; with it,
+    every target term (l_y mod_y, h_y) times e_y and every other class's (l_c mod_c, h_c) times e_c, so the
+    formulas below hold as written with the weighted terms."""
 
     @staticmethod
-    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
-                num_classes, gamma, eps, ignore_index, group):
+    def forward(ctx, logits, target, class_weight, sample_weight, element_weight, logit_offset, target_margin,
+                class_start, num_classes, gamma, eps, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
                                                    target_margin, class_start, num_classes, ignore_index)
+        elements = _element_weights(element_weight, target, class_start, z.shape[1], num_classes, z.dtype)
+        if elements is not None and not eps:  # sum_c e_c onehot_c f_c = e_y f_y: a row weight
+            alpha = alpha * elements[1]
         m, s_rest, z_y, s, ex, _ = _softmax_statistics(z, owned, local, group)
         x = s_rest / torch.exp(z_y - m)
         l_y = torch.log1p(x)  # -log p_y
@@ -232,6 +299,9 @@ class _SoftmaxFocalParallel(_FusedParallel):
         h_y = -mod_y * (1 + gamma * torch.where(x > 0, l_y / x, torch.ones_like(x)))  # p_y l_y / q_y = l_y / x
         rows = mod_y * l_y
         index = local.unsqueeze(1)
+        if eps and elements is not None:  # the target's terms times e_y (the others' below, times e_c)
+            h_y = h_y * elements[1]
+            rows = rows * elements[1]
         if eps:
             # Off the target: p = exp(z - m) / s, l = log s - (z - m), q = 1 - p (docs/math.md, 13.3).
             p = ex / s.unsqueeze(1)
@@ -241,6 +311,9 @@ class _SoftmaxFocalParallel(_FusedParallel):
             small = q < torch.finfo(q.dtype).eps ** 0.5  # l / q = 1 + q / 2 + q^2 / 3 + ...
             h = -mod * (1 + gamma * p * torch.where(small, 1 + q / 2, l / torch.where(small, 1, q)))
             terms = mod * l
+            if elements is not None:
+                h = h.mul_(elements[0])
+                terms = terms.mul_(elements[0])
             not_y = torch.ones_like(p).scatter_(1, index, (~owned).to(p.dtype).unsqueeze(1))
             sums = torch.stack([(terms * not_y).sum(dim=1), (h * not_y).sum(dim=1)])
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -268,11 +341,14 @@ class _SoftmaxFocalParallel(_FusedParallel):
 
 
 class _FocalParallel(_FusedParallel):
+    """Element weights: each rank multiplies its classes' terms and their gradient entries by its slice of e."""
+
     @staticmethod
-    def forward(ctx, logits, target, class_weight, sample_weight, logit_offset, target_margin, class_start,
-                num_classes, gamma, ignore_index, group):
+    def forward(ctx, logits, target, class_weight, sample_weight, element_weight, logit_offset, target_margin,
+                class_start, num_classes, gamma, ignore_index, group):
         z, valid, owned, local, alpha = _row_setup(logits, target, class_weight, sample_weight, logit_offset,
                                                    target_margin, class_start, num_classes, ignore_index)
+        elements = _element_weights(element_weight, target, class_start, z.shape[1], num_classes, z.dtype)
         # The op contract's stable forms, with u = t * z and e = exp(-|u|) shared by everything below:
         #   -log p = softplus(-u) = max(-u, 0) + log1p(e),  (1 - p)^gamma = exp(-gamma * softplus(u)).
         u = _times_t(z, owned, local)
@@ -280,7 +356,8 @@ class _FocalParallel(_FusedParallel):
         l1pe = torch.log1p(e)
         neg_log_p = u.neg().clamp_min_(0).add_(l1pe)
         mod = u.clamp_min(0).add_(l1pe).mul_(-gamma).exp_() if gamma else None
-        rows = (neg_log_p * mod if gamma else neg_log_p).sum(dim=1)
+        terms = neg_log_p * mod if gamma else neg_log_p
+        rows = (terms if elements is None else terms * elements[0]).sum(dim=1)
         dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
         rows = torch.where(valid, alpha * rows, torch.zeros_like(rows))
         grad = None
@@ -296,6 +373,8 @@ class _FocalParallel(_FusedParallel):
                 dterm = p.mul_(neg_log_p).mul_(-gamma).sub_(q).mul_(mod)
             else:
                 dterm = q.neg_()
+            if elements is not None:
+                dterm = dterm.mul_(elements[0])
             grad = _scale_valid_rows_(_times_t(dterm, owned, local), alpha, valid)
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
@@ -326,21 +405,24 @@ _PARALLEL = {losses.SOFTMAX_CE.name: _SoftmaxParallel, losses.SIGMOID_FOCAL.name
 
 def parallel_loss(spec: losses.Loss, logits, target, class_weight, reduction, ignore_index, hyperparameters,
                   class_start, num_classes, group, logit_offset=None, target_margin=None, sample_weight=None,
-                  normalizer=None):
+                  normalizer=None, weighting="row"):
     """One class-parallel loss call for a registered loss; hyperparameters by name (checked here); the logit
-    adjustments global (C,), as class_weight; sample_weight (N,) and normalizer as in the single-device losses."""
-    (class_start, num_classes, ignore_index, group, class_weight, logit_offset, target_margin, sample_weight,
-     normalizer) = _check_inputs(logits, target, class_weight, class_start, num_classes, reduction, ignore_index,
-                                 group, spec.family, logit_offset, target_margin, sample_weight, normalizer)
+    adjustments global (C,), as class_weight; sample_weight (N,), normalizer and weighting as in the
+    single-device losses; class-index targets only."""
+    (class_start, num_classes, ignore_index, group, class_weight, element_weight, logit_offset, target_margin,
+     sample_weight, normalizer) = _check_inputs(logits, target, class_weight, class_start, num_classes, reduction,
+                                                ignore_index, group, spec.family, logit_offset, target_margin,
+                                                sample_weight, normalizer, weighting, f"{spec.function}_parallel")
     values = spec.kernel_hyperparameters(hyperparameters)
-    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, sample_weight, logit_offset, target_margin,
-                                             class_start, num_classes, *values, ignore_index, group)
+    rows = _PARALLEL[spec.family.name].apply(logits, target, class_weight, sample_weight, element_weight, logit_offset,
+                                             target_margin, class_start, num_classes, *values, ignore_index, group)
     return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
 
 
 def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
                                       label_smoothing=0.0, *, class_start=None, num_classes=None, group=None,
-                                      logit_offset=None, target_margin=None, sample_weight=None, normalizer=None):
+                                      logit_offset=None, target_margin=None, sample_weight=None, normalizer=None,
+                                      weighting="row"):
     """Class-balanced softmax cross entropy with the classes sharded across the ranks of `group`.
 
     logits: this rank's (N, C_local) slice of the global (N, C) logits, classes [class_start, class_start +
@@ -352,19 +434,22 @@ def cb_softmax_cross_entropy_parallel(logits, target, class_weight=None, reducti
     sample_weight (N,) or None: row i's loss and gradient times sample_weight[i]; the same on every rank (the
     rows are replicated, only the classes are sharded). normalizer: with reduction="mean" only, the divisor of
     the summed rows (a number > 0 or a 0-d tensor on the logits' device), e.g. a count all-reduced over the
-    data-parallel ranks (docs/distributed.md).
+    data-parallel ranks (docs/distributed.md). weighting: "row" (default; class_weight weighs row i by
+    class_weight[target_i]) or "element" (it weighs each class's term; each rank weighs its own classes), as in
+    cbkernels.functional. target: class indices only: a dense (N, C) target raises a ValueError (it would be an
+    N x C tensor on every rank, what sharding the classes avoids).
     Returns the same value on every rank as cbkernels.cb_softmax_cross_entropy on the gathered logits
     ("mean" divides by the number of non-ignored rows or the normalizer); the gradient flows to the local
     logits only.
     """
     return parallel_loss(losses.loss("softmax"), logits, target, class_weight, reduction, ignore_index,
                          {"label_smoothing": label_smoothing}, class_start, num_classes, group, logit_offset,
-                         target_margin, sample_weight, normalizer)
+                         target_margin, sample_weight, normalizer, weighting)
 
 
 def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reduction="mean", ignore_index=-100,
                            *, class_start=None, num_classes=None, group=None, logit_offset=None, sample_weight=None,
-                           normalizer=None):
+                           normalizer=None, weighting="row"):
     """Class-balanced sigmoid focal loss with the classes sharded across the ranks of `group`.
 
     Arguments as cb_softmax_cross_entropy_parallel; gamma >= 0 (0 is sigmoid cross entropy). The value is
@@ -372,21 +457,21 @@ def cb_focal_loss_parallel(logits, target, class_weight=None, gamma=0.5, reducti
     """
     return parallel_loss(losses.loss("focal"), logits, target, class_weight, reduction, ignore_index,
                          {"gamma": gamma}, class_start, num_classes, group, logit_offset, None, sample_weight,
-                         normalizer)
+                         normalizer, weighting)
 
 
 def cb_sigmoid_cross_entropy_parallel(logits, target, class_weight=None, reduction="mean", ignore_index=-100,
                                       *, class_start=None, num_classes=None, group=None, logit_offset=None,
-                                      sample_weight=None, normalizer=None):
+                                      sample_weight=None, normalizer=None, weighting="row"):
     """Class-balanced sigmoid cross entropy, class-parallel: the focal loss with gamma = 0."""
     return parallel_loss(losses.loss("sigmoid"), logits, target, class_weight, reduction, ignore_index, {},
-                         class_start, num_classes, group, logit_offset, None, sample_weight, normalizer)
+                         class_start, num_classes, group, logit_offset, None, sample_weight, normalizer, weighting)
 
 
 def cb_softmax_focal_loss_parallel(logits, target, class_weight=None, gamma=2.0, reduction="mean",
                                    ignore_index=-100, label_smoothing=0.0, *, class_start=None, num_classes=None,
                                    group=None, logit_offset=None, target_margin=None, sample_weight=None,
-                                   normalizer=None):
+                                   normalizer=None, weighting="row"):
     """Class-balanced softmax focal loss with the classes sharded across the ranks of `group`.
 
     Arguments as cb_softmax_cross_entropy_parallel, and gamma >= 0 (0 is the softmax cross entropy). The value
@@ -395,7 +480,7 @@ def cb_softmax_focal_loss_parallel(logits, target, class_weight=None, gamma=2.0,
     """
     return parallel_loss(losses.loss("softmax_focal"), logits, target, class_weight, reduction, ignore_index,
                          {"gamma": gamma, "label_smoothing": label_smoothing}, class_start, num_classes, group,
-                         logit_offset, target_margin, sample_weight, normalizer)
+                         logit_offset, target_margin, sample_weight, normalizer, weighting)
 
 
 def global_class_counts(labels, num_classes, *, ignore_index=None, group=None):

@@ -9,7 +9,9 @@ G = d(sum of the chunk's row losses)/dZ in one pass, and G is folded into the pa
 so at most one logits tile and one gradient tile are alive at a time. Softmax needs a whole row of classes
 for its normaliser, so chunks are over rows for every loss (one code path). The per-row sample weights are
 sliced with the chunk's rows and handed to the op, which folds them into each row's alpha (op contract), so
-the tiles already hold the weighted losses and gradients.
+the tiles already hold the weighted losses and gradients. With weighting="element" the class weights go to the
+op as its element_weight input instead (each class's term times its weight): a (C,) vector for the whole row,
+the same for every chunk.
 
 Upstream gradient. For "mean" and "sum" the loss is a scalar: the gradients are computed in forward as if
 the upstream gradient were 1 (and 1 / the "mean" divisor: the non-ignored rows or the user's normalizer) and
@@ -68,11 +70,12 @@ class _Plan(NamedTuple):
     needs: tuple  # (hidden, weight, bias) need a gradient
     logit_offset: torch.Tensor | None  # the logit adjustments (docs/long-tail.md), float32 (C,) or None
     target_margin: torch.Tensor | None
+    element_weight: torch.Tensor | None = None  # weighting="element": the class weights, float32 (C,), else None
 
 
 def _reference_rows(plan, logits, target, class_weight, sample_weight):
     return plan.spec.reference_rows(logits, target, class_weight, plan.ignore_index, plan.hyperparameters,
-                                    plan.logit_offset, plan.target_margin, sample_weight)
+                                    plan.logit_offset, plan.target_margin, sample_weight, plan.element_weight)
 
 
 def _tile_loss(plan, logits, target, class_weight, sample_weight, with_grad):
@@ -88,7 +91,7 @@ def _tile_loss(plan, logits, target, class_weight, sample_weight, with_grad):
         return rows.detach(), grad
     forward = plan.spec.family.op(plan.backend.ops, "forward")
     loss, grad = forward(logits, target, class_weight, *plan.hyperparameters, plan.ignore_index, with_grad,
-                         plan.logit_offset, plan.target_margin, sample_weight)
+                         plan.logit_offset, plan.target_margin, sample_weight, plan.element_weight)
     return loss, (grad if with_grad else None)
 
 
@@ -102,7 +105,7 @@ def _tile_scaled_grad(plan, logits, target, class_weight, sample_weight, grad_ro
         return grad
     backward = plan.spec.family.op(plan.backend.ops, "backward")
     return backward(logits, target, class_weight, grad_rows.to(torch.float32).contiguous(), *plan.hyperparameters,
-                    plan.ignore_index, plan.logit_offset, plan.target_margin, sample_weight)
+                    plan.ignore_index, plan.logit_offset, plan.target_margin, sample_weight, plan.element_weight)
 
 
 class _Accumulator:
@@ -201,7 +204,9 @@ class _LinearLoss(torch.autograd.Function):
 
 
 def _check_linear_inputs(hidden, weight, bias, target, class_weight):
-    """Metadata checks only (no host sync); returns class_weight as float32 contiguous or None."""
+    """Metadata checks only (no host sync); returns class_weight as float32 contiguous or None. Class-index
+    targets only: a dense (N, C) target is refused with the reason (_checks.check_index_target_only)."""
+    _checks.check_index_target_only(target, "cb_linear_loss")
     same_dtype = f"have the dtype of hidden, {getattr(hidden, 'dtype', None)}"
     _checks.check_tensor(hidden, "hidden", (None, None), _checks.FLOAT_DTYPES,
                          _checks.LOGITS_DTYPE_TEXT, names=("N", "H"))
@@ -221,7 +226,7 @@ def _check_linear_inputs(hidden, weight, bias, target, class_weight):
 
 def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_type="focal", gamma=None,
                    reduction="mean", ignore_index=-100, label_smoothing=0.0, chunk_size=None, backend="auto",
-                   logit_offset=None, target_margin=None, sample_weight=None, normalizer=None):
+                   logit_offset=None, target_margin=None, sample_weight=None, normalizer=None, weighting="row"):
     """Class-balanced loss of the linear classifier hidden @ weight.T + bias, without the (N, C) logits.
 
     Same value and gradients as the loss's public function (cb_softmax_cross_entropy, cb_focal_loss, ...)
@@ -235,6 +240,11 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     sample_weight (N,) floating or None: row i's loss and gradients times sample_weight[i] (each chunk's slice
     goes to the kernel; ignored rows stay 0). normalizer: with reduction="mean" only, the divisor of the summed
     rows instead of the number of non-ignored rows: a finite number > 0 or a 0-d tensor on hidden's device.
+    weighting: "row" (default): class_weight weighs row i by class_weight[target_i]; "element": it weighs each
+    class's term of every row (as PyTorch's weight= does), as in the public losses (cbkernels.functional).
+    target: class indices (N,) only; a dense (N, C) target (multi-hot, soft, mixup) is refused with a
+    ValueError: it would be one more N x C tensor, the memory this function exists to save (use F.linear and
+    the public losses for those).
     Gradients flow to hidden, weight and bias; class_weight, sample_weight and normalizer get none.
     """
     class_weight = _check_linear_inputs(hidden, weight, bias, target, class_weight)
@@ -242,6 +252,7 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     logit_offset, target_margin = _checks.check_logit_adjustments(spec.family, logit_offset, target_margin,
                                                                   weight.shape[0], hidden.device, device_of="hidden")
     _checks.check_reduction(reduction)
+    class_weight, element_weight = _reduction.split_weighting(class_weight, _checks.check_weighting(weighting))
     num_rows, in_features = hidden.shape
     sample_weight = _checks.check_sample_weight(sample_weight, num_rows, hidden.device, device_of="hidden")
     normalizer = _checks.check_normalizer(normalizer, reduction, hidden.device, device_of="hidden")
@@ -257,7 +268,7 @@ def cb_linear_loss(hidden, weight, target, class_weight=None, bias=None, loss_ty
     params = (hidden, weight, bias)
     needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad for p in params)
     plan = _Plan(backend, spec, hyperparameters, ignore_index, reduction, chunk_size, needs, logit_offset,
-                 target_margin)
+                 target_margin, element_weight)
     if not any(needs):
         rows = _losses_only(plan, hidden, weight, bias, target, class_weight, sample_weight)
         return _reduction.reduce_rows(rows, target, ignore_index, reduction, normalizer)
@@ -272,19 +283,22 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     has the keys of the unfused pair ("weight", "bias", "class_weight"). For the sigmoid losses the paper
     initialises the bias to -log(C - 1) (see weights.init_prior_bias_) and excludes it from weight decay.
     logit_offset / target_margin: (C,) logit adjustments as in cb_linear_loss, held as buffers (None: none).
+    weighting: "row" (default) or "element", how class_weight applies, as in cb_linear_loss.
     forward(hidden, target, sample_weight=None, normalizer=None): per-row weights (N,) and the "mean" divisor
     of this batch, as in cb_linear_loss.
     """
 
     def __init__(self, in_features, samples_per_class, bias=True, loss_type="focal", beta=0.999, gamma=None,
                  reduction="mean", ignore_index=-100, label_smoothing=0.0, empty_classes="error",
-                 chunk_size=None, backend="auto", device=None, dtype=None, logit_offset=None, target_margin=None):
+                 chunk_size=None, backend="auto", device=None, dtype=None, logit_offset=None, target_margin=None,
+                 weighting="row"):
         super().__init__()
         spec = losses.loss(loss_type)
         _backends.check_name(backend)
         _checks.check_positive_int(in_features, "in_features")
         _checks.check_positive_int(chunk_size, "chunk_size", allow_none=True)
         _checks.check_reduction(reduction)
+        self.weighting = _checks.check_weighting(weighting)
         self.in_features = in_features
         self.loss_type = loss_type
         self.beta = beta
@@ -321,9 +335,11 @@ class ClassBalancedLinearLoss(torch.nn.Module):
     def forward(self, hidden, target, sample_weight=None, normalizer=None):
         return cb_linear_loss(hidden, self.weight, target, self.class_weight, self.bias, self.loss_type, self.gamma,
                               self.reduction, self.ignore_index, self.label_smoothing, self.chunk_size,
-                              self.backend, self.logit_offset, self.target_margin, sample_weight, normalizer)
+                              self.backend, self.logit_offset, self.target_margin, sample_weight, normalizer,
+                              self.weighting)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
                 f"loss_type={self.loss_type!r}, beta={self.beta}, gamma={self.gamma}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+                + ("" if self.weighting == "row" else f", weighting={self.weighting!r}"))

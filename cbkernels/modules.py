@@ -19,17 +19,19 @@ class ClassBalancedLoss(torch.nn.Module):
     only), held as buffers like the class weights (None: no buffer, no adjustment).
     set_beta(beta) recomputes the class weights during training (deferred re-weighting: beta = 0 gives weights
     of 1, the plain loss, and a later set_beta(0.9999) switches the class-balanced weights on).
-    forward(logits, target, sample_weight=None, normalizer=None): per-row weights (N,) and the "mean" divisor
-    of this batch, as in the functions (cbkernels.functional).
+    weighting: "row" (default) or "element", as in the functions (cbkernels.functional).
+    forward(logits, target, sample_weight=None, normalizer=None): target as class indices (N,) or dense (N, C)
+    rows; per-row weights (N,) and the "mean" divisor of this batch, as in the functions.
     """
 
     def __init__(self, samples_per_class, loss_type="focal", beta=0.999, gamma=None, reduction="mean",
                  ignore_index=-100, backend="auto", label_smoothing=0.0, empty_classes="error", logit_offset=None,
-                 target_margin=None):
+                 target_margin=None, weighting="row"):
         super().__init__()
         self.spec = losses.loss(loss_type)
         _backends.check_name(backend)
         _checks.check_reduction(reduction)
+        self.weighting = _checks.check_weighting(weighting)
         self.loss_type = loss_type
         checked = self.spec.checked(gamma=gamma, label_smoothing=label_smoothing)
         self.gamma, self.label_smoothing = checked["gamma"], checked["label_smoothing"]
@@ -68,10 +70,11 @@ class ClassBalancedLoss(torch.nn.Module):
         buffers = self._buffers
         return functional.apply_loss(self.spec, logits, target, buffers["class_weight"], self.reduction,
                                      self.ignore_index, self.backend, self.hyperparameters(), buffers["logit_offset"],
-                                     buffers["target_margin"], sample_weight, normalizer)
+                                     buffers["target_margin"], sample_weight, normalizer, self.weighting)
 
     def extra_repr(self) -> str:
         adjusted = [name for name in ("logit_offset", "target_margin") if self._buffers[name] is not None]
         return (f"num_classes={self.num_classes}, loss_type={self.loss_type!r}, beta={self.beta}, "
                 f"gamma={self.gamma}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + ("" if self.weighting == "row" else f", weighting={self.weighting!r}")
                 + "".join(f", {name}=(C,)" for name in adjusted))

@@ -141,6 +141,14 @@ def test_opcheck(family, dtype):
                           {"sample_weight": sample_weight})
     torch.library.opcheck(family.op(ops, "backward").default,
                           (logits, target, weight, grad_loss, *_hyper(family), -100), {"sample_weight": sample_weight})
+    # dense targets (the logits' dtype) and element weights
+    dense = torch.rand(5, 19).to(dtype)
+    for with_grad in (True, False):
+        torch.library.opcheck(family.op(ops, "forward").default,
+                              _fwd_args(family, logits.clone().requires_grad_(True), dense, weight) + (with_grad,),
+                              {"element_weight": weight})
+    torch.library.opcheck(family.op(ops, "backward").default,
+                          (logits, dense, None, grad_loss, *_hyper(family), -100), {"element_weight": weight})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

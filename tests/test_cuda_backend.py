@@ -263,6 +263,11 @@ def test_opcheck():
                 (_op(family, "backward"), (logits, target, weight, grad_loss, *values, -100)),
                 # the optional inputs: logit_offset, target_margin, sample_weight
                 (_op(family, "forward"), (logits, target, weight, *values, -100, True, None, None, grad_loss.abs())),
+                # dense targets (the logits' dtype) and element weights
+                (_op(family, "forward"), (logits, torch.rand_like(logits), weight, *values, -100, True, None, None,
+                                          None, weight)),
+                (_op(family, "backward"), (logits, torch.rand_like(logits), None, grad_loss, *values, -100, None,
+                                           None, None, weight)),
             ]
             for op, args in cases:
                 torch.library.opcheck(op, args)

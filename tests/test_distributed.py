@@ -58,18 +58,21 @@ def parallel_function(spec):
     return getattr(cbd, f"{spec.function}_parallel")
 
 
-def _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer):
-    """The single-device definition: the spec's rows, weighted and reduced by hand (cases.py)."""
-    rows = spec.reference(logits, target, weight, "none", IGNORE, **hyper)
+def _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer, weighting):
+    """The single-device definition: the spec's rows (class weights applied per `weighting`), weighted and
+    reduced by hand (cases.py)."""
+    rows = spec.reference(logits, target, weight, "none", IGNORE, weighting=weighting, **hyper)
     return weighted_reduction_by_hand(rows, target, IGNORE, sample_weight, reduction, normalizer)
 
 
-def _call(spec, logits, target, weight, reduction, hyper, parallel, sample_weight=None, normalizer=None, **shard):
+def _call(spec, logits, target, weight, reduction, hyper, parallel, sample_weight=None, normalizer=None,
+          weighting="row", **shard):
     # Hyperparameters by keyword: the public functions' argument orders differ (gamma comes before reduction).
     if parallel:
         return parallel_function(spec)(logits, target, weight, reduction=reduction, ignore_index=IGNORE, **hyper,
-                                       sample_weight=sample_weight, normalizer=normalizer, **shard)
-    return _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer)
+                                       sample_weight=sample_weight, normalizer=normalizer, weighting=weighting,
+                                       **shard)
+    return _expected(spec, logits, target, weight, reduction, hyper, sample_weight, normalizer, weighting)
 
 
 def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, parallel, **shard):
@@ -81,12 +84,13 @@ def _loss_and_grad(spec, logits, target, weight, reduction, hyper, upstream, par
 
 def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float64, n=33, weighted=True,
                 ignore_frac=0.25, explicit_shard=True, target_dtype=torch.int64, scale=3.0, elementwise=False,
-                adjusted=False, sample_weighted=False, normalizer=None):
+                adjusted=False, sample_weighted=False, normalizer=None, weighting="row"):
     """spec: a registered loss; hyper: its hyperparameters by name. elementwise: every gradient entry within
     rtol of its own value (no atol from the largest entry). adjusted: with a global logit_offset, and a
     target_margin for the losses that take one (the same tensors on every rank and for the reference).
     sample_weighted: (N,) weights of either sign and a 0, NaN on the ignored rows (row 1 is one), the same on
-    every rank; normalizer: "mean"'s divisor, a number or "tensor" (a float64 0-d tensor)."""
+    every rank; normalizer: "mean"'s divisor, a number or "tensor" (a float64 0-d tensor). weighting: how the
+    class weights apply ("row": per row, "element": per class term), for the parallel loss and the spec."""
     c = sum(layout)
     start = sum(layout[:rank])
     logits, target, weight, upstream = _global_inputs(seed, n, c, ignore_frac=ignore_frac, weighted=weighted,
@@ -99,7 +103,8 @@ def _check_case(rank, seed, spec, hyper, reduction, layout, *, dtype=torch.float
         hyper = {**hyper, "logit_offset": torch.randn(c, generator=generator)}
         if spec.family.takes_target_margin:
             hyper["target_margin"] = torch.rand(c, generator=generator) * 2
-    weighting = {"normalizer": torch.tensor(5.25, dtype=torch.float64) if normalizer == "tensor" else normalizer}
+    weighting = {"normalizer": torch.tensor(5.25, dtype=torch.float64) if normalizer == "tensor" else normalizer,
+                 "weighting": weighting}
     if sample_weighted:
         target[1] = IGNORE
         sample_weight = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 1.5
@@ -153,6 +158,7 @@ def _all_cases(rank, world, seed):
         for reduction, normalizer in (("none", None), ("sum", None), ("mean", None), ("mean", 7.5), ("mean", "tensor")):
             _check_case(rank, seed + 105, spec, hyper, reduction, layouts[0], sample_weighted=True,
                         normalizer=normalizer)
+    _element_cases(rank, seed + 200, layouts)
     # Confident predictions in float32 (|z| up to ~40): tiny probabilities keep their relative accuracy,
     # which a 1 - p anywhere in the sigmoid family's gradient would destroy.
     for spec in losses.LOSSES:
@@ -161,6 +167,27 @@ def _all_cases(rank, world, seed):
         for hyper in spec.test_cases():
             _check_case(rank, seed + 103, spec, hyper, "sum", layouts[2], dtype=torch.float32, scale=8.0,
                         elementwise=True)
+
+
+def _element_cases(rank, seed, layouts):
+    """weighting="element": every loss at every hyperparameter setting (label smoothing included) and reduction,
+    the layouts taking turns; then with sample weights and the normalizer, logit adjustments, float32 inputs and
+    every row ignored."""
+    k = 0
+    for spec in losses.LOSSES:
+        for hyper in spec.test_cases():
+            for reduction in ("none", "sum", "mean"):
+                k += 1
+                _check_case(rank, seed + k, spec, hyper, reduction, layouts[k % len(layouts)], weighting="element",
+                            explicit_shard=k % 3 != 0)
+    for spec in losses.LOSSES:
+        hyper = _non_default_case(spec)  # label smoothing > 0 for the softmax losses
+        for reduction, normalizer in (("none", None), ("sum", None), ("mean", None), ("mean", 7.5), ("mean", "tensor")):
+            _check_case(rank, seed + 50, spec, hyper, reduction, layouts[0], sample_weighted=True,
+                        normalizer=normalizer, weighting="element")
+        _check_case(rank, seed + 51, spec, hyper, "none", layouts[1], adjusted=True, weighting="element")
+        _check_case(rank, seed + 52, spec, hyper, "mean", layouts[2], dtype=torch.float32, weighting="element")
+        _check_case(rank, seed + 53, spec, hyper, "mean", layouts[0], ignore_frac=1.0, weighting="element")
 
 
 def _check_confident_softmax(rank, layout):
@@ -209,6 +236,17 @@ def _check_errors(rank, world):
                                            num_classes=c)
     with pytest.raises(ValueError, match=r"sample_weight must have shape \(N,\) = \(4,\)"):
         cbd.cb_sigmoid_cross_entropy_parallel(local, target, sample_weight=torch.ones(layout[rank] + 4),
+                                              class_start=start, num_classes=c)
+    with pytest.raises(ValueError, match=r"weighting must be one of \('row', 'element'\), got 'elementwise'"):
+        cbd.cb_softmax_focal_loss_parallel(local, target, torch.ones(c), weighting="elementwise", class_start=start,
+                                           num_classes=c)
+    # A dense (N, C) target, global or this shard's columns: refused with the memory reason, on every rank alike.
+    for dense in (torch.rand(4, c, dtype=torch.float64), torch.rand(4, layout[rank], dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"cb_focal_loss_parallel takes class-index targets \(N,\) only: a "
+                                             r"dense \(N, C\) target would be one more N x C tensor"):
+            cbd.cb_focal_loss_parallel(local, dense, class_start=start, num_classes=c)
+    with pytest.raises(ValueError, match="cb_softmax_cross_entropy_parallel takes class-index targets"):
+        cbd.cb_softmax_cross_entropy_parallel(local, torch.rand(4, c, dtype=torch.float64), weighting="element",
                                               class_start=start, num_classes=c)
     assert cbd.class_shard_range(layout[rank]) == (start, c)
 

@@ -45,17 +45,17 @@ def _inputs(n, h, c, dtype, *, bias=True, ignore_index=-100, seed=None):
     return hidden, weight, b, target, class_weight
 
 
-def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, ignore_index=-100):
+def _unfused(loss_type, hidden, weight, bias, target, class_weight, reduction, ignore_index=-100, weighting="row"):
     # cb_linear_loss takes gamma and label_smoothing for every loss, and each loss uses those it names.
     logits = F.linear(hidden, weight, bias)
     return losses.loss(loss_type).reference(logits, target, class_weight, reduction, ignore_index, gamma=GAMMA,
-                                            label_smoothing=SMOOTHING)
+                                            label_smoothing=SMOOTHING, weighting=weighting)
 
 
 def _weighted_unfused(loss_type, hidden, weight, bias, target, class_weight, sample_weight, reduction, normalizer,
-                      ignore_index=-100):
+                      ignore_index=-100, weighting="row"):
     """The unweighted rows of F.linear's logits, weighted and reduced by hand (cases.py)."""
-    rows = _unfused(loss_type, hidden, weight, bias, target, class_weight, "none", ignore_index)
+    rows = _unfused(loss_type, hidden, weight, bias, target, class_weight, "none", ignore_index, weighting)
     return weighted_reduction_by_hand(rows, target, ignore_index, sample_weight, reduction, normalizer)
 
 
@@ -76,8 +76,9 @@ def _value_and_grads(fn, params, upstream):
 
 
 def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, c=37, bias=True, chunk_size=None,
-                           ignore_index=-100, device="cpu", weighted=False, normalizer=None):
-    """weighted: with _sample_weight's weights; normalizer: None, a number or "tensor" (a 0-d tensor on device)."""
+                           ignore_index=-100, device="cpu", weighted=False, normalizer=None, weighting="row"):
+    """weighted: with _sample_weight's weights; normalizer: None, a number or "tensor" (a 0-d tensor on device);
+    weighting: how the class weights apply ("row" or "element"), for cb_linear_loss and the spec alike."""
     hidden, weight, b, target, cw = _inputs(n, h, c, dtype, bias=bias, ignore_index=ignore_index)
     target[2] = ignore_index  # an ignored row for every seed (a NaN weight when weighted)
     upstream = torch.randn(n if reduction == "none" else 1, dtype=torch.float64) * 1.7
@@ -88,13 +89,13 @@ def assert_matches_unfused(backend, loss_type, reduction, dtype, *, n=29, h=12, 
     def fused(x, w, bb):
         return cb_linear_loss(x, w, target.to(device), cw.to(device), bb, loss_type, GAMMA, reduction, ignore_index,
                               SMOOTHING, chunk_size, backend, sample_weight=_to(sample_weight, device),
-                              normalizer=_to(normalizer, device))
+                              normalizer=_to(normalizer, device), weighting=weighting)
 
     def unfused(x, w, bb):
         if weighted or normalizer is not None:
             return _weighted_unfused(loss_type, x, w, bb, target, cw.double(), sample_weight, reduction, normalizer,
-                                     ignore_index)
-        return _unfused(loss_type, x, w, bb, target, cw.double(), reduction, ignore_index)
+                                     ignore_index, weighting)
+        return _unfused(loss_type, x, w, bb, target, cw.double(), reduction, ignore_index, weighting)
 
     on_device = tuple(None if p is None else p.to(device) for p in (hidden, weight, b))
     out, grads = _value_and_grads(fused, on_device, upstream.to(device))
@@ -163,13 +164,17 @@ class _ContractOps:
     with_grad, the empty grad, *_backward's scaled gradient, fp32 loss, grad in the logits' dtype)."""
 
     @staticmethod
-    def _rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight):
+    def _rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight, element_weight):
         assert len(hyperparameters) == len(family.hyperparameters), (family.name, hyperparameters)
-        # The op sees only its tile's rows: one weight per row, float32 contiguous (the contract).
+        # The op sees only its tile's rows: one weight per row, float32 contiguous (the contract); the element
+        # weights are per class, (C,) float32 contiguous for every tile.
         assert sample_weight is None or (sample_weight.shape == target.shape and sample_weight.is_contiguous()
                                          and sample_weight.dtype == torch.float32)
+        assert element_weight is None or (element_weight.shape == z.shape[1:] and element_weight.is_contiguous()
+                                          and element_weight.dtype == torch.float32)
         named = {h.name: v for h, v in zip(family.hyperparameters, hyperparameters)}
-        rows = family.reference_rows(reference.adjusted_logits(z, target, ii, offset, margin), target, cw, ii, **named)
+        rows = family.reference_rows(reference.adjusted_logits(z, target, ii, offset, margin), target, cw, ii, **named,
+                                     element_weight=element_weight)
         return reference.weighted_rows(rows, target, ii, sample_weight)
 
     def __getattr__(self, name):
@@ -177,19 +182,21 @@ class _ContractOps:
         family = losses.family(family_name)
 
         def forward(logits, target, cw, *scalars_and_optional_inputs):
-            *hyperparameters, ii, with_grad, offset, margin, sample_weight = scalars_and_optional_inputs
+            *hyperparameters, ii, with_grad, offset, margin, sample_weight, element_weight = scalars_and_optional_inputs
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight,
+                                  element_weight)
                 grad = torch.autograd.grad(rows.sum(), z)[0] if with_grad else logits.new_empty((0,))
             return rows.detach().float(), grad
 
         def backward(logits, target, cw, grad_loss, *scalars_and_optional_inputs):
-            *hyperparameters, ii, offset, margin, sample_weight = scalars_and_optional_inputs
+            *hyperparameters, ii, offset, margin, sample_weight, element_weight = scalars_and_optional_inputs
             assert grad_loss.dtype == torch.float32 and grad_loss.is_contiguous()
             z = logits.detach().requires_grad_(True)
             with torch.enable_grad():
-                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight)
+                rows = self._rows(family, z, target, cw, hyperparameters, ii, offset, margin, sample_weight,
+                                  element_weight)
                 return torch.autograd.grad(rows, z, grad_loss.to(rows.dtype))[0]
 
         return forward if kind == "forward" else backward
@@ -356,6 +363,88 @@ def test_no_host_sync_with_sample_weight_and_normalizer(backend, reduction):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
+
+
+# --- weighting="element" ----------------------------------------------------------------------------
+# Every loss (GAMMA and SMOOTHING: the softmax losses run with label smoothing), every reduction, with and without
+# sample weights and the normalizer, against the spec with weighting="element" (losses.Loss.reference).
+
+WEIGHTED_NORMALIZED = [(False, "none", None), (False, "sum", None), (False, "mean", None),
+                       *[(True, r, n) for r, n in NORMALIZED]]
+WEIGHTED_NORMALIZED_IDS = [f"{'weighted-' if w else ''}{r}-{n}" for w, r, n in WEIGHTED_NORMALIZED]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("weighted, reduction, normalizer", WEIGHTED_NORMALIZED, ids=WEIGHTED_NORMALIZED_IDS)
+def test_element_weighting_reference_backend(loss_type, weighted, reduction, normalizer):
+    assert_matches_unfused("reference", loss_type, reduction, torch.float64, chunk_size=7, weighted=weighted,
+                           normalizer=normalizer, weighting="element")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("weighted, reduction, normalizer", WEIGHTED_NORMALIZED, ids=WEIGHTED_NORMALIZED_IDS)
+def test_element_weighting_kernel_glue(contract_backend, loss_type, weighted, reduction, normalizer):
+    """The class weights reach the op as its element_weight input (whole rows: (C,) for every chunk), forward
+    and, for "none", *_backward; its class_weight input is then None."""
+    assert_matches_unfused(contract_backend, loss_type, reduction, torch.float32, chunk_size=6, weighted=weighted,
+                           normalizer=normalizer, weighting="element")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("weighted, reduction, normalizer", [(False, "none", None), (False, "sum", None),
+                                                             (True, "mean", "tensor"), (True, "none", None)],
+                         ids=["none", "sum", "weighted-mean-tensor", "weighted-none"])
+def test_element_weighting_backends(backend, loss_type, weighted, reduction, normalizer):
+    """The real ops' element_weight input: "none" through *_backward, "mean"/"sum" with the gradient from forward."""
+    n, h, c, chunk_size = _backend_shape(backend)
+    assert_matches_unfused(backend.name, loss_type, reduction, torch.float32, n=n, h=h, c=c, chunk_size=chunk_size,
+                           device=backend.device, weighted=weighted, normalizer=normalizer, weighting="element")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_element_weighting_without_grad(backend, reduction):
+    """No parameter needs a gradient: the losses-only path passes the element weights too."""
+    n, h, c, chunk_size = _backend_shape(backend)
+    dtype = torch.float32 if backend.is_kernel else torch.float64
+    hidden, weight, b, target, cw = _inputs(n, h, c, dtype)
+    on = backend.device
+    got = cb_linear_loss(hidden.to(on), weight.to(on), target.to(on), cw.to(on), b.to(on), "softmax_focal", GAMMA,
+                         reduction, label_smoothing=SMOOTHING, chunk_size=chunk_size, backend=backend.name,
+                         weighting="element")
+    want = _unfused("softmax_focal", hidden.double(), weight.double(), b.double(), target, cw.double(), reduction,
+                    weighting="element")
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_element_weighting_differs_from_row():
+    """With label smoothing the two weightings give different losses (a dropped `weighting` would show up)."""
+    hidden, weight, b, target, cw = _inputs(13, 4, 6, torch.float64)
+    kw = dict(class_weight=cw, bias=b, loss_type="softmax", label_smoothing=0.3, backend="reference")
+    row = cb_linear_loss(hidden, weight, target, **kw)
+    element = cb_linear_loss(hidden, weight, target, weighting="element", **kw)
+    assert not torch.allclose(row, element)
+    torch.testing.assert_close(row, cb_linear_loss(hidden, weight, target, weighting="row", **kw))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_module_element_weighting_matches_linear_plus_loss(loss_type):
+    """ClassBalancedLinearLoss(weighting="element") = nn.Linear followed by ClassBalancedLoss(weighting="element")."""
+    counts = [50, 20, 9, 4, 1, 30, 7]
+    kw = dict(loss_type=loss_type, beta=0.99, gamma=GAMMA, label_smoothing=SMOOTHING, backend="reference",
+              weighting="element")
+    fused = ClassBalancedLinearLoss(6, counts, chunk_size=5, dtype=torch.float64, **kw)
+    assert fused.weighting == "element" and "weighting='element'" in repr(fused)
+    linear = torch.nn.Linear(6, len(counts), dtype=torch.float64)
+    linear.load_state_dict({k: v for k, v in fused.state_dict().items() if k != "class_weight"})
+    loss = cbkernels.ClassBalancedLoss(counts, **kw)
+    hidden, _, _, target, _ = _inputs(13, 6, len(counts), torch.float64)
+    sample_weight = _sample_weight(target, -100)
+    fused(hidden, target, sample_weight, 4.0).mul(1.3).backward()
+    loss(linear(hidden), target, sample_weight, 4.0).mul(1.3).backward()
+    torch.testing.assert_close(fused.weight.grad, linear.weight.grad)
+    torch.testing.assert_close(fused.bias.grad, linear.bias.grad)
+    assert "weighting" not in repr(ClassBalancedLinearLoss(6, counts))  # the default stays unsaid
 
 
 # --- behaviour ---------------------------------------------------------------------------------------
@@ -546,6 +635,13 @@ def _call(**over):
     (dict(reduction="none", normalizer=torch.tensor(2.0)), ValueError, "normalizer applies to reduction='mean'"),
     (dict(normalizer=0.0), ValueError, "normalizer must be a finite number > 0"),
     (dict(normalizer=torch.ones(2)), ValueError, "normalizer must be a number or a 0-d real tensor"),
+    (dict(weighting="elementwise"), ValueError, r"weighting must be one of \('row', 'element'\), got 'elementwise'"),
+    (dict(weighting=None), ValueError, "weighting must be one of .* got None"),
+    # A dense (N, C) target (multi-hot, soft, mixup): refused with the memory reason, before any other check.
+    (dict(target=torch.rand(5, 6)), ValueError,
+     r"cb_linear_loss takes class-index targets \(N,\) only: a dense \(N, C\) target would be one more N x C tensor"),
+    (dict(target=torch.rand(5, 6), weighting="element"), ValueError, "which is what it exists to avoid"),
+    (dict(target=torch.zeros(5, 6, dtype=torch.long)), ValueError, "cb_linear_loss takes class-index targets"),
 ])
 def test_bad_input_errors(over, error, match):
     with pytest.raises(error, match=match):
@@ -561,6 +657,14 @@ def test_module_bad_arguments():
         ClassBalancedLinearLoss(4, [1, 2], chunk_size=-3)
     with pytest.raises(ValueError, match="0 samples"):
         ClassBalancedLinearLoss(4, [1, 0])
+    with pytest.raises(ValueError, match="weighting must be one of .* got 'rows'"):
+        ClassBalancedLinearLoss(4, [1, 2], weighting="rows")
+
+
+def test_module_refuses_dense_target():
+    head = ClassBalancedLinearLoss(4, [3, 2, 1], backend="reference")
+    with pytest.raises(ValueError, match="cb_linear_loss takes class-index targets .* N x C tensor"):
+        head(torch.randn(5, 4), torch.rand(5, 3))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -195,7 +195,8 @@ def test_bad_op_arguments_name_the_argument():
 def test_schemas_match_the_op_contract():
     # triton_op infers the schema from the annotations, and an `int` annotation becomes SymInt (so a
     # dynamic ignore_index traces); otherwise the schemas are the C++ ones of csrc/cbkernels.cpp.
-    adjust = ", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None"
+    adjust = (", Tensor? logit_offset=None, Tensor? target_margin=None, Tensor? sample_weight=None, "
+              "Tensor? element_weight=None")
     expected = {
         "sigmoid_focal_forward": "(Tensor logits, Tensor target, Tensor? class_weight, float gamma, "
                                  f"SymInt ignore_index, bool with_grad{adjust}) -> (Tensor, Tensor)",
@@ -266,16 +267,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cbkernels.triton import kernels as K
 ALIGNED = [["tt.divisibility", 16]]
-def build(fn, dt, extra, consts, warps, stages):
+def build(fn, dt, extra, consts, warps, stages, aligned=(0, 2, 8, 9)):
+    # (a dense target: extra names target_ptr as *<dt>, which keeps its place, and aligned adds its index 1)
     sig = {"logits_ptr": "*" + dt, "target_ptr": "*i64", "weight_ptr": "*fp32", "grad_loss_ptr": "*fp32",
            "loss_ptr": "*fp32", "grad_ptr": "*" + dt, "N": "i32", "C": "i32", **extra, "ignore_index": "i32"}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(i,): ALIGNED for i in (0, 2, 7, 8)}  # what a launch with 16-byte aligned tensors specialises
+    attrs = {(i,): ALIGNED for i in aligned}  # what a launch with 16-byte aligned tensors specialises
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 common = {"HAS_WEIGHT": True, "WRITE_LOSS": True, "WRITE_GRAD": True, "SCALE_GRAD": False, "ROWS": 1,
           "grad_loss_ptr": None, "offset_ptr": None, "margin_ptr": None, "sample_weight_ptr": None,
-          "HAS_OFFSET": False, "HAS_MARGIN": False, "HAS_SAMPLE_WEIGHT": False}
+          "element_weight_ptr": None, "HAS_OFFSET": False, "HAS_MARGIN": False, "HAS_SAMPLE_WEIGHT": False,
+          "HAS_ELEMENT_WEIGHT": False, "DENSE_TARGET": False}
 kernels = {
     "sigmoid_focal bf16": build(K.sigmoid_focal_kernel, "bf16", {"gamma": "fp32"},
                                 {**common, "GAMMA_MODE": 1, "BLOCK": 2048, "VEC": 8, "STAGES": 3}, 8, 3),
@@ -285,6 +288,12 @@ kernels = {
     "softmax_ce held fp32": build(K.softmax_ce_kernel, "fp32", {"eps": "fp32"},
                                  {**common, "HAS_SMOOTHING": False, "BLOCK": 2048, "VEC": 4, "HELD": True,
                                   "STAGES": 2}, 4, 2),
+    "softmax_ce dense streaming fp32": build(K.softmax_ce_kernel, "fp32", {"target_ptr": "*fp32", "eps": "fp32"},
+                                            {**common, "DENSE_TARGET": True, "HAS_SMOOTHING": True, "BLOCK": 1024,
+                                             "VEC": 4, "HELD": False, "STAGES": 3}, 4, 3, aligned=(0, 1, 2, 8, 9)),
+    "sigmoid_focal dense bf16": build(K.sigmoid_focal_kernel, "bf16", {"target_ptr": "*bf16", "gamma": "fp32"},
+                                      {**common, "DENSE_TARGET": True, "GAMMA_MODE": 1, "BLOCK": 2048, "VEC": 8,
+                                       "STAGES": 3}, 8, 3, aligned=(0, 1, 2, 8, 9)),
 }
 from cbkernels.triton import scale as S
 scale_src = ASTSource(fn=S.scale_rows_unless_one_kernel, constexprs={"CHUNK": S.CHUNK, "TILE": S.TILE, "VEC": 8},

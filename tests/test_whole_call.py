@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cases import DTYPES, REDUCTIONS, call, loss_cases, make_inputs
-from cbkernels import _backends, _checks, _ops, functional
+from cbkernels import _backends, _checks, _ops, _reduction, functional
 
 _C_BACKENDS = [pytest.param(name, marks=[pytest.mark.gpu] if name == "cuda" else [], id=name)
                for name in ("cpu", "cuda")]
@@ -24,13 +24,16 @@ def _require(name):
         pytest.skip(reason)
 
 
-def _python_path(spec, hyper, x, target, weight, reduction, strategy, sample_weight=None, normalizer=None):
+def _python_path(spec, hyper, x, target, weight, reduction, strategy, sample_weight=None, normalizer=None,
+                 weighting="row"):
     """functional.apply_loss after its whole-call shortcut, for a kernel backend."""
     record = _backends.get("cpu" if x.is_cpu else "cuda")
-    weight = _checks.check_inputs(x, target, weight)
+    target, weight = _checks.check_inputs(x, target, weight)
+    weight, element_weight = _reduction.split_weighting(weight, weighting)
     with_grad = torch.is_grad_enabled() and x.requires_grad and strategy == "fused"
     rows = functional.kernel_rows(record, spec, x, target, weight, spec.kernel_hyperparameters(hyper), -100,
-                                  reduction, with_grad, sample_weight=sample_weight, normalizer=normalizer)
+                                  reduction, with_grad, sample_weight=sample_weight, normalizer=normalizer,
+                                  element_weight=element_weight)
     return rows if reduction == "none" else rows.sum()
 
 
@@ -95,6 +98,33 @@ def test_whole_call_with_sample_weight_and_normalizer_bit_for_bit(name, strategy
         torch.testing.assert_close(grad_w, grad_p, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", _C_BACKENDS)
+@pytest.mark.parametrize("strategy", ["fused", "recompute"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("spec, hyper", loss_cases(full=False))
+def test_whole_call_with_dense_targets_and_element_weighting_bit_for_bit(name, strategy, reduction, spec, hyper,
+                                                                         monkeypatch):
+    """The same with dense (N, C) targets and weighting="element" (the op's element_weight), with and without
+    class weights: the "mean" folding into the element weights included."""
+    _require(name)
+    monkeypatch.setenv("CBKERNELS_BACKWARD", strategy)
+    logits, index, weight = make_inputs(13, 37, torch.float32, name)
+    soft = torch.rand(13, 37, device=name)
+    fn = getattr(functional, spec.function)
+    upstreams = [torch.ones(13 if reduction == "none" else (), device=name),
+                 torch.rand(13 if reduction == "none" else (), device=name) + 0.5]
+    for target in (soft, index):
+        for weighting in ("row", "element"):
+            for w in (weight, None):
+                whole = _loss_and_grads(lambda x: fn(x, target, w, reduction=reduction, backend=name,
+                                                     weighting=weighting, **hyper), logits, upstreams)
+                python = _loss_and_grads(lambda x: _python_path(spec, hyper, x, target, w, reduction, strategy,
+                                                                weighting=weighting), logits, upstreams)
+                for (loss_w, grad_w), (loss_p, grad_p) in zip(whole, python):
+                    torch.testing.assert_close(loss_w, loss_p, rtol=0, atol=0)
+                    torch.testing.assert_close(grad_w, grad_p, rtol=0, atol=0)
+
+
 def test_eager_call_takes_the_whole_call_op(monkeypatch):
     """The shortcut is taken (the test above would pass vacuously if apply_loss never reached the op)."""
     calls = []
@@ -106,7 +136,9 @@ def test_eager_call_takes_the_whole_call_op(monkeypatch):
         call(spec, logits, target, weight, backend="cpu", hyper=hyper)
         getattr(functional, spec.function)(logits, target, weight, backend="cpu", sample_weight=torch.rand(4),
                                            normalizer=2, **hyper)
-    assert len(calls) == 2 * len(loss_cases(full=False))
+        getattr(functional, spec.function)(logits, torch.rand(4, 9), weight, backend="cpu", weighting="element",
+                                           **hyper)
+    assert len(calls) == 3 * len(loss_cases(full=False))
 
 
 @pytest.mark.parametrize("spec, hyper", loss_cases(full=False))
@@ -163,6 +195,10 @@ def test_opcheck_whole_call_ops(family_name, dtype, reduction):
         extra = {"sample_weight": torch.rand(5), "normalizer": 3.0 if reduction == "mean" else None}
         torch.library.opcheck(family.op(torch.ops.cbkernels, "loss").default,
                               _op_args(family, x, target, weight, reduction, fused), extra)
+        x = logits.clone().requires_grad_(True)  # dense targets and element weights
+        torch.library.opcheck(family.op(torch.ops.cbkernels, "loss").default,
+                              _op_args(family, x, torch.rand(5, 19, dtype=dtype), weight, reduction, fused),
+                              {"element_weight": weight})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

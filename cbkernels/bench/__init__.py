@@ -6,7 +6,8 @@ prints a Markdown table per case and writes table.md, results.json, results.csv 
 On a GPU each forward + backward step is also replayed as a CUDA graph (device time without host overhead,
 reported beside the eager time and the host time per call), and the speed targets are judged on those
 device times (targets.py: targets.md, and the "targets" of results.json). --preset overhead times host
-microseconds per call at tiny shapes instead (overhead.py; table.md and results.json only).
+microseconds per call at tiny shapes instead (overhead.py; table.md and results.json only); --preset dense
+times dense (N, C) targets against class indices (dense.py; table.md and results.json only).
 The API below (speed_table, format_markdown) is what the demo uses.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a cbkernels provider fails, disagrees with the reference or (GPU) cannot be "
                         "captured as a CUDA graph, or a case fails")
-    p.add_argument("--rounds", type=int, help="--preset overhead: interleaved timing rounds (default 15)")
+    p.add_argument("--rounds", type=int, help="--preset overhead / dense: interleaved timing rounds (default 15)")
     p.add_argument("--inner", type=int, help="--preset overhead: calls per provider per round (default 200)")
     return p
 
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
 def _run(args, argv, device, preset) -> int:
     if args.preset == "overhead":
         return _run_overhead(args, argv, device, preset)
+    if args.preset == "dense":
+        return _run_dense(args, argv, device, preset)
     dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
     losses = LOSS_TYPES if args.loss == "all" else (args.loss,)
     repeats, warmup = presets.default_repeats(device)
@@ -175,6 +178,29 @@ def _run_overhead(args, argv, device, preset) -> int:
     print("## Summary (host us per forward + backward call)\n\n" + overhead.summary_markdown(rows), flush=True)
     if args.out:
         _write_overhead(args.out, meta, rows)
+        print(f"wrote {args.out}/: table.md results.json")
+    return 0
+
+
+def _run_dense(args, argv, device, preset) -> int:
+    from . import dense
+
+    losses = LOSS_TYPES if args.loss == "all" else (args.loss,)
+    dtypes = [presets.DTYPES[args.dtype]] if args.dtype else preset["dtypes"]
+    rounds = args.rounds or preset["rounds"]
+    meta = report.provenance(str(device), argv)
+    meta.update(preset=args.preset, rounds=rounds)
+    print(report.provenance_markdown(meta), flush=True)
+    rows = []
+    for dtype in dtypes:
+        rows += dense.measure(losses, preset["shapes"], dtype, device, rounds, echo=lambda md: print(md, flush=True))
+    table = dense.table_markdown(rows) + "\n" + dense.verdict_markdown(rows)
+    print("## Summary (ms per forward + backward)\n\n" + table, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "table.md"), "w") as fh:
+            fh.write(report.provenance_markdown(meta) + "\n" + table)
+        report.write_json(os.path.join(args.out, "results.json"), meta, rows)
         print(f"wrote {args.out}/: table.md results.json")
     return 0
 

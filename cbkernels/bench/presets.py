@@ -18,6 +18,9 @@ PRESETS = {
              "repeats": None, "threads": None},
     "sweep": {"shapes": [(max(SWEEP_ELEMENTS // c, 1), c) for c in SWEEP_CLASSES], "dtypes": [torch.float32],
               "exclude": (), "repeats": None, "threads": None},
+    # Dense (N, C) targets against class indices at the iNaturalist shape, interleaved rounds (dense.py).
+    "dense": {"shapes": [(1024, 8142)], "dtypes": [torch.float32], "exclude": (), "repeats": None,
+              "threads": None, "rounds": 15},
     # Host overhead per forward + backward at tiny shapes, one thread, interleaved rounds (overhead.py).
     "overhead": {"shapes": [(8, 16), (64, 1000)], "dtypes": [torch.float32], "exclude": (), "repeats": None,
                  "threads": 1, "rounds": 15, "inner": 200},

@@ -196,7 +196,7 @@ CheckedInputs check_inputs(OpName op, Family family, const at::Tensor& logits, c
   const Dtype dtype = logits_dtype(op, logits);
   check_beside_logits(op, "target", target, logits);
   // Index targets (N,) int64/int32, or dense targets (N, C) in the logits' dtype (read as the logits are).
-  const bool dense_target = target.dim() == 2;
+  const bool dense_target = target.dim() == 2 && at::isFloatingType(target.scalar_type());
   if (dense_target) {
     TORCH_CHECK(target.sizes() == logits.sizes(), op, ": a dense target must have the logits' shape (N, C) = (", n,
                 ", ", num_classes, "), got ", target.sizes());
@@ -205,8 +205,9 @@ CheckedInputs check_inputs(OpName op, Family family, const at::Tensor& logits, c
     TORCH_CHECK(!optional.target_margin.has_value(), op,
                 ": target_margin needs class-index targets (it shifts the target class's logit); got a dense target");
   } else {
-    TORCH_CHECK(target.dim() == 1, op, ": target must have shape (N,) = (", n, ",) of class indices or (N, C) = (",
-                n, ", ", num_classes, ") of target values, got ", target.sizes());
+    TORCH_CHECK(target.dim() == 1, op, ": target must have shape (N,) = (", n, ",) of class indices, or (N, C) = (",
+                n, ", ", num_classes, ") of floating-point target values, got ", target.scalar_type(), " of shape ",
+                target.sizes());
     check_vector_shape(op, "target", target, "N", n);
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
                 ": target must be int64 or int32 class indices, got ", target.scalar_type());
