@@ -197,6 +197,8 @@ struct LossFunction<F, std::index_sequence<I...>> : torch::autograd::Function<Lo
     // devices first: a tensor on another device (meta included) would take the dispatch of every op below.
     TORCH_CHECK_VALUE(target.device() == logits.device(), "cbkernels::", kName, ": target is on ", target.device(),
                       " but logits are on ", logits.device());
+    TORCH_CHECK_VALUE(!target.requires_grad(), "cbkernels::", kName,
+                      ": target must not require grad: the losses give a gradient for the logits only");
     const std::pair<const char*, Opt> vectors[] = {
         {"class_weight", class_weight},
         {"logit_offset", optional.logit_offset},

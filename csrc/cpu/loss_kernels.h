@@ -1,4 +1,4 @@
-// Bodies of the fused CPU loss kernels (docs/op-contract.md; the math: docs/math.md, sections 5-7 and 13).
+// Bodies of the fused CPU loss kernels (docs/op-contract.md; the math: docs/math.md, sections 5-7, 13 and 14).
 //
 // Included once by each per-ISA translation unit (loss_kernels.cpp, loss_kernels_avx2.cpp,
 // loss_kernels_avx512.cpp); CPU_CAPABILITY names the variant, so the entry points and ATen's
@@ -212,16 +212,81 @@ C10_ALWAYS_INLINE void focal_terms(const Vec& z, const Vec& t, const Vec& gamma,
   dterm_dz = dterm_du * t;
 }
 
+// Soft targets t in [0, 1] (dense targets; docs/math.md section 14.1):
+//   bce = t softplus(-z) + (1 - t) softplus(z),  A = t softplus(z) + (1 - t) softplus(-z),
+//   term = mod * bce, mod = exp(-gamma A) (1 for gamma = 0),
+//   dterm/dz = mod * ((p - t) - gamma (t - q) bce),  p = sigmoid(z), q = sigmoid(-z)
+// (d bce/dz = p - t, dA/dz = t - q, d mod/dz = -gamma mod dA/dz). Both bce and A, hence the term, are
+// unchanged by (z, t) -> (-z, 1 - t), and the derivative changes sign. Lanes with t > 1/2 are evaluated
+// there: with u = +-z and tau = t or 1 - t <= 1/2 (1 - t is exact for t >= 1/2),
+//   bce = max(u, 0) - tau u + l,  A = tau u - min(u, 0) + l,  l = log1p(exp(-|u|)),
+// each a sum of two non-negative terms (no cancellation: at |z| = 1e4 they are 1e4 (1 - tau) or 1e4 tau,
+// or 0), and the derivative's p_u - tau and tau - q_u are differences of a tau <= 1/2 and a probability
+// computed to full relative precision. At t = 1 this is the index path's u = z: p_u - tau = -q keeps its
+// digits where p rounds to 1 (the form p - t would give 0 for every z above 17). e = exp(-|u|) serves the
+// log1p and both probabilities, as in focal_terms. NaN z gives NaN (t is never NaN: ops.cpp checks it).
+// Hard labels (t in {0, 1}, so tau = 0) make A = softplus(-u) and mod = sigmoid(u)^gamma: for the
+// specialised gammas a vector whose every tau is 0 (multi-hot rows: all of them) takes the index path's
+// sqrt, p or p * p instead of the exp (measured at (1024, 8142) fp32, gamma = 2, one AVX-512 thread: the
+// forward with gradient of one-hot rows took 10.7 ms, of rows of 0.3, which take the exp, 13.8 ms).
+template <GammaCase kCase>
+C10_ALWAYS_INLINE void soft_focal_terms(const Vec& z, const Vec& t, const Vec& gamma, Vec& term, Vec& dterm_dz) {
+  const Vec zero(0.0f), one(1.0f);
+  const Vec flip = sign_mask(Vec(0.5f) - t);  // all ones where t > 1/2
+  const Vec sign = flip & Vec(-0.0f);          // the sign bit there
+  const Vec u = z ^ sign;
+  const Vec tau = select(flip, one - t, t);
+  const Vec e = exp_nonpositive(u.abs().neg());
+  const Vec r = one / (one + e);
+  const Vec l = log1p_unit(e);
+  const Vec er = e * r;
+  const Vec u_negative = sign_mask(u);
+  const Vec p = select(u_negative, er, r);  // sigmoid(u)
+  const Vec q = select(u_negative, r, er);  // sigmoid(-u)
+  const Vec bce = at::vec::fnmadd(tau, u, at::vec::clamp_min(u, zero)) + l;
+  Vec dterm_du;
+  if constexpr (kCase != GammaCase::kZero) {
+    Vec mod;
+    if (kCase != GammaCase::kGeneral && all_at_most(tau, zero)) {
+      if constexpr (kCase == GammaCase::kHalf) {
+        mod = p.sqrt();
+      } else if constexpr (kCase == GammaCase::kOne) {
+        mod = p;
+      } else {
+        mod = p * p;
+      }
+    } else {
+      const Vec A = at::vec::fmadd(tau, u, at::vec::clamp_min(u.neg(), zero)) + l;
+      mod = exp_nonpositive((gamma * A).neg());
+    }
+    term = mod * bce;
+    dterm_du = mod * at::vec::fnmadd(gamma * (tau - q), bce, p - tau);
+  } else {
+    term = bce;
+    dterm_du = p - tau;
+  }
+  dterm_dz = dterm_du ^ sign;
+}
+
 // Loss (kLoss) and/or gradient (kGrad) of one row. alpha scales the loss; gscale the gradient
 // (alpha in the forward op, alpha * grad_loss[row] in the backward op).
-// offset: the logit offset when kOffset; margin_y: margin_vec's (the target's vector is its own branch).
-template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset>
-inline void focal_row(const T* z, const float* offset, const Vec& margin_y, T* g, int64_t C, int64_t y, float gamma_f,
-                      float alpha, float gscale, float* loss) {
+// offset: the logit offset when kOffset; element: the element weights, or nullptr.
+// Index targets (kDense false): y and margin_y (margin_vec's: the target's vector is its own branch).
+// Dense targets (kDense true): t, the row's targets; y and margin_y are unused.
+template <typename T, GammaCase kCase, bool kDense, bool kLoss, bool kGrad, bool kOffset>
+inline void focal_row(const T* z, const T* t, const float* offset, const float* element, const Vec& margin_y, T* g,
+                      int64_t C, int64_t y, float gamma_f, float alpha, float gscale, float* loss) {
   const Vec gamma(gamma_f), scale(gscale), zero(0.0f), one(1.0f), minus_one(-1.0f);
   // The target's vector gets t = +1 in the target's lane; every other vector has t = -1 throughout.
   const int64_t y_base = y - y % kLanes;
   const Vec t_y = Vec::blendv(minus_one, one, Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(y - y_base)));
+  const auto terms = [&](const Vec& zc, int64_t c, const Vec& tc, Vec& term, Vec& dz) {
+    if constexpr (kDense) {
+      soft_focal_terms<kCase>(zc, tc, gamma, term, dz);
+    } else {
+      focal_terms<kCase>(c == y_base ? zc - margin_y : zc, c == y_base ? t_y : minus_one, gamma, term, dz);
+    }
+  };
   const int64_t full = C - C % kLanes;
   double total = 0.0;
   Vec term, dz;
@@ -230,28 +295,36 @@ inline void focal_row(const T* z, const float* offset, const Vec& margin_y, T* g
     Vec acc(0.0f);
     for (int64_t c = block; c < block_end; c += kLanes) {
       prefetch(z + c, kPrefetchAhead);
-      const Vec zc = load_logits<kOffset>(z, offset, c);
-      focal_terms<kCase>(c == y_base ? zc - margin_y : zc, c == y_base ? t_y : minus_one, gamma, term, dz);
-      if constexpr (kLoss) acc = acc + term;
-      if constexpr (kGrad) store_vec(g + c, dz * scale);
+      if constexpr (kDense) prefetch(t + c, kPrefetchAhead);
+      terms(load_logits<kOffset>(z, offset, c), c, kDense ? load_vec(t + c) : zero, term, dz);
+      // Element weights: a runtime test, not an instance of its own (a predicted branch per vector).
+      if (element != nullptr) {
+        const Vec ec = Vec::loadu(element + c);
+        if constexpr (kLoss) acc = at::vec::fmadd(term, ec, acc);
+        if constexpr (kGrad) store_vec(g + c, dz * (scale * ec));
+      } else {
+        if constexpr (kLoss) acc = acc + term;
+        if constexpr (kGrad) store_vec(g + c, dz * scale);
+      }
     }
     if constexpr (kLoss) total += sum_lanes(acc);
   }
   if (full < C) {
     const int64_t n = C - full;
-    const Vec zc = load_logits_tail<kOffset>(z, offset, full, n);
-    focal_terms<kCase>(full == y_base ? zc - margin_y : zc, full == y_base ? t_y : minus_one, gamma, term, dz);
-    if constexpr (kLoss) total += sum_lanes(Vec::set(zero, term, n));  // lanes >= n hold term(0) != 0
-    if constexpr (kGrad) store_vec_tail(g + full, dz * scale, n);
+    terms(load_logits_tail<kOffset>(z, offset, full, n), full, kDense ? load_vec_tail(t + full, n) : zero, term, dz);
+    const Vec ec = element != nullptr ? Vec::loadu(element + full, n) : one;
+    if constexpr (kLoss) total += sum_lanes(Vec::set(zero, term * ec, n));  // lanes >= n hold term(0) != 0
+    if constexpr (kGrad) store_vec_tail(g + full, dz * (scale * ec), n);
   }
   if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * total);
 }
 
-// The row loop every family shares: ignored rows get zeros, the others their alpha = alpha_y (times
-// sample_weight[row] when given), the gradient scale alpha * grad_loss[row] (alpha alone in forward) and their
-// output pointers, then row_fn does the math.
+// The row loop of index targets, every family's: ignored rows get zeros, the others their alpha = alpha_y (times
+// element_weight[y] when fold_element: the softmax families without smoothing, whose only term is the target's;
+// times sample_weight[row] when given), the gradient scale alpha * grad_loss[row] (alpha alone in forward) and
+// their output pointers, then row_fn does the math.
 template <typename T, bool kLoss, bool kGrad, typename RowFn>
-void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
+void for_each_row(const LossArgs& a, int64_t begin, int64_t end, bool fold_element, RowFn row_fn) {
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t y = row_target(a, row);
@@ -260,6 +333,7 @@ void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
       continue;
     }
     float alpha = a.class_weight != nullptr ? a.class_weight[y] : 1.0f;
+    if (fold_element) alpha *= a.element_weight[y];
     if (a.sample_weight != nullptr) alpha *= a.sample_weight[row];
     const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
     T* g = kGrad ? static_cast<T*>(a.grad) + row * a.num_classes : nullptr;
@@ -267,34 +341,82 @@ void for_each_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
   }
 }
 
-template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset>
-void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
-                                                    float* loss) {
-    focal_row<T, kCase, kLoss, kGrad, kOffset>(z, a.logit_offset, margin_vec(a, y, y - y % kLanes), g, a.num_classes,
-                                               y, a.gamma, alpha, gscale, loss);
-  });
+// sum_c t_c w_c of a dense row: its weight without the sample weight (docs/math.md 14.3). Every product is
+// >= 0: fp32 lanes over blocks, the blocks in double.
+template <typename T>
+inline double dense_row_weight(const T* t, const float* w, int64_t C) {
+  const int64_t full = C - C % kLanes;
+  double total = 0.0;
+  for (int64_t block = 0; block < full; block += kBlock) {
+    const int64_t block_end = std::min(block + kBlock, full);
+    Vec acc(0.0f);
+    for (int64_t c = block; c < block_end; c += kLanes) {
+      prefetch(t + c, kPrefetchAhead);
+      acc = at::vec::fmadd(load_vec(t + c), Vec::loadu(w + c), acc);
+    }
+    total += sum_lanes(acc);
+  }
+  if (full < C) total += sum_lanes(load_vec_tail(t + full, C - full) * Vec::loadu(w + full, C - full));
+  return total;
 }
 
-template <typename T, GammaCase kCase, bool kOffset>
-void focal_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
-  if (a.loss != nullptr && a.grad != nullptr) {
-    focal_rows<T, kCase, true, true, kOffset>(a, begin, end);
-  } else if (a.loss != nullptr) {
-    focal_rows<T, kCase, true, false, kOffset>(a, begin, end);
-  } else {
-    focal_rows<T, kCase, false, true, kOffset>(a, begin, end);
+// The row loop of dense targets: no row is ignored; alpha is the row weight a = sample_weight[row] * sum_c t_c w_c
+// (without class weights: the sample weight, or 1), gscale and the outputs as for_each_row's. kSweep: the
+// sum is taken in a first sweep over the row's targets (in the L2 cache: ops.cpp's check has just read them),
+// which then stay in the L1 cache for row_fn; otherwise row_fn multiplies alpha and gscale by it (the softmax
+// families, which read the targets before they write the gradient).
+template <typename T, bool kLoss, bool kGrad, bool kSweep, typename RowFn>
+void for_each_dense_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
+  const T* logits = static_cast<const T*>(a.logits);
+  const T* target = static_cast<const T*>(a.target);
+  const int64_t C = a.num_classes;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* t = target + row * C;
+    float alpha = a.sample_weight != nullptr ? a.sample_weight[row] : 1.0f;
+    if (kSweep && a.class_weight != nullptr) alpha = static_cast<float>(alpha * dense_row_weight(t, a.class_weight, C));
+    const float gscale = a.grad_loss != nullptr ? alpha * a.grad_loss[row] : alpha;
+    T* g = kGrad ? static_cast<T*>(a.grad) + row * C : nullptr;
+    row_fn(logits + row * a.row_stride, t, g, alpha, gscale, kLoss ? a.loss + row : nullptr);
   }
 }
 
-template <typename T, bool kOffset>
+template <typename T, GammaCase kCase, bool kDense, bool kLoss, bool kGrad, bool kOffset>
+void focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
+  if constexpr (kDense) {
+    for_each_dense_row<T, kLoss, kGrad, true>(a, begin, end, [&](const T* z, const T* t, T* g, float alpha,
+                                                                  float gscale, float* loss) {
+      focal_row<T, kCase, true, kLoss, kGrad, kOffset>(z, t, a.logit_offset, a.element_weight, Vec(0.0f), g,
+                                                       a.num_classes, 0, a.gamma, alpha, gscale, loss);
+    });
+  } else {
+    for_each_row<T, kLoss, kGrad>(a, begin, end, false, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
+                                                             float* loss) {
+      focal_row<T, kCase, false, kLoss, kGrad, kOffset>(z, nullptr, a.logit_offset, a.element_weight,
+                                                        margin_vec(a, y, y - y % kLanes), g, a.num_classes, y, a.gamma,
+                                                        alpha, gscale, loss);
+    });
+  }
+}
+
+template <typename T, GammaCase kCase, bool kDense, bool kOffset>
+void focal_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
+  if (a.loss != nullptr && a.grad != nullptr) {
+    focal_rows<T, kCase, kDense, true, true, kOffset>(a, begin, end);
+  } else if (a.loss != nullptr) {
+    focal_rows<T, kCase, kDense, true, false, kOffset>(a, begin, end);
+  } else {
+    focal_rows<T, kCase, kDense, false, true, kOffset>(a, begin, end);
+  }
+}
+
+template <typename T, bool kDense, bool kOffset>
 void focal_rows_for_gamma(const LossArgs& a, int64_t begin, int64_t end) {
   switch (gamma_case(a.gamma)) {
-    case GammaCase::kZero: return focal_rows_for_outputs<T, GammaCase::kZero, kOffset>(a, begin, end);
-    case GammaCase::kHalf: return focal_rows_for_outputs<T, GammaCase::kHalf, kOffset>(a, begin, end);
-    case GammaCase::kOne: return focal_rows_for_outputs<T, GammaCase::kOne, kOffset>(a, begin, end);
-    case GammaCase::kTwo: return focal_rows_for_outputs<T, GammaCase::kTwo, kOffset>(a, begin, end);
-    case GammaCase::kGeneral: return focal_rows_for_outputs<T, GammaCase::kGeneral, kOffset>(a, begin, end);
+    case GammaCase::kZero: return focal_rows_for_outputs<T, GammaCase::kZero, kDense, kOffset>(a, begin, end);
+    case GammaCase::kHalf: return focal_rows_for_outputs<T, GammaCase::kHalf, kDense, kOffset>(a, begin, end);
+    case GammaCase::kOne: return focal_rows_for_outputs<T, GammaCase::kOne, kDense, kOffset>(a, begin, end);
+    case GammaCase::kTwo: return focal_rows_for_outputs<T, GammaCase::kTwo, kDense, kOffset>(a, begin, end);
+    case GammaCase::kGeneral: return focal_rows_for_outputs<T, GammaCase::kGeneral, kDense, kOffset>(a, begin, end);
   }
 }
 
@@ -353,11 +475,93 @@ inline float block_max(const T* z, const float* offset, int64_t begin, int64_t e
 
 inline int64_t num_blocks(int64_t C) { return (C + kBlock - 1) / kBlock; }
 
-// What pass 1 leaves for the rest of the row: the maximum m, s_rest = sum_{c != y} exp(z_c - m),
-// the target's logit z_y, d = z_y - m, e_y = exp(d), s = s_rest + e_y, and sum_c z_c when asked for (else 0).
+// ---- per-class coefficients of the softmax losses (docs/math.md 14.2) --------------------------------------
+// Row i's class c enters with u_c = a_i k_c, k_c = e_c ((1 - eps) q_c + eps/C). How the kernels form k_c:
+//   kOneHot:  a class index without element weights: two constants, (1 - eps) + eps/C for the target and
+//             eps/C for the rest (the kernels' scalar paths). With element weights and eps = 0 too: the
+//             target's term alone remains, and for_each_row folds e_y into a (fold_element).
+//   kElement: a class index with element weights, eps > 0: k_c = e_c eps/C off the target; the vectors
+//             carry e_c, the constant is applied per row.
+//   kDense:   a dense target: k_c = e_c ((1 - eps) t_c + eps/C) per class (e_c = 1 without element weights).
+enum class Coef { kOneHot, kElement, kDense };
+
+// The vector part of k_c for kElement (e_c) and kDense (all of it); unused for kOneHot.
+template <typename T, Coef kCoef>
+struct Coefficients {
+  const T* t = nullptr;        // kDense: the row's targets
+  const float* e = nullptr;    // element weights; kDense: or nullptr
+  float c1 = 0.0f, c0 = 0.0f;  // kDense: (1 - eps) and eps/C
+  const float* w = nullptr;    // kDense: the class weights, whose sum_c t_c w_c (the row weight) rides along, or nullptr
+
+  // Adds t_c w_c of the classes at c (n of them, lanes >= n read 0) to acc when w is set.
+  C10_ALWAYS_INLINE void add_row_weight(int64_t c, int64_t n, Vec& acc) const {
+    if constexpr (kCoef == Coef::kDense) {
+      if (w == nullptr) return;
+      if (n == kLanes) {
+        acc = at::vec::fmadd(load_vec(t + c), Vec::loadu(w + c), acc);
+      } else {
+        acc = at::vec::fmadd(load_vec_tail(t + c, n), Vec::loadu(w + c, n), acc);
+      }
+    }
+  }
+
+  C10_ALWAYS_INLINE Vec at(int64_t c) const {
+    if constexpr (kCoef == Coef::kElement) {
+      return Vec::loadu(e + c);
+    } else {
+      const Vec k = at::vec::fmadd(load_vec(t + c), Vec(c1), Vec(c0));
+      return e != nullptr ? k * Vec::loadu(e + c) : k;
+    }
+  }
+
+  // The n < kLanes classes at c; lanes >= n read 0.
+  Vec tail(int64_t c, int64_t n) const {
+    if constexpr (kCoef == Coef::kElement) {
+      return Vec::loadu(e + c, n);
+    } else {
+      const Vec k = at::vec::fmadd(load_vec_tail(t + c, n), Vec(c1), Vec(c0));
+      return Vec::set(Vec(0.0f), e != nullptr ? k * Vec::loadu(e + c, n) : k, n);
+    }
+  }
+
+  // Class c's, as at()'s lanes form it.
+  float scalar(int64_t c) const {
+    if constexpr (kCoef == Coef::kElement) {
+      return e[c];
+    } else {
+      const float k = std::fma(static_cast<float>(t[c]), c1, c0);
+      return e != nullptr ? k * e[c] : k;
+    }
+  }
+};
+
+// The first class of [begin, end) whose adjusted logit equals m, the maximum of that range; begin when there
+// is none (m NaN; the row's sums are NaN then, whichever class is taken apart) or every logit is -inf.
+// Vectors whose every lane is below m (at most the float below it) are skipped whole.
+template <bool kOffset, typename T>
+inline int64_t first_max(const T* z, const float* offset, int64_t begin, int64_t end, float m) {
+  if (!(m > -std::numeric_limits<float>::infinity())) return begin;
+  const Vec below(std::nextafter(m, -std::numeric_limits<float>::infinity()));
+  int64_t c = begin;
+  while (c + kLanes <= end && all_at_most(load_logits<kOffset>(z, offset, c), below)) c += kLanes;
+  for (; c < end; ++c) {
+    const float zc = kOffset ? static_cast<float>(z[c]) + offset[c] : static_cast<float>(z[c]);
+    if (zc == m) return c;
+  }
+  return begin;
+}
+
+// What pass 1 leaves for the rest of the row: the maximum m; the class y taken apart (the target for index
+// targets; for dense targets the top class, the first with z_y = m); s_rest = sum_{c != y} exp(z_c - m), the
+// logit z_y, d = z_y - m, e_y = exp(d), s = s_rest + e_y; sum_c z_c when asked for (else 0); with the
+// coefficients (kElement, kDense, when asked for; else 0) k_rest = sum_{c != y} k_c and
+// d_rest = sum_{c != y} k_c (z_c - m) <= 0; and with them for kDense with class weights (else 0) the row
+// weight's sum tw = sum_c t_c w_c.
 struct SoftmaxSums {
   float m;
   double s_rest, z_y, d, e_y, s, sum_z;
+  int64_t y;
+  double k_rest, d_rest, tw;
 };
 
 // Work of another row that pass 1 interleaves with its own: overlap.block(b) at the start of block b, before
@@ -372,62 +576,125 @@ struct NoOverlap {
 // after them). kGrad: g is the row's gradient, whose lines are requested for writing as the pass goes.
 // Everything here is of the adjusted logits z' (kOffset: a.logit_offset is set): the cached exp terms, the
 // maximum, sum_z and z_y; later passes that re-read z add the offset again (the target's lane is never used).
-template <typename T, bool kCache, bool kGrad, bool kOffset, typename Overlap = NoOverlap>
-inline SoftmaxSums softmax_sums(const LossArgs& a, const T* z, T* g, int64_t y, bool with_sum_z, float* cache,
-                                Overlap&& overlap = Overlap()) {
+// sums: the coefficients whose k_rest and d_rest to accumulate, or nullptr. d_rest is kept relative to the
+// running maximum as s_rest is: when a block raises it from m to m', d_rest += k_rest (m - m'); so the terms
+// z_c - m (exact near the maximum) keep their digits at |z| ~ 1e4, where sum_c k_c z_c - m sum_c k_c would not.
+// Dense targets (kCoef = kDense) have no target to take apart; the top class is, so that 1 - p_top =
+// s_rest / s keeps its digits as 1 - p_y does for a class index (a confident row's gradient there is
+// U p_top - u_top, tiny against either term). The top moves only when a block raises the maximum: first_max
+// finds it in that block before the block's exp loop, and the previous top, whose term exp(0) = 1 was left
+// out, joins s_rest (and k_rest, d_rest) with the rescaled value exp(m - m').
+template <typename T, bool kCache, bool kGrad, bool kOffset, Coef kCoef = Coef::kOneHot, typename Overlap = NoOverlap>
+inline SoftmaxSums softmax_sums(const LossArgs& a, const T* z, T* g, int64_t y, bool with_sum_z,
+                                const Coefficients<T, kCoef>* sums, float* cache, Overlap&& overlap = Overlap()) {
+  constexpr bool kTop = kCoef == Coef::kDense;
   const int64_t C = a.num_classes;
   const float* offset = a.logit_offset;
   const int64_t full = C - C % kLanes;
-  const int64_t y_base = y - y % kLanes;
-  const Vec margin_y = margin_vec(a, y, y_base);
+  int64_t y_base = y - y % kLanes;
+  const Vec margin_y = margin_vec(a, y, y_base);  // dense targets: no margin, zeros
   const Vec zero(0.0f);
-  const Vec y_lane = Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(y - y_base));
+  const auto lane_of = [](int64_t lane) { return Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(lane)); };
+  Vec y_lane = lane_of(y - y_base);
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   float* block_shift = kCache ? cache + C : nullptr;  // m_b of each block, -inf while every logit was -inf
   float m = 0.0f;
-  double s_rest = 0.0, sum_z = 0.0;
+  double s_rest = 0.0, sum_z = 0.0, k_rest = 0.0, d_rest = 0.0, tw = 0.0;
   for (int64_t block = 0; block < C; block += kBlock) {
     const int64_t block_end = std::min(block + kBlock, full);  // full vectors of this block
     const int64_t tail = block + kBlock >= C ? C - full : 0;   // the row's last partial vector, if here
     const float bm = block_max<kOffset>(z, offset, block, block_end, tail, y_base, margin_y);
+    const bool raised = block == 0 || bm > m || std::isnan(bm);
     if (block == 0) {
       m = bm;
-    } else if (bm > m || std::isnan(bm)) {
-      s_rest *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
+    } else if (raised) {
+      const double shift = static_cast<double>(m) - static_cast<double>(bm);
+      const double rescale = std::exp(shift);
+      s_rest *= rescale;
+      if constexpr (kCoef != Coef::kOneHot) {
+        if (sums != nullptr) d_rest += k_rest * shift;
+      }
+      if constexpr (kTop) {
+        s_rest += rescale;
+        if (sums != nullptr) {
+          const double k_top = sums->scalar(y);
+          k_rest += k_top;
+          d_rest += k_top * shift;
+        }
+      }
       m = bm;
+    }
+    if constexpr (kTop) {
+      if (raised) {
+        y = first_max<kOffset>(z, offset, block, block_end + tail, bm);
+        y_base = y - y % kLanes;
+        y_lane = lane_of(y - y_base);
+      }
     }
     // While every logit so far is -inf (masked classes), m = -inf and z - m would be NaN; their exp
     // terms are 0, which exp(-inf - 0) gives. A later finite block then rescales s_rest = 0 harmlessly.
     const Vec vm(m == kMinusInf ? 0.0f : m);
     overlap.block(block);
     if constexpr (kCache) block_shift[block / kBlock] = m;
-    Vec acc(0.0f), acc_z(0.0f);
+    Vec acc(0.0f), acc_z(0.0f), acc_k(0.0f), acc_d(0.0f), acc_tw(0.0f);
+    // The coefficients' sums of k (lanes >= n of a tail read k = 0) and k (z - m), the class y left out
+    // (its z - m zeroed too: a target masked with -inf must not give 0 * -inf).
+    const auto add_sums = [&](int64_t c, const Vec& k, const Vec& x) {
+      if constexpr (kCoef != Coef::kOneHot) {
+        const bool is_y = c == y_base;
+        const Vec k_c = is_y ? Vec::blendv(k, zero, y_lane) : k;
+        acc_k = acc_k + k_c;
+        acc_d = at::vec::fmadd(k_c, is_y ? Vec::blendv(x, zero, y_lane) : x, acc_d);
+      }
+    };
     for (int64_t c = block; c < block_end; c += kLanes) {
       prefetch(z + c, kBlock);  // the next block, while this one is in L1
       if constexpr (kGrad) prefetch_for_write(g + c);
       Vec zc = load_logits<kOffset>(z, offset, c);
       if (c == y_base) zc = zc - margin_y;
-      const Vec ez = exp_nonpositive(zc - vm);
+      const Vec x = zc - vm;
+      const Vec ez = exp_nonpositive(x);
       overlap.vector(c, kLanes);
       if constexpr (kCache) ez.store(cache + c);
       acc = acc + (c == y_base ? Vec::blendv(ez, zero, y_lane) : ez);
       if (with_sum_z) acc_z = acc_z + zc;
+      if constexpr (kCoef != Coef::kOneHot) {
+        if (sums != nullptr) {
+          if constexpr (kTop) prefetch(sums->t + c, kBlock);
+          add_sums(c, sums->at(c), x);
+          sums->add_row_weight(c, kLanes, acc_tw);
+        }
+      }
     }
     if (tail > 0) {
       Vec zc = load_logits_tail<kOffset>(z, offset, block_end, tail);  // lanes >= tail read 0: masked out of the exp sum
       if (block_end == y_base) zc = zc - margin_y;
-      const Vec ez = Vec::set(zero, exp_nonpositive(zc - vm), tail);
+      const Vec x = zc - vm;
+      const Vec ez = Vec::set(zero, exp_nonpositive(x), tail);
       overlap.vector(block_end, tail);
       if constexpr (kCache) ez.store(cache + block_end, tail);
       acc = acc + (block_end == y_base ? Vec::blendv(ez, zero, y_lane) : ez);
       if (with_sum_z) acc_z = acc_z + zc;
+      if constexpr (kCoef != Coef::kOneHot) {
+        if (sums != nullptr) {
+          add_sums(block_end, sums->tail(block_end, tail), x);
+          sums->add_row_weight(block_end, tail, acc_tw);
+        }
+      }
     }
     s_rest += sum_lanes(acc);
     if (with_sum_z) sum_z += sum_lanes(acc_z);
+    if constexpr (kCoef != Coef::kOneHot) {
+      if (sums != nullptr) {
+        k_rest += sum_lanes(acc_k);
+        d_rest += sum_lanes(acc_d);
+        if (kTop && sums->w != nullptr) tw += sum_lanes(acc_tw);
+      }
+    }
   }
   const double z_y = static_cast<double>(adjusted_target_logit<kOffset>(a, z, y));
   const double e_y = std::exp(z_y - m);
-  return {m, s_rest, z_y, z_y - m, e_y, s_rest + e_y, sum_z};
+  return {m, s_rest, z_y, z_y - m, e_y, s_rest + e_y, sum_z, y, k_rest, d_rest, tw};
 }
 
 // p_c = cache_c * block_factor for the cached exp terms of a block whose shift was m_b.
@@ -436,7 +703,8 @@ inline double block_factor(float m_b, const SoftmaxSums& r) {
 }
 
 // The outcome of a row of the single-pass softmax losses, per unit of alpha (loss) and of gscale
-// (gradient): g_c = grad_scale * p_c + grad_shift off the target, g_y = grad_target.
+// (gradient): g_c = grad_scale * p_c + grad_shift off the class y taken apart (times k_c for kElement and
+// kDense), g_y = grad_target.
 struct SoftmaxRowScalars {
   double loss;
   double grad_scale;
@@ -446,12 +714,20 @@ struct SoftmaxRowScalars {
 
 // One row of a single-pass softmax loss: pass 1, then `finish(sums, with_loss)` gives the row's scalars
 // (with_loss false: its loss is not used), then, for the gradient, pass 2 over the cache.
-// cache: C + num_blocks(C) floats of scratch when kGrad.
-template <typename T, bool kLoss, bool kGrad, bool kOffset, typename Finish>
-inline void softmax_row(const LossArgs& a, const T* z, T* g, int64_t y, bool with_sum_z, float alpha, float gscale,
-                        float* loss, float* cache, Finish finish) {
+// cache: C + num_blocks(C) floats of scratch when kGrad. coef: the coefficients (kElement, kDense; else
+// nullptr), summed by pass 1 and multiplying grad_shift.
+template <typename T, bool kLoss, bool kGrad, bool kOffset, Coef kCoef, typename Finish>
+inline void softmax_row(const LossArgs& a, const T* z, T* g, int64_t y, bool with_sum_z,
+                        const Coefficients<T, kCoef>* coef, float alpha, float gscale, float* loss, float* cache,
+                        Finish finish) {
   const int64_t C = a.num_classes;
-  const SoftmaxSums r = softmax_sums<T, kGrad, kGrad, kOffset>(a, z, g, y, with_sum_z, cache);
+  const SoftmaxSums r = softmax_sums<T, kGrad, kGrad, kOffset, kCoef>(a, z, g, y, with_sum_z, coef, cache);
+  if constexpr (kCoef == Coef::kDense) {
+    if (coef->w != nullptr) {  // the row weight's sum, from pass 1 (for_each_dense_row without kSweep)
+      alpha = static_cast<float>(alpha * r.tw);
+      gscale = static_cast<float>(gscale * r.tw);
+    }
+  }
   const SoftmaxRowScalars k = finish(r, kLoss);
   if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * k.loss);
   if constexpr (kGrad) {
@@ -462,14 +738,18 @@ inline void softmax_row(const LossArgs& a, const T* z, T* g, int64_t y, bool wit
       const Vec scale(static_cast<float>(row_scale * block_factor(cache[C + block / kBlock], r)));
       const int64_t block_end = std::min(block + kBlock, full);
       for (int64_t c = block; c < block_end; c += kLanes) {
-        store_vec(g + c, at::vec::fmadd(Vec::loadu(cache + c), scale, shift));
+        Vec shift_c = shift;
+        if constexpr (kCoef != Coef::kOneHot) shift_c = shift * coef->at(c);
+        store_vec(g + c, at::vec::fmadd(Vec::loadu(cache + c), scale, shift_c));
       }
       if (block + kBlock >= C && full < C) {
         const int64_t n = C - full;
-        store_vec_tail(g + full, at::vec::fmadd(Vec::loadu(cache + full, n), scale, shift), n);
+        Vec shift_c = shift;
+        if constexpr (kCoef != Coef::kOneHot) shift_c = shift * coef->tail(full, n);
+        store_vec_tail(g + full, at::vec::fmadd(Vec::loadu(cache + full, n), scale, shift_c), n);
       }
     }
-    g[y] = static_cast<T>(static_cast<float>(static_cast<double>(gscale) * k.grad_target));
+    g[r.y] = static_cast<T>(static_cast<float>(static_cast<double>(gscale) * k.grad_target));
   }
 }
 
@@ -487,28 +767,77 @@ inline SoftmaxRowScalars softmax_ce_scalars(const SoftmaxSums& r, bool with_loss
   return {loss, 1.0, -(eps / static_cast<float>(C)), e * (1.0 - 1.0 / static_cast<double>(C)) - r.s_rest / r.s};
 }
 
-template <typename T, bool kLoss, bool kGrad, bool kOffset>
+// The cross entropy's scalars with per-class coefficients (docs/math.md 14.2): the class y taken apart has
+// u_y = a k_y, the others u_c = a W k_c (kElement: k_y = (1 - eps + eps/C) e_y, W = eps/C; kDense: k_y its
+// coefficient, W = 1), with pass 1's k_rest and d_rest. Per unit of a, U = k_y + W k_rest and
+//   loss = sum_c u_c (log s - (z_c - m)) = k_y (log s - d) + W (k_rest log s - d_rest)  (terms >= 0),
+//   g_c = U p_c - W k_c,   g_y = U p_y - k_y = p_y W k_rest - k_y q_y,  q_y = s_rest / s (no 1 - p_y).
+inline SoftmaxRowScalars weighted_softmax_ce_scalars(const SoftmaxSums& r, bool with_loss, double k_y, double W) {
+  const double log_s = std::log(r.s);
+  const double loss = with_loss ? k_y * (log_s - r.d) + W * (r.k_rest * log_s - r.d_rest) : 0.0;
+  return {loss, k_y + W * r.k_rest, static_cast<float>(-W), (r.e_y / r.s) * W * r.k_rest - k_y * (r.s_rest / r.s)};
+}
+
+// The kernels' coefficient case of a softmax call (Coef).
+inline Coef softmax_coef(const LossArgs& a) {
+  if (a.dense_target) return Coef::kDense;
+  return a.element_weight != nullptr && a.label_smoothing != 0.0f ? Coef::kElement : Coef::kOneHot;
+}
+
+// Runs row_fn(z, t, g, y, alpha, gscale, loss) on every row of a softmax family's call with kCoef: the index
+// rows of for_each_row (t nullptr; fold_element for kOneHot) or the dense rows of for_each_dense_row (y 0: the
+// row's y is its top class, found by pass 1).
+template <typename T, bool kLoss, bool kGrad, Coef kCoef, typename RowFn>
+void for_each_softmax_row(const LossArgs& a, int64_t begin, int64_t end, RowFn row_fn) {
+  if constexpr (kCoef == Coef::kDense) {
+    for_each_dense_row<T, kLoss, kGrad, false>(a, begin, end, [&](const T* z, const T* t, T* g, float alpha,
+                                                                   float gscale, float* loss) {
+      row_fn(z, t, g, 0, alpha, gscale, loss);
+    });
+  } else {
+    const bool fold_element = kCoef == Coef::kOneHot && a.element_weight != nullptr;
+    for_each_row<T, kLoss, kGrad>(a, begin, end, fold_element, [&](const T* z, T* g, int64_t y, float alpha,
+                                                                    float gscale, float* loss) {
+      row_fn(z, static_cast<const T*>(nullptr), g, y, alpha, gscale, loss);
+    });
+  }
+}
+
+template <typename T, bool kLoss, bool kGrad, bool kOffset, Coef kCoef>
 void softmax_rows(const LossArgs& a, int64_t begin, int64_t end) {
   // One row cache per call of this function, i.e. per thread's share of rows.
   std::unique_ptr<float[]> cache(kGrad ? new float[a.num_classes + num_blocks(a.num_classes)] : nullptr);
-  const bool with_sum_z = kLoss && a.label_smoothing != 0.0f;
-  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
-                                                    float* loss) {
-    softmax_row<T, kLoss, kGrad, kOffset>(a, z, g, y, with_sum_z, alpha, gscale, loss, cache.get(),
-                                 [&](const SoftmaxSums& r, bool with_loss) {
-                                   return softmax_ce_scalars(r, with_loss, a.label_smoothing, a.num_classes);
-                                 });
+  const float eps = a.label_smoothing;
+  const double w = static_cast<double>(eps) / static_cast<double>(a.num_classes);
+  const bool with_sum_z = kCoef == Coef::kOneHot && kLoss && eps != 0.0f;
+  for_each_softmax_row<T, kLoss, kGrad, kCoef>(a, begin, end, [&](const T* z, const T* t, T* g, int64_t y, float alpha,
+                                                                   float gscale, float* loss) {
+    if constexpr (kCoef == Coef::kOneHot) {
+      softmax_row<T, kLoss, kGrad, kOffset, kCoef>(a, z, g, y, with_sum_z, nullptr, alpha, gscale, loss, cache.get(),
+                                                   [&](const SoftmaxSums& r, bool with_loss) {
+                                                     return softmax_ce_scalars(r, with_loss, eps, a.num_classes);
+                                                   });
+    } else {
+      const Coefficients<T, kCoef> coef{t, a.element_weight, 1.0f - eps, static_cast<float>(w),
+                                        kCoef == Coef::kDense ? a.class_weight : nullptr};
+      softmax_row<T, kLoss, kGrad, kOffset, kCoef>(
+          a, z, g, y, false, &coef, alpha, gscale, loss, cache.get(), [&](const SoftmaxSums& r, bool with_loss) {
+            return kCoef == Coef::kDense
+                       ? weighted_softmax_ce_scalars(r, with_loss, coef.scalar(r.y), 1.0)
+                       : weighted_softmax_ce_scalars(r, with_loss, (1.0 - eps + w) * coef.scalar(r.y), w);
+          });
+    }
   });
 }
 
-template <typename T, bool kOffset>
+template <typename T, bool kOffset, Coef kCoef>
 void softmax_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
   if (a.loss != nullptr && a.grad != nullptr) {
-    softmax_rows<T, true, true, kOffset>(a, begin, end);
+    softmax_rows<T, true, true, kOffset, kCoef>(a, begin, end);
   } else if (a.loss != nullptr) {
-    softmax_rows<T, true, false, kOffset>(a, begin, end);
+    softmax_rows<T, true, false, kOffset, kCoef>(a, begin, end);
   } else {
-    softmax_rows<T, false, true, kOffset>(a, begin, end);
+    softmax_rows<T, false, true, kOffset, kCoef>(a, begin, end);
   }
 }
 
@@ -524,7 +853,9 @@ void softmax_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
 // mod_c l_c and F_c from the cache and z (no second exp of z), caching F_c when the gradient is wanted;
 // pass 3 writes the gradient from the two caches, interleaved with the next row's pass 1 (FocalGradient).
 // In both cases the target's own terms are the double scalars of focal_target, left out of the vector sums
-// and written over the vector pass's g_y.
+// and written over the vector pass's g_y. Element weights with eps > 0 and dense targets (any eps) take
+// the three passes with a coefficient per class (docs/math.md 14.2; softmax_focal_smoothed_pass2), a dense
+// row's top class in the target's place.
 
 // The target's terms, from pass 1's split (sections 7 and 13.2); none is formed as 1 - p_y, so a confident
 // row keeps them to full relative precision. With x = s_rest / e_y:
@@ -613,8 +944,8 @@ C10_ALWAYS_INLINE void softmax_focal_terms(const Vec& p, const Vec& q, const Vec
   }
 }
 
-// Pass 3 of a row: g_j = gscale (p_j Phi - w F_j), p_j = cache_j * block_factor, from the row's cache, then
-// the target's entry. It runs inside the next row's pass 1 (as that pass's Overlap, which reads each cached
+// Pass 3 of a row: g_j = gscale (p_j Phi - W k_j F_j), p_j = cache_j * block_factor, from the row's cache
+// (which holds k_j F_j), then the entry of the class taken apart (the target, or a dense row's top class). It runs inside the next row's pass 1 (as that pass's Overlap, which reads each cached
 // value before the pass overwrites it) or, after a thread's last row, on its own. Interleaved, its loads
 // and stores overlap the exp arithmetic of pass 1 instead of waiting on the L2 cache by themselves; it
 // requests its gradient lines for writing kPrefetchAhead elements ahead (pass 1 does not request its own
@@ -627,8 +958,8 @@ struct FocalGradient {
   int64_t C, y;
   SoftmaxSums r;
   double gp;      // gscale Phi
-  Vec gw;         // -gscale w
-  double g_y;     // the target's entry
+  Vec gw;         // -gscale W
+  double g_y;     // the entry of class y
   Vec p_scale{};  // gscale Phi times the current block's factor
 
   void block(int64_t b) { p_scale = Vec(static_cast<float>(gp * block_factor(cache[C + b / kBlock], r))); }
@@ -657,36 +988,52 @@ struct FocalGradient {
   }
 };
 
-// Pass 2 of a row (eps > 0) whose pass 1 left r: the loss, and when kGrad its pass 3 as a FocalGradient.
-// cache: C + num_blocks(C) floats (pass 1's exp terms and block shifts), then C more for F when kGrad. Per
-// element p_c = cache_c * block_factor and l_c = log s - (z_c - m) (not lse - z_c: an fp32 lse would carry an
-// ulp of |m|, 1e-3 at |z| ~ 1e4). The series comes by value: a local copy, which the stores cannot alias,
+// Pass 2 of a row (eps > 0, or per-class coefficients) whose pass 1 left r: the loss, and when kGrad its pass 3
+// as a FocalGradient. The coefficients: the class y = r.y taken apart (the target, or a dense row's top class)
+// has u_y = a k_y, the others u_c = a W k_c, k_c = 1 (kOneHot) or coef's (kElement, kDense); the vector sums
+// below carry k_c, and k_y and W are applied per row (kOneHot: k_y = 1 - eps + w, W = w; kElement: k_y =
+// (1 - eps + w) e_y, W = w; kDense: k_y = k_top, W = 1), so that
+//   loss = alpha (k_y mod_y l_y + W sum_{c != y} k_c mod_c l_c),
+//   Phi = k_y F_y + W sum_{c != y} k_c F_c,  g_j = gscale (p_j Phi - W k_j F_j).
+// cache: C + num_blocks(C) floats (pass 1's exp terms and block shifts), then C more for k_c F_c when kGrad.
+// Per element p_c = cache_c * block_factor and l_c = log s - (z_c - m) (not lse - z_c: an fp32 lse would carry
+// an ulp of |m|, 1e-3 at |z| ~ 1e4). The series comes by value: a local copy, which the stores cannot alias,
 // keeps its coefficients in registers across the loop.
 // (z is re-read with its offset: l_c of z'; the target's lane, whose margin is left out, is masked out.)
-template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset>
-inline FocalGradient<T> softmax_focal_smoothed_pass2(const SoftmaxSums& r, const T* z, const float* offset, T* g,
-                                                     int64_t C, int64_t y, float gamma, FocalSeries series, float eps,
-                                                     float alpha, float gscale, float* loss, float* cache) {
+// kDense with class weights: the row weight's sum_c t_c w_c is taken here too, and multiplies alpha and gscale.
+template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset, Coef kCoef>
+inline FocalGradient<T> softmax_focal_smoothed_pass2(const SoftmaxSums& r, const T* z, const float* offset,
+                                                     const Coefficients<T, kCoef>& coef, T* g, int64_t C, float gamma,
+                                                     FocalSeries series, double k_y, double W, float alpha,
+                                                     float gscale, float* loss, float* cache) {
   const FocalTarget t = focal_target(r, gamma);
+  const int64_t y = r.y;
   const float* block_shift = cache + C;
   float* F_cache = cache + C + num_blocks(C);
   const int64_t full = C - C % kLanes;
   const int64_t y_base = y - y % kLanes;
   const Vec zero(0.0f), one(1.0f), vgamma(gamma), vm(r.m), log_s(static_cast<float>(std::log(r.s)));
   const Vec y_lane = Vec::arange(0.0f, 1.0f) == Vec(static_cast<float>(y - y_base));
-  // Sums sum_{c != y} mod_c l_c and sum_{c != y} F_c (the target's l and F zeroed in its lane).
+  // Sums sum_{c != y} k_c mod_c l_c and sum_{c != y} k_c F_c (the target's l and F zeroed in its lane).
   // q = 1 - p and the loss's sum are explicit fmas: the compiler contracts a product into a sum only where
   // the product has no other use, which differs between the loss-only and the loss + gradient instances,
   // and the loss must not depend on whether the gradient was asked for.
-  double sum_ml = 0.0, sum_F = 0.0;
+  double sum_ml = 0.0, sum_F = 0.0, tw = 0.0;
   for (int64_t block = 0; block < C; block += kBlock) {
     const Vec factor(static_cast<float>(block_factor(block_shift[block / kBlock], r)));
     const int64_t block_end = std::min(block + kBlock, full);
-    Vec acc_ml(0.0f), acc_F(0.0f), mod, F;
+    Vec acc_ml(0.0f), acc_F(0.0f), acc_tw(0.0f), mod, F;
     for (int64_t c = block; c < block_end; c += kLanes) {
       const Vec e = Vec::loadu(cache + c);
       const Vec l = log_s - (load_logits<kOffset>(z, offset, c) - vm);
       softmax_focal_terms<kCase>(e * factor, at::vec::fnmadd(e, factor, one), l, vgamma, series, mod, F);
+      if constexpr (kCoef != Coef::kOneHot) {
+        if constexpr (kCoef == Coef::kDense) prefetch(coef.t + c, kPrefetchAhead);
+        const Vec k = coef.at(c);
+        mod = mod * k;
+        F = F * k;
+        coef.add_row_weight(c, kLanes, acc_tw);
+      }
       if constexpr (kGrad) F.store(F_cache + c);
       acc_ml = at::vec::fmadd(mod, c == y_base ? Vec::blendv(l, zero, y_lane) : l, acc_ml);
       acc_F = acc_F + (c == y_base ? Vec::blendv(F, zero, y_lane) : F);
@@ -696,6 +1043,12 @@ inline FocalGradient<T> softmax_focal_smoothed_pass2(const SoftmaxSums& r, const
       const Vec e = Vec::loadu(cache + full, n);
       const Vec l = log_s - (load_logits_tail<kOffset>(z, offset, full, n) - vm);
       softmax_focal_terms<kCase>(e * factor, at::vec::fnmadd(e, factor, one), l, vgamma, series, mod, F);
+      if constexpr (kCoef != Coef::kOneHot) {
+        const Vec k = coef.tail(full, n);
+        mod = mod * k;
+        F = F * k;
+        coef.add_row_weight(full, n, acc_tw);
+      }
       if constexpr (kGrad) F.store(F_cache + full, n);
       const Vec l_n = Vec::set(zero, l, n);
       F = Vec::set(zero, F, n);
@@ -704,84 +1057,99 @@ inline FocalGradient<T> softmax_focal_smoothed_pass2(const SoftmaxSums& r, const
     }
     if constexpr (kLoss) sum_ml += sum_lanes(acc_ml);
     if constexpr (kGrad) sum_F += sum_lanes(acc_F);
+    if (coef.w != nullptr) tw += sum_lanes(acc_tw);
   }
-  const double e = eps, w = e / static_cast<double>(C);
-  if constexpr (kLoss) {
-    const double ml_y = t.mod * t.l;
-    *loss = static_cast<float>(static_cast<double>(alpha) * ((1.0 - e) * ml_y + w * (sum_ml + ml_y)));
+  if (coef.w != nullptr) {  // the row weight's sum (kDense with class weights: for_each_dense_row without kSweep)
+    alpha = static_cast<float>(alpha * tw);
+    gscale = static_cast<float>(gscale * tw);
   }
+  if constexpr (kLoss) *loss = static_cast<float>(static_cast<double>(alpha) * (k_y * t.mod * t.l + W * sum_ml));
   if constexpr (kGrad) {
     const double gs = gscale;
-    const double phi = (1.0 - e) * t.F + w * (sum_F + t.F);
-    // The target: gscale (p_y Phi - (w + 1 - eps) F_y), whose 1 - p_y factor is taken as q_y:
-    //   = gscale (p_y w sum_{c != y} F_c - F_y q_y (1 - eps + w)).
-    const double g_y = gs * (t.p * w * sum_F - t.F * t.q * (1.0 - e + w));
-    return {g, cache, C, y, r, gs * phi, Vec(static_cast<float>(-gs * w)), g_y};
+    const double phi = k_y * t.F + W * sum_F;
+    // The class y: gscale (p_y Phi - k_y F_y), whose 1 - p_y factor is taken as q_y:
+    //   = gscale (p_y W sum_{c != y} k_c F_c - k_y F_y q_y).
+    const double g_y = gs * (t.p * W * sum_F - k_y * t.F * t.q);
+    return {g, cache, C, y, r, gs * phi, Vec(static_cast<float>(-gs * W)), g_y};
   } else {
     return {};
   }
 }
 
-template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset>
+template <typename T, GammaCase kCase, bool kLoss, bool kGrad, bool kOffset, Coef kCoef>
 void softmax_focal_smoothed_rows(const LossArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.num_classes;
   const FocalSeries series(a.gamma);
+  const float eps = a.label_smoothing;
+  const double w = static_cast<double>(eps) / static_cast<double>(C);
   std::unique_ptr<float[]> cache(new float[(kGrad ? 2 * C : C) + num_blocks(C)]);
   FocalGradient<T> pending{};  // the previous row's pass 3, when pending.g is set
-  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
-                                                    float* loss) {
+  for_each_softmax_row<T, kLoss, kGrad, kCoef>(a, begin, end, [&](const T* z, const T* t, T* g, int64_t y,
+                                                                   float alpha, float gscale, float* loss) {
     SoftmaxSums r;
     if (kGrad && pending.g != nullptr) {
-      r = softmax_sums<T, true, false, kOffset>(a, z, g, y, false, cache.get(), pending);
+      r = softmax_sums<T, true, false, kOffset, kCoef>(a, z, g, y, false, nullptr, cache.get(), pending);
       pending.write_target();
     } else {
-      r = softmax_sums<T, true, false, kOffset>(a, z, g, y, false, cache.get());
+      r = softmax_sums<T, true, false, kOffset, kCoef>(a, z, g, y, false, nullptr, cache.get());
     }
-    pending = softmax_focal_smoothed_pass2<T, kCase, kLoss, kGrad, kOffset>(
-        r, z, a.logit_offset, g, C, y, a.gamma, series, a.label_smoothing, alpha, gscale, loss, cache.get());
+    const Coefficients<T, kCoef> coef{t, a.element_weight, 1.0f - eps, static_cast<float>(w),
+                                      kCoef == Coef::kDense ? a.class_weight : nullptr};
+    double k_y = 1.0 - eps + w, W = w;
+    if constexpr (kCoef == Coef::kElement) k_y *= coef.scalar(r.y);
+    if constexpr (kCoef == Coef::kDense) k_y = coef.scalar(r.y), W = 1.0;
+    pending = softmax_focal_smoothed_pass2<T, kCase, kLoss, kGrad, kOffset, kCoef>(
+        r, z, a.logit_offset, coef, g, C, a.gamma, series, k_y, W, alpha, gscale, loss, cache.get());
   });
   if (kGrad && pending.g != nullptr) pending.write();
 }
 
-// eps = 0, gamma > 0: the cross entropy's row with the scalars of 13.2.
+// eps = 0, gamma > 0, a class index: the cross entropy's row with the scalars of 13.2 (element weights: e_y
+// folded into alpha).
 template <typename T, bool kLoss, bool kGrad, bool kOffset>
 void softmax_focal_unsmoothed_rows(const LossArgs& a, int64_t begin, int64_t end) {
   std::unique_ptr<float[]> cache(kGrad ? new float[a.num_classes + num_blocks(a.num_classes)] : nullptr);
-  for_each_row<T, kLoss, kGrad>(a, begin, end, [&](const T* z, T* g, int64_t y, float alpha, float gscale,
-                                                    float* loss) {
-    softmax_row<T, kLoss, kGrad, kOffset>(a, z, g, y, false, alpha, gscale, loss, cache.get(),
-                                 [&](const SoftmaxSums& r, bool) {
-                                   const FocalTarget t = focal_target(r, a.gamma);
-                                   return SoftmaxRowScalars{t.mod * t.l, t.F, 0.0f, -t.F * t.q};
-                                 });
+  for_each_softmax_row<T, kLoss, kGrad, Coef::kOneHot>(a, begin, end, [&](const T* z, const T*, T* g, int64_t y,
+                                                                          float alpha, float gscale, float* loss) {
+    softmax_row<T, kLoss, kGrad, kOffset, Coef::kOneHot>(a, z, g, y, false, nullptr, alpha, gscale, loss, cache.get(),
+                                                         [&](const SoftmaxSums& r, bool) {
+                                                           const FocalTarget t = focal_target(r, a.gamma);
+                                                           return SoftmaxRowScalars{t.mod * t.l, t.F, 0.0f,
+                                                                                    -t.F * t.q};
+                                                         });
   });
 }
 
-template <typename T, bool kLoss, bool kGrad, bool kOffset>
+template <typename T, bool kLoss, bool kGrad, bool kOffset, Coef kCoef>
 void softmax_focal_rows_for_case(const LossArgs& a, int64_t begin, int64_t end) {
   const GammaCase gamma = gamma_case(a.gamma);
-  if (gamma != GammaCase::kZero && a.label_smoothing == 0.0f) {
-    return softmax_focal_unsmoothed_rows<T, kLoss, kGrad, kOffset>(a, begin, end);
+  if constexpr (kCoef == Coef::kOneHot) {
+    if (gamma != GammaCase::kZero && a.label_smoothing == 0.0f) {
+      return softmax_focal_unsmoothed_rows<T, kLoss, kGrad, kOffset>(a, begin, end);
+    }
   }
   switch (gamma) {
-    case GammaCase::kZero: return softmax_rows<T, kLoss, kGrad, kOffset>(a, begin, end);  // the cross entropy itself
+    case GammaCase::kZero:  // the cross entropy itself
+      return softmax_rows<T, kLoss, kGrad, kOffset, kCoef>(a, begin, end);
     case GammaCase::kHalf:
-      return softmax_focal_smoothed_rows<T, GammaCase::kHalf, kLoss, kGrad, kOffset>(a, begin, end);
-    case GammaCase::kOne: return softmax_focal_smoothed_rows<T, GammaCase::kOne, kLoss, kGrad, kOffset>(a, begin, end);
-    case GammaCase::kTwo: return softmax_focal_smoothed_rows<T, GammaCase::kTwo, kLoss, kGrad, kOffset>(a, begin, end);
+      return softmax_focal_smoothed_rows<T, GammaCase::kHalf, kLoss, kGrad, kOffset, kCoef>(a, begin, end);
+    case GammaCase::kOne:
+      return softmax_focal_smoothed_rows<T, GammaCase::kOne, kLoss, kGrad, kOffset, kCoef>(a, begin, end);
+    case GammaCase::kTwo:
+      return softmax_focal_smoothed_rows<T, GammaCase::kTwo, kLoss, kGrad, kOffset, kCoef>(a, begin, end);
     case GammaCase::kGeneral:
-      return softmax_focal_smoothed_rows<T, GammaCase::kGeneral, kLoss, kGrad, kOffset>(a, begin, end);
+      return softmax_focal_smoothed_rows<T, GammaCase::kGeneral, kLoss, kGrad, kOffset, kCoef>(a, begin, end);
   }
 }
 
-template <typename T, bool kOffset>
+template <typename T, bool kOffset, Coef kCoef>
 void softmax_focal_rows_for_outputs(const LossArgs& a, int64_t begin, int64_t end) {
   if (a.loss != nullptr && a.grad != nullptr) {
-    softmax_focal_rows_for_case<T, true, true, kOffset>(a, begin, end);
+    softmax_focal_rows_for_case<T, true, true, kOffset, kCoef>(a, begin, end);
   } else if (a.loss != nullptr) {
-    softmax_focal_rows_for_case<T, true, false, kOffset>(a, begin, end);
+    softmax_focal_rows_for_case<T, true, false, kOffset, kCoef>(a, begin, end);
   } else {
-    softmax_focal_rows_for_case<T, false, true, kOffset>(a, begin, end);
+    softmax_focal_rows_for_case<T, false, true, kOffset, kCoef>(a, begin, end);
   }
 }
 
@@ -803,24 +1171,72 @@ void for_dtype_and_offset(const LossArgs& a, Fn fn) {
   }
 }
 
+// for_dtype_and_offset with a third argument, std::integral_constant<Coef, softmax_coef(a)>.
+template <typename Fn>
+void for_softmax_case(const LossArgs& a, Fn fn) {
+  for_dtype_and_offset(a, [&](auto type, auto offset) {
+    switch (softmax_coef(a)) {
+      case Coef::kOneHot: return fn(type, offset, std::integral_constant<Coef, Coef::kOneHot>());
+      case Coef::kElement: return fn(type, offset, std::integral_constant<Coef, Coef::kElement>());
+      case Coef::kDense: return fn(type, offset, std::integral_constant<Coef, Coef::kDense>());
+    }
+  });
+}
+
+// ---- the host check of dense targets ---------------------------------------------------------------------
+
+// Whether every one of the n values at t is in [0, limit] (NaN is not): two compares per vector, x <= limit
+// and -x <= 0 (-0 passes as 0 does; NaN fails both).
+template <typename T>
+bool values_in_range(const T* t, int64_t n, float limit) {
+  const Vec upper(limit), zero(0.0f);
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    const Vec v = load_vec(t + k);
+    if (!all_at_most(v, upper) || !all_at_most(v.neg(), zero)) return false;
+  }
+  for (; k < n; ++k) {
+    const float v = static_cast<float>(t[k]);
+    if (!(v >= 0.0f && v <= limit)) return false;
+  }
+  return true;
+}
+
 // ---- entry points of this ISA variant: <family>_rows for every family of common/families.h ----------
-// (declared by rows.h's CBKERNELS_DECLARE_ROWS, which ops.cpp indexes by Family) ----------------------
+// (declared by rows.h's CBKERNELS_DECLARE_ROWS, which ops.cpp indexes by Family), and the dense check ------
+
+bool dense_target_in_range(const LossArgs& a, float limit, int64_t begin, int64_t end) {
+  const int64_t C = a.num_classes;
+  switch (a.logits_dtype) {
+    case Dtype::kFloat32:
+      return values_in_range(static_cast<const float*>(a.target) + begin * C, (end - begin) * C, limit);
+    case Dtype::kBFloat16:
+      return values_in_range(static_cast<const c10::BFloat16*>(a.target) + begin * C, (end - begin) * C, limit);
+    case Dtype::kFloat16:
+      return values_in_range(static_cast<const c10::Half*>(a.target) + begin * C, (end - begin) * C, limit);
+  }
+  return false;
+}
 
 void sigmoid_focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
   for_dtype_and_offset(a, [&](auto type, auto offset) {
-    focal_rows_for_gamma<decltype(type), decltype(offset)::value>(a, begin, end);
+    if (a.dense_target) {
+      focal_rows_for_gamma<decltype(type), true, decltype(offset)::value>(a, begin, end);
+    } else {
+      focal_rows_for_gamma<decltype(type), false, decltype(offset)::value>(a, begin, end);
+    }
   });
 }
 
 void softmax_ce_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  for_dtype_and_offset(a, [&](auto type, auto offset) {
-    softmax_rows_for_outputs<decltype(type), decltype(offset)::value>(a, begin, end);
+  for_softmax_case(a, [&](auto type, auto offset, auto coef) {
+    softmax_rows_for_outputs<decltype(type), decltype(offset)::value, decltype(coef)::value>(a, begin, end);
   });
 }
 
 void softmax_focal_rows(const LossArgs& a, int64_t begin, int64_t end) {
-  for_dtype_and_offset(a, [&](auto type, auto offset) {
-    softmax_focal_rows_for_outputs<decltype(type), decltype(offset)::value>(a, begin, end);
+  for_softmax_case(a, [&](auto type, auto offset, auto coef) {
+    softmax_focal_rows_for_outputs<decltype(type), decltype(offset)::value, decltype(coef)::value>(a, begin, end);
   });
 }
 

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <string>
 
 #include "common/loss_function.h"
@@ -28,20 +30,28 @@ CBKERNELS_DECLARE_ROWS(AVX512)
 
 namespace {
 
-// The entry points of the instruction set ATen itself runs with, indexed by Family: its CPU detection,
-// lowered by ATEN_CPU_CAPABILITY=avx2|default when set (the tests use that to exercise every variant).
+// The kernels of the instruction set ATen itself runs with: its CPU detection, lowered by
+// ATEN_CPU_CAPABILITY=avx2|default when set (the tests use that to exercise every variant).
 // at::native::get_cpu_capability() is not exported from libtorch; at::get_cpu_capability() is its exported
 // string form ("AVX512", "AVX2", or "DEFAULT" / "NO AVX" depending on the torch version). Decided once per
 // process.
-const RowsFn* variant() {
-  static const RowsFn* const chosen = [] {
+struct Variant {
+  const RowsFn* rows;  // the entry points, indexed by Family
+  DenseCheckFn dense_target_in_range;
+};
+
+const Variant& variant() {
+  static const Variant chosen = [] {
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return AVX512::kRows;
-    if (capability == "AVX2") return AVX2::kRows;
-    return DEFAULT::kRows;
+    if (capability == "AVX512") return Variant{AVX512::kRows, &AVX512::dense_target_in_range};
+    if (capability == "AVX2") return Variant{AVX2::kRows, &AVX2::dense_target_in_range};
+    return Variant{DEFAULT::kRows, &DEFAULT::dense_target_in_range};
   }();
   return chosen;
 }
+
+// Rows per parallel task: at least ~32K elements, so that short rows are not split too finely.
+int64_t row_grain(int64_t num_classes) { return std::max<int64_t>(1, 32768 / num_classes); }
 
 // Every target is ignore_index or in [0, C); otherwise an error naming the first bad row, raised before
 // any output is allocated or written. One sequential read of N integers: negligible next to N * C.
@@ -54,30 +64,29 @@ void check_target_values(OpName op, const Index* target, int64_t n, int64_t num_
   }
 }
 
-// Every value of a dense target is in the family's range (common/loss_ops.h, dense_target_in_range);
-// otherwise an error naming the first bad element, raised before any output is allocated or written. One
-// sequential read of the N x C targets, which the kernels then read again from memory: the CPU's price for
-// an error rather than a NaN (the GPU kernels read a bad value as NaN instead, without a host sync).
+// Dense target values outside the family's range (common/loss_ops.h, dense_target_in_range): an error naming
+// the first bad element. The CPU's price for an error rather than a NaN (the GPU kernels read a bad value as
+// NaN instead, without a host sync) is one vectorised read of the targets, which Launch interleaves with the
+// kernels: see there. Called once that read found a bad value, so it always raises.
 template <typename T>
-void check_dense_target_values(OpName op, Family family, const T* target, int64_t n, int64_t num_classes) {
-  const int64_t numel = n * num_classes;
-  for (int64_t k = 0; k < numel; ++k) {
+void name_bad_dense_target(OpName op, Family family, const T* target, int64_t n, int64_t num_classes) {
+  for (int64_t k = 0; k < n * num_classes; ++k) {
     const float t = static_cast<float>(target[k]);
     TORCH_CHECK(dense_target_in_range(family, t), op, ": target[", k / num_classes, ", ", k % num_classes, "] = ", t,
                 " is out of range: a dense target's values must be ", dense_target_range_text(family));
   }
+  TORCH_INTERNAL_ASSERT(false, op, ": the vectorised dense target check and dense_target_in_range disagree");
 }
 
-void check_dense_target_values(OpName op, Family family, const LossArgs& a) {
+void name_bad_dense_target(OpName op, Family family, const LossArgs& a) {
   switch (a.logits_dtype) {
     case Dtype::kFloat32:
-      return check_dense_target_values(op, family, static_cast<const float*>(a.target), a.num_rows, a.num_classes);
+      return name_bad_dense_target(op, family, static_cast<const float*>(a.target), a.num_rows, a.num_classes);
     case Dtype::kFloat16:
-      return check_dense_target_values(op, family, static_cast<const at::Half*>(a.target), a.num_rows,
-                                       a.num_classes);
+      return name_bad_dense_target(op, family, static_cast<const at::Half*>(a.target), a.num_rows, a.num_classes);
     case Dtype::kBFloat16:
-      return check_dense_target_values(op, family, static_cast<const at::BFloat16*>(a.target), a.num_rows,
-                                       a.num_classes);
+      return name_bad_dense_target(op, family, static_cast<const at::BFloat16*>(a.target), a.num_rows,
+                                   a.num_classes);
   }
 }
 
@@ -87,11 +96,11 @@ struct CpuBackend {
 
   static bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
 
-  // The kernels index logits and class_weight by the target: they rely on this check.
+  // The kernels index logits and class_weight by the target: they rely on this check. Dense target values
+  // are checked by Launch.
   static void check_values(OpName op, Family family, const LossArgs& a) {
-    if (a.dense_target) {
-      check_dense_target_values(op, family, a);
-    } else if (a.target_is_int64) {
+    if (a.dense_target) return;
+    if (a.target_is_int64) {
       check_target_values(op, static_cast<const int64_t*>(a.target), a.num_rows, a.num_classes, a.ignore_index);
     } else {
       check_target_values(op, static_cast<const int32_t*>(a.target), a.num_rows, a.num_classes, a.ignore_index);
@@ -100,17 +109,44 @@ struct CpuBackend {
 
   class Launch {
    public:
-    Launch(OpName, const LossArgs&, const at::Tensor&) {}
+    Launch(OpName op, const LossArgs&, const at::Tensor&) : op_(op) {}
 
+    // Rows are independent: at::parallel_for over them. Dense targets are checked here rather than in
+    // check_values, a block of rows at a time right before the kernels compute it: the check's read then
+    // leaves the block's targets in the L2 cache for the kernels, instead of their reading all N x C of them
+    // from memory once more (measured at (1024, 8142) fp32 on one AVX-512 thread, the L3 cache flushed before
+    // each call: softmax CE forward with gradient, then backward, 23.5 ms with the check of every row ahead
+    // of the kernels, 20.5 ms interleaved). A bad value stops the loop, and the error names the first one;
+    // the outputs written so far are discarded with the exception.
     void operator()(Family family, const LossArgs& args) const {
-      TORCH_CHECK(!args.dense_target && args.element_weight == nullptr,
-                  "cbkernels (CPU): dense targets and element weights are not implemented yet");  // TODO(issue 16)
       if (args.num_rows == 0) return;
-      const RowsFn rows = variant()[static_cast<int>(family)];
-      // Rows are independent; a task gets at least ~32K elements so that short rows are not split too finely.
-      const int64_t grain = std::max<int64_t>(1, 32768 / args.num_classes);
-      at::parallel_for(0, args.num_rows, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+      const RowsFn rows = variant().rows[static_cast<int>(family)];
+      const int64_t grain = row_grain(args.num_classes);
+      if (!args.dense_target) {
+        at::parallel_for(0, args.num_rows, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+        return;
+      }
+      // The upper end of dense_target_in_range's range (the lower one is 0).
+      const float limit = family == Family::kSigmoidFocal ? 1.0f : std::numeric_limits<float>::infinity();
+      const int64_t block = std::max<int64_t>(1, kCheckedElements / args.num_classes);
+      std::atomic<bool> in_range{true};
+      at::parallel_for(0, args.num_rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end && in_range.load(std::memory_order_relaxed); b += block) {
+          const int64_t e = std::min(end, b + block);
+          if (!variant().dense_target_in_range(args, limit, b, e)) {
+            in_range.store(false, std::memory_order_relaxed);
+            return;
+          }
+          rows(args, b, e);
+        }
+      });
+      if (!in_range.load()) name_bad_dense_target(op_, family, args);
     }
+
+   private:
+    // Targets checked per block of rows: 512 KiB of fp32, well inside a core's L2 cache.
+    static constexpr int64_t kCheckedElements = 131072;
+    OpName op_;
   };
 
   // The fused backward's scaling (common/loss_function.h), one pass; rows whose factor is 1 are multiplied
