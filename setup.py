@@ -53,7 +53,9 @@ def _extensions():
         # The AVX2 / AVX-512 variants exist for x86 only (csrc/cpu/ops.cpp would also need them compiled
         # out elsewhere: not done yet, so non-x86 builds are untested).
         sources = [s for s in sources if not any(s.endswith(k) for k in ISA_FLAGS)]
-    cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-math-errno"]
+    # -g0: no debug information (Python's sysconfig flags bring -g): it made up most of the shared library's
+    # size and a good part of the compile time of the kernel templates.
+    cxx = ["-O3", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-math-errno"]
     link = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is a header template: without -fopenmp it compiles to a plain serial loop, in
