@@ -236,9 +236,7 @@ class _SoftmaxParallel(_FusedParallel):
             # place on ex. At c = y: p_y - 1 + eps = eps - s_rest / s, from s_rest for the same reason as the loss.
             inv_s = torch.reciprocal(s)
             grad = ex.mul_(inv_s.unsqueeze(1))
-            index = local.unsqueeze(1)
-            true_class = torch.where(owned, eps - s_rest * inv_s, grad.gather(1, index).squeeze(1))
-            grad.scatter_(1, index, true_class.unsqueeze(1))
+            _set_true_class_(grad, local, owned, eps - s_rest * inv_s)
             if eps:
                 grad.sub_(eps / num_classes)
             grad = _scale_valid_rows_(grad, alpha, valid)
@@ -264,11 +262,9 @@ def _softmax_element_smoothed(ctx, logits, z, valid, owned, local, alpha, elemen
         inv_s = torch.reciprocal(s)
         big_w = (1 - eps) * e_y + (eps / num_classes) * e_total
         grad = ex.mul_((big_w * inv_s).unsqueeze(1)).sub_((eps / num_classes) * e_local)
-        index = local.unsqueeze(1)
         p_y = torch.exp(z_y - m) * inv_s
         true_class = (eps / num_classes) * (e_total * p_y - e_y) - (1 - eps) * e_y * s_rest * inv_s
-        true_class = torch.where(owned, true_class, grad.gather(1, index).squeeze(1))
-        grad.scatter_(1, index, true_class.unsqueeze(1))
+        _set_true_class_(grad, local, owned, true_class)
         grad = _scale_valid_rows_(grad, alpha, valid)
     ctx.save_for_backward(grad)
     ctx.logits_dtype = logits.dtype
@@ -332,8 +328,7 @@ class _SoftmaxFocalParallel(_FusedParallel):
             else:
                 grad = ex.mul_((-h_y / s).unsqueeze(1))
                 true_class = h_y * q_y
-            true_class = torch.where(owned, true_class, grad.gather(1, index).squeeze(1))
-            grad.scatter_(1, index, true_class.unsqueeze(1))
+            _set_true_class_(grad, local, owned, true_class)
             grad = _scale_valid_rows_(grad, alpha, valid)
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
@@ -391,6 +386,13 @@ def _times_t(x, owned, local):
     index = local.unsqueeze(1)
     out.scatter_(1, index, torch.where(owned.unsqueeze(1), x.gather(1, index), out.gather(1, index)))
     return out
+
+
+def _set_true_class_(grad, local, owned, true_class):
+    """grad[i, local[i]] = true_class[i] in place, on the rows whose target class this rank owns (the others
+    keep their entry: local is a safe index there, not their target)."""
+    index = local.unsqueeze(1)
+    grad.scatter_(1, index, torch.where(owned, true_class, grad.gather(1, index).squeeze(1)).unsqueeze(1))
 
 
 def _scale_valid_rows_(grad, alpha, valid):
