@@ -33,8 +33,19 @@ softmax focal loss without label smoothing runs the cross entropy's passes with 
 so it launches, reads and writes as the cross entropy does. Every kernel has a last template flag Extended
 (kernels.cuh): true only for a call with a logit offset, a target margin or element weights
 (docs/op-contract.md), which the audited scenario has not, so the audit reads the Extended = false instances,
-in which none of that code is. Dense (N, C) targets run other kernels (dense_kernels.cuh), which the audited
-scenario (class indices) does not launch.
+in which none of that code is.
+
+With dense=True the same scenario has a dense (N, C) target in the logits' dtype instead of class indices, and
+the launcher runs the kernels of dense_kernels.cuh (launch.cu: the sigmoid family's dense branch,
+launch_softmax_dense), every one under its own launch bound (within(config, kDenseMaxThreads) and the blocks
+per SM of kDenseMinBlocks; the cached softmax: kDenseCachedMinBlocks), the sigmoid family's and the cached
+softmax's in their Extended = false instances, the sigmoid family's with its flag Focal (gamma != 0), the
+cached softmax's with gamma's case (the cross entropy's kZero). The sigmoid family reads the targets first
+alone for the row weight (class weights are on; their values one by one beside the targets' vectors) and
+again beside the logits, kStep vectors of each a step; the streaming softmax reads both in each of its passes
+(for_each_pair: kDenseStep vectors of each a step; the cross entropy's two, the focal loss's three); the cached
+softmax holds the logits and reads the targets again for the gradient (its one loop, the row walk, loads the
+logits and the targets twice).
 """
 from __future__ import annotations
 
@@ -56,6 +67,7 @@ PROBE_SOURCE = r"""
 #include <cstdlib>
 #include <cstring>
 
+#include "cuda/dense_kernels.cuh"
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
 #include "cuda/scale_rows.cuh"
@@ -71,16 +83,21 @@ int main(int argc, char** argv) {
   const auto dtype = fp32 ? cbkernels::Dtype::kFloat32 : cbkernels::Dtype::kBFloat16;
   const cbkernels::cuda::LaunchConfig k = cbkernels::cuda::default_config(c, dtype);
   const char* error = cbkernels::cuda::config_error(k, c);
+  const cbkernels::cuda::LaunchConfig dk = cbkernels::cuda::within(k, d::kDenseMaxThreads);
   std::printf("{\"threads\": %d, \"rows_per_block\": %d, \"vec_bytes\": %d, \"cache_rows\": %d, "
               "\"ctas_per_sm\": %d, \"blocks_per_sm\": %d, \"cached_blocks_per_sm\": %d, \"cached\": %d, "
               "\"config_error\": \"%s\", \"step_vectors\": %d, \"cached_elems_per_thread\": %d, "
-              "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d, \"stream_step_vectors\": %d}\n",
+              "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d, \"stream_step_vectors\": %d, "
+              "\"dense_threads\": %d, \"dense_rows_per_block\": %d, \"dense_blocks_per_sm\": %d, "
+              "\"dense_cached_blocks_per_sm\": %d, \"dense_step_vectors\": %d}\n",
               k.threads, k.rows_per_block, k.vec_bytes, k.cache_rows ? 1 : 0, k.ctas_per_sm,
               cbkernels::cuda::blocks_per_sm(k, d::kMaxThreads),
               cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kCachedMinBlocks),
               cbkernels::cuda::cached_softmax(k, c) ? 1 : 0, error ? error : "", d::kStep,
               d::kCachedElemsPerThread, d::kScaleThreads, d::kScaleBlocksPerSm,
-              d::stream_step(fp32 ? 16 / 4 : 16 / 2, kArchs[0]));
+              d::stream_step(fp32 ? 16 / 4 : 16 / 2, kArchs[0]), dk.threads, dk.rows_per_block,
+              cbkernels::cuda::blocks_per_sm(dk, d::kDenseMaxThreads * d::kDenseMinBlocks),
+              cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kDenseCachedMinBlocks<false>), d::kDenseStep);
   return 0;
 }
 """
@@ -146,7 +163,48 @@ def _softmax_losses(spec) -> tuple[str, str]:
     return f"{_NS}SoftmaxCe<false>", f"{_NS}SoftmaxCe<true>"
 
 
-def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch]:
+def _dense_launch(spec, dtype: str, n: int, c: int, config: dict) -> Launch:
+    """The forward's launch for a dense target (launch.cu: the sigmoid family's dense branch,
+    launch_softmax_dense; see the module docstring)."""
+    elem = ELEMENT_BYTES[dtype]
+    storage = f"{_NS}{_STORAGE[dtype]}"
+    vec = config["vec_bytes"] // elem if config["vec_bytes"] > elem else 1
+    if spec.family.name == "sigmoid_focal":
+        (gamma,) = spec.kernel_hyperparameters({})
+        tpr = config["dense_threads"] // config["dense_rows_per_block"]
+        return Launch(kernel="sigmoid_dense_kernel[loss+grad+dense]",
+                      code=CudaKernel(f"{_NS}sigmoid_dense_kernel<{storage}, {vec}, {_b(gamma != 0)}, false>("),
+                      ctas=_persistent(math.ceil(n / config["dense_rows_per_block"]), config["dense_blocks_per_sm"]),
+                      threads_per_cta=config["dense_threads"], threads_per_row=tpr,
+                      elems_per_iter=vec * config["step_vectors"], read_bytes_per_elem=3 * elem,
+                      write_bytes_per_elem=elem, reread_bytes_per_elem=elem, tile_loop_bytes=(elem, 2 * elem))
+    focal = _b(spec.family.name == "softmax_focal" and _softmax_losses(spec)[0] == f"{_NS}SoftmaxFocal")
+    if config["cached"]:
+        case = GammaCase.ZERO  # the cross entropy's
+        if focal == "true":
+            values = dict(zip((h.name for h in spec.family.hyperparameters), spec.kernel_hyperparameters({})))
+            case = gamma_case(values["gamma"])
+        tpr = config["threads"] // config["rows_per_block"]
+        return Launch(kernel="softmax_dense_cached_kernel[loss+grad+dense]",
+                      code=CudaKernel(f"{_NS}softmax_dense_cached_kernel<{storage}, {vec}, "
+                                      f"(cbkernels::GammaCase){int(case)}, false>("),
+                      ctas=_persistent(math.ceil(n / config["rows_per_block"]), config["dense_cached_blocks_per_sm"]),
+                      threads_per_cta=config["threads"], threads_per_row=tpr,
+                      elems_per_iter=config["cached_elems_per_thread"], read_bytes_per_elem=3 * elem,
+                      write_bytes_per_elem=elem, reread_bytes_per_elem=elem, tile_loop_bytes=(3 * elem,))
+    passes = 3 if focal == "true" else 2
+    tpr = config["dense_threads"] // config["dense_rows_per_block"]
+    blocks = _persistent(math.ceil(n / config["dense_rows_per_block"]), config["dense_blocks_per_sm"])
+    return Launch(kernel="softmax_dense_stream_kernel[loss+grad+dense]",
+                  code=CudaKernel(f"{_NS}softmax_dense_stream_kernel<{storage}, {vec}, {focal}>("),
+                  ctas=_stream_blocks(blocks, c, elem, config["dense_rows_per_block"]),
+                  threads_per_cta=config["dense_threads"], threads_per_row=tpr,
+                  elems_per_iter=vec * config["dense_step_vectors"], read_bytes_per_elem=2 * passes * elem,
+                  write_bytes_per_elem=elem, reread_bytes_per_elem=2 * (passes - 1) * elem, rereads=passes - 1,
+                  tile_loop_bytes=(2 * elem,) * passes)
+
+
+def launches(loss: str, dtype: str, n: int, c: int, config: dict, dense: bool = False) -> list[Launch]:
     if _backends.CUDA.default_strategy != "fused":
         raise ValueError("cuda_variants describes the 'fused' strategy (forward: loss and gradient; backward: "
                          f"in-place scaling); the default is now {_backends.CUDA.default_strategy!r}: update "
@@ -154,6 +212,8 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict) -> list[Launch
     if config["config_error"]:
         raise ValueError(f"cuda_variants: the launcher's default configuration is refused: {config['config_error']}")
     spec = registered_loss(loss)
+    if dense:
+        return [_dense_launch(spec, dtype, n, c, config), _scale_launch(dtype, n, config)]
     elem = ELEMENT_BYTES[dtype]
     storage = f"{_NS}{_STORAGE[dtype]}"
     vec = config["vec_bytes"] // elem if config["vec_bytes"] > elem else 1

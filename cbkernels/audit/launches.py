@@ -66,6 +66,22 @@ class Launch:
       and counts them once per row (docs/roofline.md, "Counting instructions"). Declare a function only if
       every call of it inside a tile loop is behind such a branch; a name no instruction comes from is an
       error. The default, none, counts every block of a tile loop once per tile.
+    rereads: how many later passes re-read the rows (reread_bytes_per_elem counts each): the bytes of a row held
+      between its reads, which must fit in L2 for the re-reads to hit, are reread_bytes_per_elem / rereads a
+      column (the softmax focal loss's two later passes over a streamed row hold one row, not two).
+    tile_loop_bytes: the bytes per element that each tile loop loads in full-width vectors, in the order the
+      loops appear in the machine code (their source order): the logits' element bytes, plus a dense target's
+      read beside them, plus the class weights where a loop reads them by column in vectors (the dense row
+      weight's sum, when the columns are known aligned). The compiler's unroll factor of a loop is read from
+      its widest loads, which cover all of these (metrics.py). None: the logits' element bytes for every
+      loop. The audit refuses a tuple whose length is not the number of tile loops.
+    batch_rows: the rows this launch covers when it covers a batch of the N rows (the Triton softmax's split
+      launches, which run batch by batch so that a batch stays in L2 between two launches); None: all N.
+      Its elements, bytes and rows a thread walks are then those of the batch.
+    follows_launch: the launch starts when the previous launch of the same op call has finished (stream
+      order) and reads what it wrote or what it left in L2: the model charges the boundary between the two
+      (roofline.LAUNCH_GAP_US and the new launch's first round trip; docs/roofline.md, "Launch boundaries").
+      False for an op's first launch.
     """
     kernel: str
     code: Any
@@ -79,3 +95,7 @@ class Launch:
     rows_per_thread: int | None = None
     per_element_work: bool = True
     rare_functions: tuple[str, ...] = ()
+    tile_loop_bytes: tuple[float, ...] | None = None
+    rereads: int = 1
+    batch_rows: int | None = None
+    follows_launch: bool = False

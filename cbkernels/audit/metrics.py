@@ -5,7 +5,8 @@ r = ceil(row groups / CTAs), a row group being the threads_per_cta / threads_per
 once (1 for a grid of one CTA per row group; more on a persistent grid). A tile loop whose source iteration
 covers e_iter elements per thread may be unrolled by the compiler: the unroll factor u is the bytes of its
 widest global loads per SASS iteration (the row's vectors, not the per-row scalars a row-held loop also
-loads) over e_iter x element bytes (at least 1). Then per element:
+loads) over e_iter x the bytes per element the loop loads in such vectors (Launch.tile_loop_bytes: the
+element bytes, twice for a loop that reads a dense target beside the logits), at least 1. Then per element:
 
     count = sum over tile loops (loop count / (e_iter u) + rare-block count / (u e_row))
             + sum over row loops (loop count / e_row) + straight-line count / (e_row r)
@@ -58,21 +59,44 @@ def _width(accesses: list[tuple[int, float]], expected: float) -> int | None:
     return min((w for w, _ in accesses), default=0)
 
 
+def rows_per_cta(launch: Launch) -> float:
+    """The rows a CTA handles at once: a fraction 1 / S when S CTAs share a row (a row split into chunks)."""
+    if launch.threads_per_row > launch.threads_per_cta:
+        return launch.threads_per_cta / launch.threads_per_row
+    return max(1, launch.threads_per_cta // launch.threads_per_row)
+
+
 def rows_per_thread(launch: Launch, n: int) -> int:
-    """Rows a thread walks one after the other (the grid's row groups over its CTAs, rounded up). A
-    variant that states it must state this value."""
-    rows_per_cta = max(1, launch.threads_per_cta // launch.threads_per_row)
-    derived = math.ceil(math.ceil(n / rows_per_cta) / launch.ctas)
+    """Rows a thread walks one after the other (the grid's row groups over its CTAs, rounded up; a row split
+    into S chunks is S row groups). A variant that states it must state this value."""
+    if launch.threads_per_row > launch.threads_per_cta:
+        groups = -(-n * launch.threads_per_row // launch.threads_per_cta)
+    else:
+        groups = math.ceil(n / rows_per_cta(launch))
+    derived = math.ceil(groups / launch.ctas)
     if launch.rows_per_thread is not None and launch.rows_per_thread != derived:
         raise ValueError(f"{launch.kernel}: rows_per_thread {launch.rows_per_thread} contradicts its grid "
-                         f"({launch.ctas} CTAs of {rows_per_cta} rows for {n} rows: {derived})")
+                         f"({launch.ctas} CTAs for {groups} row groups of {n} rows: {derived})")
     return derived
+
+
+def _tile_loop_bytes(launch: Launch, tile_loops: int, elem: int):
+    """An iterator over the bytes per element each tile loop loads in full vectors, in machine-code order
+    (Launch.tile_loop_bytes; the element bytes when it is None)."""
+    if launch.tile_loop_bytes is None:
+        return iter([elem] * tile_loops)
+    if len(launch.tile_loop_bytes) != tile_loops:
+        raise ValueError(f"{launch.kernel}: tile_loop_bytes {launch.tile_loop_bytes} names "
+                         f"{len(launch.tile_loop_bytes)} tile loops; the machine code has {tile_loops}")
+    return iter(launch.tile_loop_bytes)
 
 
 def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, ctas_per_sm: int) -> KernelMetrics:
     if not 0 <= launch.reread_bytes_per_elem <= launch.read_bytes_per_elem:
         raise ValueError(f"{launch.kernel}: reread_bytes_per_elem {launch.reread_bytes_per_elem} is not a part of "
                          f"read_bytes_per_elem {launch.read_bytes_per_elem}")
+    if launch.batch_rows is not None:  # a launch on a batch of the rows: its elements, bytes and rows
+        n = launch.batch_rows
     elem = ELEMENT_BYTES[dtype]
     e_row = math.ceil(c / launch.threads_per_row)
     rows = rows_per_thread(launch, n)
@@ -90,13 +114,14 @@ def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, 
         loads.extend((w, per_row) for w in region.load_widths)
         stores.extend((w, per_row) for w in region.store_widths)
 
+    loop_bytes = _tile_loop_bytes(launch, sum(1 for loop in code.main_loops if not loop.per_row), elem)
     for loop in code.main_loops:
         if loop.per_row:
             add(loop.body, 1.0, 1 / e_row)
             continue
         widest = max(loop.body.load_widths, default=0)
         vector_bytes = sum(w for w in loop.body.load_widths if w == widest)
-        unroll = max(1, round(vector_bytes / (launch.elems_per_iter * elem)))
+        unroll = max(1, round(vector_bytes / (launch.elems_per_iter * next(loop_bytes))))
         per_iteration = launch.elems_per_iter * unroll
         unrolls.append(unroll)
         add(loop.body, e_row / per_iteration, 1 / per_iteration)
@@ -121,8 +146,8 @@ def measure(launch: Launch, kernel: CompiledKernel, n: int, c: int, dtype: str, 
         ctas=launch.ctas, ctas_per_sm=ctas_per_sm, threads_per_cta=launch.threads_per_cta,
         load_bytes_in_flight_per_thread=in_flight, pipelined=code.pipelined, dependent_round_trips=trips,
         thread_instructions=(instr * e_row * rows) if work else 0.0,
-        reread_bytes=n * c * launch.reread_bytes_per_elem, reread_row_bytes=c * launch.reread_bytes_per_elem,
-        rows_per_cta=max(1, launch.threads_per_cta // launch.threads_per_row))
+        reread_bytes=n * c * launch.reread_bytes_per_elem, reread_row_bytes=c * launch.reread_bytes_per_elem / launch.rereads,
+        rows_per_cta=rows_per_cta(launch), follows_launch=launch.follows_launch)
     return KernelMetrics(
         registers=kernel.resources.registers, local_bytes=kernel.resources.local_memory_bytes,
         shared_bytes=kernel.resources.shared_bytes + kernel.dynamic_shared_bytes, ctas_per_sm=ctas_per_sm,

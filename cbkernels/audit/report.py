@@ -16,7 +16,8 @@ def _fmt(value, digits=1):
 
 
 _COLUMNS = (
-    ("backend", "backend", None), ("kernel", "kernel", None), ("loss", "loss", None), ("dtype", "dtype", None),
+    ("backend", "backend", None), ("kernel", "kernel", None), ("loss", "loss", None), ("target", "target", None),
+    ("dtype", "dtype", None),
     ("gpu", "gpu", None), ("regs", "registers", None), ("CTA/SM", "ctas_per_sm", None),
     ("local B", "local_bytes", None), ("instr/el", "instr_per_elem", 1), ("MUFU/el", "mufu_per_elem", 2),
     ("ld/st B", "access_widths", None), ("bar/loop", "barriers_in_main_loop", None),
@@ -31,7 +32,8 @@ def table(records) -> str:
         cells = dict(r)
         cells["access_widths"] = f"{_fmt(r['load_width_bytes'])}/{_fmt(r['store_width_bytes'])}"
         cells["overlap"] = "yes" if r["overlapped"] else "no"
-        cells["gates"] = "ok" if r["gates_passed"] else "FAIL: " + "; ".join(r["failed_gates"])
+        cells["gates"] = ("ok" if r["gates_passed"] else "FAIL: " + "; ".join(r["failed_gates"])) + \
+            "".join(f"; missed: {m}" for m in r.get("missed_targets", ()))
         rows.append([_fmt(cells.get(key), digits) if digits else _fmt(cells.get(key)) for _, key, digits in _COLUMNS])
     header = [title for title, _, _ in _COLUMNS]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -48,16 +50,16 @@ def reread_source(kernel_rows) -> str | None:
 
 
 def sweep_table(records, shapes, gpu: str) -> str:
-    """One row per backend x loss x dtype, one column per shape: the loss's predicted % of copy on `gpu`,
-    with where a streamed row's second read is served (a markdown table)."""
+    """One row per backend x loss x target kind x dtype, one column per shape: the loss's predicted % of copy on
+    `gpu`, with where a streamed row's second read is served (a markdown table)."""
     cells: dict[tuple, dict] = {}
     for r in records:
         if r["level"] == "loss" and r["gpu"] == gpu:
             where = f" ({r['reread_from']})" if r.get("reread_from") else ""
-            cells.setdefault((r["backend"], r["loss"], r["dtype"]), {})[(r["n"], r["c"])] = \
+            cells.setdefault((r["backend"], r["loss"], r["target"], r["dtype"]), {})[(r["n"], r["c"])] = \
                 f"{r['predicted_pct_copy']:.0f}%{where}"
-    header = ["backend", "loss", "dtype"] + [f"{n} x {c}" for n, c in shapes]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(shapes)]
+    header = ["backend", "loss", "target", "dtype"] + [f"{n} x {c}" for n, c in shapes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(shapes)]
     for key, row in cells.items():
         lines.append("| " + " | ".join([*key, *(row.get(tuple(s), "-") for s in shapes)]) + " |")
     return "\n".join(lines)

@@ -44,6 +44,13 @@ GPUS = (H100, H200)
 # re-read's reuse distance is at most twice rows in flight x row bytes (docs/roofline.md, "Re-reads").
 L2_FIT_FRACTION = 0.5
 
+# A launch that follows another launch of the same op call (Launch.follows_launch) starts only when that one
+# has finished: the GPU's front end then starts the next kernel of the stream (LAUNCH_GAP_US, an assumption:
+# about a microsecond between back-to-back kernels), and the new kernel's first loads take a DRAM round trip
+# before its bandwidth flows, which its throughput bound does not charge (its latency path does: a launch
+# bound by its latency pays the gap only). docs/roofline.md, "Launch boundaries".
+LAUNCH_GAP_US = 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelLoad:
@@ -61,7 +68,8 @@ class KernelLoad:
     thread_instructions: float      # instructions one thread issues in its life (its rows' share)
     reread_bytes: float = 0.0       # of nc_bytes: a second read, in this launch, of data it read earlier
     reread_row_bytes: float = 0.0   # bytes of one row that are read twice
-    rows_per_cta: int = 1           # rows a CTA holds in flight at once
+    rows_per_cta: float = 1         # rows a CTA holds in flight at once (1 / S: a row split into S chunks)
+    follows_launch: bool = False    # starts when the op's previous launch has finished (LAUNCH_GAP_US)
 
     def reread_footprint(self, gpu: "Gpu") -> float:
         """Rows in flight (the CTAs resident at once, times their rows) x the bytes of a row read twice."""
@@ -83,7 +91,8 @@ class Prediction:
     in_flight_factor: float # >= 1: how much too few bytes in flight stretch the memory time
     tail_factor: float      # >= 1: the last, partial wave of CTAs
     overlapped: bool        # the next tile's loads in flight while a warp computes (pipelined, >= 2 CTAs/SM)
-    ms: float
+    ms: float               # max(throughput, latency) + boundary_ms
+    boundary_ms: float = 0.0  # of ms: the boundary with the op's previous launch (follows_launch), else 0
 
 
 def predict(gpu: Gpu, k: KernelLoad) -> Prediction:
@@ -122,9 +131,14 @@ def predict(gpu: Gpu, k: KernelLoad) -> Prediction:
     overlapped = k.pipelined and per_sm >= 2
     path = max(trips_ms, transfer_ms, compute_ms) if overlapped else trips_ms + transfer_ms + compute_ms
     latency = math.ceil(waves) * path
-    return Prediction(memory, l2, from_l2, issue, mufu, latency, factor, tail, overlapped, max(throughput, latency))
+    ms = max(throughput, latency)
+    if k.follows_launch:
+        ms = max(throughput + gpu.latency_us * 1e-3, latency) + LAUNCH_GAP_US * 1e-3
+    return Prediction(memory, l2, from_l2, issue, mufu, latency, factor, tail, overlapped, ms,
+                      ms - max(throughput, latency))
 
 
-def copy_floor_ms(gpu: Gpu, elements: int, element_bytes: int) -> float:
-    """One read of the logits and one write of the gradient at copy bandwidth: the time % of copy refers to."""
-    return 2 * elements * element_bytes / (gpu.copy_gbps * 1e9) * 1e3
+def copy_floor_ms(gpu: Gpu, elements: int, element_bytes: int, arrays: int = 2) -> float:
+    """One read of the logits and one write of the gradient (arrays = 2), and one read of a dense target
+    (arrays = 3), at copy bandwidth: the time % of copy refers to."""
+    return arrays * elements * element_bytes / (gpu.copy_gbps * 1e9) * 1e3

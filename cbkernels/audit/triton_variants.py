@@ -17,7 +17,11 @@ launches for one forward + backward of the loss at (n, c), in order, each with:
   those a later pass re-reads (reread_bytes_per_elem: the streaming softmax's gradient pass, and the
   softmax focal loss's pass for its sums with label smoothing).
 Launch configurations come from configs.py's table and the launcher's own rule (ops._plan), never from
-numbers written here.
+numbers written here. Where the launcher splits the rows into column chunks (too few rows for the GPU:
+ops.split_of at the audited GPU's SM count and L2), the records are the split launches ops.split_launches
+makes, argument for argument: the sigmoid family's chunks and the sum of their loss parts; the softmax's
+statistics and gradient launches, batch by batch (batch_rows), the gradient's launch re-reading the batch the
+statistics launch read before it. Every launch of an op call after its first follows it (follows_launch).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import triton
 
 from .. import _backends
 from ..losses import loss as registered_loss
-from ..triton import grid, kernels, ops, scale
+from ..triton import grid, kernels, ops, scale, split
 from .launches import ELEMENT_BYTES, Launch, TritonKernel
 from .roofline import H200
 
@@ -75,11 +79,17 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad, dense
     # softmax focal loss with label smoothing or a dense target, the one for its sums before it, which its loss
     # needs too (softmax_focal.py). The sigmoid family's dense targets are read twice, the row weight's sweep
     # (class weights are on) first (sigmoid_focal.py).
-    reread = 0
+    # With a dense target every pass over a row streams the logits and the targets side by side (two arrays a
+    # tile loop), after the sigmoid family's weight sweep over the targets alone; a held row has no tile loop.
+    reread, rereads, sweep, passes = 0, 1, 0, 1
     if options.get("HELD") is False:
+        rereads = max(1, int(write_grad) + int(plan.loss_rereads))
         reread = (elem + target) * (int(write_grad) + int(plan.loss_rereads))
+        passes += int(write_grad) + int(plan.loss_rereads)
     elif dense and kernels.FAMILY_KERNELS[spec.family.name].dense_weight_sweep:
-        reread = target
+        reread, sweep = target, 1
+    elif options.get("HELD"):
+        passes = 0
     blocks = triton.cdiv(n, plan.rows)
     return Launch(
         kernel=f"{plan.kernel.__name__}[{flags}]",
@@ -89,7 +99,69 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad, dense
         threads_per_row=max(1, threads // plan.rows),
         elems_per_iter=max(1, options["BLOCK"] * plan.rows // threads),
         read_bytes_per_elem=elem + target + reread, write_bytes_per_elem=elem if write_grad else 0,
-        reread_bytes_per_elem=reread)
+        reread_bytes_per_elem=reread, rereads=rereads,
+        tile_loop_bytes=_dense_loop_bytes(elem, c, sweep, passes) if dense else None)
+
+
+def _split_record(call, kinds, dtype, n, flags, follows):
+    """The record of one of ops.split_launches' launches (tensors given as their dtypes)."""
+    options = dict(call.options)
+    num_warps = options.pop("num_warps")
+    threads = num_warps * 32
+    elem = ELEMENT_BYTES[dtype]
+    label = [name for name, key in (("loss", "WRITE_LOSS"), ("grad", "WRITE_GRAD"), ("scaled", "SCALE_GRAD"))
+             if options.get(key)] + ([f"rows {call.row0}:{call.row0 + call.rows}"] if call.rows != n else [])
+    common = dict(kernel=f"{call.kernel.__name__}[{'+'.join(label)}]",
+                  code=TritonKernel(call.kernel, call.args, options, num_warps, options.get("STAGES", 1)),
+                  ctas=call.programs, threads_per_cta=threads, batch_rows=call.rows if call.rows != n else None,
+                  follows_launch=follows)
+    if call.kernel is split.sum_parts_kernel:  # reads N x chunks parts, writes N values: no N x C bytes
+        return Launch(**common, threads_per_row=max(1, threads // options["ROWS"]), elems_per_iter=1,
+                      read_bytes_per_elem=0, write_bytes_per_elem=0, per_element_work=False)
+    tiles = dict(threads_per_row=threads * call.per_row, elems_per_iter=max(1, options["BLOCK"] // threads))
+    if call.kernel is kinds.stats:
+        return Launch(**common, **tiles, read_bytes_per_elem=elem, write_bytes_per_elem=0)
+    if not flags["WRITE_GRAD"]:  # the softmax's loss from each row's statistics: per-row values only
+        return Launch(**common, **tiles, read_bytes_per_elem=0, write_bytes_per_elem=0, per_element_work=False)
+    reread = elem if kinds.stats is not None else 0  # the batch the statistics launch read just before
+    return Launch(**common, **tiles, read_bytes_per_elem=elem, write_bytes_per_elem=elem,
+                  reread_bytes_per_elem=reread)
+
+
+def _op_launches(spec, dtype, n, c, *, write_loss, write_grad, scale_grad, dense):
+    """The launches of one op call: the family kernel's (_loss_kernel), or where ops.split_of splits the rows
+    at the audited GPU's SM count and L2, ops.split_launches' (class weights on, int64 targets, or a dense
+    target in the logits' dtype; no other optional input)."""
+    torch_dtype = _TORCH_DTYPE[dtype]
+    hyper = tuple(spec.kernel_hyperparameters({}))
+    plan = ops._plan(spec.family, c, torch.empty((0, c), dtype=torch_dtype, device="meta"), hyper, dense)
+    entry = kernels.FAMILY_KERNELS[spec.family.name]
+    rows_split = ops.split_of(plan, entry, n, c, ELEMENT_BYTES[dtype], write_grad, True, False, _SMS, _L2_BYTES)
+    if rows_split is None:
+        return [_loss_kernel(spec, dtype, n, c, write_loss=write_loss, write_grad=write_grad, scale_grad=scale_grad,
+                             dense=dense)]
+    inputs = (torch_dtype, torch_dtype if dense else torch.int64, torch.float32, None, None, None, None)
+    flags = dict(HAS_WEIGHT=True, HAS_OFFSET=False, HAS_MARGIN=False, HAS_SAMPLE_WEIGHT=False,
+                 HAS_ELEMENT_WEIGHT=False, WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=scale_grad)
+    buffer = torch.float32 if ops.split_buffer(entry.split, rows_split, n, write_loss) else None
+    calls = ops.split_launches(entry.split, plan, rows_split, inputs, torch.float32 if scale_grad else None,
+                               torch.float32 if write_loss else None, torch_dtype if write_grad else None, buffer, n,
+                               c, hyper, IGNORE_INDEX, flags, _SMS)
+    return [_split_record(call, entry.split, dtype, n, flags, follows=i > 0) for i, call in enumerate(calls)]
+
+
+def _dense_loop_bytes(elem, c, sweep, passes):
+    """The bytes per element each tile loop of a dense-target launch loads in full vectors
+    (launches.Launch.tile_loop_bytes): the first loop over the targets (the sigmoid family's weight sweep, or
+    the softmax's first pass beside the logits) also reads the class weights of the row weight's sum by
+    column, as 16-byte vectors where Triton knows the columns aligned (C divisible by 16, its specialisation
+    of an integer argument: sm_90 compiles at C = 8144 and 131072 vectorise them, at 8142 they are 4-byte
+    scalar loads, not counted); every pass reads the logits and the targets."""
+    weights = 4 if c % 16 == 0 else 0
+    loops = [elem] * sweep + [2 * elem] * passes
+    if loops:
+        loops[0] += weights
+    return tuple(loops)
 
 
 def _scale_kernel(dtype, n, c):
@@ -113,9 +185,9 @@ def launches(loss: str, dtype: str, n: int, c: int, dense: bool = False) -> list
     strategy = _backends.TRITON.default_strategy
     kw = dict(dense=dense)
     if strategy == "fused":  # forward writes loss and gradient; backward scales it in place
-        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=True, scale_grad=False, **kw),
+        return [*_op_launches(spec, dtype, n, c, write_loss=True, write_grad=True, scale_grad=False, **kw),
                 _scale_kernel(dtype, n, c)]
     if strategy == "recompute":  # forward writes the loss; backward recomputes the scaled gradient
-        return [_loss_kernel(spec, dtype, n, c, write_loss=True, write_grad=False, scale_grad=False, **kw),
-                _loss_kernel(spec, dtype, n, c, write_loss=False, write_grad=True, scale_grad=True, **kw)]
+        return [*_op_launches(spec, dtype, n, c, write_loss=True, write_grad=False, scale_grad=False, **kw),
+                *_op_launches(spec, dtype, n, c, write_loss=False, write_grad=True, scale_grad=True, **kw)]
     raise ValueError(f"triton_variants: unknown backward strategy {strategy!r}")

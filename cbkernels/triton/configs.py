@@ -100,7 +100,14 @@ _DENSE_SOFTMAX = _SMALL_C + [
     (2048, LaunchConfig(block=2048, rows=1, num_warps=4, num_stages=2, programs_per_sm=4)),
     (None, LaunchConfig(block=1024, rows=1, num_warps=4, num_stages=3, programs_per_sm=4)),
 ]
+# The sigmoid family's dense pass loads two arrays a tile: 114-140 registers (sm_90, C = 8142, gamma 0 and
+# 0.5), 3-4 CTAs per SM, so 3 programs per SM keep the grid within one wave (5 would leave a second, partial one).
+_DENSE_STREAMING = [(c_max, dataclasses.replace(config, programs_per_sm=3) if c_max is None else config)
+                    for c_max, config in DEFAULT_TABLE["fp32"]]
+_DENSE_STREAMING_HALF = [(c_max, dataclasses.replace(config, programs_per_sm=3) if c_max is None else config)
+                         for c_max, config in DEFAULT_TABLE["half"]]
 DENSE_TABLE = {
+    "sigmoid_focal": {"fp32": _DENSE_STREAMING, "half": _DENSE_STREAMING_HALF},
     "softmax_ce": {"fp32": _DENSE_SOFTMAX, "half": _DENSE_SOFTMAX},
     "softmax_focal": {"fp32": _DENSE_SOFTMAX, "half": _DENSE_SOFTMAX},
 }

@@ -14,6 +14,10 @@ hands back the interpreted kernel itself, which torch.compile cannot trace into,
 decomposition would lose the launch. The body, which launches nothing on fake tensors, is the fake kernel
 either way.
 
+With too few rows for the device, a launch splits its rows into column chunks (split_of, split_launches;
+cbkernels/triton/split.py): the family's split kernels (kernels.SplitKernels), launched in order, their
+grids and arguments described once (SplitLaunch) for the launcher and the audit alike.
+
 Importing this module imports triton; cbkernels._backends imports it lazily. No annotation strings
 (no `from __future__ import annotations`): triton_op infers the schema from the real annotations, here
 those of the inspect.Signature each op function carries (_signature).
@@ -24,12 +28,13 @@ import os
 from typing import Optional
 
 import torch
+import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _ops
 from ..losses import FAMILIES
-from . import configs, grid, kernels, scale
+from . import configs, grid, kernels, scale, softmax_split, split
 
 NAMESPACE = "cbkernels_triton"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at import, as we do
@@ -161,10 +166,81 @@ def programs(plan, device, blocks, write_grad):
     return grid.programs(device, blocks, plan.programs_per_sm, held_bytes(plan, write_grad))
 
 
+def split_of(plan, entry, n, c, element_size, write_grad, has_weight, has_element_weight, sms, l2):
+    """The row split of a launch (grid.Split; split.py), or None: the plan's own kernel. entry: the family's
+    kernels.FamilyKernel. Taken for rows of one per tile only (the table's rows above 512 columns), when the
+    family's split kernels compute this launch (SplitKernels.supports) and grid.split_geometry splits it; a
+    launch that writes the gradient of a family whose split reads its rows twice (the softmax's statistics,
+    then its gradient) is batched to keep them in L2 between the two reads."""
+    kinds = entry.split
+    if kinds is None or plan.rows != 1 or not kinds.supports(plan.options, has_weight, has_element_weight):
+        return None
+    reread = c * element_size if kinds.stats is not None and write_grad else 0
+    return grid.split_geometry(n, c, plan.options["BLOCK"], plan.programs_per_sm, sms, l2, reread)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLaunch:
+    """One launch of a split op call (split_launches): the kernel, its grid, positional arguments and keyword
+    arguments (constexprs and compile options); row0 / rows: the rows it covers; per_row: the programs' units
+    a row (the chunks, or 1: a launch that walks rows whole or only reads a value a row)."""
+    kernel: object
+    programs: int
+    args: tuple
+    options: dict
+    row0: int
+    rows: int
+    per_row: int
+
+
+def split_buffer(kinds, rows_split, n, write_loss):
+    """The shape of the fp32 buffer a split op call needs, or None: the (N, chunks) loss parts of independent
+    chunks (only when it writes the loss), or the softmax's (STATS, N, chunks) statistics."""
+    if kinds.stats is None:
+        return (n, rows_split.chunks) if write_loss else None
+    return (softmax_split.STATS, n, rows_split.chunks)
+
+
+def split_launches(kinds, plan, rows_split, inputs, grad_loss, loss, grad, buffer, n, c, hyperparameters,
+                   ignore_index, flags, sms):
+    """The launches of a split op call, in order (split.py; kernels.SplitKernels): for independent chunks, the
+    chunks' launch and, when it writes the loss, the sum of its parts (buffer: split_buffer's); for the
+    softmax, statistics then loss and gradient on each batch of rows in turn (grid.Split.batch_rows: a batch
+    stays in L2 between its two launches; a launch without a gradient reads no row twice: one batch, and
+    one unit a row for the second launch). inputs: the seven inputs of the family kernel (logits, target,
+    class_weight, logit_offset, target_margin, sample_weight, element_weight); flags: its HAS_* / WRITE_* /
+    SCALE_GRAD constexprs; sms: the device's SM count (the grids: plan.programs_per_sm a SM at most)."""
+    chunks, chunk_cols = rows_split.chunks, rows_split.chunk_cols
+    cap = plan.programs_per_sm * sms
+    shared = {k: plan.options[k] for k in ("BLOCK", "VEC", "STAGES", "num_warps", "maxnreg") if k in plan.options}
+    options = {**flags, **shared, **kinds.constexprs(plan.options)}
+    scalars = kinds.scalars(hyperparameters)
+    if kinds.stats is None:
+        out = [SplitLaunch(kinds.kernel, min(n * chunks, cap), (*inputs, grad_loss, buffer, grad, n, c, *scalars,
+                           ignore_index, chunk_cols, chunks), options, 0, n, chunks)]
+        if flags["WRITE_LOSS"]:
+            out.append(SplitLaunch(split.sum_parts_kernel, triton.cdiv(n, split.SUM_ROWS), (buffer, loss, n, chunks),
+                                   dict(ROWS=split.SUM_ROWS, CHUNKS=triton.next_power_of_2(chunks), num_warps=1),
+                                   0, n, 1))
+        return out
+    stats_options = {**{k: v for k, v in flags.items() if k.startswith("HAS_")}, **shared,
+                     "HAS_SMOOTHING": options["HAS_SMOOTHING"]}
+    units = chunks if flags["WRITE_GRAD"] else 1
+    out = []
+    for row0 in range(0, n, rows_split.batch_rows):
+        rows = min(rows_split.batch_rows, n - row0)
+        out.append(SplitLaunch(kinds.stats, min(rows * chunks, cap), (*inputs, buffer, row0, row0 + rows, n, c,
+                               chunk_cols, chunks, ignore_index), stats_options, row0, rows, chunks))
+        out.append(SplitLaunch(kinds.kernel, min(rows * units, cap), (*inputs, grad_loss, loss, grad, buffer, row0,
+                               row0 + rows, n, c, chunk_cols, chunks, *scalars, ignore_index),
+                               {**options, "CHUNKS": triton.next_power_of_2(chunks)}, row0, rows, units))
+    return out
+
+
 def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperparameters, ignore_index,
             write_loss, write_grad, logit_offset=None, target_margin=None, sample_weight=None, element_weight=None):
     """One launch of the family's kernel (kernels.FAMILY_KERNELS) on contiguous (N, C) logits, on the
-    persistent grid of `programs`.
+    persistent grid of `programs`, or with too few rows the family's split launches (split_of).
 
     Unused pointers are passed as None (a constexpr to Triton; the kernels touch a pointer only under
     its flag), never as an alias of another argument: torch.compile's mutation analysis of the kernel
@@ -173,15 +249,24 @@ def _launch(family, logits, target, class_weight, grad_loss, loss, grad, hyperpa
     plan = _plan(family, c, logits, hyperparameters, target.dim() == 2)
     if n == 0 or (_INTERPRETED and is_fake(logits)):  # nothing to compute / tracing the interpreted op
         return
+    inputs = (logits, target, class_weight, logit_offset, target_margin, sample_weight, element_weight)
+    flags = dict(HAS_WEIGHT=class_weight is not None, HAS_OFFSET=logit_offset is not None,
+                 HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None,
+                 HAS_ELEMENT_WEIGHT=element_weight is not None,
+                 WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, SCALE_GRAD=grad_loss is not None)
+    entry = kernels.FAMILY_KERNELS[family.name]
+    rows_split = split_of(plan, entry, n, c, logits.element_size(), write_grad, flags["HAS_WEIGHT"],
+                          flags["HAS_ELEMENT_WEIGHT"], grid.sm_count(logits.device), grid.l2_bytes(logits.device))
+    if rows_split is not None:
+        shape = split_buffer(entry.split, rows_split, n, write_loss)
+        buffer = None if shape is None else torch.empty(shape, dtype=torch.float32, device=logits.device)
+        for launch in split_launches(entry.split, plan, rows_split, inputs, grad_loss, loss, grad, buffer, n, c,
+                                     hyperparameters, ignore_index, flags, grid.sm_count(logits.device)):
+            wrap_triton(launch.kernel)[(launch.programs,)](*launch.args, **launch.options)
+        return
     blocks = (n + plan.rows - 1) // plan.rows
     wrap_triton(plan.kernel)[(programs(plan, logits.device, blocks, write_grad),)](
-        logits, target, class_weight, logit_offset, target_margin, sample_weight, element_weight, grad_loss, loss,
-        grad, n, c, *hyperparameters, ignore_index,
-        HAS_WEIGHT=class_weight is not None, HAS_OFFSET=logit_offset is not None,
-        HAS_MARGIN=target_margin is not None, HAS_SAMPLE_WEIGHT=sample_weight is not None,
-        HAS_ELEMENT_WEIGHT=element_weight is not None,
-        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
-        SCALE_GRAD=grad_loss is not None, **plan.options,
+        *inputs, grad_loss, loss, grad, n, c, *hyperparameters, ignore_index, **flags, **plan.options,
     )
 
 

@@ -23,6 +23,14 @@ target (DENSE_TARGET; op contract): row i's values t_ic read beside the logits (
 vector), every lane the soft-target term (_focal_of_soft); no row is ignored, and the row weight is
 sample_weight_i sum_c t_ic class_weight[c], from a sweep over the row's targets before its pass (with class
 weights: the gradient's scale must be known before its first store).
+
+Rows split into column chunks (split.py; the launcher decides, ops.split_of). A term and its gradient
+depend on their own element and per-row values only, so the chunks of a row are independent units:
+sigmoid_focal_split_kernel walks (row, chunk) units with the same row code (_focal_part) restricted to the
+chunk's body columns, the edge tile in chunk 0, and writes each chunk's part of the row's loss,
+alpha_i sum_{c in chunk} e_c term_c, to an (N, chunks) buffer that split.sum_parts_kernel sums, in a fixed
+order, into loss_i = sum_j part_ij (no float atomics). Not split: a dense target with class weights, whose
+row weight is a sweep over the whole row before any gradient is stored.
 """
 import triton
 import triton.language as tl
@@ -30,7 +38,8 @@ import triton.language as tl
 from ..gamma_cases import GammaCase
 from .fastmath import LOG2E, rcp, two_atanh
 from .rows import (add_offset, adjust_edge, body_mask, class_pointers, column_values, dense_values, edge_columns,
-                   row_adjustments, row_block, row_frame, row_split, row_targets, target_vector)
+                   row_adjustments, row_block, row_frame, row_scalar, row_split, row_targets, target_vector)
+from .split import chunk_span, split_unit
 
 # GAMMA_MODE constexpr values: the modulator (1 - p)^gamma specialised at compile time, one per GammaCase
 # (cbkernels/gamma_cases.py, the mirror of the C++ kernels' enum).
@@ -145,6 +154,108 @@ def _store_grad(ptrs, mask, coef, dz, valid, PER_ROW: tl.constexpr):
 
 
 @triton.jit
+def _loss_at(loss_ptr, rows, chunk, chunks, SPLIT: tl.constexpr):
+    """Where the rows' loss goes: loss_ptr[rows], or with SPLIT the chunk's part, loss_ptr[rows, chunk] of an
+    (N, chunks) buffer."""
+    if SPLIT:
+        return loss_ptr + rows * chunks + chunk
+    else:
+        return loss_ptr + rows
+
+
+@triton.jit
+def _focal_part(
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr, grad_loss_ptr,
+    loss_ptr, grad_ptr, N, C, gamma, ignore_index, block, chunk, chunk_cols, chunks,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    HAS_ELEMENT_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr,
+    GAMMA_MODE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Row block `block`'s loss and gradient; with SPLIT (ROWS == 1), the part of them that chunk `chunk` of
+    the row holds (split.py: its body columns, the edge tile in chunk 0 only), its loss at
+    loss_ptr[row, chunk] of an (N, chunks) buffer. Without SPLIT, chunk, chunk_cols and chunks are unused."""
+    tl.static_assert(not (SPLIT and DENSE_TARGET and HAS_WEIGHT),
+                     "a dense row's weight needs its whole row before any gradient: not split (ops.py)")
+    PER_ROW: tl.constexpr = ROWS == 1
+    cols = tl.arange(0, BLOCK)[None, :]
+    rows, row_mask = row_block(block, N, ROWS)
+    y, valid, alpha = row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT,
+                                  HAS_SAMPLE_WEIGHT, DENSE_TARGET, ROWS)
+    a, a_up, head, body = row_split(rows, C, VEC)
+    y_vec = target_vector(y, head, body, VEC)
+    coef = alpha
+    if SCALE_GRAD:
+        coef = alpha * tl.load(grad_loss_ptr + rows)
+    e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
+    if SPLIT:
+        lo, hi, first = chunk_span(chunk, chunk_cols, row_scalar(body))
+        e_mask = e_mask & first
+    body_o, e_o, margin_y = row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET, HAS_MARGIN)
+    e_at = a[None, :] + e_cols
+    body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
+                                                                     valid, PER_ROW)
+    if not SPLIT:
+        lo = 0
+        hi = body_1
+    body_t, e_t, body_w, e_w, body_ew, e_ew = class_pointers(target_ptr, weight_ptr, element_weight_ptr, body_at,
+                                                            e_at, head, e_cols, HAS_WEIGHT, HAS_ELEMENT_WEIGHT,
+                                                            DENSE_TARGET)
+    if DENSE_TARGET and HAS_WEIGHT:
+        row_weight = _dense_row_weight(body_t, body_w, e_t, e_w, cols, body, body_1, e_mask, ROWS, BLOCK, STAGES)
+        alpha *= row_weight
+        coef *= row_weight
+    if compute:
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+            offs = start + cols
+            mask = body_mask(offs, body, y_vec, VEC)
+            z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            z = add_offset(z, body_o, offs, mask, HAS_OFFSET)
+            if DENSE_TARGET:
+                term, dz = _focal_of_soft(z, dense_values(column_values(body_t, offs, mask), True), gamma,
+                                          GAMMA_MODE)
+                term = tl.where(mask, term, 0.0)
+            else:
+                term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
+            if HAS_ELEMENT_WEIGHT:
+                ew = column_values(body_ew, offs, mask)
+                term *= ew
+                dz *= ew
+            if WRITE_GRAD:
+                _store_grad(grad_ptr + body_at + offs, mask & row_store, coef[:, None], dz, valid[:, None],
+                            PER_ROW)
+            acc += term
+        z = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
+        e_is_y = (e_cols == y[None, :]) & e_mask
+        z = adjust_edge(z, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+        if DENSE_TARGET:
+            term, dz = _focal_of_soft(z, dense_values(column_values(e_t, 0, e_mask), True), gamma, GAMMA_MODE)
+            term = tl.where(e_mask, term, 0.0)
+        else:
+            term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)
+        if HAS_ELEMENT_WEIGHT:
+            ew = column_values(e_ew, 0, e_mask)
+            term *= ew
+            dz *= ew
+        if WRITE_GRAD:
+            _store_grad(grad_ptr + e_at, e_store, coef[None, :], dz, valid[None, :], PER_ROW)
+        if WRITE_LOSS:
+            total = tl.sum(acc, axis=1) + tl.sum(term, axis=0)
+            tl.store(_loss_at(loss_ptr, rows, chunk, chunks, SPLIT), tl.where(valid, alpha * total, 0.0), mask=row_mask)
+    else:  # an ignored row (ROWS == 1): loss 0, gradient 0, the logits unread
+        if WRITE_GRAD:
+            zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
+            for start in tl.range(lo, hi, BLOCK):
+                offs = start + cols
+                tl.store(grad_ptr + body_at + offs, zero, mask=body_mask(offs, body, y_vec, VEC) & row_store)
+            tl.store(grad_ptr + e_at, tl.zeros([4 * VEC, ROWS], dtype=grad_ptr.dtype.element_ty), mask=e_store)
+        if WRITE_LOSS:
+            tl.store(_loss_at(loss_ptr, rows, chunk, chunks, SPLIT), tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)
+
+
+@triton.jit
 def sigmoid_focal_kernel(
     logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr, grad_loss_ptr,
     loss_ptr, grad_ptr, N, C, gamma, ignore_index,
@@ -160,74 +271,30 @@ def sigmoid_focal_kernel(
     computes). Row values are [ROWS] tensors; the body tile is [ROWS, BLOCK], the edge tile [4 VEC, ROWS]
     (rows.py). A dense target (DENSE_TARGET) is read beside the logits, every lane taking _focal_of_soft, and
     its row weight is alpha_i = sample_weight_i sum_c t_c class_weight[c], swept first (_dense_row_weight)."""
-    PER_ROW: tl.constexpr = ROWS == 1
-    cols = tl.arange(0, BLOCK)[None, :]
     n_blocks = tl.cdiv(N, ROWS)
     for block in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        rows, row_mask = row_block(block, N, ROWS)
-        y, valid, alpha = row_targets(target_ptr, weight_ptr, sample_weight_ptr, rows, C, ignore_index, HAS_WEIGHT,
-                                      HAS_SAMPLE_WEIGHT, DENSE_TARGET, ROWS)
-        a, a_up, head, body = row_split(rows, C, VEC)
-        y_vec = target_vector(y, head, body, VEC)
-        coef = alpha
-        if SCALE_GRAD:
-            coef = alpha * tl.load(grad_loss_ptr + rows)
-        e_cols, e_mask = edge_columns(head, body, y_vec, C, VEC)
-        body_o, e_o, margin_y = row_adjustments(offset_ptr, margin_ptr, y, head, e_cols, HAS_OFFSET, HAS_MARGIN)
-        e_at = a[None, :] + e_cols
-        body_z, body_at, row_store, e_store, body_1, compute = row_frame(logits_ptr, a_up, row_mask, e_mask, body,
-                                                                         valid, PER_ROW)
-        body_t, e_t, body_w, e_w, body_ew, e_ew = class_pointers(target_ptr, weight_ptr, element_weight_ptr, body_at,
-                                                                e_at, head, e_cols, HAS_WEIGHT, HAS_ELEMENT_WEIGHT,
-                                                                DENSE_TARGET)
-        if DENSE_TARGET and HAS_WEIGHT:
-            row_weight = _dense_row_weight(body_t, body_w, e_t, e_w, cols, body, body_1, e_mask, ROWS, BLOCK, STAGES)
-            alpha *= row_weight
-            coef *= row_weight
-        if compute:
-            acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
-                offs = start + cols
-                mask = body_mask(offs, body, y_vec, VEC)
-                z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                z = add_offset(z, body_o, offs, mask, HAS_OFFSET)
-                if DENSE_TARGET:
-                    term, dz = _focal_of_soft(z, dense_values(column_values(body_t, offs, mask), True), gamma,
-                                              GAMMA_MODE)
-                    term = tl.where(mask, term, 0.0)
-                else:
-                    term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
-                if HAS_ELEMENT_WEIGHT:
-                    ew = column_values(body_ew, offs, mask)
-                    term *= ew
-                    dz *= ew
-                if WRITE_GRAD:
-                    _store_grad(grad_ptr + body_at + offs, mask & row_store, coef[:, None], dz, valid[:, None],
-                                PER_ROW)
-                acc += term
-            z = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
-            e_is_y = (e_cols == y[None, :]) & e_mask
-            z = adjust_edge(z, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
-            if DENSE_TARGET:
-                term, dz = _focal_of_soft(z, dense_values(column_values(e_t, 0, e_mask), True), gamma, GAMMA_MODE)
-                term = tl.where(e_mask, term, 0.0)
-            else:
-                term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)
-            if HAS_ELEMENT_WEIGHT:
-                ew = column_values(e_ew, 0, e_mask)
-                term *= ew
-                dz *= ew
-            if WRITE_GRAD:
-                _store_grad(grad_ptr + e_at, e_store, coef[None, :], dz, valid[None, :], PER_ROW)
-            if WRITE_LOSS:
-                total = tl.sum(acc, axis=1) + tl.sum(term, axis=0)
-                tl.store(loss_ptr + rows, tl.where(valid, alpha * total, 0.0), mask=row_mask)
-        else:  # an ignored row (ROWS == 1): loss 0, gradient 0, the logits unread
-            if WRITE_GRAD:
-                zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
-                for start in tl.range(0, body_1, BLOCK):
-                    offs = start + cols
-                    tl.store(grad_ptr + body_at + offs, zero, mask=body_mask(offs, body, y_vec, VEC) & row_store)
-                tl.store(grad_ptr + e_at, tl.zeros([4 * VEC, ROWS], dtype=grad_ptr.dtype.element_ty), mask=e_store)
-            if WRITE_LOSS:
-                tl.store(loss_ptr + rows, tl.zeros([ROWS], dtype=tl.float32), mask=row_mask)
+        _focal_part(logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr,
+                    grad_loss_ptr, loss_ptr, grad_ptr, N, C, gamma, ignore_index, block, 0, 0, 1, HAS_WEIGHT,
+                    HAS_OFFSET, HAS_MARGIN, HAS_SAMPLE_WEIGHT, HAS_ELEMENT_WEIGHT, DENSE_TARGET, GAMMA_MODE,
+                    WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, ROWS, BLOCK, VEC, STAGES, False)
+
+
+@triton.jit
+def sigmoid_focal_split_kernel(
+    logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr, grad_loss_ptr,
+    loss_ptr, grad_ptr, N, C, gamma, ignore_index, chunk_cols, chunks,
+    HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SAMPLE_WEIGHT: tl.constexpr,
+    HAS_ELEMENT_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr,
+    GAMMA_MODE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
+):
+    """sigmoid_focal_kernel's loss and gradient with each row split into `chunks` chunks of chunk_cols body
+    columns (split.py), one row per unit: the persistent programs walk the N x chunks units, and loss_ptr is
+    the (N, chunks) fp32 buffer of the rows' parts, which split.sum_parts_kernel sums into the loss."""
+    for unit in tl.range(tl.program_id(0), N * chunks, tl.num_programs(0)):
+        row, chunk = split_unit(unit, chunks)
+        _focal_part(logits_ptr, target_ptr, weight_ptr, offset_ptr, margin_ptr, sample_weight_ptr, element_weight_ptr,
+                    grad_loss_ptr, loss_ptr, grad_ptr, N, C, gamma, ignore_index, row, chunk, chunk_cols, chunks,
+                    HAS_WEIGHT, HAS_OFFSET, HAS_MARGIN, HAS_SAMPLE_WEIGHT, HAS_ELEMENT_WEIGHT, DENSE_TARGET,
+                    GAMMA_MODE, WRITE_LOSS, WRITE_GRAD, SCALE_GRAD, 1, BLOCK, VEC, STAGES, True)

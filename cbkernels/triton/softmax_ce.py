@@ -37,7 +37,10 @@ alpha_i sum_c u_c (lse - z_c) and gradient (grad_loss_i) (U p_c - u_c), U = sum_
 alpha_i is sample_weight_i sum_c t_c class_weight[c], summed in the pass that reads its targets first.
 
 The pieces of a row (its setup, the log-sum-exp of either path, the gradient's streamed pass, the stores)
-are the helpers below; the softmax focal kernel (softmax_focal.py) is built from the same ones.
+are the helpers below; the softmax focal kernel (softmax_focal.py) is built from the same ones, and so are
+the kernels of rows split into column chunks when the rows are too few for the device (softmax_split.py:
+the streamed pass cut into a launch of per-chunk statistics and a launch that combines them and writes the
+gradient; the helpers take a column range [lo, hi) of the body for that).
 """
 import triton
 import triton.language as tl
@@ -114,6 +117,16 @@ def target_nll(m, s, s_ny, z_y):
 
 
 @triton.jit
+def ce_row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING: tl.constexpr):
+    """The row's cross entropy before its weight: lse - (1 - eps) z_y - eps/C sum_c z_c, grouped so that each
+    bracket is exactly 0 when C == 1 (target_nll; sum_z: the sum of the row's adjusted logits)."""
+    row_loss = target_nll(m, s, s_ny, z_y)
+    if HAS_SMOOTHING:
+        row_loss += eps * (z_y - sum_z / C)
+    return row_loss
+
+
+@triton.jit
 def grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD: tl.constexpr):
     """The gradient's per-row scale: alpha (times grad_loss in the backward)."""
     if SCALE_GRAD:
@@ -145,16 +158,17 @@ def store_grad(ptrs, mask, g, valid, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
+def store_zeros(grad_ptr, body_at, cols, body, lo, hi, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
                 WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HELD: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread (one store for a held row)."""
+    """An ignored row (ROWS == 1): loss 0 and gradient 0, its logits unread (one store for a held row; a
+    streamed row's body columns [lo, hi), the whole body but in a split row's chunk, split.py)."""
     if WRITE_GRAD:
         zero = tl.zeros([ROWS, BLOCK], dtype=grad_ptr.dtype.element_ty)
         if HELD:
             tl.store(grad_ptr + body_at + cols, zero, mask=body_mask(cols, body, y_vec, VEC) & row_store)
         else:
-            for start in tl.range(0, row_scalar(body), BLOCK):
+            for start in tl.range(lo, hi, BLOCK):
                 offs = start + cols
                 tl.store(grad_ptr + body_at + offs, zero, mask=body_mask(offs, body, y_vec, VEC) & row_store)
         tl.store(grad_ptr + e_at, tl.zeros([4 * VEC, ROWS], dtype=grad_ptr.dtype.element_ty), mask=e_store)
@@ -185,16 +199,15 @@ def _lane_update(m, s, z):
 
 
 @triton.jit
-def streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y,
-                 SUM_Z: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
-    """Pass 1 of streamed rows: (m, z_e, ex_e, s_ny, sum_z), the edge tile's logits and exp(z - m) (the
-    target's left out) read after the body's tiles, and with SUM_Z the sum of the row's logits (else 0).
-    Running (max, sum) per lane over the tiles (_lane_update), merged once per row."""
+def lane_lse(body_z, body_o, cols, body, lo, hi, y_vec, SUM_Z: tl.constexpr, HAS_OFFSET: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+    """(m_l, s_l, sz_l): the running (max, sum) per lane (_lane_update) over the body columns [lo, hi) of
+    streamed rows, in tiles, and with SUM_Z the lanes' sums of the logits (else 0). A lane that sees no
+    element keeps (_LOWEST, 0)."""
     m_l = tl.full([ROWS, BLOCK], _LOWEST, tl.float32)
     s_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     sz_l = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
         offs = start + cols
         mask = body_mask(offs, body, y_vec, VEC)
         z = add_offset(tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32), body_o, offs, mask,
@@ -202,8 +215,26 @@ def streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask, e_
         if SUM_Z:
             sz_l += tl.where(mask, z, 0.0)
         m_l, s_l = _lane_update(m_l, s_l, z)
+    return m_l, s_l, sz_l
+
+
+@triton.jit
+def edge_logits(logits_ptr, e_at, e_mask, e_is_y, e_o, margin_y, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """The edge tile's adjusted logits ([4 VEC, ROWS]), -inf where masked."""
     z_e = tl.load(logits_ptr + e_at, mask=e_mask, other=float("-inf")).to(tl.float32)
-    z_e = adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+    return adjust_edge(z_e, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
+
+
+@triton.jit
+def streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask, e_is_y, z_y, body_o, e_o, margin_y,
+                 SUM_Z: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+    """Pass 1 of streamed rows: (m, z_e, ex_e, s_ny, sum_z), the edge tile's logits and exp(z - m) (the
+    target's left out) read after the body's tiles, and with SUM_Z the sum of the row's logits (else 0).
+    Running (max, sum) per lane over the tiles (lane_lse), merged once per row."""
+    m_l, s_l, sz_l = lane_lse(body_z, body_o, cols, body, 0, body_1, y_vec, SUM_Z, HAS_OFFSET, ROWS, BLOCK, VEC,
+                              STAGES)
+    z_e = edge_logits(logits_ptr, e_at, e_mask, e_is_y, e_o, margin_y, HAS_OFFSET, HAS_MARGIN)
     m_ny = tl.maximum(tl.max(m_l, axis=1), tl.max(tl.where(e_is_y, _LOWEST, z_e), axis=0))
     m = tl.maximum(m_ny, z_y)
     mb = m * LOG2E
@@ -216,12 +247,13 @@ def streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask, e_
 
 
 @triton.jit
-def streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid, m, k, off,
+def streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, lo, hi, y_vec, row_store, valid, m, k, off,
                   HAS_OFFSET: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
                   STAGES: tl.constexpr):
-    """The gradient's pass over a streamed row's body: k exp(z - m) - off (k, off: grad_terms)."""
+    """The gradient's pass over a streamed row's body columns [lo, hi) (the whole body, [0, body), but in a
+    split row's chunk, split.py): k exp(z - m) - off (k, off: grad_terms)."""
     mb = m * LOG2E
-    for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
+    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
         offs = start + cols
         mask = body_mask(offs, body, y_vec, VEC)
         z = add_offset(tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32), body_o, offs, mask, HAS_OFFSET)
@@ -468,10 +500,7 @@ def softmax_ce_kernel(
                                                              HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK, VEC, STAGES)
                 s = s_ny + tl.exp2((z_y - m) * LOG2E)
                 if WRITE_LOSS:
-                    # lse - (1 - eps) z_y - eps/C sum z, grouped so each bracket is exactly 0 when C == 1
-                    row_loss = target_nll(m, s, s_ny, z_y)
-                    if HAS_SMOOTHING:
-                        row_loss += eps * (z_y - sum_z / C)
+                    row_loss = ce_row_loss(m, s, s_ny, z_y, sum_z, eps, C, HAS_SMOOTHING)
                     tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
                 if WRITE_GRAD:
                     k, off, g_y = grad_terms(grad_coef(alpha, grad_loss_ptr, rows, SCALE_GRAD), s, s_ny, eps, C,
@@ -480,11 +509,11 @@ def softmax_ce_kernel(
                         store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
                                    valid[:, None], PER_ROW)
                     else:
-                        streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store, valid,
-                                      m, k, off, HAS_OFFSET, PER_ROW, BLOCK, VEC, STAGES)
+                        streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, 0, body_1, y_vec, row_store,
+                                      valid, m, k, off, HAS_OFFSET, PER_ROW, BLOCK, VEC, STAGES)
                     store_grad(grad_ptr + e_at, e_store,
                                tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]), valid[None, :],
                                PER_ROW)
         else:
-            store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
-                        WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)
+            store_zeros(grad_ptr, body_at, cols, body, 0, body_1, y_vec, row_store, e_at, e_store, loss_ptr, rows,
+                        row_mask, WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)

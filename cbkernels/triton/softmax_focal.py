@@ -35,6 +35,11 @@ loss alpha_i sum_c u_c mod_c l_c, gradient (grad_loss_i) (u_j h_j - p_j H), H = 
 then a gradient pass, after the log-sum-exp (a streamed row is read three times, its loss needing the sums
 pass too). The class kept apart is the row's top class k (softmax_ce.py's per-class section), its scalars exact:
 p_k = 1/s, 1 - p_k = s_rest/s, l_k = log1p(s_rest), h_k = -F_k (_target_factor with e = 1, s_ny = s_rest).
+
+Rows split into column chunks (too few rows for the device): without label smoothing the loss and the
+gradient need the row's log-sum-exp and the target's scalars only (target_terms), so the split is the cross
+entropy's (softmax_split.py) with the factor F. With smoothing the sums over every class need the row's
+(max, sum) first, a third launch: not split.
 """
 import triton
 import triton.language as tl
@@ -78,6 +83,20 @@ def _target_factor(mod_y, l_y, e_y, s_ny, gamma, GAMMA_MODE: tl.constexpr):
         return mod_y
     else:
         return mod_y * (1.0 + gamma * tl.where(s_ny == 0.0, 1.0, l_y * e_y / s_ny))
+
+
+@triton.jit
+def target_terms(m, s_ny, z_y, gamma, GAMMA_MODE: tl.constexpr):
+    """The target's scalars of a row from its log-sum-exp (m, s_ny; z_y the adjusted target logit):
+    (e_y, s, inv_s, q_y, l_y, mod_y, f), e_y = exp(z_y - m), s = s_ny + e_y, q_y = s_ny / s = 1 - p_y (no
+    subtraction), l_y = -log p_y (target_nll), mod_y = q_y^gamma, f = F (_target_factor)."""
+    e_y = tl.exp2((z_y - m) * LOG2E)
+    s = s_ny + e_y
+    inv_s = 1.0 / s
+    q_y = s_ny * inv_s
+    l_y = target_nll(m, s, s_ny, z_y)
+    mod_y = _modulator(q_y, gamma, GAMMA_MODE)
+    return e_y, s, inv_s, q_y, l_y, mod_y, _target_factor(mod_y, l_y, e_y, s_ny, gamma, GAMMA_MODE)
 
 
 @triton.jit
@@ -302,13 +321,7 @@ def softmax_focal_kernel(
                     m, z_e, ex_e, s_ny, _ = streamed_lse(logits_ptr, body_z, cols, body, body_1, y_vec, e_at, e_mask,
                                                          e_is_y, z_y, body_o, e_o, margin_y, False, HAS_OFFSET,
                                                          HAS_MARGIN, ROWS, BLOCK, VEC, STAGES)
-                e_y = tl.exp2((z_y - m) * LOG2E)
-                s = s_ny + e_y
-                inv_s = 1.0 / s
-                q_y = s_ny * inv_s
-                l_y = target_nll(m, s, s_ny, z_y)
-                mod_y = _modulator(q_y, gamma, GAMMA_MODE)
-                f = _target_factor(mod_y, l_y, e_y, s_ny, gamma, GAMMA_MODE)
+                e_y, s, inv_s, q_y, l_y, mod_y, f = target_terms(m, s_ny, z_y, gamma, GAMMA_MODE)
                 if HAS_SMOOTHING:
                     log_s = tl.log(s)
                     if HELD:
@@ -353,7 +366,7 @@ def softmax_focal_kernel(
                             store_grad(grad_ptr + body_at + cols, b_mask & row_store, ex_b * k[:, None] - off[:, None],
                                        valid[:, None], PER_ROW)
                         else:
-                            streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, body_1, y_vec, row_store,
+                            streamed_grad(grad_ptr, body_z, body_o, body_at, cols, body, 0, body_1, y_vec, row_store,
                                           valid, m, k, off, HAS_OFFSET, PER_ROW, BLOCK, VEC, STAGES)
                         store_grad(grad_ptr + e_at, e_store,
                                    tl.where(e_is_y, g_y[None, :], ex_e * k[None, :] - off[None, :]), valid[None, :],
@@ -361,5 +374,5 @@ def softmax_focal_kernel(
                 if WRITE_LOSS:
                     tl.store(loss_ptr + rows, tl.where(valid, alpha * row_loss, 0.0), mask=row_mask)
         else:
-            store_zeros(grad_ptr, body_at, cols, body, y_vec, row_store, e_at, e_store, loss_ptr, rows, row_mask,
-                        WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)
+            store_zeros(grad_ptr, body_at, cols, body, 0, body_1, y_vec, row_store, e_at, e_store, loss_ptr, rows,
+                        row_mask, WRITE_LOSS, WRITE_GRAD, HELD, ROWS, BLOCK, VEC)

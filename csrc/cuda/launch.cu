@@ -138,16 +138,6 @@ Grid grid_of(const LossArgs& a, const LaunchConfig& config, const DeviceFacts& f
           config.threads / config.rows_per_block};
 }
 
-// config with at most max_threads threads a block (a kernel's launch bound): fewer rows a block, then fewer
-// threads a row (the kernels compute the same with any multiple of 32).
-LaunchConfig within(LaunchConfig config, int max_threads) {
-  if (config.threads <= max_threads) return config;
-  const int tpr = std::min(config.threads / config.rows_per_block, max_threads);
-  config.rows_per_block = max_threads / tpr;
-  config.threads = tpr * config.rows_per_block;
-  return config;
-}
-
 // What every launch shares: launch nothing without rows, then call fn(E{}, IntC<VEC>{}, grid, facts) for
 // the storage type and the widest vector access the call's rows allow.
 template <typename Fn>
@@ -166,14 +156,20 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
 
 // ---- one launcher per family of common/families.h: launch_<name>, called by launch_loss below ----------
 
-// Dense targets: one kernel for every gamma (dense_kernels.cuh reads it at run time), under its launch bound.
+// Dense targets: the focal form when gamma != 0 (dense_kernels.cuh reads gamma at run time), the optional inputs'
+// code when the call has them, under its launch bound.
 cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts& facts) {
     if (args.dense_target) {
       constexpr int kBound = device::kDenseMaxThreads;
       const Grid g = grid_of(args, within(config, kBound), facts, kBound * device::kDenseMinBlocks);
-      device::sigmoid_dense_kernel<decltype(e), decltype(vec)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
-      return cudaGetLastError();
+      return with_flag(args.gamma != 0.f, [&](auto focal) {
+        return with_flag(extended(args), [&](auto extend) {
+          device::sigmoid_dense_kernel<decltype(e), decltype(vec)::value, decltype(focal)::value,
+                                       decltype(extend)::value><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+          return cudaGetLastError();
+        });
+      });
     }
     return with_gamma(args.gamma, [&](auto g) {
       return with_flag(args.grad != nullptr, [&](auto write) {
@@ -235,31 +231,36 @@ cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, cud
 }
 
 // Dense targets (dense_kernels.cuh): the cached kernel when the gradient is written and the row fits
-// (cached_softmax), else the streaming one under its launch bound; eps and gamma are read at run time.
-// Focal: the focal loss (gamma > 0), else the cross entropy.
-template <bool Focal>
+// (cached_softmax), in the form of gamma's case G (kZero: the cross entropy) and with the optional inputs only
+// when the call has them; else the streaming one under its launch bound, which reads gamma (G != kZero: the focal
+// loss) and the optional inputs at run time. eps is read at run time.
+template <GammaCase G>
 cudaError_t launch_softmax_dense(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid&, const DeviceFacts& facts) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
       if (cached_softmax(config, args.num_classes) && args.grad != nullptr) {
-        const Grid g = grid_of(args, config, facts, device::kCachedMaxThreads * device::kDenseMinBlocks);
-        device::softmax_dense_cached_kernel<E, VEC, Focal><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
-        return cudaGetLastError();
+        return with_flag(extended(args), [&](auto extend) {
+          constexpr bool kExtend = decltype(extend)::value;
+          constexpr int kResident = device::kCachedMaxThreads * device::kDenseCachedMinBlocks<kExtend>;
+          const Grid g = grid_of(args, config, facts, kResident);
+          device::softmax_dense_cached_kernel<E, VEC, G, kExtend><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+          return cudaGetLastError();
+        });
       }
     }
     constexpr int kBound = device::kDenseMaxThreads;
     const Grid g =
         stream_grid(args, grid_of(args, within(config, kBound), facts, kBound * device::kDenseMinBlocks), facts);
-    device::softmax_dense_stream_kernel<E, VEC, Focal><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
+    device::softmax_dense_stream_kernel<E, VEC, G != GammaCase::kZero><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr);
     return cudaGetLastError();
   });
 }
 
 // The streaming kernel reads eps at run time; the cached one is specialised for eps == 0 (no sum of z).
 cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
-  if (args.dense_target) return launch_softmax_dense<false>(args, config, stream);
+  if (args.dense_target) return launch_softmax_dense<GammaCase::kZero>(args, config, stream);
   return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
     return launch_softmax<device::SoftmaxCe<true>, device::SoftmaxCe<decltype(smooth)::value>>(args, config, stream);
   });
@@ -273,7 +274,7 @@ cudaError_t launch_softmax_focal(const LossArgs& args, const LaunchConfig& confi
     if constexpr (G == GammaCase::kZero) {
       return launch_softmax_ce(args, config, stream);
     } else {
-      if (args.dense_target) return launch_softmax_dense<true>(args, config, stream);
+      if (args.dense_target) return launch_softmax_dense<G>(args, config, stream);
       using Focal = device::SoftmaxFocal;
       using Smooth = device::SoftmaxFocalSmooth<G>;
       if (args.label_smoothing == 0.f) return launch_softmax<Focal, Focal>(args, config, stream);
@@ -305,6 +306,15 @@ LaunchConfig default_config(int64_t c, Dtype) {
 
 int blocks_per_sm(const LaunchConfig& config, int resident_threads) {
   return config.ctas_per_sm > 0 ? config.ctas_per_sm : std::max(1, resident_threads / config.threads);
+}
+
+// Fewer rows a block, then fewer threads a row (the kernels compute the same with any multiple of 32).
+LaunchConfig within(LaunchConfig config, int max_threads) {
+  if (config.threads <= max_threads) return config;
+  const int tpr = std::min(config.threads / config.rows_per_block, max_threads);
+  config.rows_per_block = max_threads / tpr;
+  config.threads = tpr * config.rows_per_block;
+  return config;
 }
 
 bool cached_softmax(const LaunchConfig& config, int64_t c) {

@@ -38,6 +38,9 @@ LaunchConfig default_config(int64_t c, Dtype dtype);
 // cached softmax.)
 int blocks_per_sm(const LaunchConfig& config, int resident_threads);
 
+// `config` with at most max_threads threads a block (a kernel's launch bound).
+LaunchConfig within(LaunchConfig config, int max_threads);
+
 // Whether a softmax call with a gradient on rows of c classes takes the cached kernel under `config`
 // (with 16-byte vectors; a call whose rows allow only narrower ones streams).
 bool cached_softmax(const LaunchConfig& config, int64_t c);

@@ -155,7 +155,8 @@ __device__ __forceinline__ Span split_row(const Bits* x, int len) {
 // The offset is added where a logit is loaded (the (C,) vector stays in L1/L2: no extra pass over the row);
 // the margin, once per row, where a kernel handles the target column apart (margin_of); the element weights
 // where a column's terms are formed. The index-target kernels take a template flag Extended for them: without
-// it, none of this code is compiled in. The dense-target kernels read each at run time (Extended true).
+// it, none of this code is compiled in. So do the dense-target kernels, but for the streaming softmax, which
+// reads each at run time (Extended true).
 
 // The offset vector (indexed by column), or nullptr without one (or without Extended). The kernels pass it
 // with the column it starts at to for_each_vector rather than a pointer into it: the parameter stays in the
@@ -247,43 +248,76 @@ __device__ __forceinline__ void for_each_vector(const typename E::bits* body, in
   }
 }
 
+// The walk of for_each_vector with what a vector loads left to the caller (the dense-target kernels' loops):
+// load(v) issues the loads of body vector v and returns what they fill (any trivially copyable type, kept
+// in registers), use(v, loaded) computes with it; the next step's Step vectors are loaded before the current
+// step's are used.
+template <int Step, typename Load, typename Use>
+__device__ __forceinline__ void for_each_loaded(int nvec, int tid, int tpr, Load&& load, Use&& use) {
+  using Loaded = decltype(load(0));
+  Loaded next[Step];
+  auto fetch = [&](int v0) {
+#pragma unroll
+    for (int k = 0; k < Step; ++k) {
+      const int v = v0 + k * tpr;
+      if (v < nvec) next[k] = load(v);
+    }
+  };
+  fetch(tid);
+  for (int v0 = tid; v0 < nvec; v0 += Step * tpr) {
+    Loaded cur[Step];
+#pragma unroll
+    for (int k = 0; k < Step; ++k) cur[k] = next[k];
+    fetch(v0 + Step * tpr);
+#pragma unroll
+    for (int k = 0; k < Step; ++k) {
+      const int v = v0 + k * tpr;
+      if (v >= nvec) break;
+      use(v, cur[k]);
+    }
+  }
+}
+
 // for_each_vector over two rows at the same columns, the logits (body) and a dense target row (tbody: the
 // logits' storage type, and the logits row's alignment, which the launcher checks): f(col, z, t), t the
 // target's VEC values in fp32; both rows' next vectors are loaded while f computes. No vector is skipped.
 template <typename E, int VEC, int Step, typename F>
 __device__ __forceinline__ void for_each_pair(const typename E::bits* body, const typename E::bits* tbody, int nvec,
                                               int tid, int tpr, F&& f, const float* offset, int col0) {
-  Word<E, VEC> next[Step], tnext[Step];
-  auto fetch = [&](int v0) {
-#pragma unroll
-    for (int k = 0; k < Step; ++k) {
-      const int v = v0 + k * tpr;
-      if (v < nvec) {
-        next[k] = load_word<E, VEC>(body + v * VEC);
-        tnext[k] = load_word<E, VEC>(tbody + v * VEC);
-      }
-    }
+  struct Loaded {
+    Word<E, VEC> z, t;
   };
-  fetch(tid);
-  for (int v0 = tid; v0 < nvec; v0 += Step * tpr) {
-    Word<E, VEC> cur[Step], tcur[Step];
+  for_each_loaded<Step>(nvec, tid, tpr, [&](int v) {
+    return Loaded{load_word<E, VEC>(body + v * VEC), load_word<E, VEC>(tbody + v * VEC)};
+  }, [&](int v, const Loaded& words) {
+    float z[VEC], t[VEC];
+    unpack(words.z, z);
+    unpack(words.t, t);
+    if (offset != nullptr) add_offset(offset + col0 + v * VEC, z);
+    f(v * VEC, z, t);
+  });
+}
+
+// for_each_vector over a row (body) with a (C,) fp32 vector at the same columns (values: its element at the
+// body's first column; not aligned like the row, so read one element at a time): f(col, z, w), w its VEC
+// values; both are loaded a step ahead. The dense kernels' class-weight sums.
+template <typename E, int VEC, int Step, typename F>
+__device__ __forceinline__ void for_each_vector_with(const typename E::bits* body, const float* values, int nvec,
+                                                     int tid, int tpr, F&& f) {
+  struct Loaded {
+    Word<E, VEC> z;
+    float w[VEC];
+  };
+  for_each_loaded<Step>(nvec, tid, tpr, [&](int v) {
+    Loaded in{load_word<E, VEC>(body + v * VEC), {}};
 #pragma unroll
-    for (int k = 0; k < Step; ++k) {
-      cur[k] = next[k];
-      tcur[k] = tnext[k];
-    }
-    fetch(v0 + Step * tpr);
-#pragma unroll
-    for (int k = 0; k < Step; ++k) {
-      const int v = v0 + k * tpr;
-      if (v >= nvec) break;
-      float z[VEC], t[VEC];
-      unpack(cur[k], z);
-      unpack(tcur[k], t);
-      if (offset != nullptr) add_offset(offset + col0 + v * VEC, z);
-      f(v * VEC, z, t);
-    }
-  }
+    for (int j = 0; j < VEC; ++j) in.w[j] = __ldg(values + v * VEC + j);
+    return in;
+  }, [&](int v, const Loaded& in) {
+    float z[VEC];
+    unpack(in.z, z);
+    f(v * VEC, z, in.w);
+  });
 }
 
 // ---- the edge step: head, tail and the target's vector, one column per thread --------------------------
