@@ -99,13 +99,15 @@ def _focal_of_z(z, is_y, gamma, GAMMA_MODE: tl.constexpr):
 @triton.jit
 def _focal_of_soft(z, t, gamma, GAMMA_MODE: tl.constexpr):
     """(term, d term / dz) of one binary task at a dense target value t in [0, 1] (the official code's term,
-    the op contract): with e = exp(-|z|), l = log1p(e), p = sigmoid(z), p_ = sigmoid(-z) = 1 - p (both from e,
-    as _focal_of_v forms them),
-      bce = t softplus(-z) + (1 - t) softplus(z) = (z > 0 ? (1 - t) z : -t z) + l,
-      A   = t softplus(z) + (1 - t) softplus(-z) = (z > 0 ? t z : -(1 - t) z) + l,   mod = exp(-gamma A),
-      term = mod bce,  d term / dz = mod (d bce - gamma d A bce),
-      d bce = p - t = (1 - t) p - t p_,  d A = t - p_ = t p - (1 - t) p_,
-    each written as a sum of non-negative parts (no cancellation but at a true zero). At t in {0, 1} these are
+    the op contract): with e = exp(-|z|), l = log1p(e), p = sigmoid(z), p_ = sigmoid(-z) = 1 - p,
+      bce = t softplus(-z) + (1 - t) softplus(z),   A = t softplus(z) + (1 - t) softplus(-z),   mod = exp(-gamma A),
+      term = mod bce,  d term / dz = mod (d bce - gamma d A bce),  d bce = p - t,  d A = t - p_.
+    One pair of coefficients chosen by the sign of z gives all four: with r = 1 / (1 + e) (so that
+    {p, p_} = {r, e r}, the larger r) and (a, b) = (1 - t, t) for z > 0, (-t, -(1 - t)) otherwise,
+      bce = a z + l,  A = b z + l,  d bce = r (a - b e),  d A = r (b - a e)
+    (z > 0: p = r, p_ = e r, d bce = (1 - t) p - t p_ = p - t and d A = t p - (1 - t) p_ = t - p_; z <= 0:
+    p = e r, p_ = r, the same with a, b negated; bce and A from softplus(+-z) = max(+-z, 0) + l), each
+    difference of two non-negative parts (no cancellation but at a true zero). At t in {0, 1} these are
     _focal_of_z's (t = 1: A = softplus(z), mod = (1 - p)^gamma, which the specialised GAMMA_MODEs take as an
     exp here: a soft t has no cheaper form). A padding lane (z = -inf, t = 0) gives NaN: the caller masks it."""
     e = tl.exp2(tl.abs(z) * -LOG2E)
@@ -114,34 +116,49 @@ def _focal_of_soft(z, t, gamma, GAMMA_MODE: tl.constexpr):
     w = rcp(one_e * two_e)
     r = two_e * w                 # 1 / (1 + e)
     l = two_atanh((e * w) * one_e)  # log1p(e)
-    z_pos = z > 0.0
-    er = e * r
-    p = tl.where(z_pos, r, er)
-    p_ = tl.where(z_pos, er, r)
     f = 1.0 - t
-    tz = t * z
-    fz = f * z
-    bce = tl.where(z_pos, fz, -tz) + l
-    d_bce = f * p - t * p_
+    z_pos = z > 0.0
+    a = tl.where(z_pos, f, -t)
+    b = tl.where(z_pos, t, -f)
+    bce = a * z + l
+    d_bce = r * (a - b * e)
     if GAMMA_MODE == GAMMA_ZERO:
         return bce, d_bce
     else:
-        mod = tl.exp2((tl.where(z_pos, tz, -fz) + l) * (-gamma * LOG2E))
-        return mod * bce, mod * (d_bce - gamma * (t * p - f * p_) * bce)
+        mod = tl.exp2((b * z + l) * (-gamma * LOG2E))
+        return mod * bce, mod * (d_bce - gamma * (r * (b - a * e)) * bce)
 
 
 @triton.jit
 def _dense_row_weight(t_body, w_body, t_e, w_e, cols, body, body_1, e_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                       STAGES: tl.constexpr):
     """sum_c t_c class_weight[c] of dense rows: a sweep over the row's targets before any gradient is written
-    (the rows then come from L2 for the loss pass)."""
+    (the rows then come from L2 for the loss pass). It also checks the row's targets, once a row: a value
+    outside [0, 1] makes the sum NaN (rows.dense_values' convention), so the loss pass, whose loss and gradient
+    this weight scales, reads them unchecked. t in [0, 1] iff t (1 - t) >= 0, so one running minimum of
+    t - t^2 checks the row (NaN carries itself into the sum, t NaN times any weight; masked lanes load 0)."""
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    lo = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
         offs = start + cols
         mask = offs < body[:, None]
-        acc += dense_values(column_values(t_body, offs, mask), True) * column_values(w_body, offs, mask)
-    t = dense_values(column_values(t_e, 0, e_mask), True)
-    return tl.sum(acc, axis=1) + tl.sum(t * column_values(w_e, 0, e_mask), axis=0)
+        t = column_values(t_body, offs, mask)
+        acc += t * column_values(w_body, offs, mask)
+        lo = tl.minimum(lo, t - t * t)
+    t = column_values(t_e, 0, e_mask)
+    total = tl.sum(acc, axis=1) + tl.sum(t * column_values(w_e, 0, e_mask), axis=0)
+    lo_row = tl.minimum(tl.min(lo, axis=1), tl.min(t - t * t, axis=0))
+    return tl.where(lo_row >= 0.0, total, float("nan"))
+
+
+@triton.jit
+def _soft_targets(at, offs, mask, CHECKED: tl.constexpr):
+    """A tile of a dense target row for the loss pass: as loaded where the row's weight sweep checked the row
+    (CHECKED: class weights, _dense_row_weight), else checked here per value (rows.dense_values)."""
+    t = column_values(at, offs, mask)
+    if not CHECKED:
+        t = dense_values(t, True)
+    return t
 
 
 @triton.jit
@@ -214,8 +231,7 @@ def _focal_part(
             z = tl.load(body_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
             z = add_offset(z, body_o, offs, mask, HAS_OFFSET)
             if DENSE_TARGET:
-                term, dz = _focal_of_soft(z, dense_values(column_values(body_t, offs, mask), True), gamma,
-                                          GAMMA_MODE)
+                term, dz = _focal_of_soft(z, _soft_targets(body_t, offs, mask, HAS_WEIGHT), gamma, GAMMA_MODE)
                 term = tl.where(mask, term, 0.0)
             else:
                 term, dz = _focal_of_v(z, gamma, GAMMA_MODE)  # every body lane is a negative (t = -1)
@@ -231,7 +247,7 @@ def _focal_part(
         e_is_y = (e_cols == y[None, :]) & e_mask
         z = adjust_edge(z, e_o, e_mask, e_is_y, margin_y, HAS_OFFSET, HAS_MARGIN)
         if DENSE_TARGET:
-            term, dz = _focal_of_soft(z, dense_values(column_values(e_t, 0, e_mask), True), gamma, GAMMA_MODE)
+            term, dz = _focal_of_soft(z, _soft_targets(e_t, 0, e_mask, HAS_WEIGHT), gamma, GAMMA_MODE)
             term = tl.where(e_mask, term, 0.0)
         else:
             term, dz = _focal_of_z(z, e_is_y, gamma, GAMMA_MODE)

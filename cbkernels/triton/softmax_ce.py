@@ -280,11 +280,16 @@ def per_class(dense_target, has_element_weight, has_smoothing):
 
 @triton.jit
 def class_coefficients(t_at, ew_at, offs, mask, is_y, eps, C, DENSE_TARGET: tl.constexpr,
-                       HAS_ELEMENT_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """(u / alpha_i, t) on a tile: e_c q'_c, 0 on masked lanes, and the dense target values t (out-of-range
-    ones NaN: rows.dense_values) or, for class indices, q = [c == y] from is_y (False for body tiles)."""
+                       HAS_ELEMENT_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CHECKED: tl.constexpr = False):
+    """(u / alpha_i, t) on a tile: e_c q'_c, 0 on masked lanes, and the dense target values t or, for class
+    indices, q = [c == y] from is_y (False for body tiles, and True on the edge tile's masked copy of the
+    target's vector). Out-of-range dense values read as NaN (rows.dense_values), unless CHECKED: a pass after
+    one that made the row's U NaN for them (streamed_top). Masked lanes load t = 0 (and e = 0), so a dense u needs no
+    mask but for the smoothing's eps / C."""
     if DENSE_TARGET:
-        t = dense_values(column_values(t_at, offs, mask), False)
+        t = column_values(t_at, offs, mask)
+        if not CHECKED:
+            t = dense_values(t, False)
     else:
         t = tl.where(is_y, 1.0, 0.0)
     u = t
@@ -292,7 +297,9 @@ def class_coefficients(t_at, ew_at, offs, mask, is_y, eps, C, DENSE_TARGET: tl.c
         u = (1.0 - eps) * u + eps / C
     if HAS_ELEMENT_WEIGHT:
         u *= column_values(ew_at, offs, mask)
-    return tl.where(mask, u, 0.0), t
+    if HAS_SMOOTHING or not DENSE_TARGET:
+        u = tl.where(mask, u, 0.0)
+    return u, t
 
 
 @triton.jit
@@ -321,13 +328,14 @@ def held_top(z_b, z_e):
 @triton.jit
 def _lane_top_update(m, s, z):
     """Running (max, sum of exp(z - max) over the lane's elements but its first at the max) per lane, extended
-    by z with one exp: e = exp(-|z - m|); if z > m the old max joins the sum, (s + 1) e, else s + e. Lanes start
-    at (lowest, -1): the first element then makes s 0 (and an element at the lowest float itself, a tie with the
-    start, counts as the lane's max). Returns d = z - m too. z = -inf adds 0; NaN makes s NaN."""
+    by z with one exp: e = exp(-|z - m|); if z > m the old max joins the sum, (s + 1) e, else s + e, both one
+    FMA, s (z > m ? e : 1) + e ((s + 1) e rounded once). Lanes start at (lowest, -1): the first element then
+    makes s 0 (and an element at the lowest float itself, a tie with the start, counts as the lane's max).
+    Returns d = z - m too. z = -inf adds 0; NaN makes s NaN."""
     d = z - m
     e = tl.exp2(tl.abs(d) * -LOG2E)
     grow = d > 0.0
-    return tl.maximum(m, z), tl.where(grow, (s + 1.0) * e, s + e), d, grow
+    return tl.maximum(m, z), s * tl.where(grow, e, 1.0) + e, d, grow
 
 
 @triton.jit
@@ -339,6 +347,9 @@ def streamed_top(logits_ptr, body_z, body_o, body_t, body_ew, body_w, cols, body
     """Pass 1 of streamed per-class rows: (m, s_rest, z_e, zm_e, ex_e, u_e, sum_u, sum_uz, row_weight): held_top's
     values, the edge tile's logits, z - m, exp(z - m) and coefficients (read after the body's tiles), and
     with SUMS U = sum_c u_c and sum_c u_c (z_c - m), with ROW_WEIGHT sum_c t_c class_weight[c] (else 0).
+    A dense row's out-of-range targets read as NaN here, so with SUMS U is NaN for such a row, and so are its
+    loss and every gradient lane (each scales U): the gradient's pass reads them unchecked
+    (streamed_per_class_grad).
     Per lane: _lane_top_update, and sum u (z - m_lane) rescaled as the lane's max grows (by U_lane (m_old -
     m_new), a d clamped to the largest float so that 0 times an overflowed difference stays 0); merged once per
     row."""
@@ -357,7 +368,8 @@ def streamed_top(logits_ptr, body_z, body_o, body_t, body_ew, body_w, cols, body
             u, t = class_coefficients(body_t, body_ew, offs, mask, False, eps, C, DENSE_TARGET, HAS_ELEMENT_WEIGHT,
                                       HAS_SMOOTHING)
             if SUMS:
-                uz_l = tl.where(grow, uz_l - u_l * tl.minimum(d, -_LOWEST), uz_l + tl.where(mask, u * d, 0.0))
+                # one FMA either way: uz - U_lane d as the lane's max grows, else uz + u d (d 0 on masked lanes)
+                uz_l += tl.where(mask, tl.minimum(d, -_LOWEST), 0.0) * tl.where(grow, -u_l, u)
                 u_l += u
             if ROW_WEIGHT:
                 w_l += t * column_values(body_w, offs, mask)
@@ -388,8 +400,11 @@ def streamed_top(logits_ptr, body_z, body_o, body_t, body_ew, body_w, cols, body
 @triton.jit
 def per_class_ce_grad(zm, ex, u, unique, inv_s, q_top, sum_u, coef):
     """The per-class cross entropy's gradient on a tile: coef (U p - u), and at the top class
-    coef ((U - u) p_k - u (1 - p_k)) with p_k = 1/s, 1 - p_k = q_top (no 1 - p formed)."""
-    return coef * tl.where(top_class(zm, unique), (sum_u - u) * inv_s - u * q_top, sum_u * (ex * inv_s) - u)
+    coef ((U - u) p_k - u (1 - p_k)) with p_k = 1/s, 1 - p_k = q_top (no 1 - p formed). coef folded into the
+    per-row factors (coef U / s, coef / s: hoisted out of a tile loop) and into u once."""
+    cu = coef * u
+    return tl.where(top_class(zm, unique), (coef * inv_s) * (sum_u - u) - cu * q_top,
+                    (coef * (sum_u * inv_s)) * ex - cu)
 
 
 @triton.jit
@@ -398,13 +413,15 @@ def streamed_per_class_grad(grad_ptr, body_z, body_o, body_t, body_ew, body_at, 
                             HAS_ELEMENT_WEIGHT: tl.constexpr, DENSE_TARGET: tl.constexpr,
                             HAS_SMOOTHING: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
                             VEC: tl.constexpr, STAGES: tl.constexpr):
-    """The per-class cross entropy's gradient pass over a streamed row's body (per_class_ce_grad)."""
+    """The per-class cross entropy's gradient pass over a streamed row's body (per_class_ce_grad), its dense
+    targets read unchecked: pass 1 (streamed_top with SUMS) made sum_u, which scales every lane, NaN for a row
+    with an out-of-range one."""
     for start in tl.range(0, body_1, BLOCK, num_stages=STAGES):
         offs = start + cols
         mask = body_mask(offs, body, y_vec, VEC)
         z = add_offset(tl.load(body_z + offs, mask=mask, other=0.0).to(tl.float32), body_o, offs, mask, HAS_OFFSET)
         u, _ = class_coefficients(body_t, body_ew, offs, mask, False, eps, C, DENSE_TARGET, HAS_ELEMENT_WEIGHT,
-                                  HAS_SMOOTHING)
+                                  HAS_SMOOTHING, True)
         zm = z - m[:, None]
         store_grad(grad_ptr + body_at + offs, mask & row_store,
                    per_class_ce_grad(zm, tl.exp2(zm * LOG2E), u, unique[:, None], inv_s[:, None], q_top[:, None],
