@@ -9,7 +9,8 @@ backend native to the device, fused backward) followed by torch.autograd.grad, t
   dense, element     dense targets, weighting="element" (each class's term times its weight);
   index, element     class-index targets, weighting="element".
 Dense targets: multi-hot rows with 1-3 positives for the sigmoid losses, mixup rows lam onehot(a) + (1 - lam)
-onehot(b) for the softmax losses; the timing does not depend on their values.
+onehot(b) for the softmax losses. The timing depends on their values only where a kernel skips classes whose
+coefficient is 0 (the CPU softmax focal loss without smoothing: a mixup row computes 2 classes' focal terms).
 Two floors, timed in the same rounds: "extra read", one read of the dense targets (torch.sum over them: the
 N x C bytes a dense target adds), and "copy", the logits copied into a gradient-sized buffer (the read +
 write no forward + backward can avoid).

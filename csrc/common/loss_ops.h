@@ -11,9 +11,8 @@
 //   static void check_values(OpName op, Family family, const LossArgs& args);
 //       checks that read tensor values on the host; called after the metadata checks and before any
 //       output is allocated. The CPU validates class-index targets there; its dense target values (in the
-//       family's range, dense_target_in_range) are checked by its Launch, block by block just before the
-//       kernels read them from cache (a bad one raises after some rows of the fresh outputs were written,
-//       never returned). The CUDA backend checks nothing: a host read would synchronise the device, so its
+//       family's range, dense_target_in_range) are checked by its kernels, each row just before they compute
+//       it (a bad one raises after some rows of the fresh outputs were written, never returned). The CUDA backend checks nothing: a host read would synchronise the device, so its
 //       kernels write a NaN row for a bad class index and read an out-of-range dense target value as NaN.
 //   class Launch, with
 //       Launch(OpName op, const LossArgs& args, const at::Tensor& logits);
