@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .fastmath import LOG2E, two_atanh
 from .rows import (add_offset, adjust_edge, body_mask, class_pointers, column_values, dense_values, edge_columns,
-                   row_adjustments, row_block, row_frame, row_scalar, row_split, row_targets, target_vector)
+                   row_adjustments, row_block, row_frame, row_split, row_targets, target_vector)
 
 # The running max of the streaming pass starts at the lowest finite float, not -inf: a lane that sees
 # only padding (-inf) keeps (m, s) = (lowest, 0), and no -inf - -inf is ever formed.
