@@ -88,8 +88,9 @@ def _records(backend, loss, target, dtype, compiled_launches, arch, shape):
                 failed_gates=failed, gates_passed=not failed))
         pct = 100.0 * roofline.copy_floor_ms(gpu, n * c, ELEMENT_BYTES[dtype], arrays) / total_ms
         shortfalls = gates.loss_failures(loss, dtype, gpu.name, shape, pct)
-        missed = [] if target in gates.PCT_COPY_GATED_TARGETS else shortfalls
-        loss_failed += [] if missed else shortfalls
+        gated = target in gates.PCT_COPY_GATED_TARGETS
+        loss_failed += shortfalls if gated else []
+        missed = [] if gated else shortfalls
         widths = lambda key: min((r[key] for r in rows if r[key] is not None), default=None)  # noqa: E731
         out += rows
         out.append(dict(

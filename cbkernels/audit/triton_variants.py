@@ -83,9 +83,8 @@ def _loss_kernel(spec, dtype, n, c, *, write_loss, write_grad, scale_grad, dense
     # tile loop), after the sigmoid family's weight sweep over the targets alone; a held row has no tile loop.
     reread, rereads, sweep, passes = 0, 1, 0, 1
     if options.get("HELD") is False:
-        rereads = max(1, int(write_grad) + int(plan.loss_rereads))
-        reread = (elem + target) * (int(write_grad) + int(plan.loss_rereads))
-        passes += int(write_grad) + int(plan.loss_rereads)
+        later = int(write_grad) + int(plan.loss_rereads)  # the passes that read the row again
+        reread, rereads, passes = (elem + target) * later, max(1, later), 1 + later
     elif dense and kernels.FAMILY_KERNELS[spec.family.name].dense_weight_sweep:
         reread, sweep = target, 1
     elif options.get("HELD"):
