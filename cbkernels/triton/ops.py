@@ -173,10 +173,15 @@ def split_of(plan, entry, n, c, element_size, write_grad, has_weight, has_elemen
     launch that writes the gradient of a family whose split reads its rows twice (the softmax's statistics,
     then its gradient) is batched to keep them in L2 between the two reads."""
     kinds = entry.split
-    if kinds is None or plan.rows != 1 or not kinds.supports(plan.options, has_weight, has_element_weight):
+    if kinds is None or plan.rows != 1:
         return None
     reread = c * element_size if kinds.stats is not None and write_grad else 0
-    return grid.split_geometry(n, c, plan.options["BLOCK"], plan.programs_per_sm, sms, l2, reread)
+    # the geometry first: it is a few compares for the many calls with enough rows, where supports() evaluates
+    # a Triton constexpr function (microseconds of host time per eager call)
+    geometry = grid.split_geometry(n, c, plan.options["BLOCK"], plan.programs_per_sm, sms, l2, reread)
+    if geometry is None or not kinds.supports(plan.options, has_weight, has_element_weight):
+        return None
+    return geometry
 
 
 @dataclasses.dataclass(frozen=True)
