@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA backend on a machine without a GPU (CI):
-#   1. nvcc compiles csrc/cuda/launch.cu for sm_80 and sm_90 (in parallel) with the flags torch's
-#      extension build adds, failing on any warning (-Werror all-warnings, host -Werror) or any register
-#      spill; ptxas's per-kernel report (registers, spills) is saved under $CBK_CHECK_OUT.
+#   1. nvcc compiles csrc/cuda/launch.cu for sm_80 and sm_90 (in parallel) with the shipped build's flags,
+#      failing on any warning (-Werror all-warnings, host -Werror) or any register spill; ptxas's
+#      per-kernel report (registers, spills) is saved under $CBK_CHECK_OUT, the objects under
+#      build/cuda-objects (for the audit).
 #   2. g++ syntax-checks csrc/cuda/bindings.cpp (and through it csrc/common/loss_ops.h, the op wrappers it
 #      shares with the CPU backend) against the installed torch's headers and the CUDA headers. A
 #      CPU-only torch ships c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h; a
@@ -21,17 +22,20 @@ OUT="${CBK_CHECK_OUT:-build/cuda-check}"
 mkdir -p "$OUT"
 [[ -x "$NVCC" ]] || { echo "check_cuda_compile: nvcc not found at $NVCC" >&2; exit 2; }
 
-# The flags torch.utils.cpp_extension passes to nvcc (half/bf16 operators off, relaxed constexpr), plus ours;
-# -I csrc as setup.py's include_dirs: the sources include the shared layer as "common/...".
-NVCC_FLAGS=(-std=c++17 -O3 -lineinfo -I csrc -Xcompiler -fPIC,-Wall,-Wextra,-Werror
-            -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
-            -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
-            -Werror all-warnings -Xptxas -v,-warn-spills,-warn-lmem-usage)
-
+# The shipped build's flags (torch's and setup.py's, as cbkernels/audit/compile_cuda.py reads them for the
+# audit), plus -fPIC as torch's extension build adds it, warnings as errors on the host and device side, and
+# ptxas's report: none of these changes the device code. Each object is written where the audit looks for it
+# (compile_cuda.object_path: a name hashing the flags, nvcc and csrc/), so a later `make audit` links its
+# probe with the sm_90 one instead of compiling the kernels again.
 pids=()
 for sm in 80 90; do
-  "$NVCC" "${NVCC_FLAGS[@]}" -gencode "arch=compute_$sm,code=sm_$sm" -c csrc/cuda/launch.cu \
-    -o "$OUT/launch_sm$sm.o" > "$OUT/ptxas_sm$sm.txt" 2>&1 &
+  mapfile -t spec < <(CUDA_HOME="$CUDA_HOME" "$PYTHON" -m cbkernels.audit.compile_cuda "$sm")
+  [[ ${#spec[@]} -gt 1 ]] || { echo "check_cuda_compile: cannot read the shipped nvcc flags" >&2; exit 2; }
+  obj="${spec[0]}"
+  mkdir -p "$(dirname "$obj")"
+  ( "$NVCC" "${spec[@]:1}" -Xcompiler -fPIC,-Wall,-Wextra,-Werror -Werror all-warnings \
+      -Xptxas -v,-warn-spills,-warn-lmem-usage -c csrc/cuda/launch.cu -o "$obj.$$.partial" \
+    && mv "$obj.$$.partial" "$obj" ) > "$OUT/ptxas_sm$sm.txt" 2>&1 &
   pids+=($!)
 done
 

@@ -14,15 +14,25 @@ variant file's demangled names.
 
 Build takes the tree to compile (root), its sources and its probe, the shipped tree's by default;
 cbkernels.audit.validate passes those of an older tree.
+
+The kernels' translation unit takes most of the time (about a minute on 2 cores), and CI compiles it for
+sm_90 twice otherwise: tools/check_cuda_compile.sh (its warnings and spills) and this audit. Each source is
+compiled to an object in build/cuda-objects under a name that hashes all its code depends on (the flags,
+nvcc's version, every file under csrc/): the check writes the object it compiles there (`python -m
+cbkernels.audit.compile_cuda ARCH` prints the path and the flags), the audit links its probe with it when
+present and compiles it otherwise. A changed source or toolchain hashes to a new name: never a stale object.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import json
+import os
 import re
-import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from . import cuda_variants, lineinfo, sass, toolchain
@@ -55,6 +65,25 @@ def shipped_flags(arch: int, root: Path = ROOT) -> list[str]:
             + [_cxx_standard(), "-I", str(root / "csrc"), "-gencode", f"arch=compute_{arch},code=sm_{arch}"])
 
 
+def object_path(source: str, arch: int, root: Path = ROOT) -> Path:
+    """Where `source` (relative to root) compiled with shipped_flags(arch) is cached (see the module docstring)."""
+    digest = hashlib.sha256("\0".join([*shipped_flags(arch, root), source]).encode())
+    digest.update(toolchain.run([toolchain.nvcc(), "--version"]).encode())
+    for path in sorted((root / "csrc").rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return root / "build" / "cuda-objects" / f"{Path(source).stem}-sm{arch}-{digest.hexdigest()[:20]}.o"
+
+
+def _compile_object(source: str, arch: int, root: Path, out: Path) -> None:
+    """source compiled with the shipped flags to `out`, written whole or not at all (a concurrent reader
+    never sees half an object)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    toolchain.run([toolchain.nvcc(), *shipped_flags(arch, root), "-c", str(root / source), "-o", str(partial)])
+    partial.replace(out)
+
+
 def check_tools() -> None:
     """Raises toolchain.ToolMissing when the CUDA half cannot run here."""
     if not (ROOT / "csrc").is_dir() or not (ROOT / "setup.py").is_file():
@@ -67,7 +96,8 @@ def check_tools() -> None:
 
 
 class Build:
-    """The probe program with the kernels, compiled in the background (nvcc runs while Triton compiles)."""
+    """The probe program with the kernels, compiled in the background (nvcc runs while Triton compiles), from
+    the sources' cached objects where present (object_path)."""
 
     def __init__(self, arch: int, root: Path = ROOT, sources=None, probe: str | None = None):
         self.arch = arch
@@ -75,18 +105,30 @@ class Build:
         tmp = Path(self._tmp.name)
         (tmp / "probe.cu").write_text(cuda_variants.PROBE_SOURCE if probe is None else probe)
         self.exe = tmp / "probe"
+        root = Path(root)
         sources = cuda_variants.SOURCES if sources is None else sources
-        argv = [str(toolchain.nvcc()), *shipped_flags(arch, Path(root)), str(tmp / "probe.cu"),
-                *(str(Path(root) / s) for s in sources), "-o", str(self.exe)]
-        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compile, args=(root, sources), daemon=True)
+        self._thread.start()
         self._kernels = None
+
+    def _compile(self, root: Path, sources) -> None:
+        try:
+            objects = [object_path(source, self.arch, root) for source in sources]
+            for source, obj in zip(sources, objects):
+                if not obj.exists():
+                    _compile_object(source, self.arch, root, obj)
+            toolchain.run([toolchain.nvcc(), *shipped_flags(self.arch, root), str(Path(self._tmp.name) / "probe.cu"),
+                           *map(str, objects), "-o", str(self.exe)])
+        except BaseException as exc:  # re-raised by _finish, in the caller's thread
+            self._error = exc
 
     def _finish(self):
         if self._kernels is not None:
             return
-        out, err = self._process.communicate()
-        if self._process.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({self._process.returncode}): {err.strip()[-3000:]}")
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"compile_cuda: {self._error}") from self._error
         cuobjdump = toolchain.triton_tool("cuobjdump")
         resources = sass.parse_resources(toolchain.run([cuobjdump, "-res-usage", self.exe]))
         functions = sass.parse_sass(toolchain.run([cuobjdump, "-sass", self.exe]))
@@ -113,7 +155,11 @@ class Build:
         return CompiledKernel(matches[0], resources, tuple(instructions), lines)
 
     def close(self):
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        self._thread.join()  # an nvcc still running would write into the directory removed next
         self._tmp.cleanup()
+
+
+if __name__ == "__main__":  # tools/check_cuda_compile.sh: `ARCH` -> the cached object's path, then the flags, one a line
+    _arch = int(sys.argv[1])
+    print(object_path(cuda_variants.SOURCES[0], _arch))
+    print("\n".join(shipped_flags(_arch)))
