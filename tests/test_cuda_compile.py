@@ -45,7 +45,9 @@ def test_cuda_sources_compile_without_warnings_or_spills(tmp_path):
         # Every kernel family is instantiated (a dispatch typo would silently drop one), the softmax kernels
         # with each loss they compute (kernels.cuh: SoftmaxCe, SoftmaxFocal, SoftmaxFocalSmooth; mangled names).
         for kernel in ("sigmoid_focal_kernel", "softmax_stream_kernel", "softmax_cached_kernel",
-                       "scale_rows_unless_one_kernel", "9SoftmaxCe", "12SoftmaxFocalE", "18SoftmaxFocalSmooth"):
+                       "scale_rows_unless_one_kernel", "9SoftmaxCe", "12SoftmaxFocalE", "18SoftmaxFocalSmooth",
+                       "sigmoid_split_kernel", "sum_parts_kernel", "softmax_split_stats_kernel",
+                       "softmax_split_finish_kernel"):
             assert kernel in report, f"{kernel} missing from the sm_{sm} build"
 
 

@@ -140,7 +140,7 @@ def _audit_cuda(build, arch, shapes):
     for shape in shapes:
         n, c = shape
         for dtype in DTYPES:
-            config = build.config(c, dtype)
+            config = build.config(*cuda_variants.probe_arguments(n, c, dtype))
             for loss in LOSSES:
                 for target in TARGETS:
                     pairs = [(launch, build.kernel(launch.code.demangled)) for launch

@@ -141,10 +141,11 @@ class Build:
         names = toolchain.demangle(sorted(functions))
         self._kernels = {names[m]: (m, resources[m], functions[m], lines.get(m, {})) for m in functions}
 
-    def config(self, c: int, dtype: str) -> dict:
-        """The launcher's default configuration for rows of c classes of this dtype (the probe's JSON)."""
+    def config(self, *args) -> dict:
+        """The probe's JSON for these arguments: the launcher's default configuration for rows of c classes
+        of a dtype (`c, dtype`), and what the probe adds for more (cuda_variants.probe_arguments)."""
         self._finish()
-        return json.loads(toolchain.run([self.exe, str(c), dtype]))
+        return json.loads(toolchain.run([self.exe, *map(str, args)]))
 
     def kernel(self, demangled: str) -> CompiledKernel:
         self._finish()

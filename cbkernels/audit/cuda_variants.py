@@ -4,13 +4,15 @@ Contract (whoever changes the CUDA kernels, their launcher or the backward strat
 only this file, for the audit to follow):
 
 SOURCES: the translation unit(s) holding the kernels and the launcher, compiled with the shipped flags.
-PROBE_SOURCE: a host program linked with SOURCES; `probe <C> <dtype>` (dtype "float32" | "bfloat16") prints,
-  as one JSON object, whatever launches() needs from the launcher's own code (its default launch
-  configuration and constants), so that no launch number is restated here. It must call no CUDA API.
+PROBE_SOURCE: a host program linked with SOURCES; `probe <C> <dtype> [<N> <SMs> <L2 bytes>]` (dtype "float32" |
+  "bfloat16") prints, as one JSON object, whatever launches() needs from the launcher's own code (its default
+  launch configuration and constants, and with N and a device the row split of each family's audited call),
+  so that no launch number is restated here. It must call no CUDA API. probe_arguments(n, c, dtype) gives
+  its arguments.
 launches(loss, dtype, n, c, config) -> list[launches.Launch]
   loss: "softmax" | "sigmoid" | "focal" | "softmax_focal" at the registry's default hyperparameters (focal:
   gamma 0.5; softmax_focal: gamma 2, no label smoothing);
-  config: the probe's JSON for (c, dtype). Every kernel the default backward strategy
+  config: the probe's JSON for probe_arguments(n, c, dtype). Every kernel the default backward strategy
   (_backends.CUDA.default_strategy) launches for one forward + backward at (n, c), in order, each with:
   code: CudaKernel(a substring of the demangled name matching exactly one template instance); the grid,
   threads, threads per row, elements per thread per main-loop iteration; and the N x C bytes it moves per
@@ -34,6 +36,16 @@ so it launches, reads and writes as the cross entropy does. Every kernel has a l
 (kernels.cuh): true only for a call with a logit offset, a target margin or element weights
 (docs/op-contract.md), which the audited scenario has not, so the audit reads the Extended = false instances,
 in which none of that code is.
+
+With fewer rows than the GPU has SMs (and for the softmax, which reads its rows twice, also with fewer than two
+per SM when one row per SM overflows half of L2), the launcher splits each row into column chunks
+(launch.cu: split_plan, which the probe prints for the audited GPU; split_kernels.cuh): the sigmoid family runs
+sigmoid_split_kernel over (row, chunk) units, then sum_parts_kernel (one thread a row, per-row values only);
+the softmax families run, for each batch of rows that fits half of L2, softmax_split_stats_kernel then
+softmax_split_finish_kernel (the finish re-reads the batch, from L2 when it fits), each over the batch's units
+and on the grid of the unsplit kernels' configuration (unit_grid: a unit per row slot). A split unit's threads
+share a row with the other chunks' (Launch.threads_per_row = threads a row x chunks). Dense targets are not
+split.
 
 With dense=True the same scenario has a dense (N, C) target in the logits' dtype instead of class indices, and
 the launcher runs the kernels of dense_kernels.cuh (launch.cu: the sigmoid family's dense branch,
@@ -63,9 +75,11 @@ SOURCES = ("csrc/cuda/launch.cu",)
 _ROOT = Path(__file__).resolve().parents[2]
 
 PROBE_SOURCE = r"""
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "cuda/dense_kernels.cuh"
 #include "cuda/kernels.cuh"
@@ -75,9 +89,30 @@ PROBE_SOURCE = r"""
 // The architecture this probe's kernels are compiled for (nvcc's list, one entry: the audited arch).
 constexpr int kArchs[] = {__CUDA_ARCH_LIST__};
 
+// The row split (launch.h split_plan) of the audited call of `family` on n rows: class-index targets, class
+// weights, the loss and the gradient written (the fused forward), no label smoothing; 256-byte aligned
+// pointers that are never dereferenced (the plan reads their alignment only).
+cbkernels::cuda::SplitPlan audited_split(cbkernels::Family family, long long n, long long c, cbkernels::Dtype dtype,
+                                         const cbkernels::cuda::LaunchConfig& k, int sms, int l2) {
+  cbkernels::LossArgs a{};
+  void* aligned = reinterpret_cast<void*>(std::uintptr_t{256});
+  a.logits = aligned;
+  a.grad = aligned;
+  a.target = aligned;
+  a.target_is_int64 = true;
+  a.class_weight = static_cast<const float*>(aligned);
+  a.loss = static_cast<float*>(aligned);
+  a.num_rows = n;
+  a.num_classes = c;
+  a.row_stride = c;
+  a.logits_dtype = dtype;
+  a.gamma = 2.f;  // the softmax focal loss's default (any gamma splits without label smoothing)
+  return cbkernels::cuda::split_plan(family, a, k, sms, l2);
+}
+
 int main(int argc, char** argv) {
   namespace d = cbkernels::cuda::device;
-  if (argc != 3) return 2;
+  if (argc != 3 && argc != 6) return 2;
   const long long c = std::atoll(argv[1]);
   const bool fp32 = std::strcmp(argv[2], "float32") == 0;
   const auto dtype = fp32 ? cbkernels::Dtype::kFloat32 : cbkernels::Dtype::kBFloat16;
@@ -89,7 +124,7 @@ int main(int argc, char** argv) {
               "\"config_error\": \"%s\", \"step_vectors\": %d, \"cached_elems_per_thread\": %d, "
               "\"scale_threads\": %d, \"scale_blocks_per_sm\": %d, \"stream_step_vectors\": %d, "
               "\"dense_threads\": %d, \"dense_rows_per_block\": %d, \"dense_blocks_per_sm\": %d, "
-              "\"dense_cached_blocks_per_sm\": %d, \"dense_step_vectors\": %d}\n",
+              "\"dense_cached_blocks_per_sm\": %d, \"dense_step_vectors\": %d",
               k.threads, k.rows_per_block, k.vec_bytes, k.cache_rows ? 1 : 0, k.ctas_per_sm,
               cbkernels::cuda::blocks_per_sm(k, d::kMaxThreads),
               cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kCachedMinBlocks),
@@ -98,6 +133,21 @@ int main(int argc, char** argv) {
               d::stream_step(fp32 ? 16 / 4 : 16 / 2, kArchs[0]), dk.threads, dk.rows_per_block,
               cbkernels::cuda::blocks_per_sm(dk, d::kDenseMaxThreads * d::kDenseMinBlocks),
               cbkernels::cuda::blocks_per_sm(k, d::kCachedMaxThreads * d::kDenseCachedMinBlocks<false>), d::kDenseStep);
+  if (argc == 6) {  // "split": {family: [chunks, chunk_vecs, batch_rows]} of the audited call on this device
+    const long long n = std::atoll(argv[3]);
+    const int sms = std::atoi(argv[4]), l2 = std::atoi(argv[5]);
+    const char* sep = "";
+    std::printf(", \"split\": {");
+    for (auto [family, name] : {std::pair{cbkernels::Family::kSigmoidFocal, "sigmoid_focal"},
+                                std::pair{cbkernels::Family::kSoftmaxCe, "softmax_ce"},
+                                std::pair{cbkernels::Family::kSoftmaxFocal, "softmax_focal"}}) {
+      const cbkernels::cuda::SplitPlan p = audited_split(family, n, c, dtype, k, sms, l2);
+      std::printf("%s\"%s\": [%d, %d, %lld]", sep, name, p.chunks, p.chunk_vecs, static_cast<long long>(p.batch_rows));
+      sep = ", ";
+    }
+    std::printf("}");
+  }
+  std::printf("}\n");
   return 0;
 }
 """
@@ -106,6 +156,19 @@ _STORAGE = {"float32": "F32", "bfloat16": "BF16"}
 _NS = "cbkernels::cuda::device::"
 _SMS = H200.sms  # the persistent grids' blocks per SM x this (H100 and H200 alike: 132)
 _L2_BYTES = H200.l2_bytes  # the streaming softmax's grid is cut to this L2 (H100 and H200 alike: 50 MiB)
+
+
+def probe_arguments(n: int, c: int, dtype: str) -> tuple:
+    """The probe's arguments for the audited call at (n, c) on the audited GPU (see PROBE_SOURCE)."""
+    return (c, dtype, n, _SMS, _L2_BYTES)
+
+
+def _source_constant(path: str, name: str) -> int:
+    """The value of `constexpr int <name> = <integer>;` in csrc/cuda/<path>, read from its source, not restated."""
+    found = re.search(rf"constexpr int {name} = (\d+);", (_ROOT / "csrc" / "cuda" / path).read_text())
+    if not found:
+        raise RuntimeError(f"cuda_variants: cannot find {name} in csrc/cuda/{path}; update this file")
+    return int(found.group(1))
 
 
 def _stream_l2_divisor() -> int:
@@ -204,6 +267,50 @@ def _dense_launch(spec, dtype: str, n: int, c: int, config: dict) -> Launch:
                   tile_loop_bytes=(2 * elem,) * passes)
 
 
+def _split_launches(spec, dtype: str, n: int, c: int, config: dict, plan: list) -> list[Launch]:
+    """The forward's launches of a call whose rows split (launch.cu: launch_sigmoid_split, launch_softmax_split;
+    plan: the probe's [chunks, chunk_vecs, batch_rows]; see the module docstring)."""
+    chunks, _, batch_rows = plan
+    elem = ELEMENT_BYTES[dtype]
+    storage = f"{_NS}{_STORAGE[dtype]}"
+    vec = 16 // elem
+    tpr = config["threads"] // config["rows_per_block"]
+    units = dict(threads_per_cta=config["threads"], threads_per_row=tpr * chunks)
+
+    def unit_ctas(rows: int) -> int:  # launch.cu unit_grid: a unit per row slot, the persistent grid's bound
+        return _persistent(math.ceil(rows * chunks / config["rows_per_block"]), config["blocks_per_sm"])
+
+    if spec.family.name == "sigmoid_focal":
+        (gamma,) = spec.kernel_hyperparameters({})
+        sum_threads = _source_constant("split_kernels.cuh", "kSumPartsThreads")
+        return [Launch(kernel="sigmoid_split_kernel[loss+grad]",
+                       code=CudaKernel(f"{_NS}sigmoid_split_kernel<{storage}, {vec}, "
+                                       f"(cbkernels::GammaCase){int(gamma_case(gamma))}, true, false>("),
+                       ctas=unit_ctas(n), elems_per_iter=vec * config["step_vectors"], read_bytes_per_elem=elem,
+                       write_bytes_per_elem=elem, **units),
+                Launch(kernel="sum_parts_kernel[loss]", code=CudaKernel(f"{_NS}sum_parts_kernel("),
+                       ctas=math.ceil(n / sum_threads), threads_per_cta=sum_threads, threads_per_row=1,
+                       elems_per_iter=1, read_bytes_per_elem=0, write_bytes_per_elem=0, per_element_work=False,
+                       follows_launch=True)]
+    finish_loss = _softmax_losses(spec)[0]  # the cached kernel's loss: no sum of z without label smoothing
+    step = vec * config["stream_step_vectors"]
+    out = []
+    for row0 in range(0, n, batch_rows):
+        rows = min(batch_rows, n - row0)
+        batch = dict(batch_rows=rows if rows != n else None, **units)
+        label = "" if rows == n else f"+rows {row0}:{row0 + rows}"
+        out.append(Launch(kernel=f"softmax_split_stats_kernel[stats{label}]",
+                          code=CudaKernel(f"{_NS}softmax_split_stats_kernel<{storage}, {vec}, false, false>("),
+                          ctas=unit_ctas(rows), elems_per_iter=step, read_bytes_per_elem=elem, write_bytes_per_elem=0,
+                          follows_launch=row0 > 0, **batch))
+        out.append(Launch(kernel=f"softmax_split_finish_kernel[loss+grad{label}]",
+                          code=CudaKernel(f"{_NS}softmax_split_finish_kernel<{storage}, {vec}, {finish_loss}, "
+                                          "true, false>("),
+                          ctas=unit_ctas(rows), elems_per_iter=step, read_bytes_per_elem=elem,
+                          write_bytes_per_elem=elem, reread_bytes_per_elem=elem, follows_launch=True, **batch))
+    return out
+
+
 def launches(loss: str, dtype: str, n: int, c: int, config: dict, dense: bool = False) -> list[Launch]:
     if _backends.CUDA.default_strategy != "fused":
         raise ValueError("cuda_variants describes the 'fused' strategy (forward: loss and gradient; backward: "
@@ -214,6 +321,9 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict, dense: bool = 
     spec = registered_loss(loss)
     if dense:
         return [_dense_launch(spec, dtype, n, c, config), _scale_launch(dtype, n, config)]
+    plan = config["split"][spec.family.name]
+    if plan[0]:
+        return [*_split_launches(spec, dtype, n, c, config, plan), _scale_launch(dtype, n, config)]
     elem = ELEMENT_BYTES[dtype]
     storage = f"{_NS}{_STORAGE[dtype]}"
     vec = config["vec_bytes"] // elem if config["vec_bytes"] > elem else 1

@@ -5,6 +5,7 @@
 // ATen/cuda/CUDAContext.h, which pulls in cuBLAS), so the file also syntax-checks against a CPU-only
 // torch plus the CUDA toolkit headers (tools/check_cuda_compile.sh).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -96,9 +97,19 @@ struct CudaBackend {
     Launch(OpName op, const LossArgs& args, const at::Tensor& logits)
         : guard_(logits.device()), device_(logits.get_device()), config_(launch_config(op, args)) {}
 
+    // A call that splits its rows (launch.h workspace_bytes) gets its scratch from the caching allocator on
+    // the logits' device: no synchronisation, and capturable in a CUDA graph. The tensor is freed when this
+    // returns, after the kernels that use it were queued on the current stream, the stream it was allocated
+    // for: the allocator hands the memory out again only to work queued after them.
     void operator()(Family family, const LossArgs& args) const {
       if (args.num_rows == 0) return;
-      C10_CUDA_CHECK(launch_loss(family, args, config_, c10::cuda::getCurrentCUDAStream(device_)));
+      size_t bytes = 0;
+      C10_CUDA_CHECK(workspace_bytes(family, args, config_, &bytes));
+      at::Tensor workspace;
+      if (bytes > 0)
+        workspace = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device_));
+      C10_CUDA_CHECK(launch_loss(family, args, config_, bytes > 0 ? workspace.data_ptr() : nullptr,
+                                 c10::cuda::getCurrentCUDAStream(device_)));
     }
 
    private:

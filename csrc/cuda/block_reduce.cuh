@@ -22,15 +22,23 @@ struct MaxOp {
   static __device__ __forceinline__ float apply(float a, float b) { return fmaxf(a, b); }
 };
 
-// Reduces each of the K values of v over the row's threads, in place. slots: K * kMaxWarps floats of
-// shared memory (see above for when they may be reused).
+// Reduces each of the K values of v over the 32 lanes of the warp, in place, every lane active. A butterfly:
+// at each level lane i combines its value with lane i ^ offset's, and both lanes form the same operation on
+// the same two operands (Op commutes), so every lane ends with the same, bit-identical value.
 template <typename Op, int K>
-__device__ __forceinline__ void row_reduce(float (&v)[K], int tpr, int group, float* slots) {
+__device__ __forceinline__ void warp_reduce(float (&v)[K]) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
 #pragma unroll
     for (int k = 0; k < K; ++k) v[k] = Op::apply(v[k], __shfl_xor_sync(0xffffffffu, v[k], offset));
   }
+}
+
+// Reduces each of the K values of v over the row's threads, in place. slots: K * kMaxWarps floats of
+// shared memory (see above for when they may be reused).
+template <typename Op, int K>
+__device__ __forceinline__ void row_reduce(float (&v)[K], int tpr, int group, float* slots) {
+  warp_reduce<Op>(v);
   if (tpr == 32) return;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   if ((threadIdx.x & 31) == 0) {

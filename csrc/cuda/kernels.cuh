@@ -118,18 +118,58 @@ __device__ __forceinline__ void focal_at(float z, bool target, float gamma, floa
   dz = target ? -dz : dz;
 }
 
-// Loss (when a.loss) and gradient (Write: coef * dloss/dz into a.grad) of each row, in one read. The body
-// loop skips the vector holding the target column, so it computes every element as a non-target column;
-// the row's edge step (head, tail, that vector: row_io.cuh edge_column) takes one column per thread.
-// Extended: the optional per-class inputs are read (the offset on every load, the margin on the target's edge
-// column, the element weight e_c multiplying each column's term and its derivative).
+// The sigmoid family's work on part of a computed row: the sum of the terms (before the row weight alpha)
+// of the columns this thread takes, and (Write) their gradient, coef * dloss/dz, into g. sigmoid_body: the
+// row's body vectors [lo, hi) (row_io.cuh Span) but target_v, the target's; sigmoid_edge: its edge columns
+// (head, tail, target_v's: row_io.cuh edge_column). The whole row in sigmoid_focal_kernel; a chunk in split_kernels.cuh. The
+// body loop skips the vector holding the target column, so it computes every element as a non-target
+// column; the edge step takes one column per thread. Extended: the optional per-class inputs (the offset on
+// every load, the margin on the target's edge column, the element weight e_c multiplying each column's term
+// and its derivative).
+template <typename E, int VEC, GammaCase G, bool Write, bool Extended>
+__device__ __forceinline__ float sigmoid_body(const LossArgs& a, const Row& r, const typename E::bits* x,
+                                              typename E::bits* g, const Span& s, int lo, int hi, int target_v,
+                                              int tid, int tpr) {
+  using B = typename E::bits;
+  const float gamma = a.gamma;
+  const int col0 = s.head + lo * VEC;  // the first column of vector lo
+  B* const g_body = Write ? g + col0 : nullptr;
+  float acc = 0.f;
+  for_each_vector<E, VEC, kLoopStep<Extended, VEC, kStep>>(x + col0, hi - lo, target_v - lo, tid, tpr, [&](int col, const float (&z)[VEC]) {
+    float out[VEC], w[VEC];
+    weights_at<Extended>(a, col0 + col, w);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float term, dz;
+      focal_element<G, false>(z[j], gamma, term, dz);
+      acc += w[j] * term;
+      out[j] = r.coef * (w[j] * dz);
+    }
+    if (Write) store_word<E, VEC>(g_body + col, out);
+  }, offset_at<Extended>(a), col0);
+  return acc;
+}
+
+template <typename E, int VEC, GammaCase G, bool Write, bool Extended>
+__device__ __forceinline__ float sigmoid_edge(const LossArgs& a, const Row& r, const typename E::bits* x,
+                                              typename E::bits* g, const Span& s, int target_v, int tid) {
+  const EdgeColumn e = edge_column<VEC>(s, target_v, tid);
+  if (!e.present) return 0.f;
+  float term, dz;
+  const bool is_y = e.col == r.y;
+  focal_at<G>(load_logit<E, Extended>(a, x, e.col) - (is_y ? margin_of<Extended>(a, r.y) : 0.f), is_y, a.gamma, term, dz);
+  const float w = weight_at<Extended>(a, e.col);
+  if (Write) g[e.col] = E::store(r.coef * (w * dz));
+  return w * term;
+}
+
+// Loss (when a.loss) and gradient (Write: into a.grad) of each row, in one read (sigmoid_body, sigmoid_edge).
 template <typename E, int VEC, GammaCase G, bool Write, bool Extended>
 __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, int tpr) {
   using B = typename E::bits;
   __shared__ float slots[2][kMaxWarps];  // alternate rows: one reduction per row (block_reduce.cuh)
   const Slot at = slot_of(tpr);
   const int c = static_cast<int>(a.num_classes);
-  const float gamma = a.gamma;
 
   int parity = 0;
   for (int64_t first = at.first; first < a.num_rows; first += at.stride, parity ^= 1) {
@@ -143,28 +183,8 @@ __global__ void __launch_bounds__(kMaxThreads) sigmoid_focal_kernel(LossArgs a, 
     if (r.kind == kCompute) {
       const Span s = split_row<VEC>(x, c);
       const int target_v = s.vector_of(r.y, VEC);
-      B* const g_body = Write ? g + s.head : nullptr;
-      for_each_vector<E, VEC, kLoopStep<Extended, VEC, kStep>>(x + s.head, s.nvec, target_v, at.tid, tpr, [&](int col, const float (&z)[VEC]) {
-        float out[VEC], w[VEC];
-        weights_at<Extended>(a, s.head + col, w);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          float term, dz;
-          focal_element<G, false>(z[j], gamma, term, dz);
-          acc += w[j] * term;
-          out[j] = r.coef * (w[j] * dz);
-        }
-        if (Write) store_word<E, VEC>(g_body + col, out);
-      }, offset_at<Extended>(a), s.head);
-      const EdgeColumn e = edge_column<VEC>(s, target_v, at.tid);
-      if (e.present) {
-        float term, dz;
-        const bool is_y = e.col == r.y;
-        focal_at<G>(load_logit<E, Extended>(a, x, e.col) - (is_y ? margin_of<Extended>(a, r.y) : 0.f), is_y, gamma, term, dz);
-        const float w = weight_at<Extended>(a, e.col);
-        acc += w * term;
-        if (Write) g[e.col] = E::store(r.coef * (w * dz));
-      }
+      acc = sigmoid_body<E, VEC, G, Write, Extended>(a, r, x, g, s, 0, s.nvec, target_v, at.tid, tpr);
+      acc += sigmoid_edge<E, VEC, G, Write, Extended>(a, r, x, g, s, target_v, at.tid);
     }
     if (a.loss != nullptr) {
       float total[1] = {acc};

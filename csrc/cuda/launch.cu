@@ -13,6 +13,7 @@
 #include "kernels.cuh"
 #include "launch.h"
 #include "scale_rows.cuh"
+#include "split_kernels.cuh"
 
 namespace cbkernels::cuda {
 namespace {
@@ -154,12 +155,95 @@ cudaError_t with_rows(const LossArgs& args, const LaunchConfig& config, Fn&& fn)
   });
 }
 
+// ---- the row split (split_kernels.cuh): split_plan below decides ---------------------------------------
+
+// The workspace of a split call: the sigmoid family's loss parts (when it writes the loss), the softmax's
+// statistics planes; each (N, S) fp32.
+size_t split_workspace_bytes(Family family, const LossArgs& a, const SplitPlan& plan) {
+  if (plan.chunks == 0) return 0;
+  const size_t parts = static_cast<size_t>(a.num_rows) * static_cast<size_t>(plan.chunks) * sizeof(float);
+  if (family == Family::kSigmoidFocal) return a.loss != nullptr ? parts : 0;
+  return parts * device::kStatPlanes;
+}
+
+// The persistent grid of a split launch over `units` units, one per row slot of `config`.
+Grid unit_grid(int64_t units, const LaunchConfig& config, const DeviceFacts& facts) {
+  const int64_t groups = (units + config.rows_per_block - 1) / config.rows_per_block;
+  const int64_t blocks =
+      std::min<int64_t>(groups, static_cast<int64_t>(facts.sms) * blocks_per_sm(config, device::kMaxThreads));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(config.threads)),
+          config.threads / config.rows_per_block};
+}
+
+// The sigmoid family split: one launch of the units, then (the loss written) the sum of each row's parts.
+template <typename E, int VEC>
+cudaError_t launch_sigmoid_split(const LossArgs& args, const LaunchConfig& config, const DeviceFacts& facts,
+                                 const SplitPlan& plan, void* workspace, cudaStream_t stream) {
+  const device::SplitRows rows{0, args.num_rows, plan.chunks, plan.chunk_vecs};
+  float* const parts = args.loss != nullptr ? static_cast<float*>(workspace) : nullptr;
+  const Grid g = unit_grid(args.num_rows * plan.chunks, config, facts);
+  const cudaError_t e = with_gamma(args.gamma, [&](auto gc) {
+    return with_flag(args.grad != nullptr, [&](auto write) {
+      return with_flag(extended(args), [&](auto extend) {
+        device::sigmoid_split_kernel<E, VEC, decltype(gc)::value, decltype(write)::value, decltype(extend)::value>
+            <<<g.blocks, g.threads, 0, stream>>>(args, g.tpr, rows, parts);
+        return cudaGetLastError();
+      });
+    });
+  });
+  if (e != cudaSuccess || parts == nullptr) return e;
+  constexpr int kThreads = device::kSumPartsThreads;
+  const auto blocks = static_cast<unsigned>((args.num_rows + kThreads - 1) / kThreads);
+  device::sum_parts_kernel<<<blocks, kThreads, 0, stream>>>(parts, plan.chunks, args.num_rows, args.loss);
+  return cudaGetLastError();
+}
+
+// The finish launch of a call without a gradient computes per row, not per chunk (only the loss): one warp
+// a row, a block of kLossOnlyThreads.
+constexpr LaunchConfig kLossOnlyFinish{device::kLossOnlyThreads, device::kLossOnlyThreads / 32, 16, false, 0};
+
+// The softmax split (L: SoftmaxCe<Smooth> or SoftmaxFocal). With a gradient: for each batch of rows, the
+// statistics launch then the finish launch over its units. Without: one statistics launch over every
+// row's units, then one finish launch of one unit a row.
+template <typename E, int VEC, typename L>
+cudaError_t launch_softmax_split(const LossArgs& args, const LaunchConfig& config, const DeviceFacts& facts,
+                                 const SplitPlan& plan, void* workspace, cudaStream_t stream) {
+  float* const stats = static_cast<float*>(workspace);
+  return with_flag(extended(args), [&](auto extend) {
+    constexpr bool X = decltype(extend)::value;
+    const bool write = args.grad != nullptr;
+    const int64_t batch = write ? plan.batch_rows : args.num_rows;
+    for (int64_t row0 = 0; row0 < args.num_rows; row0 += batch) {
+      const device::SplitRows rows{row0, std::min(batch, args.num_rows - row0), plan.chunks, plan.chunk_vecs};
+      const Grid g = unit_grid(rows.rows * plan.chunks, config, facts);
+      device::softmax_split_stats_kernel<E, VEC, L::kSumZ, X><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr, rows, stats);
+      if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+      if (write) {
+        device::softmax_split_finish_kernel<E, VEC, L, true, X><<<g.blocks, g.threads, 0, stream>>>(args, g.tpr, rows, stats);
+      } else {
+        const Grid f = unit_grid(rows.rows, kLossOnlyFinish, facts);
+        device::softmax_split_finish_kernel<E, VEC, L, false, X><<<f.blocks, f.threads, 0, stream>>>(args, f.tpr, rows, stats);
+      }
+      if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
 // ---- one launcher per family of common/families.h: launch_<name>, called by launch_loss below ----------
 
 // Dense targets: the focal form when gamma != 0 (dense_kernels.cuh reads gamma at run time), the optional inputs'
 // code when the call has them, under its launch bound.
-cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+// Index targets: the split kernels when the call splits (split_plan), else one launch of the row kernel.
+cudaError_t launch_sigmoid_focal(const LossArgs& args, const LaunchConfig& config, void* workspace,
+                                 cudaStream_t stream) {
   return with_rows(args, config, [&](auto e, auto vec, const Grid& grid, const DeviceFacts& facts) {
+    using E = decltype(e);
+    constexpr int VEC = decltype(vec)::value;
+    if constexpr (VEC * sizeof(typename E::bits) == 16) {
+      const SplitPlan plan = split_plan(Family::kSigmoidFocal, args, config, facts.sms, facts.l2_bytes);
+      if (plan.chunks > 0) return launch_sigmoid_split<E, VEC>(args, config, facts, plan, workspace, stream);
+    }
     if (args.dense_target) {
       constexpr int kBound = device::kDenseMaxThreads;
       const Grid g = grid_of(args, within(config, kBound), facts, kBound * device::kDenseMinBlocks);
@@ -202,12 +286,18 @@ Grid stream_grid(const LossArgs& args, Grid grid, const DeviceFacts& facts) {
 // the others' for the smoothed focal loss, and for the smoothed cross entropy with the optional inputs).
 // Element weights that weigh every column (label smoothing) are streamed: the cached kernel takes them only
 // where they fold into the row's weight (kernels.cuh).
+// Calls that split (split_plan) run the split kernels with CachedL instead.
 template <typename L, typename CachedL>
-cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+cudaError_t launch_softmax(const LossArgs& args, const LaunchConfig& config, void* workspace, cudaStream_t stream) {
   const bool column_weights = args.element_weight != nullptr && args.label_smoothing != 0.f;
   return with_rows(args, config, [&](auto e, auto vec, const Grid&, const DeviceFacts& facts) {
     using E = decltype(e);
     constexpr int VEC = decltype(vec)::value;
+    if constexpr (VEC * sizeof(typename E::bits) == 16 && !CachedL::kTerms) {
+      const Family family = CachedL::kFocal ? Family::kSoftmaxFocal : Family::kSoftmaxCe;
+      const SplitPlan plan = split_plan(family, args, config, facts.sms, facts.l2_bytes);
+      if (plan.chunks > 0) return launch_softmax_split<E, VEC, CachedL>(args, config, facts, plan, workspace, stream);
+    }
     if constexpr (VEC * sizeof(typename E::bits) == device::kCachedVecBytes) {
       if (cached_softmax(config, args.num_classes) && args.grad != nullptr && !column_weights) {
         // Its own launch bound: the blocks its registers leave resident per SM.
@@ -259,26 +349,28 @@ cudaError_t launch_softmax_dense(const LossArgs& args, const LaunchConfig& confi
 }
 
 // The streaming kernel reads eps at run time; the cached one is specialised for eps == 0 (no sum of z).
-cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+cudaError_t launch_softmax_ce(const LossArgs& args, const LaunchConfig& config, void* workspace, cudaStream_t stream) {
   if (args.dense_target) return launch_softmax_dense<GammaCase::kZero>(args, config, stream);
   return with_flag(args.label_smoothing != 0.f, [&](auto smooth) {
-    return launch_softmax<device::SoftmaxCe<true>, device::SoftmaxCe<decltype(smooth)::value>>(args, config, stream);
+    return launch_softmax<device::SoftmaxCe<true>, device::SoftmaxCe<decltype(smooth)::value>>(args, config, workspace,
+                                                                                                 stream);
   });
 }
 
 // gamma 0 is the cross entropy: its kernels. Otherwise gamma enters once per row without smoothing, and
 // per element with it, in the form of its case.
-cudaError_t launch_softmax_focal(const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+cudaError_t launch_softmax_focal(const LossArgs& args, const LaunchConfig& config, void* workspace,
+                                 cudaStream_t stream) {
   return with_gamma(args.gamma, [&](auto g) {
     constexpr GammaCase G = decltype(g)::value;
     if constexpr (G == GammaCase::kZero) {
-      return launch_softmax_ce(args, config, stream);
+      return launch_softmax_ce(args, config, workspace, stream);
     } else {
       if (args.dense_target) return launch_softmax_dense<G>(args, config, stream);
       using Focal = device::SoftmaxFocal;
       using Smooth = device::SoftmaxFocalSmooth<G>;
-      if (args.label_smoothing == 0.f) return launch_softmax<Focal, Focal>(args, config, stream);
-      return launch_softmax<Smooth, Smooth>(args, config, stream);
+      if (args.label_smoothing == 0.f) return launch_softmax<Focal, Focal>(args, config, workspace, stream);
+      return launch_softmax<Smooth, Smooth>(args, config, workspace, stream);
     }
   });
 }
@@ -323,6 +415,71 @@ bool cached_softmax(const LaunchConfig& config, int64_t c) {
          c <= static_cast<int64_t>(device::kCachedElemsPerThread) * tpr;
 }
 
+namespace {
+
+// At least this many elements a thread in every chunk (see split_plan).
+constexpr int kMinChunkElemsPerThread = device::kCachedElemsPerThread;
+
+// Whether the split kernels compute this call (see split_plan).
+bool split_kernels_take(Family family, const LossArgs& a) {
+  if (a.dense_target) return false;
+  const bool ce_takes = a.element_weight == nullptr || a.label_smoothing == 0.f;
+  switch (family) {
+    case Family::kSigmoidFocal: return true;
+    case Family::kSoftmaxCe: return ce_takes;
+    case Family::kSoftmaxFocal: return gamma_case(a.gamma) == GammaCase::kZero ? ce_takes : a.label_smoothing == 0.f;
+  }
+  return false;
+}
+
+}  // namespace
+
+// Mirrors the Triton backend's rule (cbkernels/triton/grid.py split_geometry). A call splits its rows into
+// column chunks when it has fewer rows than SMs (some SMs would idle, the others hold one row slot each);
+// one that reads its rows twice (the softmax with a gradient) also when it has fewer than two per SM and one
+// row per SM already overflows half of L2 (stream_grid then keeps the grid, and the second read comes from
+// DRAM): the split's batches keep the rows between the two reads in L2.
+//
+// Each chunk keeps at least kCachedElemsPerThread (64) elements a thread: the work of a unit that does not
+// scale with its columns (the row's target and weights, the chunk's bounds, one or two row reductions with
+// their barriers, the partial results' store, and chunk 0's edge step) is then amortised over as many
+// elements a thread as the cached softmax's whole row gives it, and each thread's pipelined loop (row_io.cuh
+// for_each_vector, 2 vectors a step) runs at least 4 steps (8 for fp32). With the default table (512 threads
+// a row above 32768 columns) rows of 65536 columns and more split, into 2 chunks at least.
+//
+// Only calls whose rows take 16-byte vectors split (row_io.cuh: the logits and gradient rows share that
+// alignment, and the configuration asks for it): a narrower access is a misaligned view or a sweep's forced
+// configuration, rare enough not to double the instances for. What splits: class-index targets, for the
+// sigmoid family always, for the softmax the cross entropy and the focal loss without label smoothing, each
+// with the optional inputs but element weights under label smoothing (the per-class path, whose extra sum of
+// weights the statistics do not carry). The smoothed focal loss would need a third launch for its sums pass,
+// and dense targets their own statistics: those keep the unsplit kernels.
+SplitPlan split_plan(Family family, const LossArgs& a, const LaunchConfig& config, int sms, int l2_bytes) {
+  if (a.num_rows == 0 || !split_kernels_take(family, a) || effective_vec_bytes(a, config.vec_bytes) != 16) return {};
+  const bool reread = family != Family::kSigmoidFocal && a.grad != nullptr;
+  const int64_t row_bytes = a.num_classes * elem_bytes(a.logits_dtype);
+  const int64_t fit = l2_bytes / 2 / row_bytes;  // rows in half of L2
+  const bool few = a.num_rows < sms;
+  if (!few && !(reread && a.num_rows < 2 * static_cast<int64_t>(sms) && fit < sms)) return {};
+  const int tpr = config.threads / config.rows_per_block;
+  const int64_t most = a.num_classes / (static_cast<int64_t>(kMinChunkElemsPerThread) * tpr);
+  if (most < 2) return {};
+  // The fewest balanced batches of at most `fit` rows (while one row fits).
+  int64_t batch = a.num_rows;
+  if (reread && fit > 0) {
+    const int64_t batches = (a.num_rows + fit - 1) / fit;
+    batch = (a.num_rows + batches - 1) / batches;
+  }
+  // As many chunks as fill every row slot of the grid once (floor: no slot takes two units while another
+  // takes one), at least 2, at most `most` and kMaxChunks (split_kernels.cuh: combined_row); then the row's vectors spread evenly over them. A row's body has
+  // at most c / VEC vectors (a head of 0).
+  const int64_t slots = static_cast<int64_t>(blocks_per_sm(config, device::kMaxThreads)) * sms * config.rows_per_block;
+  const int64_t chunks = std::min({std::max<int64_t>(2, slots / batch), most, int64_t{device::kMaxChunks}});
+  const int64_t vecs = a.num_classes * elem_bytes(a.logits_dtype) / 16;
+  const int64_t chunk_vecs = (vecs + chunks - 1) / chunks;
+  return {static_cast<int>((vecs + chunk_vecs - 1) / chunk_vecs), static_cast<int>(chunk_vecs), batch};
+}
+
 const char* config_error(const LaunchConfig& config, int64_t c) {
   if (config.threads < 32 || config.threads > device::kMaxThreads || config.threads % 32 != 0)
     return "threads per block must be a multiple of 32 in [32, 1024]";
@@ -337,11 +494,21 @@ const char* config_error(const LaunchConfig& config, int64_t c) {
   return nullptr;
 }
 
-cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream) {
+cudaError_t workspace_bytes(Family family, const LossArgs& args, const LaunchConfig& config, size_t* bytes) {
+  *bytes = 0;
+  if (args.num_rows == 0 || config_error(config, args.num_classes) != nullptr) return cudaSuccess;
+  DeviceFacts facts{};
+  if (const cudaError_t e = device_facts(facts); e != cudaSuccess) return e;
+  *bytes = split_workspace_bytes(family, args, split_plan(family, args, config, facts.sms, facts.l2_bytes));
+  return cudaSuccess;
+}
+
+cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, void* workspace,
+                        cudaStream_t stream) {
   switch (family) {
 #define CBKERNELS_LAUNCH_FAMILY(enumerator, name, hyperparameters) \
   case Family::enumerator:                                        \
-    return launch_##name(args, config, stream);
+    return launch_##name(args, config, workspace, stream);
     CBKERNELS_FAMILIES(CBKERNELS_LAUNCH_FAMILY)
 #undef CBKERNELS_LAUNCH_FAMILY
   }

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/loss_args.h"
@@ -48,9 +49,30 @@ bool cached_softmax(const LaunchConfig& config, int64_t c);
 // nullptr when `config` is usable for a call on logits of c classes, else a sentence saying what is wrong.
 const char* config_error(const LaunchConfig& config, int64_t c);
 
+// How a call splits its rows into column chunks (split_kernels.cuh) on a device of `sms` SMs and `l2_bytes`
+// of L2: chunks 0 when it does not (enough rows, rows too short to split, or a call the split kernels do not
+// take). Reads no tensor value (the pointers' alignment only); launch_loss follows it, and the static audit
+// (cbkernels/audit/cuda_variants.py) prints it for the audited GPU.
+struct SplitPlan {
+  int chunks = 0;          // S per row; 0: the call does not split
+  int chunk_vecs = 0;      // W: 16-byte vectors a chunk
+  int64_t batch_rows = 0;  // rows of one stats + finish pair (the softmax with a gradient), else every row
+};
+SplitPlan split_plan(Family family, const LossArgs& args, const LaunchConfig& config, int sms, int l2_bytes);
+
+// The device memory a call of `family` needs as scratch, in *bytes (0 when it needs none): calls with fewer
+// rows than the device has SMs split their rows into column chunks (split_kernels.cuh), whose partial results
+// (fp32, a few per row) go there. Reads no tensor value; the device's SM count and L2 size are host queries,
+// cached per device.
+cudaError_t workspace_bytes(Family family, const LossArgs& args, const LaunchConfig& config, size_t* bytes);
+
 // Queues the kernels of `family` on `stream` and returns the launch's error (cudaSuccess when launched;
-// no rows launch nothing). The caller has already checked the arguments and config_error.
-cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, cudaStream_t stream);
+// no rows launch nothing). The caller has already checked the arguments and config_error. workspace:
+// workspace_bytes(family, args, config) bytes of device memory on the current device, 256-byte aligned (or
+// nullptr when that is 0), not read before written; the kernels queued on `stream` use it, so it may be
+// freed to a stream-ordered allocator once this returns.
+cudaError_t launch_loss(Family family, const LossArgs& args, const LaunchConfig& config, void* workspace,
+                        cudaStream_t stream);
 
 // The fused backward's in-place scaling (scale_rows.cuh): grad (n, c) contiguous of `dtype` on the current
 // device, row i multiplied by grad_loss[i] (by grad_loss[0] for every row when `broadcast`), rows whose

@@ -410,11 +410,17 @@ __device__ __forceinline__ float row_loss(const Row& r, float value) {
   return r.kind == kCompute ? value : (r.kind == kIgnored ? 0.f : CUDART_NAN_F);
 }
 
-// Gradient rows of ignored (0) and bad-target (NaN) rows.
+// Columns [lo, hi) of a gradient row set to value (the row's threads share them); fill_row: the whole row,
+// of ignored (0) and bad-target (NaN) rows.
+template <typename E>
+__device__ __forceinline__ void fill_columns(typename E::bits* g, int lo, int hi, float value, int tid, int tpr) {
+  const typename E::bits b = E::store(value);
+  for (int col = lo + tid; col < hi; col += tpr) g[col] = b;
+}
+
 template <typename E>
 __device__ __forceinline__ void fill_row(typename E::bits* g, int c, float value, int tid, int tpr) {
-  const typename E::bits b = E::store(value);
-  for (int col = tid; col < c; col += tpr) g[col] = b;
+  fill_columns<E>(g, 0, c, value, tid, tpr);
 }
 
 // ---- dense target rows (LossArgs::dense_target) -------------------------------------------------------------
