@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0
-	$(VPY) -m pip install "$(TRITON_PIN)" pytest pytest-benchmark pytest-timeout hypothesis expecttest \
+	$(VPY) -m pip install "$(TRITON_PIN)" pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis expecttest \
 	    scikit-learn matplotlib tqdm numpy packaging ninja setuptools wheel
 	CBKERNELS_NO_EXTENSION=1 $(VPY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 build: venv
 	$(VPY) setup.py -q build_ext --inplace
 
+# One pytest worker per core (pytest-xdist): most tests are single-threaded Python (Triton's interpreter, small
+# tensors), so a second core otherwise sits idle for most of the suite. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= auto
 test: build
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS)
 
 demo: build
 	$(VPY) -m cbkernels demo
