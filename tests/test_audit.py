@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -450,3 +451,29 @@ def test_cuda_streaming_grid_follows_the_launchers_l2_rule():
     assert cuda_variants._stream_blocks(264, 32768, 4, 1) == 200      # 200 rows of 128 KiB fit: cut to them
     assert cuda_variants._stream_blocks(264, 65536, 4, 1) == 264      # 100 fit, fewer than the SMs: kept
     assert cuda_variants._stream_blocks(64, 262144, 4, 1) == 64       # fewer blocks than SMs: all of them
+
+
+def _nvcc_missing() -> str | None:
+    from cbkernels.audit import toolchain
+    try:
+        toolchain.nvcc()
+    except toolchain.ToolMissing as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(_nvcc_missing() is not None, reason=f"the CUDA object cache keys on nvcc: {_nvcc_missing()}")
+def test_cached_cuda_object_is_keyed_by_every_source_file(tmp_path):
+    """The compile check writes the kernels' object where the audit reads it (compile_cuda.object_path): an edit
+    of any file under csrc/, a header included only indirectly among them, must name a new object, or the audit
+    would read a stale one."""
+    from cbkernels.audit import compile_cuda
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
+    before = compile_cuda.object_path("csrc/cuda/launch.cu", 90, tmp_path)
+    assert before == compile_cuda.object_path("csrc/cuda/launch.cu", 90, tmp_path)  # deterministic
+    assert before != compile_cuda.object_path("csrc/cuda/launch.cu", 80, tmp_path)  # per architecture
+    header = tmp_path / "csrc" / "cuda" / "block_reduce.cuh"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert compile_cuda.object_path("csrc/cuda/launch.cu", 90, tmp_path) != before
+    assert before.parent == tmp_path / "build" / "cuda-objects"
