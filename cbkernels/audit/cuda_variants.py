@@ -267,7 +267,7 @@ def _dense_launch(spec, dtype: str, n: int, c: int, config: dict) -> Launch:
                   tile_loop_bytes=(2 * elem,) * passes)
 
 
-def _split_launches(spec, dtype: str, n: int, c: int, config: dict, plan: list) -> list[Launch]:
+def _split_launches(spec, dtype: str, n: int, config: dict, plan: list) -> list[Launch]:
     """The forward's launches of a call whose rows split (launch.cu: launch_sigmoid_split, launch_softmax_split;
     plan: the probe's [chunks, chunk_vecs, batch_rows]; see the module docstring)."""
     chunks, _, batch_rows = plan
@@ -323,7 +323,7 @@ def launches(loss: str, dtype: str, n: int, c: int, config: dict, dense: bool = 
         return [_dense_launch(spec, dtype, n, c, config), _scale_launch(dtype, n, config)]
     plan = config["split"][spec.family.name]
     if plan[0]:
-        return [*_split_launches(spec, dtype, n, c, config, plan), _scale_launch(dtype, n, config)]
+        return [*_split_launches(spec, dtype, n, config, plan), _scale_launch(dtype, n, config)]
     elem = ELEMENT_BYTES[dtype]
     storage = f"{_NS}{_STORAGE[dtype]}"
     vec = config["vec_bytes"] // elem if config["vec_bytes"] > elem else 1
